@@ -1,0 +1,209 @@
+"""The one module below nodes/ that talks to ComfyUI.
+
+Device choice, free memory, progress bars with previews, interrupts, model-folder registration,
+memory-manager registration and server routes. Each has a plain-Python fallback so loaders and
+samplers run (and are tested) without ComfyUI.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import threading
+from typing import Any, Callable
+
+import torch
+
+from .errors import GentorInterrupted
+
+log = logging.getLogger(__name__)
+
+PREVIEW_FORMAT = "JPEG"
+PREVIEW_MAX_SIZE = 512
+# Outside ComfyUI, model folders come from here: $GENTOR_MODELS_DIR/<folder key>/.
+MODELS_DIR_ENV = "GENTOR_MODELS_DIR"
+DEVICE_ENV = "GENTOR_DEVICE"
+
+_fallback_roots: dict[str, list[str]] = {}
+_interrupt = threading.Event()
+
+
+@functools.lru_cache(maxsize=1)
+def comfy() -> Any | None:
+    """ComfyUI's model_management module, or None when we run outside ComfyUI."""
+    try:
+        import comfy.model_management as mm  # noqa: PLC0415 - optional, only inside ComfyUI
+        import folder_paths  # noqa: F401,PLC0415
+    except ImportError:
+        return None
+    return mm
+
+
+def in_comfyui() -> bool:
+    return comfy() is not None
+
+
+# ----------------------------------------------------------------------------- model folders
+def register_model_folder(key: str) -> None:
+    """Add ``models/<key>`` to ComfyUI's folder registry without replacing user paths."""
+    if in_comfyui():
+        import folder_paths  # noqa: PLC0415
+
+        # add_model_folder_path appends, so paths from extra_model_paths.yaml stay in place.
+        folder_paths.add_model_folder_path(key, os.path.join(folder_paths.models_dir, key))
+
+
+def model_roots(key: str) -> list[str]:
+    """Every root folder registered for a model-folder key, in priority order."""
+    if in_comfyui():
+        import folder_paths  # noqa: PLC0415
+
+        if key not in folder_paths.folder_names_and_paths:
+            return []
+        return list(folder_paths.get_folder_paths(key))
+    if key in _fallback_roots:
+        return list(_fallback_roots[key])
+    base = os.environ.get(MODELS_DIR_ENV)
+    return [os.path.join(base, key)] if base else []
+
+
+def set_fallback_roots(key: str, roots: list[str]) -> None:
+    """Outside ComfyUI: say where a folder key's models live (tests, scripts)."""
+    _fallback_roots[key] = [str(r) for r in roots]
+
+
+# ----------------------------------------------------------------------------- devices / memory
+def torch_device() -> torch.device:
+    """The device models compute on."""
+    mm = comfy()
+    if mm is not None:
+        return mm.get_torch_device()
+    if os.environ.get(DEVICE_ENV):
+        return torch.device(os.environ[DEVICE_ENV])
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def offload_device() -> torch.device:
+    """Where weights rest when they are not on the compute device."""
+    mm = comfy()
+    return mm.unet_offload_device() if mm is not None else torch.device("cpu")
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Memory free on a device right now (RAM for the CPU)."""
+    mm = comfy()
+    if mm is not None:
+        return int(mm.get_free_memory(device))
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    import psutil  # noqa: PLC0415
+
+    return int(psutil.virtual_memory().available)
+
+
+def make_room(needed: int, device: torch.device) -> None:
+    """Ask ComfyUI to evict other models until ``needed`` bytes are free on ``device``."""
+    mm = comfy()
+    if mm is not None:
+        if device.type != "cpu":
+            mm.free_memory(needed, device)
+    elif device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+class _Holder(torch.nn.Module):
+    """A plain container: ComfyUI's ModelPatcher assigns ``.device``, a read-only property on
+    diffusers/transformers models, so they are wrapped rather than patched."""
+
+    def __init__(self, inner: torch.nn.Module, device: torch.device) -> None:
+        super().__init__()
+        self.inner = inner
+        self.device = device
+
+
+def make_patcher(module: torch.nn.Module, size: int, on_detach: Callable[[], None]) -> Any | None:
+    """Register a module with ComfyUI's memory manager (None outside ComfyUI).
+
+    ``on_detach`` runs when ComfyUI unloads it (room for another model, "Unload models", /free).
+    """
+    if not in_comfyui():
+        return None
+    import comfy.model_patcher as mp  # noqa: PLC0415
+    from comfy.patcher_extension import CallbacksMP  # noqa: PLC0415
+
+    holder = _Holder(module, offload_device())
+    patcher = mp.ModelPatcher(holder, load_device=torch_device(), offload_device=offload_device(), size=size)
+    patcher.add_callback(CallbacksMP.ON_DETACH, lambda _p, _unpatch_all: on_detach())
+    return patcher
+
+
+def load_patchers(patchers: list[Any]) -> None:
+    """Put registered modules on the compute device through ComfyUI (it frees room first)."""
+    mm = comfy()
+    if mm is not None and patchers:
+        # force_full_load: plain torch layers cannot be split by ComfyUI's partial loading.
+        mm.load_models_gpu(patchers, force_full_load=True)
+
+
+# ----------------------------------------------------------------------------- interrupt / progress
+def check_interrupt() -> None:
+    """Raise if the user pressed Cancel (ComfyUI) or request_interrupt() was called."""
+    mm = comfy()
+    if mm is not None:
+        mm.throw_exception_if_processing_interrupted()
+    if _interrupt.is_set():
+        _interrupt.clear()
+        raise GentorInterrupted("Gentor run: cancelled by the user (interrupt requested). Queue it again to rerun.")
+
+
+def request_interrupt() -> None:
+    """Cancel the running generation at its next step (outside ComfyUI)."""
+    _interrupt.set()
+
+
+def is_interrupt(exc: BaseException) -> bool:
+    mm = comfy()
+    if mm is not None and isinstance(exc, mm.InterruptProcessingException):
+        return True
+    return isinstance(exc, GentorInterrupted)
+
+
+class Progress:
+    """Per-step progress with optional preview images; also the interrupt check point."""
+
+    def __init__(self, total: int, listener: Callable[[int, int, Any], None] | None = None) -> None:
+        self.total = max(1, int(total))
+        self.listener = listener
+        self.bar = None
+        if in_comfyui():
+            import comfy.utils  # noqa: PLC0415
+
+            self.bar = comfy.utils.ProgressBar(self.total)
+
+    def update(self, value: int, preview: Any = None) -> None:
+        check_interrupt()
+        if self.bar is not None:
+            shown = (PREVIEW_FORMAT, preview, PREVIEW_MAX_SIZE) if preview is not None else None
+            self.bar.update_absolute(value, self.total, shown)
+        if self.listener is not None:
+            self.listener(value, self.total, preview)
+
+
+# ----------------------------------------------------------------------------- server routes
+def register_routes(inspect: Callable[[], list[dict]], unload: Callable[[str | None], int]) -> None:
+    """GET /gentor/models (what our cache holds) and POST /gentor/unload {"key": optional}."""
+    if not in_comfyui():
+        return
+    from aiohttp import web  # noqa: PLC0415
+    from server import PromptServer  # noqa: PLC0415
+
+    routes = PromptServer.instance.routes
+
+    @routes.get("/gentor/models")
+    async def _models(_request: web.Request) -> web.Response:
+        return web.json_response(inspect())
+
+    @routes.post("/gentor/unload")
+    async def _unload(request: web.Request) -> web.Response:
+        body = await request.json() if request.can_read_body else {}
+        return web.json_response({"unloaded": unload(body.get("key"))})

@@ -1,0 +1,1 @@
+"""loaders layer (see DESIGN.md §2)."""

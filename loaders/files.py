@@ -1,0 +1,126 @@
+"""File-level helpers shared by every loader: folder listing, name resolution, safetensors checks."""
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Callable
+
+from .. import glue
+from ..errors import InputError, ModelFolderError
+
+SAFETENSORS_HEADER_BYTES = 8
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+def list_model_folders(folder_keys: tuple[str, ...], accept: Callable[[Path], bool]) -> list[str]:
+    """Sub-folders (names relative to their root, '/'-separated) that ``accept`` recognises.
+
+    Two roots holding the same name: the first root wins (DESIGN.md §4). Nested folders are
+    searched two levels deep so ``org/model`` layouts work.
+    """
+    seen: dict[str, Path] = {}
+    for key in folder_keys:
+        for root in glue.model_roots(key):
+            base = Path(root)
+            if not base.is_dir():
+                continue
+            for cand in sorted(list(base.glob("*/")) + list(base.glob("*/*/"))):
+                if cand.is_dir() and accept(cand):
+                    name = cand.relative_to(base).as_posix()
+                    seen.setdefault(name, cand)
+    return sorted(seen)
+
+
+def resolve_model_folder(backend: str, input_name: str, name: str, folder_keys: tuple[str, ...]) -> Path:
+    """Turn a dropdown value into a folder inside a registered root; refuse anything else."""
+    roots = [Path(r).resolve() for key in folder_keys for r in glue.model_roots(key)]
+    if not name or not isinstance(name, str):
+        raise InputError(f"{backend} {input_name}: no model selected (got {name!r}, expected a folder name "
+                         f"from the list). Put a model folder into models/{folder_keys[0]}/ and refresh.")
+    if not roots:
+        raise InputError(f"{backend} {input_name}: no model folders are registered (got {name!r}, expected a "
+                         f"folder under models/{folder_keys[0]}/). Create that folder and put the model there.")
+    for root in roots:
+        cand = (root / name).resolve()
+        # Headless API clients can send any string: never follow it outside the registered roots.
+        if not cand.is_relative_to(root):
+            continue
+        if cand.is_dir():
+            return cand
+    raise InputError(
+        f"{backend} {input_name}: {name!r} is not a folder inside the registered model folders "
+        f"(got {name!r}, expected one of {list_model_names_hint(roots)} under {', '.join(map(str, roots))}). "
+        "Pick a model from the dropdown; paths outside the model folders are refused.")
+
+
+def list_model_names_hint(roots: list[Path], limit: int = 8) -> list[str]:
+    names = sorted({p.name for r in roots if r.is_dir() for p in r.iterdir() if p.is_dir()})
+    return names[:limit] + (["..."] if len(names) > limit else [])
+
+
+def read_json(path: Path, backend: str, what: str) -> dict:
+    if not path.is_file():
+        raise ModelFolderError(f"{backend} {what}: file missing (got no {path.name} in {path.parent}, expected "
+                               f"{path}). Download the complete model folder again.")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelFolderError(f"{backend} {what}: {path} is not valid JSON ({exc}). "
+                               "Re-download this file.") from exc
+
+
+def safetensors_header(path: Path, backend: str) -> dict:
+    """Parse and validate a safetensors header; detect truncated or corrupt files cheaply."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        raw = f.read(SAFETENSORS_HEADER_BYTES)
+        if len(raw) < SAFETENSORS_HEADER_BYTES:
+            raise _corrupt(backend, path, f"{size} bytes, shorter than a safetensors header")
+        (n,) = struct.unpack("<Q", raw)
+        if n <= 0 or n > MAX_HEADER_BYTES or n + SAFETENSORS_HEADER_BYTES > size:
+            raise _corrupt(backend, path, f"header length {n} for a {size}-byte file")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise _corrupt(backend, path, f"unreadable header ({exc})") from exc
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if SAFETENSORS_HEADER_BYTES + n + end != size:
+        raise _corrupt(backend, path, f"{size} bytes on disk, header describes {SAFETENSORS_HEADER_BYTES + n + end}")
+    return header
+
+
+def _corrupt(backend: str, path: Path, got: str) -> ModelFolderError:
+    return ModelFolderError(f"{backend} weights: {path.name} is truncated or corrupt (got {got}, expected a "
+                            f"complete safetensors file). Re-download {path}.")
+
+
+def weight_files(folder: Path, backend: str, component: str) -> dict[str, dict]:
+    """Validate a component's safetensors weights (single file or sharded + index).
+
+    Returns {file name: header}. Every shard the index names must exist and be complete.
+    """
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if indexes:
+        index = read_json(indexes[0], backend, f"{component} index")
+        shards = sorted(set(index.get("weight_map", {}).values()))
+        if not shards:
+            raise ModelFolderError(f"{backend} {component}: {indexes[0].name} names no shards (got an empty "
+                                   "weight_map, expected shard file names). Re-download the index file.")
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise ModelFolderError(f"{backend} {component}: shard missing (got no {', '.join(missing)} in {folder}, "
+                                   f"expected all {len(shards)} shards named in {indexes[0].name}). "
+                                   "Download the missing shard files.")
+        return {s: safetensors_header(folder / s, backend) for s in shards}
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else "no folder"
+        raise ModelFolderError(f"{backend} {component}: no weights (got {found} in {folder}, expected "
+                               "*.safetensors or a sharded index). Download the component's weight files.")
+    return {f.name: safetensors_header(f, backend) for f in files}
+
+
+def tensor_shapes(headers: dict[str, dict]) -> dict[str, list[int]]:
+    """Key -> shape over all shards' headers."""
+    return {k: v["shape"] for h in headers.values() for k, v in h.items() if k != "__metadata__"}

@@ -1,0 +1,150 @@
+"""Qwen-Image / Qwen-Image-Edit / Edit-2509 / Edit-2511 folders -> cached diffusers components.
+
+Layout: the Hugging Face diffusers pipeline folder (backend_specs.md §4.2). The variant is read
+from model_index.json, the transformer config and the transformer's weight header — never from
+the folder name.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import ModelFolderError
+from .cache import CACHE, ModelHandle, Session
+from .files import list_model_folders, read_json, resolve_model_folder, tensor_shapes, weight_files
+from .memory import FP8_SKIP_PATTERNS, MemoryOptions, Plan
+
+log = logging.getLogger(__name__)
+
+BACKEND = "Qwen-Image"
+FOLDER_KEYS = ("qwen_image", "diffusers")
+# model_index.json _class_name -> task family
+PIPELINE_TASKS = {
+    "QwenImagePipeline": "t2i",
+    "QwenImageEditPipeline": "edit",
+    "QwenImageEditPlusPipeline": "edit_plus",
+}
+COMPONENTS = {
+    "t2i": ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"),
+    "edit": ("transformer", "vae", "text_encoder", "tokenizer", "scheduler", "processor"),
+    "edit_plus": ("transformer", "vae", "text_encoder", "tokenizer", "scheduler", "processor"),
+}
+WEIGHTED = ("transformer", "vae", "text_encoder")
+# Telltale transformer keys (as in ComfyUI's own detection): text-stream norm + packed-latent input.
+TELLTALE_KEYS = ("txt_norm.weight", "img_in.weight")
+PACKED_LATENT_CHANNELS = 64
+# The VAE stays out of FP8: it is small (~0.25 GB) and decides the final pixels.
+FP8_COMPONENTS = ("transformer", "text_encoder")
+
+
+@dataclass(frozen=True)
+class QwenImageInfo:
+    task: str  # t2i | edit | edit_plus
+    variant: str  # qwen-image | qwen-image-edit | qwen-image-edit-plus | qwen-image-edit-2511
+    zero_cond_t: bool
+    num_layers: int
+    inner_dim: int
+    path: Path
+
+
+def looks_like_pipeline(path: Path) -> bool:
+    """Cheap dropdown filter: a model_index.json naming a Qwen-Image pipeline class."""
+    index = path / "model_index.json"
+    if not index.is_file():
+        return False
+    try:
+        return read_json(index, BACKEND, "model_index.json").get("_class_name") in PIPELINE_TASKS
+    except ModelFolderError:
+        return False
+
+
+def list_models() -> list[str]:
+    return list_model_folders(FOLDER_KEYS, looks_like_pipeline)
+
+
+def inspect_folder(path: Path) -> QwenImageInfo:
+    """Validate a pipeline folder and detect its variant; errors say what was found."""
+    index_path = path / "model_index.json"
+    if not index_path.is_file():
+        found = sorted(p.name for p in path.iterdir())[:12] if path.is_dir() else "no folder"
+        raise ModelFolderError(
+            f"{BACKEND} model_name: {path.name} is not a Qwen-Image pipeline folder (got {found}, expected "
+            "model_index.json with transformer/, vae/, text_encoder/, tokenizer/, scheduler/). "
+            "Download the diffusers-format repository (e.g. Qwen/Qwen-Image) into models/qwen_image/.")
+    index = read_json(index_path, BACKEND, "model_index.json")
+    cls = index.get("_class_name")
+    if cls not in PIPELINE_TASKS:
+        raise ModelFolderError(
+            f"{BACKEND} model_name: {path.name} holds a {cls} pipeline (got _class_name={cls!r}, expected one of "
+            f"{', '.join(PIPELINE_TASKS)}). Use the loader for that model family, or pick a Qwen-Image folder.")
+    task = PIPELINE_TASKS[cls]
+    for comp in COMPONENTS[task]:
+        if not (path / comp).is_dir():
+            raise ModelFolderError(
+                f"{BACKEND} model_name: component '{comp}' missing (got no {comp}/ in {path}, expected the "
+                f"{cls} components {', '.join(COMPONENTS[task])}). Download the complete model folder.")
+    config = read_json(path / "transformer" / "config.json", BACKEND, "transformer config")
+    if config.get("_class_name") != "QwenImageTransformer2DModel":
+        raise ModelFolderError(
+            f"{BACKEND} transformer: wrong model class (got {config.get('_class_name')!r}, expected "
+            "'QwenImageTransformer2DModel'). This folder mixes in another model's transformer.")
+    for comp in WEIGHTED:
+        read_json(path / comp / "config.json", BACKEND, f"{comp} config")
+    headers = weight_files(path / "transformer", BACKEND, "transformer")
+    shapes = tensor_shapes(headers)
+    missing = [k for k in TELLTALE_KEYS if k not in shapes]
+    if missing or shapes["img_in.weight"][1] != PACKED_LATENT_CHANNELS:
+        raise ModelFolderError(
+            f"{BACKEND} transformer: weights are not a Qwen-Image MMDiT (got keys without {missing or 'img_in 64'}, "
+            f"expected {', '.join(TELLTALE_KEYS)} with {PACKED_LATENT_CHANNELS} input channels). Re-download it.")
+    for comp in ("vae", "text_encoder"):
+        weight_files(path / comp, BACKEND, comp)
+    layers = len({k.split(".")[1] for k in shapes if k.startswith("transformer_blocks.")})
+    zero_cond_t = bool(config.get("zero_cond_t", False))
+    variant = {"t2i": "qwen-image", "edit": "qwen-image-edit"}.get(
+        task, "qwen-image-edit-2511" if zero_cond_t else "qwen-image-edit-plus")
+    return QwenImageInfo(task, variant, zero_cond_t, layers, shapes["img_in.weight"][0], path)
+
+
+def load_handle(model_name: str, memory: MemoryOptions | None) -> ModelHandle:
+    """What GentorLoadQwenImage does: resolve, validate, detect; weights load lazily at first use."""
+    path = resolve_model_folder(BACKEND, "model_name", model_name, FOLDER_KEYS)
+    info = inspect_folder(path)
+    return ModelHandle("qwen_image", info.variant, str(path), memory or MemoryOptions(),
+                       (("task", info.task), ("layers", str(info.num_layers)),
+                        ("inner_dim", str(info.inner_dim)), ("zero_cond_t", str(info.zero_cond_t).lower())))
+
+
+def load_components(path: Path, task: str, plan: Plan, session: Session) -> dict[str, Any]:
+    """Fetch every component through the shared cache (reads from disk only when needed)."""
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler  # noqa: PLC0415
+    from diffusers import QwenImageTransformer2DModel  # noqa: PLC0415
+    from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2VLProcessor  # noqa: PLC0415
+
+    precision = plan.precision
+    full = type(precision)(precision.base, precision.base)  # components kept out of FP8
+    loaders = {
+        "transformer": lambda dt: QwenImageTransformer2DModel.from_pretrained(path / "transformer", dtype=dt),
+        "vae": lambda dt: AutoencoderKLQwenImage.from_pretrained(path / "vae", dtype=dt),
+        "text_encoder": lambda dt: Qwen2_5_VLForConditionalGeneration.from_pretrained(path / "text_encoder", dtype=dt),
+        "tokenizer": lambda _dt: AutoTokenizer.from_pretrained(path / "tokenizer"),
+        "scheduler": lambda _dt: FlowMatchEulerDiscreteScheduler.from_pretrained(path / "scheduler"),
+        "processor": lambda _dt: Qwen2VLProcessor.from_pretrained(path / "processor"),
+    }
+    out = {}
+    for comp in COMPONENTS[task]:
+        weighted = comp in WEIGHTED
+        prec = (precision if comp in FP8_COMPONENTS else full) if weighted else None
+        try:
+            entry = session.get(f"qwen_image/{comp}", str(path / comp), loaders[comp], prec, FP8_SKIP_PATTERNS)
+        except (OSError, ValueError) as exc:
+            raise ModelFolderError(f"{BACKEND} {comp}: could not be loaded from {path / comp} ({exc}). "
+                                   "Check the component's files or re-download them.") from exc
+        out[comp] = entry
+    return out
+
+
+def cache() -> Any:
+    return CACHE

@@ -1,0 +1,1 @@
+"""modeling layer (see DESIGN.md §2)."""

@@ -1,0 +1,30 @@
+"""ComfyUI V3 nodes: thin wiring over loaders/ and samplers/."""
+from __future__ import annotations
+
+import importlib
+import logging
+
+from comfy_api.latest import ComfyExtension, io
+
+from .. import glue, registry
+from ..loaders.cache import CACHE
+
+log = logging.getLogger(__name__)
+
+
+def node_list() -> list[type[io.ComfyNode]]:
+    from .memory import GentorMemoryOptions
+    from .tasks import GentorEditImage, GentorTextToImage
+
+    nodes: list[type[io.ComfyNode]] = [GentorMemoryOptions, GentorTextToImage, GentorEditImage]
+    for spec in registry.available():
+        for key in spec.folder_keys:
+            glue.register_model_folder(key)
+        nodes.extend(importlib.import_module(f".{spec.id}", __package__).NODES)
+    return nodes
+
+
+class GentorExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        glue.register_routes(CACHE.inspect, CACHE.unload)
+        return node_list()

@@ -1,0 +1,50 @@
+"""Socket types and widgets shared by the node files."""
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+GentorModel = io.Custom("GENTOR_MODEL")
+GentorMemory = io.Custom("GENTOR_MEMORY")
+GentorSettings = io.Custom("GENTOR_SETTINGS")
+
+CATEGORY = "Gentor"
+MAX_SIZE = 8192
+SIZE_STEP = 16
+MAX_SEED = 0xFFFFFFFFFFFFFFFF
+MAX_STEPS = 200
+MAX_CFG = 30.0
+MAX_BATCH = 16
+EDIT_IMAGE_INPUTS = 4
+
+
+def common_inputs() -> list:
+    """The inputs every task sampler shares, in contract order (README node reference)."""
+    return [
+        GentorModel.Input("model", tooltip="A Gentor model from a Gentor loader node (any backend)."),
+        io.String.Input("prompt", multiline=True, default="",
+                        tooltip="What to generate, or for edits the instruction (e.g. 'make the sky purple')."),
+        io.String.Input("negative", multiline=True, default="",
+                        tooltip="What to avoid. Empty = the backend's default (Qwen-Image uses ' ' so true CFG runs)."),
+        io.Int.Input("seed", default=0, min=0, max=MAX_SEED, control_after_generate=True,
+                     tooltip="Noise seed. Same seed + same inputs = the same image on the same machine."),
+        io.Int.Input("steps", default=0, min=0, max=MAX_STEPS,
+                     tooltip="Denoising steps. 0 = the backend's default (Qwen-Image 50, Edit-2509/2511 40)."),
+        io.Float.Input("cfg", default=0.0, min=0.0, max=MAX_CFG, step=0.1,
+                       tooltip="Guidance scale (Qwen-Image: true_cfg_scale). 0 = the backend's default (4.0)."),
+        io.Int.Input("width", default=0, min=0, max=MAX_SIZE, step=SIZE_STEP,
+                     tooltip="Output width in pixels. 0 = the backend's size rule (T2I 1328; edits follow the "
+                             "reference image). Off-grid values are rounded to 16 and reported."),
+        io.Int.Input("height", default=0, min=0, max=MAX_SIZE, step=SIZE_STEP,
+                     tooltip="Output height in pixels. 0 = the backend's size rule (see width)."),
+    ]
+
+
+def settings_input() -> io.Input:
+    return GentorSettings.Input("settings", optional=True,
+                                tooltip="Optional per-backend settings (e.g. Gentor Qwen-Image Settings).")
+
+
+def task_outputs() -> list:
+    return [io.Image.Output("image", tooltip="Generated images, [batch, height, width, 3] in 0..1."),
+            io.String.Output("text", tooltip="Notes: size, steps, guidance and seed used; reasoning for "
+                                             "backends that think. Empty when none.")]

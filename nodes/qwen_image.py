@@ -1,0 +1,53 @@
+"""Qwen-Image nodes: the loader and the backend's settings."""
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..loaders import qwen_image as loader
+from ..samplers import qwen_image as sampler
+from .common import CATEGORY, GentorMemory, GentorModel, GentorSettings
+
+SUBCATEGORY = f"{CATEGORY}/Qwen-Image"
+
+
+class GentorLoadQwenImage(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="GentorLoadQwenImage", display_name="Gentor Load Qwen-Image", category=SUBCATEGORY,
+            description="Load Qwen-Image, Qwen-Image-Edit or Edit-2509/2511 (diffusers folder in models/qwen_image/).",
+            inputs=[
+                io.Combo.Input("model_name", options=loader.list_models(),
+                               tooltip="A diffusers-format Qwen-Image pipeline folder from models/qwen_image/ (or "
+                                       "models/diffusers/). The variant is detected from its files."),
+                GentorMemory.Input("memory", optional=True,
+                                   tooltip="Optional Gentor Memory Options (FP8 storage, offload)."),
+            ],
+            outputs=[GentorModel.Output("model", tooltip="Connect to Gentor Text to Image or Gentor Edit Image.")])
+
+    @classmethod
+    def execute(cls, model_name, memory=None) -> io.NodeOutput:
+        return io.NodeOutput(loader.load_handle(model_name, memory))
+
+
+class GentorQwenImageSettings(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="GentorQwenImageSettings", display_name="Gentor Qwen-Image Settings", category=SUBCATEGORY,
+            description="Qwen-Image knobs that the common sampler inputs do not cover.",
+            inputs=[
+                io.Int.Input("max_sequence_length", default=sampler.DEFAULT_MAX_SEQUENCE_LENGTH, min=1,
+                             max=sampler.MAX_SEQUENCE_LENGTH,
+                             tooltip="Most prompt tokens the transformer sees (longer prompts are cut)."),
+                io.Int.Input("preview_every", default=sampler.DEFAULT_PREVIEW_EVERY, min=0, max=200,
+                             tooltip="Send a preview every N steps (0 = no previews)."),
+            ],
+            outputs=[GentorSettings.Output("settings", tooltip="Connect to a task sampler's 'settings' input.")])
+
+    @classmethod
+    def execute(cls, max_sequence_length, preview_every) -> io.NodeOutput:
+        return io.NodeOutput(sampler.make_settings(max_sequence_length, preview_every))
+
+
+NODES = [GentorLoadQwenImage, GentorQwenImageSettings]

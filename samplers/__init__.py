@@ -1,0 +1,1 @@
+"""samplers layer (see DESIGN.md §2)."""

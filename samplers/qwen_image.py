@@ -1,0 +1,291 @@
+"""Qwen-Image T2I / Edit / Edit-Plus: the backend's policies plus an engine that runs them.
+
+Policies (owned here, engine-neutral): defaults, output-size rules per variant (backend_specs.md
+§4.4), sizes on a 16-pixel grid, negative " " when empty so true CFG really runs, seeds, memory
+estimate. The engine seam (``QwenImageEngine``) lets DiffSynth join diffusers later.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+from PIL import Image
+
+from .. import glue
+from ..errors import InputError, MemoryEstimateError
+from ..loaders import qwen_image as qwen_loader
+from ..loaders.cache import CACHE, ModelHandle
+from ..loaders.memory import Plan, apply_block_offload, has_block_offload, remove_block_offload, resolve
+from .common import Request, Result, Settings, check_settings, chw_to_image, format_notes, latent_preview, round_size, to_rgb
+
+log = logging.getLogger(__name__)
+
+DISPLAY = "Qwen-Image"
+DEFAULT_STEPS = {"t2i": 50, "edit": 50, "edit_plus": 40}
+DEFAULT_TRUE_CFG = 4.0
+DEFAULT_T2I_SIZE = (1328, 1328)
+EDIT_TARGET_AREA = 1024 * 1024
+EMPTY_NEGATIVE = " "  # diffusers only runs true CFG when a negative prompt is passed
+DEFAULT_MAX_SEQUENCE_LENGTH = 512
+MAX_SEQUENCE_LENGTH = 1024
+DEFAULT_PREVIEW_EVERY = 5
+MAX_EDIT_IMAGES = 4
+LATENT_STEP = 16  # VAE 8x * 2x2 patches
+# Rough bytes per token per inner-dim channel held during a transformer forward (q,k,v,attn out,
+# 4x MLP hidden, modulated copies) and per pixel per VAE base channel during decode.
+TOKEN_ACTIVATION_FACTOR = 16
+VAE_DECODE_FACTOR = 12
+# Wan-2.1-family latent -> RGB factors (the Qwen-Image VAE shares that latent space).
+LATENT_RGB_FACTORS = torch.tensor([
+    [-0.1299, -0.1692, 0.2932], [0.0671, 0.0406, 0.0442], [0.3568, 0.2548, 0.1747], [0.0372, 0.2344, 0.1420],
+    [0.0313, 0.0189, -0.0328], [0.0296, -0.0956, -0.0665], [-0.3477, -0.4059, -0.2925], [0.0166, 0.1902, 0.1975],
+    [-0.0412, 0.0267, -0.1364], [-0.1293, 0.0740, 0.1636], [0.0680, 0.3019, 0.1128], [0.0032, 0.0581, 0.0639],
+    [-0.1251, 0.0927, 0.1699], [0.0060, -0.0633, 0.0005], [0.3477, 0.2275, 0.2950], [0.1984, 0.0913, 0.1861],
+]).T.contiguous()
+LATENT_RGB_BIAS = torch.tensor([-0.1835, -0.0868, -0.3360])
+
+
+@dataclass
+class QwenJob:
+    """An engine-neutral, fully resolved Qwen-Image job."""
+
+    task: str
+    prompt: str
+    negative: str
+    seed: int
+    steps: int
+    true_cfg: float
+    width: int
+    height: int
+    batch_size: int
+    images: list[Image.Image] = field(default_factory=list)
+    max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH
+    preview_every: int = DEFAULT_PREVIEW_EVERY
+
+
+class QwenImageEngine(Protocol):
+    """Runs a resolved job; ``on_step(done, latent_preview_or_None)`` after every step."""
+
+    name: str
+
+    def generate(self, job: QwenJob, on_step: Callable[[int, Image.Image | None], None]) -> torch.Tensor: ...
+
+
+def make_settings(max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
+                  preview_every: int = DEFAULT_PREVIEW_EVERY) -> Settings:
+    if not 1 <= max_sequence_length <= MAX_SEQUENCE_LENGTH:
+        raise InputError(f"{DISPLAY} max_sequence_length: out of range (got {max_sequence_length}, expected "
+                         f"1..{MAX_SEQUENCE_LENGTH}). Use 512 (default) or up to 1024 for long prompts.")
+    return Settings("qwen_image", (("max_sequence_length", max_sequence_length), ("preview_every", preview_every)))
+
+
+def calculate_dimensions(target_area: int, ratio: float) -> tuple[int, int]:
+    """diffusers' Edit sizing: width*height ~ target_area at the image's aspect, multiples of 32."""
+    width = math.sqrt(target_area * ratio)
+    height = width / ratio
+    return int(round(width / 32) * 32), int(round(height / 32) * 32)
+
+
+def plan_job(task: str, handle_task: str, request: Request) -> tuple[QwenJob, list[str]]:
+    """Apply the backend's policies to a request; return the job and notes for the user."""
+    notes: list[str] = []
+    check_settings(request.settings, "qwen_image", DISPLAY, "Gentor Qwen-Image Settings")
+    _check_task(task, handle_task)
+    settings = request.settings or make_settings()
+    images = [to_rgb(i) for i in request.images]
+    if task == "edit":
+        if not images:
+            raise InputError(f"{DISPLAY} image_1: no image to edit (got no image inputs, expected 1..{MAX_EDIT_IMAGES} "
+                             "images). Connect an image to image_1, or use Gentor Text to Image.")
+        if handle_task == "edit" and len(images) > 1:
+            notes.append(f"Qwen-Image-Edit takes one image: using image_1, ignoring {len(images) - 1} more "
+                         "(use an Edit-2509/2511 model for several)")
+            images = images[:1]
+    steps = request.steps or DEFAULT_STEPS[handle_task]
+    cfg = request.cfg or DEFAULT_TRUE_CFG
+    if task == "t2i":
+        width, height = (request.width or DEFAULT_T2I_SIZE[0]), (request.height or DEFAULT_T2I_SIZE[1])
+    else:
+        # Edit follows the first image, Edit-Plus the last one (as the reference pipelines do).
+        ref = images[0] if handle_task == "edit" else images[-1]
+        auto_w, auto_h = calculate_dimensions(EDIT_TARGET_AREA, ref.width / ref.height)
+        width, height = request.width or auto_w, request.height or auto_h
+    width, height = round_size(width, "width", notes), round_size(height, "height", notes)
+    negative = request.negative if request.negative.strip() else EMPTY_NEGATIVE
+    batch = request.batch_size
+    if task == "edit" and batch != 1:
+        notes.append("edit runs one image per prompt: batch_size ignored")
+        batch = 1
+    job = QwenJob(task=handle_task if task == "edit" else "t2i", prompt=request.prompt, negative=negative,
+                  seed=int(request.seed), steps=int(steps), true_cfg=float(cfg), width=width, height=height,
+                  batch_size=int(batch), images=images,
+                  max_sequence_length=int(settings.get("max_sequence_length", DEFAULT_MAX_SEQUENCE_LENGTH)),
+                  preview_every=int(settings.get("preview_every", DEFAULT_PREVIEW_EVERY)))
+    return job, notes
+
+
+def _check_task(task: str, handle_task: str) -> None:
+    if task == "t2i" and handle_task != "t2i":
+        raise InputError(f"{DISPLAY} model: an edit model cannot generate from text alone (got a "
+                         f"{handle_task.replace('_', '-')} model, expected a Qwen-Image text-to-image model). Use "
+                         "Gentor Edit Image with this model, or load Qwen-Image for Gentor Text to Image.")
+    if task == "edit" and handle_task == "t2i":
+        raise InputError(f"{DISPLAY} model: a text-to-image model cannot edit images (got a Qwen-Image T2I model, "
+                         "expected Qwen-Image-Edit / -2509 / -2511). Use Gentor Text to Image with this model, or "
+                         "load an edit model for Gentor Edit Image.")
+
+
+def estimate_bytes(job: QwenJob, transformer_cfg: dict, vae_cfg: dict, dtype: torch.dtype) -> int:
+    """Activation memory of one run (weights are accounted separately)."""
+    itemsize = torch.finfo(dtype).bits // 8
+    tokens = (job.width // LATENT_STEP) * (job.height // LATENT_STEP)
+    # Each reference image adds its VAE latent (~1 MP) to the image stream.
+    tokens += len(job.images) * (EDIT_TARGET_AREA // LATENT_STEP**2)
+    tokens += job.max_sequence_length
+    cfg_mult = 2 if job.true_cfg > 1 else 1
+    inner = transformer_cfg["num_attention_heads"] * transformer_cfg["attention_head_dim"]
+    transformer = tokens * inner * itemsize * TOKEN_ACTIVATION_FACTOR * job.batch_size * cfg_mult
+    vae = job.width * job.height * vae_cfg.get("base_dim", 96) * itemsize * VAE_DECODE_FACTOR
+    return int(transformer + vae)
+
+
+def check_memory(job: QwenJob, components: dict, plan: Plan) -> None:
+    need = estimate_bytes(job, dict(components["transformer"].value.config),
+                          dict(components["vae"].value.config), plan.compute)
+    free = glue.free_memory_bytes(plan.device)
+    if need > free:
+        raise MemoryEstimateError(
+            f"{DISPLAY} width/height: {job.width}x{job.height} needs about {need / 1e9:.1f} GB for activations "
+            f"(got {free / 1e9:.1f} GB free on {plan.device}, expected at least the estimate). Lower the size "
+            "or the batch, or free memory; nothing was allocated.")
+
+
+# ----------------------------------------------------------------------------- diffusers engine
+class DiffusersEngine:
+    """Runs jobs on diffusers' Qwen-Image pipelines built from cached components.
+
+    The pipeline object is rebuilt per run (cheap); weights and their hooks live on the cached
+    modules, and where they sit is recorded on the cache entries.
+    """
+
+    name = "diffusers"
+
+    def __init__(self, components: dict, plan: Plan, task: str) -> None:
+        import diffusers  # noqa: PLC0415
+
+        cls = {"t2i": diffusers.QwenImagePipeline, "edit": diffusers.QwenImageEditPipeline,
+               "edit_plus": diffusers.QwenImageEditPlusPipeline}[task]
+        self.components = components
+        self.plan = plan
+        self.pipe = cls(**{k: e.value for k, e in components.items()})
+        self.pipe.set_progress_bar_config(disable=True)
+
+    def place(self) -> None:
+        """Put the weights where the plan says; re-plans without reading the disk."""
+        plan, pipe = self.plan, self.pipe
+        want = f"{plan.offload}@{plan.device}"
+        weighted = [self.components[c] for c in qwen_loader.WEIGHTED]
+        if plan.offload == "block" and all(e.placement == want for e in weighted):
+            return
+        pipe.remove_all_hooks()  # accelerate's model-offload hooks, if any
+        for e in weighted:
+            if has_block_offload(e.value):
+                remove_block_offload(e.value)
+        if plan.offload == "block":
+            apply_block_offload(pipe.transformer, plan.device)
+            apply_block_offload(pipe.text_encoder, plan.device)
+            pipe.vae.to(plan.device)
+        elif plan.offload == "model" and plan.device.type != "cpu":
+            glue.make_room(max(e.nbytes for e in weighted), plan.device)
+            pipe.enable_model_cpu_offload(device=plan.device)
+        else:
+            self._resident(weighted)
+        for e in weighted:
+            e.placement = want
+
+    def _resident(self, weighted: list) -> None:
+        patchers = []
+        for e in weighted:
+            if glue.in_comfyui() and e.patcher is None:
+                key = e.key
+                e.patcher = glue.make_patcher(e.value, e.nbytes, lambda k=key: CACHE.evicted_by_comfyui(k))
+            if e.patcher is not None:
+                patchers.append(e.patcher)
+            else:
+                e.value.to(self.plan.device)
+        glue.load_patchers(patchers)
+
+    def release_after_error(self) -> None:
+        """After an error or cancel: no weights stranded on the GPU by model offload."""
+        if self.plan.offload == "model" and self.plan.device.type != "cpu":
+            self.pipe.maybe_free_model_hooks()
+
+    def generate(self, job: QwenJob, on_step: Callable[[int, Image.Image | None], None]) -> torch.Tensor:
+        pipe = self.pipe
+        self.place()
+
+        def callback(_pipe: Any, i: int, _t: Any, kwargs: dict) -> dict:
+            preview = None
+            if job.preview_every > 0 and (i + 1) % job.preview_every == 0 and i + 1 < job.steps:
+                preview = self._preview(kwargs["latents"], job)
+            on_step(i + 1, preview)
+            return {}
+
+        args: dict[str, Any] = dict(
+            prompt=job.prompt, negative_prompt=job.negative, true_cfg_scale=job.true_cfg,
+            num_inference_steps=job.steps, width=job.width, height=job.height,
+            generator=torch.Generator("cpu").manual_seed(job.seed), max_sequence_length=job.max_sequence_length,
+            output_type="pt", callback_on_step_end=callback)
+        if job.task == "t2i":
+            args["num_images_per_prompt"] = job.batch_size
+        else:
+            args["image"] = job.images[0] if job.task == "edit" else job.images
+        with torch.inference_mode():
+            out = pipe(**args).images
+        return chw_to_image(out)
+
+    def _preview(self, latents: torch.Tensor, job: QwenJob) -> Image.Image:
+        lat = self.pipe._unpack_latents(latents[:1], job.height, job.width, self.pipe.vae_scale_factor)
+        return latent_preview(lat[0, :, 0], LATENT_RGB_FACTORS, LATENT_RGB_BIAS)
+
+
+ENGINES: dict[str, type] = {"diffusers": DiffusersEngine}
+
+
+# ----------------------------------------------------------------------------- entry points
+def _apply_budget(plan: Plan, components: dict, notes: list[str]) -> Plan:
+    """Switch to block offload when resident weights would exceed the VRAM budget."""
+    resident = sum(components[c].nbytes for c in qwen_loader.WEIGHTED)
+    if plan.offload == "none" and plan.budget_bytes and resident > plan.budget_bytes:
+        notes.append(f"weights ({resident / 1e9:.2f} GB) exceed vram_budget_gb "
+                     f"({plan.budget_bytes / 1e9:.2f} GB): using block offload")
+        return dataclasses.replace(plan, offload="block")
+    return plan
+
+
+def run(handle: ModelHandle, task: str, request: Request,
+        listener: Callable[[int, int, Any], None] | None = None, engine: str = "diffusers") -> Result:
+    """Generate with a Qwen-Image handle; ``task`` is "t2i" or "edit"."""
+    handle_task = dict(handle.info)["task"]
+    job, notes = plan_job(task, handle_task, request)
+    plan = resolve(handle.memory, glue.torch_device())
+    notes.extend(plan.notes)
+    progress = glue.Progress(job.steps, listener)
+    with CACHE.session() as session:
+        components = qwen_loader.load_components(Path(handle.path), handle_task, plan, session)
+        plan = _apply_budget(plan, components, notes)
+        check_memory(job, components, plan)
+        runner = ENGINES[engine](components, plan, handle_task)
+        try:
+            image = runner.generate(job, lambda i, preview: progress.update(i, preview))
+        except BaseException:
+            runner.release_after_error()
+            raise
+    pairs = [("model", handle.variant), ("size", f"{job.width}x{job.height}"), ("steps", job.steps),
+             ("true_cfg", job.true_cfg), ("seed", job.seed), ("engine", engine)]
+    return Result(image, format_notes(pairs, notes))

@@ -1,0 +1,106 @@
+"""The shared model cache: sharing, re-planning without disk reads, precision rules, LRU, errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gentor import glue
+from gentor.errors import GentorInterrupted
+from gentor.loaders.cache import CACHE
+from gentor.loaders.memory import MemoryOptions
+from tests.qwen_helpers import T2I, t2i
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache(qwen_roots):
+    CACHE.unload()
+    budget = CACHE.budget
+    yield
+    CACHE.budget = budget
+    CACHE.unload()
+
+
+def _transformer_entry():
+    return next(e for e in CACHE._entries.values() if e.key[0] == "qwen_image/transformer")
+
+
+def test_two_loaders_share_one_copy():
+    first = t2i()
+    module = _transformer_entry().value
+    reads = CACHE.disk_reads
+    second = t2i()
+    assert _transformer_entry().value is module
+    assert CACHE.disk_reads == reads, "the second loader must not read the disk again"
+    assert torch.equal(first.image, second.image)
+
+
+def test_offload_change_replans_without_disk_read():
+    base = t2i(memory=MemoryOptions(offload="none"))
+    reads = CACHE.disk_reads
+    block = t2i(memory=MemoryOptions(offload="block"))
+    back = t2i(memory=MemoryOptions(offload="none"))
+    assert CACHE.disk_reads == reads
+    assert torch.equal(base.image, block.image) and torch.equal(base.image, back.image)
+
+
+def test_storage_dtype_rereads_only_after_precision_loss():
+    t2i(memory=MemoryOptions(weight_dtype="fp32"))
+    reads, conversions = CACHE.disk_reads, CACHE.conversions
+    t2i(memory=MemoryOptions(weight_dtype="fp8_e4m3fn", compute_dtype="fp32"))
+    assert CACHE.disk_reads == reads, "fp32 -> fp8 converts the cached copy in place"
+    assert CACHE.conversions == conversions + 2, "transformer and text encoder go to FP8; the VAE stays"
+    assert _transformer_entry().value.transformer_blocks[0].attn.to_q.weight.dtype == torch.float8_e4m3fn
+    t2i(memory=MemoryOptions(weight_dtype="fp32"))
+    assert CACHE.disk_reads > reads, "fp8 -> fp32 must re-read: the cached copy lost precision"
+    assert _transformer_entry().value.transformer_blocks[0].attn.to_q.weight.dtype == torch.float32
+
+
+def test_lru_honours_ram_budget(qwen_roots):
+    t2i(T2I)
+    one = CACHE.total_bytes()
+    CACHE.budget = int(one * 1.5)  # room for one pipeline, not two
+    t2i("tiny-qwen-image-sharded")
+    assert CACHE.total_bytes() <= CACHE.budget
+    sources = [e["source"] for e in CACHE.inspect()]
+    old = [s for s in sources if "/tiny-qwen-image/" in s]
+    new = [s for s in sources if "/tiny-qwen-image-sharded/" in s]
+    assert len(new) == 5, "the model in use keeps all its components"
+    assert len(old) < 5, "least recently used components were evicted to fit the budget"
+
+
+def test_unload_and_inspect():
+    t2i()
+    listing = CACHE.inspect()
+    kinds = {e["kind"] for e in listing}
+    assert {"qwen_image/transformer", "qwen_image/vae", "qwen_image/text_encoder"} <= kinds
+    entry = next(e for e in listing if e["kind"] == "qwen_image/transformer")
+    assert entry["bytes"] > 0 and entry["placement"].startswith("none@") and not entry["in_use"]
+    assert CACHE.unload("tiny-qwen-image") >= 3
+    assert CACHE.inspect() == [] and CACHE.total_bytes() == 0
+    assert t2i().image.shape == (1, 32, 32, 3), "a stale handle reloads transparently"
+
+
+def test_interrupt_leaves_cache_consistent_and_model_usable():
+    clean = t2i(steps=3)
+
+    def cancel_at_first_step(value, total, preview):
+        if value == 1:
+            glue.request_interrupt()
+
+    progress = []
+    with pytest.raises(GentorInterrupted):
+        t2i(steps=3, listener=lambda v, t, p: (progress.append(v), cancel_at_first_step(v, t, p)))
+    assert progress == [1], "stops within one step of the cancel"
+    assert all(not e["in_use"] for e in CACHE.inspect())
+    again = t2i(steps=3)
+    assert torch.equal(clean.image, again.image)
+
+
+def test_failed_run_leaves_cache_consistent():
+    def boom(value, total, preview):
+        raise RuntimeError("listener failure")
+
+    with pytest.raises(RuntimeError, match="listener failure"):
+        t2i(listener=boom)
+    assert all(not e["in_use"] for e in CACHE.inspect())
+    assert torch.isfinite(t2i().image).all()
