@@ -55,7 +55,7 @@ def check_settings(settings: Settings | None, backend: str, display: str, node: 
 
 def round_size(value: int, name: str, notes: list[str], step: int = SIZE_STEP) -> int:
     """Round a size to the nearest multiple of ``step`` (at least one step); say so in ``notes``."""
-    rounded = max(step, int(round(value / step)) * step)
+    rounded = max(step, int(value / step + 0.5) * step)  # nearest, halves up
     if rounded != value:
         notes.append(f"{name} {value} is off the {step}-pixel grid: rounded to {rounded}")
     return rounded

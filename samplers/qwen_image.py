@@ -35,6 +35,7 @@ DEFAULT_MAX_SEQUENCE_LENGTH = 512
 MAX_SEQUENCE_LENGTH = 1024
 DEFAULT_PREVIEW_EVERY = 5
 MAX_EDIT_IMAGES = 4
+MIN_STEPS = 2
 LATENT_STEP = 16  # VAE 8x * 2x2 patches
 # Rough bytes per token per inner-dim channel held during a transformer forward (q,k,v,attn out,
 # 4x MLP hidden, modulated copies) and per pixel per VAE base channel during decode.
@@ -107,6 +108,10 @@ def plan_job(task: str, handle_task: str, request: Request) -> tuple[QwenJob, li
                          "(use an Edit-2509/2511 model for several)")
             images = images[:1]
     steps = request.steps or DEFAULT_STEPS[handle_task]
+    if steps < MIN_STEPS:
+        # The scheduler stretches sigmas so the last one is shift_terminal; with one step it divides by zero.
+        raise InputError(f"{DISPLAY} steps: too few steps (got {steps}, expected at least {MIN_STEPS} or 0 for the "
+                         "default). Raise steps to 2 or more.")
     cfg = request.cfg or DEFAULT_TRUE_CFG
     if task == "t2i":
         width, height = (request.width or DEFAULT_T2I_SIZE[0]), (request.height or DEFAULT_T2I_SIZE[1])

@@ -1,0 +1,113 @@
+"""GentorMemoryOptions on a CPU: FP8 really stored, bounded error per compute dtype, offload hooks real."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gentor.errors import InputError
+from gentor.loaders.cache import CACHE
+from gentor.loaders.memory import MemoryOptions, Precision, can_convert, resolve, stored_dtypes
+from tests.qwen_helpers import rel_err, t2i
+
+# Measured on the tiny T2I model (32x32, 2 steps, image-level relative error vs fp32 weights):
+# e4m3fn: 1.2e-3 (fp32 compute), 3.3e-3 (bf16), 1.3e-3 (fp16); e5m2: 3.6e-3, 5.3e-3, 4.1e-3.
+# Bounds below leave ~3x headroom.
+FP8_TOLERANCE = {"fp8_e4m3fn": 1e-2, "fp8_e5m2": 2e-2}
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache(qwen_roots):
+    CACHE.unload()
+    yield
+    CACHE.unload()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_root):
+    from gentor import glue
+
+    glue.set_fallback_roots("qwen_image", [tiny_root / "qwen_image"])
+    CACHE.unload()
+    return t2i(memory=MemoryOptions(weight_dtype="fp32")).image
+
+
+def _transformer():
+    return next(e.value for e in CACHE._entries.values() if e.key[0] == "qwen_image/transformer")
+
+
+@pytest.mark.parametrize("weight", ["fp8_e4m3fn", "fp8_e5m2"])
+@pytest.mark.parametrize("compute", ["fp32", "bf16", "fp16"])
+def test_fp8_storage_within_tolerance(reference, weight, compute):
+    result = t2i(memory=MemoryOptions(weight_dtype=weight, compute_dtype=compute))
+    dtypes = stored_dtypes(_transformer())
+    fp8 = getattr(torch, f"float8_{weight[4:]}")
+    assert dtypes.get(fp8, 0) > 0.5 * sum(dtypes.values()), f"most transformer bytes rest in {fp8}: {dtypes}"
+    linears = [(n, m) for n, m in _transformer().transformer_blocks.named_modules()
+               if isinstance(m, torch.nn.Linear) and "norm" not in n]
+    assert linears and all(m.weight.dtype == fp8 for _, m in linears), "block Linears rest in FP8 between runs"
+    assert torch.isfinite(result.image).all()
+    assert rel_err(result.image, reference) < FP8_TOLERANCE[weight]
+
+
+def test_fp8_halves_bytes_vs_bf16():
+    t2i(memory=MemoryOptions(weight_dtype="bf16"))
+    bf16 = sum(stored_dtypes(_transformer()).values())
+    CACHE.unload()
+    t2i(memory=MemoryOptions(weight_dtype="fp8_e4m3fn", compute_dtype="bf16"))
+    fp8 = sum(stored_dtypes(_transformer()).values())
+    # Norms and embeddings stay in bf16; on a tiny model they weigh more than on a 20B one.
+    assert 0.5 <= fp8 / bf16 < 0.65
+
+
+def test_block_offload_hooks_fire_around_each_block(reference, monkeypatch):
+    from diffusers.hooks import group_offloading
+
+    onloads: list[int] = []
+    original = group_offloading.ModuleGroup.onload_
+
+    def spy(self, *args, **kwargs):
+        onloads.append(id(self))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(group_offloading.ModuleGroup, "onload_", spy)
+    result = t2i(memory=MemoryOptions(weight_dtype="fp32", offload="block"))
+    blocks = _transformer().transformer_blocks
+    assert all(b._diffusers_hook.get_hook("group_offloading") is not None for b in blocks)
+    # 2 steps x 2 CFG passes x (2 blocks + the rest of the model) at least, plus the text encoder.
+    assert len(onloads) >= 2 * 2 * len(blocks)
+    assert len(set(onloads)) >= len(blocks)
+    assert torch.equal(result.image, reference), "CPU->CPU block offload must not change the output"
+
+
+def test_offload_on_cpu_is_reported():
+    plan = resolve(MemoryOptions(offload="model"), torch.device("cpu"))
+    assert any("no effect on a CPU" in n for n in plan.notes)
+    text = t2i(memory=MemoryOptions(offload="model")).text
+    assert "no effect on a CPU" in text
+
+
+def test_auto_dtypes_per_device():
+    cpu = resolve(MemoryOptions(), torch.device("cpu"))
+    assert cpu.precision == Precision(torch.float32, torch.float32)
+    fp8 = resolve(MemoryOptions(weight_dtype="fp8_e5m2"), torch.device("cpu"))
+    assert fp8.precision == Precision(torch.float8_e5m2, torch.float32)
+
+
+def test_precision_rules():
+    fp32, bf16, fp16 = (Precision(d, d) for d in (torch.float32, torch.bfloat16, torch.float16))
+    e4 = Precision(torch.float8_e4m3fn, torch.bfloat16)
+    assert can_convert(fp32, bf16) and can_convert(bf16, e4) and can_convert(fp32, e4)
+    assert not can_convert(bf16, fp32) and not can_convert(bf16, fp16), "no sideways or upward conversion"
+    assert not can_convert(e4, bf16) and not can_convert(e4, Precision(torch.float8_e5m2, torch.bfloat16))
+
+
+@pytest.mark.parametrize("field,value", [("weight_dtype", "int4"), ("offload", "disk"), ("compute_dtype", "fp8")])
+def test_bad_options_name_the_input(field, value):
+    with pytest.raises(InputError, match=rf"Gentor Memory Options {field}: unknown value"):
+        MemoryOptions(**{field: value})
+
+
+def test_vram_budget_switches_to_block_offload():
+    result = t2i(memory=MemoryOptions(weight_dtype="fp32", vram_budget_gb=0.000001))
+    assert "using block offload" in result.text
+    assert _transformer().transformer_blocks[0]._diffusers_hook.get_hook("group_offloading") is not None
