@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# The main job on a fresh machine: run the Qwen-Image text-to-image example headless through ComfyUI.
+#
+#   bash scripts/main_job.sh /path/to/ComfyUI [OUT_DIR]
+#
+# 1. installs the pack's requirements into that ComfyUI's Python (its venv if it has one);
+# 2. starts ComfyUI headless on 127.0.0.1 with this pack (from a scratch base directory, so the
+#    checkout is not modified) and the user's models folder;
+# 3. uses a real Qwen-Image pipeline from ComfyUI/models/qwen_image/ when there is one, otherwise writes
+#    the tiny random-weight models (no download) and uses those;
+# 4. queues workflows/api/qwen_image_t2i.json through the HTTP API with the headless client and saves the
+#    image into OUT_DIR (default: ./gentor-out); then stops ComfyUI.
+set -euo pipefail
+COMFY="${1:?usage: bash scripts/main_job.sh /path/to/ComfyUI [OUT_DIR]}"
+COMFY="$(cd "$COMFY" && pwd)"
+OUT="$(mkdir -p "${2:-gentor-out}" && cd "${2:-gentor-out}" && pwd)"
+PACK="$(cd "$(dirname "$0")/.." && pwd)"
+PORT="${GENTOR_PORT:-8189}"
+[ -f "$COMFY/main.py" ] || { echo "no ComfyUI checkout at $COMFY (expected main.py there)" >&2; exit 2; }
+
+PY=python3
+for cand in "$COMFY/.venv/bin/python" "$COMFY/venv/bin/python" "$COMFY/../python_embeded/python"; do
+  if [ -x "$cand" ]; then PY="$cand"; break; fi
+done
+echo "[gentor] ComfyUI Python: $PY"
+"$PY" -m pip install -q -r "$PACK/requirements.txt"
+
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/gentor-main.XXXXXX")"
+mkdir -p "$WORK/custom_nodes" "$WORK/input" "$WORK/output"
+ln -s "$PACK" "$WORK/custom_nodes/comfyui-gentor"
+MODEL_ARGS=()
+REAL="$(cd "$PACK" && "$PY" - "$COMFY/models/qwen_image" <<'EOF'
+import json, sys
+from pathlib import Path
+root = Path(sys.argv[1])
+for d in sorted(root.glob("*/")) if root.is_dir() else []:
+    try:
+        if json.loads((d / "model_index.json").read_text()).get("_class_name") == "QwenImagePipeline":
+            print(d.name); break
+    except (OSError, ValueError):
+        continue
+EOF
+)"
+if [ -n "$REAL" ]; then
+  echo "[gentor] using real model models/qwen_image/$REAL (real sizes: steps/size 0 = defaults)"
+  MODEL_ARGS=(--set "1.model_name=$REAL" --set 3.steps=0 --set 3.width=0 --set 3.height=0)
+  BASE="$COMFY/models"
+else
+  echo "[gentor] no Qwen-Image pipeline in $COMFY/models/qwen_image: writing the tiny random-weight models"
+  (cd "$PACK" && "$PY" -m tests.tiny_models --out "$WORK/models" --backend qwen_image)
+  BASE="$WORK/models"
+fi
+cat > "$WORK/extra_model_paths.yaml" <<EOF
+gentor:
+  base_path: $BASE
+  qwen_image: qwen_image/
+EOF
+DEVICE_ARGS=()
+"$PY" -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)" || DEVICE_ARGS=(--cpu)
+echo "[gentor] starting ComfyUI on 127.0.0.1:$PORT (log: $WORK/comfyui.log)"
+(cd "$COMFY" && exec "$PY" main.py "${DEVICE_ARGS[@]}" --listen 127.0.0.1 --port "$PORT" --disable-auto-launch \
+  --base-directory "$WORK" --extra-model-paths-config "$WORK/extra_model_paths.yaml") >"$WORK/comfyui.log" 2>&1 &
+SERVER=$!
+trap 'kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null || true' EXIT
+for _ in $(seq 1 180); do
+  curl -sf "http://127.0.0.1:$PORT/object_info/GentorTextToImage" >/dev/null 2>&1 && break
+  kill -0 $SERVER 2>/dev/null || { tail -40 "$WORK/comfyui.log"; exit 1; }
+  sleep 1
+done
+"$PY" "$PACK/headless.py" run "$PACK/workflows/api/qwen_image_t2i.json" --server "http://127.0.0.1:$PORT" \
+  --out "$OUT" "${MODEL_ARGS[@]}"
+echo "[gentor] done: images in $OUT"
+ls -l "$OUT"
