@@ -1,0 +1,241 @@
+"""The example workflows, checked without ComfyUI: node schemas are read from nodes/*.py with ``ast``.
+
+Every UI workflow (workflows/*.json) has an API copy (workflows/api/) that it converts to exactly; every
+node is a Gentor node the pack registers or an allow-listed core node; every input exists; widget values
+sit in schema order (seed followed by its control_after_generate value) and within the schema's limits.
+"""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+from PIL import Image
+
+from tests import tiny_models
+from tests import workflow_check as wc
+
+EXPECTED = ("qwen_image_edit", "qwen_image_edit_plus", "qwen_image_t2i", "qwen_image_t2i_fp8_block_offload")
+CONTRACT_NODES = ("GentorLoadQwenImage", "GentorMemoryOptions", "GentorTextToImage", "GentorEditImage",
+                  "GentorQwenImageSettings")
+MAX_INPUT_IMAGE_BYTES = 20_000
+
+
+@pytest.fixture(scope="module")
+def gentor_specs() -> dict[str, wc.NodeSpec]:
+    return wc.static_specs()
+
+
+@pytest.fixture(scope="module")
+def specs(gentor_specs) -> dict[str, wc.NodeSpec]:
+    return wc.allowed_specs(gentor_specs)
+
+
+# ----------------------------------------------------------------------------- the static schema reader
+def test_static_parse_finds_the_contract_nodes(gentor_specs):
+    assert set(CONTRACT_NODES) <= set(gentor_specs), sorted(gentor_specs)
+    for spec in gentor_specs.values():
+        assert spec.node_id.startswith("Gentor") and spec.display_name.startswith("Gentor ")
+        assert spec.category == "Gentor" or spec.category.startswith("Gentor/"), spec.category
+
+
+def test_static_parse_follows_helpers_and_loops(gentor_specs):
+    n_images = wc.static_constant("nodes/common.py", "EDIT_IMAGE_INPUTS")
+    assert isinstance(n_images, int) and n_images >= 4
+    t2i, edit = gentor_specs["GentorTextToImage"], gentor_specs["GentorEditImage"]
+    common = ["model", "prompt", "negative", "seed", "steps", "cfg", "width", "height"]
+    assert [i.name for i in t2i.inputs] == common + ["batch_size", "settings"]
+    assert [i.name for i in edit.inputs] == common + [f"image_{k}" for k in range(1, n_images + 1)] + ["settings"]
+    seed = t2i.input("seed")
+    assert seed.type == "INT" and seed.control_after_generate and not seed.optional
+    assert edit.input("image_1").optional and edit.input("image_1").type == "IMAGE"
+    assert t2i.input("settings").type == "GENTOR_SETTINGS" and t2i.input("settings").optional
+    assert t2i.widget_slots()[2:4] == [("seed", "value"), ("seed", "control")]
+    assert t2i.outputs == [("IMAGE", "IMAGE"), ("STRING", "STRING")]
+    mem = gentor_specs["GentorMemoryOptions"]
+    assert "fp8_e4m3fn" in mem.input("weight_dtype").options and "block" in mem.input("offload").options
+    loader = gentor_specs["GentorLoadQwenImage"]
+    assert loader.input("model_name").options is wc.UNKNOWN  # filled from the model folders at run time
+    assert loader.input("memory").type == "GENTOR_MEMORY" and loader.input("memory").optional
+
+
+# ----------------------------------------------------------------------------- files present
+def test_expected_workflows_and_api_copies_exist():
+    assert set(EXPECTED) <= set(wc.workflow_names())
+    ui_names = set(wc.workflow_names())
+    api_names = {p.stem for p in wc.API_DIR.glob("*.json")}
+    assert ui_names == api_names, f"UI without API copy: {ui_names - api_names}; API without UI: {api_names - ui_names}"
+
+
+# ----------------------------------------------------------------------------- each workflow
+@pytest.fixture(params=sorted(p.stem for p in wc.WORKFLOWS_DIR.glob("*.json")))
+def pair(request):
+    ui, api = wc.load_pair(request.param)
+    return request.param, ui, api
+
+
+def test_ui_workflow_valid(pair, specs):
+    name, ui, _ = pair
+    assert wc.check_ui(ui, specs) == [], name
+
+
+def test_api_workflow_valid(pair, specs):
+    name, _, api = pair
+    assert wc.check_api(api, specs) == [], name
+
+
+def test_ui_and_api_agree(pair, specs):
+    name, ui, api = pair
+    assert wc.compare_pair(ui, api, specs) == [], name
+
+
+def test_api_file_is_canonical(pair, specs):
+    """workflows/api/*.json is exactly what `python -m tests.workflow_check --write-api` writes."""
+    name, ui, _ = pair
+    assert (wc.API_DIR / f"{name}.json").read_text(encoding="utf-8") == wc.dump_json(wc.ui_to_api(ui, specs))
+
+
+def test_saves_under_gentor_prefix_and_runs_tiny(pair, specs):
+    name, _, api = pair
+    saves = [n for n in api.values() if n["class_type"] == "SaveImage"]
+    assert [s["inputs"]["filename_prefix"] for s in saves] == [f"gentor/{name}"]
+    _, sampler = wc.sampler_of(api)
+    assert sampler["class_type"] in ("GentorTextToImage", "GentorEditImage")
+    ins = sampler["inputs"]
+    # runnable with the tiny kit in seconds: few steps, small explicit size on the 16-px grid
+    assert 2 <= ins["steps"] <= 4
+    assert 16 <= ins["width"] <= 128 and 16 <= ins["height"] <= 128
+    assert ins["width"] % 16 == 0 and ins["height"] % 16 == 0
+    models = [n["inputs"]["model_name"] for n in api.values() if n["class_type"] == "GentorLoadQwenImage"]
+    assert models and all(m in tiny_models.QWEN_IMAGE_VARIANTS for m in models)
+
+
+def test_loaded_images_are_shipped(pair):
+    _, _, api = pair
+    for node in api.values():
+        if node["class_type"] == "LoadImage":
+            path = wc.INPUTS_DIR / node["inputs"]["image"]
+            assert path.is_file(), f"{path} missing"
+            assert path.stat().st_size < MAX_INPUT_IMAGE_BYTES
+
+
+# ----------------------------------------------------------------------------- what each example shows
+def _by_class(api: dict, class_type: str) -> list[tuple[str, dict]]:
+    return [(nid, n) for nid, n in api.items() if n["class_type"] == class_type]
+
+
+def test_t2i_example():
+    _, api = wc.load_pair("qwen_image_t2i")
+    (lid, loader), = _by_class(api, "GentorLoadQwenImage")
+    (_, t2i), = _by_class(api, "GentorTextToImage")
+    assert loader["inputs"]["model_name"] == tiny_models.QWEN_IMAGE_T2I
+    assert t2i["inputs"]["model"] == [lid, 0]
+
+
+def test_edit_example_one_image():
+    _, api = wc.load_pair("qwen_image_edit")
+    (_, loader), = _by_class(api, "GentorLoadQwenImage")
+    (_, edit), = _by_class(api, "GentorEditImage")
+    assert loader["inputs"]["model_name"] == tiny_models.QWEN_IMAGE_EDIT
+    assert [k for k in edit["inputs"] if k.startswith("image_")] == ["image_1"]
+
+
+def test_edit_plus_example_three_images_of_different_sizes():
+    _, api = wc.load_pair("qwen_image_edit_plus")
+    (_, loader), = _by_class(api, "GentorLoadQwenImage")
+    (_, edit), = _by_class(api, "GentorEditImage")
+    assert loader["inputs"]["model_name"] == tiny_models.QWEN_IMAGE_EDIT_2511
+    wired = {k: v for k, v in edit["inputs"].items() if k.startswith("image_")}
+    assert list(wired) == ["image_1", "image_2", "image_3"]
+    sizes = []
+    for link in wired.values():
+        src = api[link[0]]
+        assert src["class_type"] == "LoadImage" and link[1] == 0
+        with Image.open(wc.INPUTS_DIR / src["inputs"]["image"]) as img:
+            sizes.append(img.size)
+    assert len(set(sizes)) == 3, sizes
+
+
+def test_fp8_block_offload_example():
+    _, api = wc.load_pair("qwen_image_t2i_fp8_block_offload")
+    (mid, mem), = _by_class(api, "GentorMemoryOptions")
+    (_, loader), = _by_class(api, "GentorLoadQwenImage")
+    assert mem["inputs"]["weight_dtype"] == "fp8_e4m3fn" and mem["inputs"]["offload"] == "block"
+    assert loader["inputs"]["memory"] == [mid, 0]
+
+
+# ----------------------------------------------------------------------------- the checker is not vacuous
+def _node_of(ui: dict, node_type: str) -> dict:
+    return next(n for n in ui["nodes"] if n["type"] == node_type)
+
+
+@pytest.mark.parametrize("mutation, expect", [
+    ("unknown_input", "does not exist"),
+    ("missing_required", "required input 'prompt' missing"),
+    ("foreign_class", "neither a Gentor node"),
+    ("bad_combo", "is not one of"),
+    ("out_of_range", "above the maximum"),
+    ("socket_literal", "must be a link"),
+    ("dangling_link", "links to missing node"),
+])
+def test_check_api_catches(mutation, expect, specs):
+    _, api = wc.load_pair("qwen_image_t2i_fp8_block_offload")
+    api = copy.deepcopy(api)
+    (_, t2i), = _by_class(api, "GentorTextToImage")
+    (_, mem), = _by_class(api, "GentorMemoryOptions")
+    if mutation == "unknown_input":
+        t2i["inputs"]["guidance"] = 3.0
+    elif mutation == "missing_required":
+        del t2i["inputs"]["prompt"]
+    elif mutation == "foreign_class":
+        api["99"] = {"class_type": "KSampler", "inputs": {}, "_meta": {"title": "KSampler"}}
+    elif mutation == "bad_combo":
+        mem["inputs"]["weight_dtype"] = "fp4"
+    elif mutation == "out_of_range":
+        t2i["inputs"]["steps"] = 201
+    elif mutation == "socket_literal":
+        t2i["inputs"]["model"] = "tiny-qwen-image"
+    elif mutation == "dangling_link":
+        t2i["inputs"]["model"] = ["42", 0]
+    errs = wc.check_api(api, specs)
+    assert any(expect in e for e in errs), errs
+
+
+def test_check_ui_and_compare_catch_drift(specs):
+    ui, api = wc.load_pair("qwen_image_t2i")
+    # a widget value dropped (e.g. the seed's control value missing): count mismatch
+    broken = copy.deepcopy(ui)
+    t2i = _node_of(broken, "GentorTextToImage")
+    t2i["widgets_values"].remove("fixed")
+    assert any("widgets_values has" in e for e in wc.check_ui(broken, specs))
+    # widget values shifted by one: caught as a type / range error or as a UI/API difference
+    shifted = copy.deepcopy(ui)
+    vals = _node_of(shifted, "GentorTextToImage")["widgets_values"]
+    vals[4], vals[5] = vals[5], vals[4]  # steps <-> cfg
+    assert wc.compare_pair(shifted, api, specs) != []
+    # a link in the UI that the API copy lacks
+    api2 = copy.deepcopy(api)
+    (_, t2i_api), = _by_class(api2, "GentorTextToImage")
+    del t2i_api["inputs"]["settings"]
+    assert any("only in UI" in e for e in wc.compare_pair(ui, api2, specs))
+    # a link whose ends disagree
+    broken = copy.deepcopy(ui)
+    broken["links"][0][4] = 5
+    assert any("UI link" in e or "ends at" in e for e in wc.check_ui(broken, specs))
+
+
+def test_notes_are_left_out_of_the_api(specs):
+    ui, api = wc.load_pair("qwen_image_t2i")
+    notes = [n for n in ui["nodes"] if n["type"] in wc.UI_ONLY_TYPES]
+    assert notes and all(str(n["id"]) not in api for n in notes)
+    assert all("0 = " in n["widgets_values"][0] or "defaults" in n["widgets_values"][0] for n in notes)
+
+
+def test_workflow_json_is_plain(pair):
+    name, ui, api = pair
+    for path in (wc.WORKFLOWS_DIR / f"{name}.json", wc.API_DIR / f"{name}.json"):
+        json.loads(path.read_text(encoding="utf-8"), parse_constant=_reject)  # strict JSON: no NaN/Infinity
+
+
+def _reject(token: str):
+    raise ValueError(f"non-standard JSON constant {token}")
