@@ -121,17 +121,18 @@ class _Holder(torch.nn.Module):
         self.device = device
 
 
-def make_patcher(module: torch.nn.Module, size: int, on_detach: Callable[[], None]) -> Any | None:
+def make_patcher(module: torch.nn.Module | None, size: int, on_detach: Callable[[], None]) -> Any | None:
     """Register a module with ComfyUI's memory manager (None outside ComfyUI).
 
-    ``on_detach`` runs when ComfyUI unloads it (room for another model, "Unload models", /free).
+    ``module=None`` registers an empty stand-in (for weights our own hooks move). ``on_detach`` runs
+    when ComfyUI unloads it (room for another model, "Unload models", /free).
     """
     if not in_comfyui():
         return None
     import comfy.model_patcher as mp  # noqa: PLC0415
     from comfy.patcher_extension import CallbacksMP  # noqa: PLC0415
 
-    holder = _Holder(module, offload_device())
+    holder = _Holder(module if module is not None else torch.nn.Module(), offload_device())
     patcher = mp.ModelPatcher(holder, load_device=torch_device(), offload_device=offload_device(), size=size)
     patcher.add_callback(CallbacksMP.ON_DETACH, lambda _p, _unpatch_all: on_detach())
     return patcher

@@ -53,6 +53,7 @@ class Entry:
     pins: int = 0
     last_used: float = 0.0
     patcher: Any = None
+    patcher_resident: bool = False
 
 
 def file_identity(path: str | os.PathLike) -> tuple:

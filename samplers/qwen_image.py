@@ -208,20 +208,27 @@ class DiffusersEngine:
         elif plan.offload == "model" and plan.device.type != "cpu":
             glue.make_room(max(e.nbytes for e in weighted), plan.device)
             pipe.enable_model_cpu_offload(device=plan.device)
-        else:
-            self._resident(weighted)
         for e in weighted:
             e.placement = want
+        self._register(weighted, resident=plan.offload == "none" or
+                       (plan.offload == "model" and plan.device.type == "cpu"))
 
-    def _resident(self, weighted: list) -> None:
+    def _register(self, weighted: list, resident: bool) -> None:
+        """Tell ComfyUI's memory manager about our weights.
+
+        Resident weights are handed over for real (ComfyUI moves them and may evict them). Hook-managed
+        ones (model/block offload) get an empty stand-in, so "Unload models" and /free still reach us.
+        """
         patchers = []
         for e in weighted:
-            if glue.in_comfyui() and e.patcher is None:
+            if glue.in_comfyui() and (e.patcher is None or e.patcher_resident != resident):
                 key = e.key
-                e.patcher = glue.make_patcher(e.value, e.nbytes, lambda k=key: CACHE.evicted_by_comfyui(k))
+                e.patcher = glue.make_patcher(e.value if resident else None, e.nbytes if resident else 0,
+                                              lambda k=key: CACHE.evicted_by_comfyui(k))
+                e.patcher_resident = resident
             if e.patcher is not None:
                 patchers.append(e.patcher)
-            else:
+            elif resident:
                 e.value.to(self.plan.device)
         glue.load_patchers(patchers)
 
