@@ -138,6 +138,11 @@ def make_patcher(module: torch.nn.Module | None, size: int, on_detach: Callable[
     return patcher
 
 
+def empty_patcher(patcher: Any) -> None:
+    """Detach our module from a patcher so its weights can be freed while the patcher lives on."""
+    patcher.model.inner = torch.nn.Module()
+
+
 def load_patchers(patchers: list[Any]) -> None:
     """Put registered modules on the compute device through ComfyUI (it frees room first)."""
     mm = comfy()

@@ -87,6 +87,9 @@ class ModelCache:
         self._lock = threading.RLock()
         self.disk_reads = 0
         self.conversions = 0
+        # Patchers of dropped entries, emptied but kept alive until the next lookup: releasing one while
+        # ComfyUI walks its loaded-model list (free_memory, /free) would let its finalizer edit that list.
+        self._retired: list[Any] = []
 
     # -- lookups
     def get(self, kind: str, path: str, load: Callable[[torch.dtype | None], Any],
@@ -100,6 +103,7 @@ class ModelCache:
         """
         key = (kind, file_identity(path), adapters)
         with self._lock:
+            self._retired.clear()
             entry = self._entries.get(key)
             if entry is not None and precision is not None and entry.precision != precision:
                 if can_convert(entry.precision, precision) and isinstance(entry.value, torch.nn.Module):
@@ -164,7 +168,10 @@ class ModelCache:
     def _drop(self, key: tuple) -> None:
         entry = self._entries.pop(key, None)
         if entry is not None:
-            entry.patcher = None  # ComfyUI holds only a weak reference to it
+            if entry.patcher is not None:
+                glue.empty_patcher(entry.patcher)  # the weights go now, the patcher object later
+                self._retired.append(entry.patcher)
+            entry.patcher = None
             entry.value = None
 
     def evicted_by_comfyui(self, key: tuple) -> None:
@@ -174,8 +181,12 @@ class ModelCache:
             if entry is None or entry.pins > 0:
                 return
             if glue.torch_device().type == "cpu":
-                # On a CPU-only ComfyUI the "device" is RAM itself: unloading means freeing it.
-                self._drop(key)
+                # On a CPU-only ComfyUI the "device" is RAM itself: unloading means freeing it, with
+                # the weightless parts (tokenizer, scheduler, ...) of the same model folder.
+                folder = Path(entry.source).parent
+                for k, e in list(self._entries.items()):
+                    if e.pins == 0 and Path(e.source).parent == folder:
+                        self._drop(k)
             else:
                 entry.placement = "cpu"
 
