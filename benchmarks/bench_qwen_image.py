@@ -14,6 +14,7 @@ per step (two CFG passes) and peak VRAM for bf16 resident, FP8 storage, FP8 + bl
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import os
 import shutil
@@ -137,9 +138,11 @@ def bench_gpu(args) -> None:
     def build():
         with torch.device("meta"):
             model = QwenImageTransformer2DModel(**cfg)
-        model = model.to_empty(device="cpu").to(torch.bfloat16)
-        for p in model.parameters():
-            p.data.normal_(0, 0.02)
+        model = model.to(torch.bfloat16).to_empty(device="cpu")
+        # RoPE tables are plain attributes (not buffers): to_empty leaves them on meta, so rebuild them on the CPU.
+        model.pos_embed = type(model.pos_embed)(theta=10000, axes_dim=list(cfg["axes_dims_rope"]), scale_rope=True)
+        for p in model.parameters():  # CPU normal_ on bf16 is serial (minutes at 20B params): fill on the GPU
+            p.data.copy_(torch.empty_like(p, device=dev).normal_(0, 0.02))
         return model.eval().requires_grad_(False)
 
     def inputs():
@@ -159,6 +162,7 @@ def bench_gpu(args) -> None:
             convert(model, bf16, Precision(torch.float8_e4m3fn, torch.bfloat16), FP8_SKIP_PATTERNS)
         weights = module_bytes(model)
         torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         if mode.endswith("block"):
             apply_block_offload(model, dev)
@@ -174,9 +178,11 @@ def bench_gpu(args) -> None:
                 model(**kw)
             torch.cuda.synchronize()
         per_step = (time.perf_counter() - t) / args.steps
-        print(f"{mode:10s} weights {weights / 1e9:6.1f} GB  peak VRAM {torch.cuda.max_memory_allocated() / 2**30:6.1f} GiB"
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+        print(f"{mode:10s} weights {weights / 1e9:6.1f} GB  peak VRAM {peak:6.1f} GiB"
               f"  {per_step:6.2f} s/step (2 passes)")
         del model, kw
+        gc.collect()  # hooks make reference cycles: free the model before the next mode is measured
         torch.cuda.empty_cache()
 
 

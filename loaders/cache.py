@@ -7,6 +7,7 @@ inspected at any time. A stale handle simply reloads on its next use.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import threading
@@ -161,6 +162,7 @@ class ModelCache:
                      e.nbytes / 1e6, self.budget / GIB)
             total -= e.nbytes
             self._drop(e.key)
+            gc.collect()  # free the evicted weights now (hook reference cycles)
         if total > self.budget:
             log.warning("Gentor cache: %.2f GB in use exceeds the budget of %.2f GB (entries in use). "
                         "Raise %s or unload models.", total / GIB, self.budget / GIB, RAM_BUDGET_ENV)
@@ -197,8 +199,10 @@ class ModelCache:
                        if e.pins == 0 and (key is None or key in e.source or key == k[0])]
             for k in victims:
                 self._drop(k)
-        if victims and torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        if victims:
+            gc.collect()  # diffusers hooks form reference cycles: free the weights now, not at the next GC
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         return len(victims)
 
     def inspect(self) -> list[dict]:
