@@ -80,6 +80,20 @@ def test_unload_and_inspect():
     assert t2i().image.shape == (1, 32, 32, 3), "a stale handle reloads transparently"
 
 
+def test_unload_really_frees_while_handles_live():
+    """ComfyUI's output cache keeps our handles alive; unloading must still free the weights."""
+    import weakref
+
+    from gentor.loaders import qwen_image as loader
+
+    handle = loader.load_handle(T2I, MemoryOptions(weight_dtype="fp8_e4m3fn"))  # FP8 hooks form cycles
+    t2i(memory=handle.memory)
+    ref = weakref.ref(_transformer_entry().value)
+    CACHE.unload()
+    assert ref() is None, "the transformer must be garbage after unload"
+    assert handle.path and t2i(memory=handle.memory).image.shape == (1, 32, 32, 3)
+
+
 def test_interrupt_leaves_cache_consistent_and_model_usable():
     clean = t2i(steps=3)
 

@@ -261,6 +261,39 @@ def test_interrupt_stops_the_run_then_a_normal_run_works(server):
     ok(server, api)
 
 
+def test_progress_and_previews_over_websocket(server):
+    """Every step ticks a progress message; preview_every=1 sends a preview image (binary frame) per step."""
+    websocket = pytest.importorskip("websocket", reason="websocket-client is needed to watch progress")
+    api = api_workflow("qwen_image_t2i")
+    settings_id, settings = node_of(api, "GentorQwenImageSettings")
+    _, t2i = node_of(api, "GentorTextToImage")
+    settings["inputs"]["preview_every"] = 1
+    t2i["inputs"].update(steps=4, seed=24_680)
+    ws = websocket.create_connection(server.ws_url, timeout=RUN_TIMEOUT_S)
+    progress, previews = [], []
+    try:
+        prompt_id = server.queue(api)
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while time.monotonic() < deadline:
+            raw = ws.recv()
+            if isinstance(raw, bytes):
+                previews.append(raw)
+                continue
+            msg = json.loads(raw)
+            data = msg.get("data") or {}
+            if data.get("prompt_id") not in (None, prompt_id):
+                continue
+            if msg["type"] == "progress" and data.get("max") == 4:
+                progress.append(data["value"])
+            if msg["type"] in ("execution_error", "execution_success", "execution_interrupted"):
+                break
+    finally:
+        ws.close()
+    assert progress == [1, 2, 3, 4], progress
+    # Steps 1-3 carry a latent preview (none on the last step); each frame holds a JPEG.
+    assert len(previews) >= 3 and all(b"\xff\xd8" in p[:64] for p in previews), [p[:16] for p in previews]
+
+
 # ----------------------------------------------------------------------------- unloading (last: /free resets)
 def test_gentor_unload_route(server):
     api = api_workflow("qwen_image_t2i")
