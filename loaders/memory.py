@@ -119,11 +119,6 @@ def can_convert(current: Precision, target: Precision) -> bool:
     return ok(current.storage, target.storage) and ok(current.base, target.base)
 
 
-def read_dtype(target: Precision) -> torch.dtype:
-    """The dtype to read weights in from disk for a target precision."""
-    return target.base
-
-
 def convert(module: torch.nn.Module, current: Precision, target: Precision, skip: tuple[str, ...]) -> None:
     """Convert a module in place from ``current`` to ``target`` (``can_convert`` must hold)."""
     from diffusers.hooks import apply_layerwise_casting  # noqa: PLC0415
@@ -174,10 +169,9 @@ def module_bytes(module: torch.nn.Module) -> int:
 
 # ----------------------------------------------------------------------------- offload hooks
 def has_block_offload(module: torch.nn.Module) -> bool:
-    registry = getattr(module, "_diffusers_hook", None)
-    return registry is not None and registry.get_hook("group_offloading") is not None or any(
-        getattr(m, "_diffusers_hook", None) is not None and m._diffusers_hook.get_hook("group_offloading")
-        for m in module.modules())
+    """True when group-offloading hooks sit on the module or any submodule."""
+    return any(getattr(m, "_diffusers_hook", None) is not None and
+               m._diffusers_hook.get_hook("group_offloading") is not None for m in module.modules())
 
 
 def apply_block_offload(module: torch.nn.Module, device: torch.device) -> None:

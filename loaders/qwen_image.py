@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelFolderError
-from .cache import CACHE, ModelHandle, Session
+from .cache import ModelHandle, Session
 from .files import list_model_folders, read_json, resolve_model_folder, tensor_shapes, weight_files
 from .memory import FP8_SKIP_PATTERNS, MemoryOptions, Plan
 
@@ -144,7 +144,3 @@ def load_components(path: Path, task: str, plan: Plan, session: Session) -> dict
                                    "Check the component's files or re-download them.") from exc
         out[comp] = entry
     return out
-
-
-def cache() -> Any:
-    return CACHE

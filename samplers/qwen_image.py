@@ -195,6 +195,8 @@ class DiffusersEngine:
         plan, pipe = self.plan, self.pipe
         want = f"{plan.offload}@{plan.device}"
         weighted = [self.components[c] for c in qwen_loader.WEIGHTED]
+        # Block hooks live on the cached modules and survive between runs; model-offload hooks are
+        # chained per pipeline object, so they are re-applied for each (fresh) pipeline.
         if plan.offload == "block" and all(e.placement == want for e in weighted):
             return
         pipe.remove_all_hooks()  # accelerate's model-offload hooks, if any
