@@ -61,13 +61,19 @@ def mid_models(out: Path, layers: int) -> Path:
     return root
 
 
-def timed(fn, repeats: int) -> tuple[float, object]:
-    times, out = [], None
+def timed_pair(ours, ref, repeats: int) -> tuple[float, float, object, object]:
+    """Median seconds of both, interleaved (ours, ref, ours, ...) so machine noise hits both alike."""
+    t_ours, t_ref, out_ours, out_ref = [], [], None, None
     for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), out
+        for fn, times in ((ours, t_ours), (ref, t_ref)):
+            t = time.perf_counter()
+            out = fn()
+            times.append(time.perf_counter() - t)
+            if fn is ours:
+                out_ours = out
+            else:
+                out_ref = out
+    return statistics.median(t_ours), statistics.median(t_ref), out_ours, out_ref
 
 
 def bench_cpu(args) -> None:
@@ -91,6 +97,8 @@ def bench_cpu(args) -> None:
     cases = [("t2i", "mid-qwen-image", diffusers.QwenImagePipeline, {}),
              ("edit", "mid-qwen-image-edit-2511", diffusers.QwenImageEditPlusPipeline, {"image": images})]
     for task, name, cls, extra in cases:
+        if task not in args.tasks.split(","):
+            continue
         handle = loader.load_handle(name, MemoryOptions(weight_dtype="fp32"))
         req = Request(prompt, seed=5, steps=steps, width=size, height=size, settings=no_preview,
                       images=images if task == "edit" else [])
@@ -101,8 +109,7 @@ def bench_cpu(args) -> None:
         ref_fn = lambda: pipe(prompt=prompt, negative_prompt=" ", true_cfg_scale=4.0, num_inference_steps=steps,  # noqa: E731
                               width=size, height=size, max_sequence_length=512, output_type="pt",
                               generator=torch.Generator("cpu").manual_seed(5), **extra).images
-        t_ref, ref = timed(ref_fn, args.repeats)
-        t_ours, ours = timed(ours_fn, args.repeats)
+        t_ours, t_ref, ours, ref = timed_pair(ours_fn, ref_fn, args.repeats)
         same = torch.equal(ours, ref.permute(0, 2, 3, 1).float())
         params = sum(p.numel() for p in pipe.transformer.parameters())
         print(f"{task}: transformer {params / 1e6:.0f}M params ({params * 4 / 1e6:.0f} MB fp32), {size}px, "
@@ -193,6 +200,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=None)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tasks", default="t2i,edit", help="CPU mode: t2i, edit or both")
     args = parser.parse_args()
     if args.gpu:
         args.layers, args.size = args.layers or 60, args.size or 1328
