@@ -238,4 +238,14 @@ class Session:
             return entry
 
 
+def report(model: ModelHandle | None, entries: list[dict]) -> str:
+    """A readable report for GentorInspectModel: the handle (if any), then one line per component."""
+    lines = [f"model: {model.describe()}", f"memory: {model.memory}"] if model is not None else []
+    lines.append(f"cache: {len(entries)} components, {sum(e['bytes'] for e in entries) / 1e6:.1f} MB")
+    for e in entries:
+        dtype = f"{e['storage_dtype']}->{e['compute_dtype']}" if e["storage_dtype"] else "-"
+        lines.append(f"  {e['kind']:26s} {e['bytes'] / 1e6:9.1f} MB  {dtype:24s} {e['placement']:12s} {e['source']}")
+    return "\n".join(lines)
+
+
 CACHE = ModelCache()

@@ -13,10 +13,11 @@ log = logging.getLogger(__name__)
 
 
 def node_list() -> list[type[io.ComfyNode]]:
+    from .inspection import GentorInspectModel
     from .memory import GentorMemoryOptions
     from .tasks import GentorEditImage, GentorTextToImage
 
-    nodes: list[type[io.ComfyNode]] = [GentorMemoryOptions, GentorTextToImage, GentorEditImage]
+    nodes: list[type[io.ComfyNode]] = [GentorMemoryOptions, GentorTextToImage, GentorEditImage, GentorInspectModel]
     for spec in registry.available():
         for key in spec.folder_keys:
             glue.register_model_folder(key)

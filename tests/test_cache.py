@@ -69,8 +69,14 @@ def test_lru_honours_ram_budget(qwen_roots):
 
 
 def test_unload_and_inspect():
+    from gentor.loaders import qwen_image as loader
+    from gentor.loaders.cache import report
+
     t2i()
     listing = CACHE.inspect()
+    text = report(loader.load_handle(T2I, None), listing)
+    assert text.startswith("model: qwen_image/qwen-image at ") and "cache: 5 components" in text
+    assert "qwen_image/transformer" in text and "float32->float32" in text
     kinds = {e["kind"] for e in listing}
     assert {"qwen_image/transformer", "qwen_image/vae", "qwen_image/text_encoder"} <= kinds
     entry = next(e for e in listing if e["kind"] == "qwen_image/transformer")

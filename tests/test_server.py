@@ -116,7 +116,7 @@ def test_gentor_nodes_registered_with_categories(object_info, gentor_static):
         assert info["category"] == spec.category, node_id
         assert info["display_name"] == spec.display_name, node_id
         assert PACK_LINK_NAME in info["python_module"], info["python_module"]
-        assert not info["output_node"]
+        assert info["output_node"] == (node_id == "GentorInspectModel"), node_id
     assert {object_info[n]["category"] for n in gentor_static} <= {"Gentor", "Gentor/Qwen-Image"}
 
 
@@ -292,6 +292,15 @@ def test_progress_and_previews_over_websocket(server):
     assert progress == [1, 2, 3, 4], progress
     # Steps 1-3 carry a latent preview (none on the last step); each frame holds a JPEG.
     assert len(previews) >= 3 and all(b"\xff\xd8" in p[:64] for p in previews), [p[:16] for p in previews]
+
+
+def test_inspect_node_reports_the_cache(server):
+    api = api_workflow("qwen_image_t2i")
+    loader_id, _ = node_of(api, "GentorLoadQwenImage")
+    api["99"] = {"class_type": "GentorInspectModel", "inputs": {"model": [loader_id, 0]}}
+    entry = ok(server, api)
+    (text,) = entry["outputs"]["99"]["text"]
+    assert text.startswith("model: qwen_image/qwen-image at ") and "qwen_image/transformer" in text, text
 
 
 # ----------------------------------------------------------------------------- unloading (last: /free resets)
