@@ -43,7 +43,7 @@ def import_pack():
     spec.loader.exec_module(module)
 
 
-def mid_models(out: Path, layers: int) -> Path:
+def mid_models(out: Path, layers: int, dtype: torch.dtype = torch.float32) -> Path:
     """Tiny pipelines whose transformer is replaced by a mid-size random one."""
     from diffusers import QwenImageTransformer2DModel
     from tests import tiny_models
@@ -57,7 +57,7 @@ def mid_models(out: Path, layers: int) -> Path:
                    zero_cond_t="2511" in name)
         torch.manual_seed(0)
         shutil.rmtree(dst / "transformer")
-        QwenImageTransformer2DModel(**cfg).save_pretrained(dst / "transformer")
+        QwenImageTransformer2DModel(**cfg).to(dtype).save_pretrained(dst / "transformer")
     return root
 
 
@@ -84,12 +84,15 @@ def bench_cpu(args) -> None:
     from gentor import glue
     from gentor.loaders import qwen_image as loader
     from gentor.loaders.cache import CACHE
-    from gentor.loaders.memory import MemoryOptions, stored_dtypes
+    from gentor.loaders.memory import MemoryOptions
     from gentor.samplers import qwen_image as sampler
     from gentor.samplers.common import Request
 
+    global MID_HEADS
+    MID_HEADS = args.heads
     tmp = Path(tempfile.mkdtemp(prefix="gentor-bench-"))
-    root = mid_models(tmp, args.layers)
+    root = mid_models(tmp, args.layers, getattr(torch, args.dtype))
+    weight_dtype = {"float32": "fp32", "bfloat16": "bf16"}[args.dtype]
     glue.set_fallback_roots("qwen_image", [root])
     no_preview = sampler.make_settings(preview_every=0)
     prompt, steps, size = "a lighthouse on a cliff at dusk, cinematic", args.steps, args.size
@@ -99,7 +102,7 @@ def bench_cpu(args) -> None:
     for task, name, cls, extra in cases:
         if task not in args.tasks.split(","):
             continue
-        handle = loader.load_handle(name, MemoryOptions(weight_dtype="fp32"))
+        handle = loader.load_handle(name, MemoryOptions(weight_dtype=weight_dtype))
         req = Request(prompt, seed=5, steps=steps, width=size, height=size, settings=no_preview,
                       images=images if task == "edit" else [])
         ours_fn = lambda: sampler.run(handle, task, req).image  # noqa: E731
@@ -110,12 +113,21 @@ def bench_cpu(args) -> None:
                               width=size, height=size, max_sequence_length=512, output_type="pt",
                               generator=torch.Generator("cpu").manual_seed(5), **extra).images
         t_ours, t_ref, ours, ref = timed_pair(ours_fn, ref_fn, args.repeats)
-        same = torch.equal(ours, ref.permute(0, 2, 3, 1).float())
+        same = torch.equal(ours, ref.permute(0, 2, 3, 1).float().cpu())
         params = sum(p.numel() for p in pipe.transformer.parameters())
-        print(f"{task}: transformer {params / 1e6:.0f}M params ({params * 4 / 1e6:.0f} MB fp32), {size}px, "
+        print(f"{task} on {glue.torch_device()}: transformer {params / 1e6:.0f}M params ({args.dtype}), {size}px, "
               f"{steps} steps: ours {t_ours:.2f}s, diffusers {t_ref:.2f}s, ratio {t_ours / t_ref:.3f}, "
               f"identical={same}")
     CACHE.unload()
+    if args.tasks == "t2i,edit" or "bytes" in args.tasks:
+        _fp8_bytes(loader, sampler, CACHE, root, prompt, no_preview)
+    shutil.rmtree(tmp)
+
+
+def _fp8_bytes(loader, sampler, CACHE, root, prompt, no_preview) -> None:
+    from gentor.loaders.memory import MemoryOptions, stored_dtypes
+    from gentor.samplers.common import Request
+
     fp8 = {}
     for dtype in ("bf16", "fp8_e4m3fn"):
         CACHE.unload()
@@ -124,7 +136,6 @@ def bench_cpu(args) -> None:
         fp8[dtype] = sum(stored_dtypes(_entries(CACHE, root / "mid-qwen-image")["transformer"].value).values())
     print(f"transformer bytes: bf16 {fp8['bf16'] / 1e6:.1f} MB, fp8 {fp8['fp8_e4m3fn'] / 1e6:.1f} MB, "
           f"ratio {fp8['fp8_e4m3fn'] / fp8['bf16']:.3f}")
-    shutil.rmtree(tmp)
 
 
 def _entries(cache, path: Path) -> dict:
@@ -200,7 +211,10 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=None)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--tasks", default="t2i,edit", help="CPU mode: t2i, edit or both")
+    parser.add_argument("--tasks", default="t2i,edit", help="ratio mode: t2i, edit, bytes (comma-separated)")
+    parser.add_argument("--heads", type=int, default=MID_HEADS, help="ratio mode: width = heads x 128")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="ratio mode: weight dtype (bfloat16 on a GPU)")
     args = parser.parse_args()
     if args.gpu:
         args.layers, args.size = args.layers or 60, args.size or 1328
