@@ -147,7 +147,7 @@ def _casting_hook(module: torch.nn.Module):
 
 
 def _cast_own_floats(module: torch.nn.Module, dtype: torch.dtype) -> None:
-    for name, p in module.named_parameters(recurse=False):
+    for p in module.parameters(recurse=False):
         if p.is_floating_point() and p.dtype not in FP8:
             p.data = p.data.to(dtype)
     for name, b in module.named_buffers(recurse=False):

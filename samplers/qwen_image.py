@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -85,13 +84,6 @@ def make_settings(max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
     return Settings("qwen_image", (("max_sequence_length", max_sequence_length), ("preview_every", preview_every)))
 
 
-def calculate_dimensions(target_area: int, ratio: float) -> tuple[int, int]:
-    """diffusers' Edit sizing: width*height ~ target_area at the image's aspect, multiples of 32."""
-    width = math.sqrt(target_area * ratio)
-    height = width / ratio
-    return int(round(width / 32) * 32), int(round(height / 32) * 32)
-
-
 def plan_job(task: str, handle_task: str, request: Request) -> tuple[QwenJob, list[str]]:
     """Apply the backend's policies to a request; return the job and notes for the user."""
     notes: list[str] = []
@@ -118,6 +110,9 @@ def plan_job(task: str, handle_task: str, request: Request) -> tuple[QwenJob, li
     else:
         # Edit follows the first image, Edit-Plus the last one (as the reference pipelines do).
         ref = images[0] if handle_task == "edit" else images[-1]
+        # diffusers' own sizing rule (area at the image's aspect, multiples of 32), so sizes match the reference.
+        from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_dimensions  # noqa: PLC0415
+
         auto_w, auto_h = calculate_dimensions(EDIT_TARGET_AREA, ref.width / ref.height)
         width, height = request.width or auto_w, request.height or auto_h
     width, height = round_size(width, "width", notes), round_size(height, "height", notes)
