@@ -1,4 +1,8 @@
-"""The one list of backends. Adding a backend = one file in loaders/, samplers/, nodes/ + one entry here."""
+"""The one list of backends and what each can do.
+
+Adding a backend = one file in loaders/, samplers/, nodes/ (+ modeling/<id>/) + one entry here + its
+workflows and tests. Shared nodes and tests read this list instead of naming backends.
+"""
 from __future__ import annotations
 
 import importlib
@@ -9,6 +13,23 @@ from types import ModuleType
 
 log = logging.getLogger(__name__)
 
+# Task ids a backend may offer (the task nodes and GentorDescribeImage dispatch on them).
+TASK_T2I = "t2i"
+TASK_EDIT = "edit"
+TASK_UNDERSTAND = "understand"  # image(s) + question -> text
+TASK_ENHANCE = "enhance"  # prompt (+ images) -> rewritten prompt
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """What `steps = 0`, `cfg = 0`, `width/height = 0` mean for a backend (DESIGN.md §3)."""
+
+    steps: int | None  # None: the backend has no steps (autoregressive)
+    cfg: float
+    size: str  # the size rule in words, e.g. "T2I 1328x1328; edits from the last reference at ~1 MP"
+    steps_note: str = ""  # variant differences, e.g. "Edit-2509/2511: 40"
+    cfg_name: str = "cfg"  # what the common cfg means for this backend, e.g. "true_cfg_scale"
+
 
 @dataclass(frozen=True)
 class BackendSpec:
@@ -16,11 +37,36 @@ class BackendSpec:
     display_name: str
     folder_keys: tuple[str, ...]  # model folders it reads (the first is its own)
     optional_deps: tuple[tuple[str, str], ...]  # (import name, pip package)
+    tasks: tuple[str, ...] = ()
+    max_references: int = 0  # most reference images one edit takes (0: no edit)
+    defaults: Defaults | None = None
+    # component role -> dotted paths of its block containers (nn.ModuleList / nn.Sequential) that block
+    # offload streams one block at a time; a role not listed is moved whole.
+    blocks: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # Module-name patterns (regex, diffusers' skip_modules_pattern) kept out of FP8 storage.
+    fp8_skip: tuple[str, ...] = ()
+    # Components never stored in FP8 (small and decide the final pixels, e.g. a VAE).
+    fp8_exclude: tuple[str, ...] = ()
+    loader_node: str = ""  # node id of its loader, for messages
 
+    def block_paths(self, role: str) -> tuple[str, ...]:
+        return dict(self.blocks).get(role, ())
+
+
+# Module names kept out of FP8 in every backend: norms, embeddings, heads and in/out projections are small
+# and numerically sensitive (diffusers' own default skip list has the same spirit).
+COMMON_FP8_SKIP = ("pos_embed", "patch_embed", "norm", "embed", "^proj_in$", "^proj_out$", "lm_head")
+QWEN2_5_VL_BLOCKS = ("model.language_model.layers", "model.visual.blocks")
 
 BACKENDS: tuple[BackendSpec, ...] = (
-    BackendSpec("qwen_image", "Qwen-Image", ("qwen_image", "diffusers"),
-                (("diffusers", "diffusers>=0.42"), ("transformers", "transformers"), ("accelerate", "accelerate"))),
+    BackendSpec(
+        "qwen_image", "Qwen-Image", ("qwen_image", "diffusers"),
+        (("diffusers", "diffusers>=0.42"), ("transformers", "transformers"), ("accelerate", "accelerate")),
+        tasks=(TASK_T2I, TASK_EDIT), max_references=4,
+        defaults=Defaults(steps=50, cfg=4.0, steps_note="Edit-2509/2511: 40", cfg_name="true_cfg_scale",
+                          size="T2I 1328x1328; Edit from the first image, Edit-2509/2511 from the last, at ~1 MP"),
+        blocks=(("transformer", ("transformer_blocks",)), ("text_encoder", QWEN2_5_VL_BLOCKS)),
+        fp8_skip=COMMON_FP8_SKIP, fp8_exclude=("vae",), loader_node="GentorLoadQwenImage"),
 )
 
 
@@ -47,6 +93,33 @@ def available() -> list[BackendSpec]:
         else:
             out.append(spec)
     return out
+
+
+def with_task(task: str) -> list[BackendSpec]:
+    """Backends offering ``task`` (for tooltips and messages)."""
+    return [b for b in BACKENDS if task in b.tasks]
+
+
+def max_references() -> int:
+    """The largest number of reference images any registered backend takes (edit node inputs)."""
+    return max((b.max_references for b in BACKENDS), default=0)
+
+
+def defaults_hint(kind: str) -> str:
+    """'Qwen-Image 50 (Edit-2509/2511: 40), BAGEL 50, …' for the task nodes' tooltips."""
+    parts = []
+    for b in BACKENDS:
+        d = b.defaults
+        if d is None:
+            continue
+        if kind == "steps":
+            value = "n/a" if d.steps is None else str(d.steps) + (f" ({d.steps_note})" if d.steps_note else "")
+        elif kind == "cfg":
+            value = f"{d.cfg:g}" + (f" {d.cfg_name}" if d.cfg_name != "cfg" else "")
+        else:
+            value = d.size
+        parts.append(f"{b.display_name} {value}")
+    return "; ".join(parts)
 
 
 def sampler(backend_id: str) -> ModuleType:

@@ -43,8 +43,11 @@ class Request:
 
 @dataclass
 class Result:
-    image: torch.Tensor  # [B,H,W,3] float32 in 0..1 on the CPU
+    """What a sampler returns; text-only tasks (understanding, prompt enhancement) have no image."""
+
+    image: torch.Tensor | None = None  # [B,H,W,3] float32 in 0..1 on the CPU
     text: str = ""
+    mask: torch.Tensor | None = None  # [B,H,W] alpha where a model outputs RGBA (ComfyUI MASK convention)
 
 
 def check_settings(settings: Settings | None, backend: str, display: str, node: str) -> None:
