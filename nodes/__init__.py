@@ -4,7 +4,7 @@ from __future__ import annotations
 import importlib
 import logging
 
-from comfy_api.latest import ComfyExtension, io
+from comfy_api.v0_0_2 import ComfyExtension, io
 
 from .. import glue, registry
 from ..loaders.cache import CACHE

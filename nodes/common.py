@@ -1,7 +1,7 @@
 """Socket types and widgets shared by the node files."""
 from __future__ import annotations
 
-from comfy_api.latest import io
+from comfy_api.v0_0_2 import io
 
 GentorModel = io.Custom("GENTOR_MODEL")
 GentorMemory = io.Custom("GENTOR_MEMORY")

@@ -1,7 +1,7 @@
 """Gentor Inspect Model: what a handle points at and what the shared cache holds."""
 from __future__ import annotations
 
-from comfy_api.latest import io, ui
+from comfy_api.v0_0_2 import io, ui
 
 from ..loaders.cache import CACHE, report
 from .common import CATEGORY, GentorModel

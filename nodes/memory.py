@@ -1,7 +1,7 @@
 """Gentor Memory Options: FP8 weight storage and offload for any Gentor loader."""
 from __future__ import annotations
 
-from comfy_api.latest import io
+from comfy_api.v0_0_2 import io
 
 from ..loaders.memory import COMPUTE_DTYPES, OFFLOAD_MODES, WEIGHT_DTYPES, MemoryOptions
 from .common import CATEGORY, GentorMemory

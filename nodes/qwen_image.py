@@ -1,7 +1,7 @@
 """Qwen-Image nodes: the loader and the backend's settings."""
 from __future__ import annotations
 
-from comfy_api.latest import io
+from comfy_api.v0_0_2 import io
 
 from ..loaders import qwen_image as loader
 from ..samplers import qwen_image as sampler

@@ -1,7 +1,7 @@
 """Backend-agnostic task samplers: Gentor Text to Image, Gentor Edit Image."""
 from __future__ import annotations
 
-from comfy_api.latest import io, ui
+from comfy_api.v0_0_2 import io, ui
 
 from .. import registry
 from ..samplers.common import Request, tensor_to_pils

@@ -29,16 +29,39 @@ WORK="$(mktemp -d "${TMPDIR:-/tmp}/gentor-main.XXXXXX")"
 mkdir -p "$WORK/custom_nodes" "$WORK/input" "$WORK/output"
 ln -s "$PACK" "$WORK/custom_nodes/comfyui-gentor"
 MODEL_ARGS=()
-REAL="$(cd "$PACK" && "$PY" - "$COMFY/models/qwen_image" <<'EOF'
-import json, sys
+# A real pipeline is told from a tiny or partial one by its weights, never by its folder name: the
+# transformer's safetensors headers must describe at least MIN_REAL_PARAMS parameters.
+REAL="$("$PY" - "$COMFY/models/qwen_image" <<'EOF'
+import json, struct, sys
 from pathlib import Path
+MIN_REAL_PARAMS = 1_000_000_000  # Qwen-Image's transformer has ~20 B; the tiny test kit's far fewer
 root = Path(sys.argv[1])
+
+def params(folder):
+    total = 0
+    for f in folder.glob("*.safetensors"):
+        with f.open("rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        for key, meta in header.items():
+            if key != "__metadata__":
+                count = 1
+                for dim in meta["shape"]:
+                    count *= dim
+                total += count
+    return total
+
 for d in sorted(root.glob("*/")) if root.is_dir() else []:
     try:
-        if json.loads((d / "model_index.json").read_text()).get("_class_name") == "QwenImagePipeline":
-            print(d.name); break
-    except (OSError, ValueError):
-        continue
+        if json.loads((d / "model_index.json").read_text()).get("_class_name") != "QwenImagePipeline":
+            continue
+        if params(d / "transformer") >= MIN_REAL_PARAMS:
+            print(d.name)
+            break
+        print(f"[gentor] skipping models/qwen_image/{d.name}: its transformer weights hold too few "
+              "parameters for a real Qwen-Image", file=sys.stderr)
+    except (OSError, ValueError, KeyError, struct.error) as exc:
+        print(f"[gentor] skipping models/qwen_image/{d.name}: unreadable ({exc})", file=sys.stderr)
 EOF
 )"
 if [ -n "$REAL" ]; then
