@@ -33,3 +33,7 @@ class GentorInterrupted(GentorError):
 def fmt(backend: str, input_name: str, problem: str, got: object, expected: object, todo: str) -> str:
     """Build a message in the pack's single error format."""
     return f"{backend} {input_name}: {problem} (got {got}, expected {expected}). {todo}"
+
+
+class GenerationError(GentorError):
+    """A run finished without a usable result (non-finite output, no image within the token limit)."""

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import InputError
+from ..errors import GenerationError, InputError
 
 SIZE_STEP = 16
 WHITE = (255, 255, 255)
@@ -118,3 +118,11 @@ def latent_preview(latent: torch.Tensor, factors: torch.Tensor, bias: torch.Tens
 def format_notes(pairs: list[tuple[str, Any]], notes: list[str]) -> str:
     head = ", ".join(f"{k}={v}" for k, v in pairs)
     return head + ("".join(f"\n- {n}" for n in notes) if notes else "")
+
+
+def check_finite(image: torch.Tensor, display: str, hint: str) -> None:
+    """A result with NaN/inf (e.g. an fp16 overflow) fails the node instead of coming out black."""
+    bad = (~torch.isfinite(image)).sum().item()
+    if bad:
+        raise GenerationError(f"{display} output: the model produced non-finite values (got {bad} NaN/inf values of "
+                         f"{image.numel()}, expected finite pixels). Nothing was returned; {hint}.")
