@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import struct
 from pathlib import Path
 from typing import Callable
@@ -11,6 +12,7 @@ from ..errors import InputError, ModelFolderError
 
 SAFETENSORS_HEADER_BYTES = 8
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
 
 
 def list_model_folders(folder_keys: tuple[str, ...], accept: Callable[[Path], bool]) -> list[str]:
@@ -41,17 +43,34 @@ def resolve_model_folder(backend: str, input_name: str, name: str, folder_keys: 
     if not roots:
         raise InputError(f"{backend} {input_name}: no model folders are registered (got {name!r}, expected a "
                          f"folder under models/{folder_keys[0]}/). Create that folder and put the model there.")
+    parts = safe_name_parts(name)
+    if parts is None:
+        # Headless API clients can send any string: a name must stay inside the registered roots.
+        raise InputError(
+            f"{backend} {input_name}: {name!r} is not a plain folder name (got an absolute path, '..' or an "
+            f"empty part, expected a name relative to models/{folder_keys[0]}/ such as "
+            f"{list_model_names_hint(roots)}). Pick a model from the dropdown; paths outside the model "
+            "folders are refused.")
     for root in roots:
-        cand = (root / name).resolve()
-        # Headless API clients can send any string: never follow it outside the registered roots.
-        if not cand.is_relative_to(root):
-            continue
+        # The NAME is confined (checked above); what it points at is the user's choice: a folder that is
+        # a symlink inside a registered root (models kept on another disk) is followed.
+        cand = root.joinpath(*parts)
         if cand.is_dir():
-            return cand
+            return cand.resolve()
     raise InputError(
         f"{backend} {input_name}: {name!r} is not a folder inside the registered model folders "
         f"(got {name!r}, expected one of {list_model_names_hint(roots)} under {', '.join(map(str, roots))}). "
         "Pick a model from the dropdown; paths outside the model folders are refused.")
+
+
+def safe_name_parts(name: str) -> tuple[str, ...] | None:
+    """The '/'-separated parts of a dropdown name, or None when it could leave its root."""
+    if "\x00" in name or name.startswith(("/", "\\")) or Path(name).is_absolute() or WINDOWS_DRIVE.match(name):
+        return None
+    parts = tuple(name.replace("\\", "/").split("/"))
+    if any(part in ("", ".", "..") for part in parts):
+        return None
+    return parts
 
 
 def list_model_names_hint(roots: list[Path], limit: int = 8) -> list[str]:

@@ -5,6 +5,7 @@ from comfy_api.v0_0_2 import io
 
 from ..loaders import qwen_image as loader
 from ..samplers import qwen_image as sampler
+from ..samplers.common import library_errors
 from .common import CATEGORY, GentorMemory, GentorModel, GentorSettings
 
 SUBCATEGORY = f"{CATEGORY}/Qwen-Image"
@@ -27,7 +28,9 @@ class GentorLoadQwenImage(io.ComfyNode):
 
     @classmethod
     def execute(cls, model_name, memory=None) -> io.NodeOutput:
-        return io.NodeOutput(loader.load_handle(model_name, memory))
+        with library_errors("Qwen-Image", "model_name", "a readable diffusers-format Qwen-Image folder",
+                            "Check the folder's files and permissions, or download the model again."):
+            return io.NodeOutput(loader.load_handle(model_name, memory))
 
 
 class GentorQwenImageSettings(io.ComfyNode):

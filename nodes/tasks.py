@@ -4,13 +4,22 @@ from __future__ import annotations
 from comfy_api.v0_0_2 import io, ui
 
 from .. import registry
-from ..samplers.common import Request, tensor_to_pils
-from .common import CATEGORY, EDIT_IMAGE_INPUTS, MAX_BATCH, common_inputs, settings_input, task_outputs
+from ..samplers.common import Request, check_number, collect_references, library_errors
+from .common import CATEGORY, EDIT_IMAGE_INPUTS, MAX_BATCH, MAX_CFG, common_inputs, settings_input, task_outputs
+
+T2I_DISPLAY = "Gentor Text to Image"
+EDIT_DISPLAY = "Gentor Edit Image"
 
 
-def _run(task: str, model, images: list, **kw) -> io.NodeOutput:
+def _run(task: str, display: str, model, images: list, **kw) -> io.NodeOutput:
+    spec = registry.get(model.backend)
+    check_number(kw["cfg"], "cfg", f"{spec.display_name} ({display})", 0.0, MAX_CFG)
     request = Request(images=images, **kw)
-    result = registry.sampler(model.backend).run(model, task, request)
+    # Weights are read lazily by the sampler: a file-system / tokenizer / PIL failure names the model input.
+    with library_errors(spec.display_name, "model", "readable model files",
+                        f"Check the files of the model picked in {spec.loader_node or 'its loader'} "
+                        "(permissions, free disk space, a complete download) and queue again."):
+        result = registry.sampler(model.backend).run(model, task, request)
     return io.NodeOutput(result.image, result.text, ui=ui.PreviewText(result.text))
 
 
@@ -18,7 +27,7 @@ class GentorTextToImage(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="GentorTextToImage", display_name="Gentor Text to Image", category=CATEGORY,
+            node_id="GentorTextToImage", display_name=T2I_DISPLAY, category=CATEGORY,
             description="Generate images from a prompt with any Gentor model.",
             inputs=common_inputs() + [
                 io.Int.Input("batch_size", default=1, min=1, max=MAX_BATCH,
@@ -29,19 +38,20 @@ class GentorTextToImage(io.ComfyNode):
     @classmethod
     def execute(cls, model, prompt, negative, seed, steps, cfg, width, height, batch_size,
                 settings=None) -> io.NodeOutput:
-        return _run("t2i", model, [], prompt=prompt, negative=negative, seed=seed, steps=steps, cfg=cfg,
-                    width=width, height=height, batch_size=batch_size, settings=settings)
+        return _run("t2i", T2I_DISPLAY, model, [], prompt=prompt, negative=negative, seed=seed, steps=steps,
+                    cfg=cfg, width=width, height=height, batch_size=batch_size, settings=settings)
 
 
 class GentorEditImage(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         images = [io.Image.Input(f"image_{i}", optional=True,
-                                 tooltip=f"Reference image {i} ('Picture {i}' in the instruction). Sizes may differ; "
-                                         "RGBA is composited on white, grayscale expanded.")
+                                 tooltip=f"Reference image {i} ('Picture {i}' in the instruction), one image per "
+                                         "input. Sizes may differ; RGBA is composited on white, grayscale "
+                                         "expanded.")
                   for i in range(1, EDIT_IMAGE_INPUTS + 1)]
         return io.Schema(
-            node_id="GentorEditImage", display_name="Gentor Edit Image", category=CATEGORY,
+            node_id="GentorEditImage", display_name=EDIT_DISPLAY, category=CATEGORY,
             description="Edit one image, or combine several reference images, following an instruction.",
             inputs=common_inputs() + images + [settings_input()],
             outputs=task_outputs())
@@ -49,7 +59,8 @@ class GentorEditImage(io.ComfyNode):
     @classmethod
     def execute(cls, model, prompt, negative, seed, steps, cfg, width, height, settings=None,
                 **images) -> io.NodeOutput:
-        pils = [pil for i in range(1, EDIT_IMAGE_INPUTS + 1) if images.get(f"image_{i}") is not None
-                for pil in tensor_to_pils(images[f"image_{i}"], f"image_{i}", "Gentor Edit Image")]
-        return _run("edit", model, pils, prompt=prompt, negative=negative, seed=seed, steps=steps, cfg=cfg,
-                    width=width, height=height, settings=settings)
+        spec = registry.get(model.backend)
+        pils = collect_references([(f"image_{i}", images.get(f"image_{i}")) for i in range(1, EDIT_IMAGE_INPUTS + 1)],
+                                  f"{spec.display_name} ({EDIT_DISPLAY})", spec.max_references)
+        return _run("edit", EDIT_DISPLAY, model, pils, prompt=prompt, negative=negative, seed=seed, steps=steps,
+                    cfg=cfg, width=width, height=height, settings=settings)

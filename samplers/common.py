@@ -1,6 +1,9 @@
 """What every backend's sampler shares: requests/results, image conversion, size rounding, previews."""
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -8,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import GenerationError, InputError
+from ..errors import GenerationError, GentorError, InputError
 
 SIZE_STEP = 16
 WHITE = (255, 255, 255)
@@ -126,3 +129,95 @@ def check_finite(image: torch.Tensor, display: str, hint: str) -> None:
     if bad:
         raise GenerationError(f"{display} output: the model produced non-finite values (got {bad} NaN/inf values of "
                          f"{image.numel()}, expected finite pixels). Nothing was returned; {hint}.")
+
+
+# ----------------------------------------------------------------------------- checks on node inputs
+DEFAULT_MAX_ASPECT = 8.0  # widest ratio a backend is sized for unless its policy passes another
+LIBRARY_MODULES = ("PIL", "tokenizers", "safetensors", "safetensors_rust", "huggingface_hub", "json", "yaml")
+
+
+class LibraryError(GentorError):
+    """A library (file system, PIL, tokenizers, safetensors) failed on a user's file or input."""
+
+
+def check_number(value: float, name: str, display: str, minimum: float | None = None,
+                 maximum: float | None = None) -> float:
+    """A number a node accepts: finite and within [minimum, maximum] (API clients can send NaN/inf)."""
+    bound = f"a finite number in [{minimum if minimum is not None else '-inf'}, " \
+            f"{maximum if maximum is not None else 'inf'}]"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InputError(f"{display} {name}: not a number (got {value!r}, expected {bound}). Send a number.")
+    if not math.isfinite(value):
+        # NaN passes ComfyUI's min/max validation (every comparison with NaN is false).
+        raise InputError(f"{display} {name}: not a finite number (got {value!r}, expected {bound}). "
+                         "Send a finite number.")
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        raise InputError(f"{display} {name}: out of range (got {value!r}, expected {bound}). "
+                         "Use a value inside the range the node shows.")
+    return value
+
+
+def check_aspect(width: int, height: int, display: str, name: str, max_ratio: float = DEFAULT_MAX_ASPECT,
+                 min_side: int = SIZE_STEP) -> None:
+    """Refuse sizes the backend cannot make: a side under ``min_side`` or an aspect beyond ``max_ratio``.
+
+    ``name`` is the UI input the size came from (``width/height`` or ``image_2``)."""
+    if width < min_side or height < min_side:
+        raise InputError(f"{display} {name}: a side is too small (got {width}x{height}, expected both sides "
+                         f">= {min_side} px). Use a larger image or size.")
+    ratio = max(width, height) / min(width, height)
+    if ratio > max_ratio:
+        raise InputError(f"{display} {name}: aspect ratio too extreme (got {width}x{height}, ratio "
+                         f"{ratio:.1f}:1, expected at most {max_ratio:g}:1, the widest the backend is sized "
+                         "for). Crop or pad the image, or choose a less elongated size.")
+
+
+def collect_references(inputs: list[tuple[str, torch.Tensor | None]], display: str,
+                       limit: int) -> list[Image.Image]:
+    """Reference images from ``image_1`` ... ``image_N``: one image per input, at most ``limit`` in all.
+
+    A batch on one input would silently become several references (or be cut); it is refused instead."""
+    images: list[Image.Image] = []
+    for name, tensor in inputs:
+        if tensor is None:
+            continue
+        pils = tensor_to_pils(tensor, name, display)
+        if len(pils) != 1:
+            raise InputError(f"{display} {name}: a batch of {len(pils)} images on one reference input (got "
+                             f"{len(pils)} images, expected 1 per input). Connect each reference to its own "
+                             "image_k input (pick one image of a batch with Image From Batch).")
+        images.extend(pils)
+    if len(images) > limit:
+        raise InputError(f"{display} image_1..image_{len(inputs)}: too many reference images for this model "
+                         f"(got {len(images)}, expected at most {limit}). Disconnect "
+                         f"{len(images) - limit} of them.")
+    return images
+
+
+@contextmanager
+def library_errors(display: str, name: str, expected: str, todo: str) -> Iterator[None]:
+    """Re-raise a library's bare error (file system, PIL, tokenizers, …) in the pack's format.
+
+    Our own errors, Cancel and out-of-memory pass through unchanged (ComfyUI treats the last two
+    specially); programming errors (TypeError, KeyError, …) are not libraries' and also pass."""
+    try:
+        yield
+    except GentorError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - filtered just below, re-raised otherwise
+        if not _is_library_error(exc):
+            raise
+        what = f"{type(exc).__name__}: {exc}".replace("\n", " ")[:500]
+        raise LibraryError(f"{display} {name}: a library failed on it (got {what}, expected {expected}). "
+                           f"{todo}") from exc
+
+
+def _is_library_error(exc: Exception) -> bool:
+    from .. import glue  # noqa: PLC0415 - the glue module imports torch; keep it out of module import
+
+    if glue.is_interrupt(exc) or isinstance(exc, torch.OutOfMemoryError):
+        return False
+    module = type(exc).__module__.split(".")[0]
+    # tokenizers raises plain Exception for a corrupt tokenizer.json; file systems raise OSError.
+    return (isinstance(exc, (OSError, UnicodeError, EOFError)) or type(exc) is Exception
+            or module in LIBRARY_MODULES)
