@@ -196,20 +196,24 @@ class Progress:
 
 
 # ----------------------------------------------------------------------------- server routes
-def register_routes(inspect: Callable[[], list[dict]], unload: Callable[[str | None], int]) -> None:
-    """GET /gentor/models (what our cache holds) and POST /gentor/unload {"key": optional}."""
-    if not in_comfyui():
+_routes_installed = False
+
+
+def register_routes(cache: Any) -> None:
+    """Install the /gentor/ routes (routes.py) on ComfyUI's server, once; ``cache`` is the shared
+    model cache (its ``inspect`` and ``unload``)."""
+    global _routes_installed
+    if not in_comfyui() or _routes_installed:
         return
-    from aiohttp import web  # noqa: PLC0415
     from server import PromptServer  # noqa: PLC0415
 
-    routes = PromptServer.instance.routes
+    from .routes import Services, install  # noqa: PLC0415 - aiohttp and the route code only inside ComfyUI
 
-    @routes.get("/gentor/models")
-    async def _models(_request: web.Request) -> web.Response:
-        return web.json_response(inspect())
+    def busy() -> bool:
+        queue = PromptServer.instance.prompt_queue  # looked up per call: created after the nodes load
+        # currently_running holds the executing prompt (ComfyUI 0.3.64 and 0.8.0 alike).
+        running = getattr(queue, "currently_running", None)
+        return bool(running if running is not None else queue.get_current_queue()[0])
 
-    @routes.post("/gentor/unload")
-    async def _unload(request: web.Request) -> web.Response:
-        body = await request.json() if request.can_read_body else {}
-        return web.json_response({"unloaded": unload(body.get("key"))})
+    install(PromptServer.instance.routes, Services(inspect=cache.inspect, unload=cache.unload, busy=busy))
+    _routes_installed = True

@@ -27,5 +27,5 @@ def node_list() -> list[type[io.ComfyNode]]:
 
 class GentorExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        glue.register_routes(CACHE.inspect, CACHE.unload)
+        glue.register_routes(CACHE)
         return node_list()
