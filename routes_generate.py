@@ -138,9 +138,9 @@ def decode_image(value: Any, index: int, limits: Limits) -> str | bytes:
     try:
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise RouteError(400, field, f"Gentor generate {field}: not valid base64 ({exc}; got "
-                                     f"{shown(value[:40])}, expected base64 PNG/JPEG/WebP data or a file name). "
-                                     "Encode the image file with base64.") from exc
+        raise RouteError(400, field, f"Gentor generate {field}: not valid base64 (got "
+                                     f"{shown(value[:40])}: {exc}, expected base64 PNG/JPEG/WebP data or a file "
+                                     "name). Encode the image file with base64.") from exc
     from PIL import Image, UnidentifiedImageError  # noqa: PLC0415
 
     try:
