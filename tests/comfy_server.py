@@ -1,17 +1,21 @@
-"""A real ComfyUI for the server tests (DESIGN.md §8): started from ``$COMFYUI_DIR`` on a free loopback
-port with the pack linked into a private base directory and the tiny models as its ``qwen_image`` folder.
+"""The one launcher for a real ComfyUI (DESIGN.md §8), used by every server test and benchmark.
 
-    with ComfyServer(comfy_dir, base_dir, models_dir, input_images) as srv:
-        prompt_id = srv.queue(api_workflow)
-        entry = srv.wait(prompt_id, timeout=120)   # the /history entry
+    with ComfyServer(comfy_dir, base_dir, models_dir, input_images) as srv:   # starts and waits
+        entry = srv.run(api_workflow, timeout=120)                            # the /history entry
 
-Layout under ``base_dir``: ``custom_nodes/comfyui-gentor`` -> symlink to the pack root,
-``input/`` (the example images copied in), ``extra_model_paths.yaml`` (``qwen_image: qwen_image/`` under
-``base_path: models_dir``), ``comfyui.log`` (stdout + stderr of the server).
-Only the standard library (+ PIL for images and websocket-client for progress, both test requirements).
+    srv = ComfyServer(comfy_dir, base_dir).launch()   # several at once: launch all, then wait_ready() each
+
+``main.py --cpu`` on a free loopback port. Layout under ``base_dir``: ``custom_nodes/comfyui-gentor`` ->
+symlink to the pack root (the checkout itself is never modified), ``input/`` (the given images copied in),
+``extra_model_paths.yaml`` (every registered backend's folder keys under ``base_path: models_dir``),
+``comfyui.log`` (stdout + stderr of the server). ComfyUI's Python is its own venv (``.venv/`` or ``venv/``
+inside ``$COMFYUI_DIR``) when there is one, else the interpreter running the tests.
+Only the standard library (+ PIL for images); importable without the pack (benchmarks).
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import os
 import shutil
@@ -24,12 +28,20 @@ import urllib.parse
 import urllib.request
 import uuid
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Iterable
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
 PACK_LINK_NAME = "comfyui-gentor"  # the folder name users clone; the pack must not depend on it
-START_TIMEOUT_S = 120.0
+START_TIMEOUT_S = 240.0  # a fresh ComfyUI's first start takes ~60 s; later ones ~10 s
+STOP_TIMEOUT_S = 20.0
 IMPORT_FAILURE_MARKERS = ("Cannot import", "IMPORT FAILED")
+VENV_PYTHONS = (".venv/bin/python", "venv/bin/python", ".venv/Scripts/python.exe", "venv/Scripts/python.exe")
+# What ComfyUI's Python must import for the pack's server tests to mean anything.
+REQUIRED_MODULES = ("torch", "aiohttp", "yaml", "diffusers", "transformers", "safetensors")
+# OpenMP threads spin-wait on a busy shared machine (20-100x slower steps); one thread changes no result.
+QUIET_THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
 
 
 class PromptRejected(Exception):
@@ -46,38 +58,108 @@ class ServerDied(RuntimeError):
 
 
 def free_port() -> int:
+    """A loopback port nobody listens on (bound then released)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
 def comfy_python(comfy_dir: Path) -> str:
-    """$COMFYUI_DIR/.venv/bin/python when that venv exists, else the interpreter running the tests."""
-    for cand in (comfy_dir / ".venv" / "bin" / "python", comfy_dir / ".venv" / "Scripts" / "python.exe"):
+    """The Python of ComfyUI's own venv (``.venv/`` or ``venv/``), else the interpreter running the tests."""
+    for rel in VENV_PYTHONS:
+        cand = Path(comfy_dir) / rel
         if cand.exists():
             return str(cand)
     return sys.executable
 
 
-def write_extra_model_paths(path: Path, models_dir: Path) -> Path:
-    path.write_text(f"gentor_tests:\n    base_path: {json.dumps(str(models_dir))}\n    qwen_image: qwen_image/\n",
-                    encoding="utf-8")
+@functools.lru_cache(maxsize=None)
+def missing_modules(python: str) -> tuple[str, ...]:
+    """Which of REQUIRED_MODULES ``python`` cannot import (checked once per interpreter)."""
+    code = ("import importlib.util, sys\n"
+            f"print(' '.join(m for m in {REQUIRED_MODULES!r} if importlib.util.find_spec(m) is None))")
+    out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120)
+    if out.returncode != 0:
+        return REQUIRED_MODULES
+    return tuple(out.stdout.split())
+
+
+def comfy_dir_or_skip() -> Path:
+    """$COMFYUI_DIR as a usable ComfyUI checkout, or skip the calling test with the reason."""
+    import pytest  # noqa: PLC0415 - only tests call this
+
+    value = os.environ.get("COMFYUI_DIR")
+    if not value:
+        pytest.skip("needs a real ComfyUI: set COMFYUI_DIR to a ComfyUI checkout whose Python (its .venv/ or "
+                    "venv/, else this one) has ComfyUI's and the pack's requirements")
+    path = Path(value)
+    if not (path / "main.py").is_file():
+        pytest.skip(f"COMFYUI_DIR={value} has no main.py; point it at a ComfyUI checkout")
+    python = comfy_python(path)
+    missing = missing_modules(python)
+    if missing:
+        pytest.skip(f"COMFYUI_DIR={value}: its Python {python} lacks {', '.join(missing)}; install ComfyUI's "
+                    f"requirements.txt and the pack's requirements.txt into it")
     return path
 
 
+# ----------------------------------------------------------------------------- the registry, without the pack
+def pack_registry() -> ModuleType:
+    """The pack's registry.py (stdlib only), whether or not the pack is importable as ``gentor``."""
+    if "gentor" in sys.modules:
+        from gentor import registry  # noqa: PLC0415
+
+        return registry
+    name = "_gentor_registry_for_tests"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, PACK_ROOT / "registry.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def folder_keys() -> list[str]:
+    """Every model folder key any registered backend reads, in registry order, each once."""
+    return list(dict.fromkeys(key for spec in pack_registry().BACKENDS for key in spec.folder_keys))
+
+
+def write_extra_model_paths(path: Path, models_dir: Path) -> Path:
+    """An extra_model_paths.yaml mapping every backend folder key to ``models_dir/<key>/`` (named section +
+    base_path, as ComfyUI's loader requires)."""
+    lines = ["gentor_tests:", f"    base_path: {json.dumps(str(models_dir))}"]
+    lines += [f"    {key}: {key}/" for key in folder_keys()]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+# ----------------------------------------------------------------------------- the server
 class ComfyServer:
-    def __init__(self, comfy_dir: Path | str, base_dir: Path | str, models_dir: Path | str,
-                 input_images: Iterable[Path] = (), start_timeout: float = START_TIMEOUT_S) -> None:
+    """A real ComfyUI on loopback. ``start()`` launches and waits; ``launch()`` + ``wait_ready()`` split it."""
+
+    def __init__(self, comfy_dir: Path | str, base_dir: Path | str, models_dir: Path | str | None = None,
+                 input_images: Iterable[Path] = (), env: dict[str, str] | None = None, link_pack: bool = True,
+                 extra_args: tuple[str, ...] = (), cpus: str | None = None,
+                 start_timeout: float = START_TIMEOUT_S) -> None:
         self.comfy_dir = Path(comfy_dir).resolve()
         self.base_dir = Path(base_dir)
-        self.models_dir = Path(models_dir)
+        self.models_dir = Path(models_dir) if models_dir is not None else self.base_dir / "models"
         self.input_images = list(input_images)
+        self.link_pack = link_pack
         self.start_timeout = start_timeout
-        self.port = 0
-        self.proc: subprocess.Popen | None = None
+        self.port = free_port()
+        self.python = comfy_python(self.comfy_dir)
         self.log_path = self.base_dir / "comfyui.log"
         self.client_id = uuid.uuid4().hex
+        self.env = {**os.environ, **OFFLINE, **QUIET_THREADS, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.cmd = [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+                    "--disable-auto-launch", "--base-directory", str(self.base_dir),
+                    "--extra-model-paths-config", str(self.base_dir / "extra_model_paths.yaml"), *extra_args]
+        if cpus and shutil.which("taskset"):  # pin to these cores (benchmarks)
+            self.cmd = ["taskset", "-c", cpus, *self.cmd]
+        self.proc: subprocess.Popen | None = None
         self.start_seconds = 0.0
+        self._t0 = 0.0
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -88,57 +170,64 @@ class ComfyServer:
     def ws_url(self) -> str:
         return f"ws://127.0.0.1:{self.port}/ws?clientId={self.client_id}"
 
-    def prepare(self) -> list[str]:
+    def prepare(self) -> None:
         if not (self.comfy_dir / "main.py").is_file():
             raise FileNotFoundError(f"COMFYUI_DIR={self.comfy_dir} has no main.py (expected a ComfyUI checkout)")
         nodes = self.base_dir / "custom_nodes"
         nodes.mkdir(parents=True, exist_ok=True)
         link = nodes / PACK_LINK_NAME
-        if not link.exists():
+        if self.link_pack and not link.exists():
             link.symlink_to(PACK_ROOT, target_is_directory=True)
         inputs = self.base_dir / "input"
         inputs.mkdir(exist_ok=True)
         for img in self.input_images:
             shutil.copy2(img, inputs / Path(img).name)
-        yaml = write_extra_model_paths(self.base_dir / "extra_model_paths.yaml", self.models_dir)
-        self.port = free_port()
-        return [comfy_python(self.comfy_dir), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-                "--disable-auto-launch", "--base-directory", str(self.base_dir),
-                "--extra-model-paths-config", str(yaml)]
+        write_extra_model_paths(self.base_dir / "extra_model_paths.yaml", self.models_dir)
 
-    def start(self) -> "ComfyServer":
-        cmd = self.prepare()
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
-               "PYTHONUNBUFFERED": "1"}
-        t0 = time.monotonic()
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(cmd, cwd=self.comfy_dir, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, env=env)
-        deadline = t0 + self.start_timeout
+    def launch(self) -> "ComfyServer":
+        """Start the process without waiting for it to listen."""
+        self.prepare()
+        self._t0 = time.monotonic()
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.cmd, cwd=self.comfy_dir, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, env=self.env, start_new_session=True)
+        return self
+
+    def wait_ready(self, timeout: float | None = None) -> "ComfyServer":
+        """Poll until the HTTP API answers; raise with the log's tail if the process dies or times out."""
+        deadline = time.monotonic() + (self.start_timeout if timeout is None else timeout)
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise ServerDied(f"ComfyUI exited with code {self.proc.returncode} while starting; "
-                                 f"log tail:\n{self.log_tail()}")
+            if self.proc is None or self.proc.poll() is not None:
+                code = None if self.proc is None else self.proc.returncode
+                raise ServerDied(f"ComfyUI exited with code {code} while starting; log tail:\n{self.log_tail()}")
             try:
                 self.get_json("/queue", timeout=2)
-                self.start_seconds = time.monotonic() - t0
+                self.start_seconds = time.monotonic() - self._t0
                 return self
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError, json.JSONDecodeError):
                 time.sleep(0.25)
         self.stop()
-        raise TimeoutError(f"ComfyUI did not listen on port {self.port} within {self.start_timeout:.0f} s; "
-                           f"log tail:\n{self.log_tail()}")
+        raise TimeoutError(f"ComfyUI did not listen on port {self.port} in time; log tail:\n{self.log_tail()}")
+
+    def start(self) -> "ComfyServer":
+        return self.launch().wait_ready()
+
+    def kill(self) -> None:
+        """SIGKILL (a crash, as far as clients can tell)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=STOP_TIMEOUT_S)
 
     def stop(self) -> None:
-        proc, self.proc = self.proc, None
+        """SIGTERM, then SIGKILL when it does not exit in time."""
+        proc = self.proc
         if proc is None or proc.poll() is not None:
             return
         proc.terminate()
         try:
-            proc.wait(timeout=20)
+            proc.wait(timeout=STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=20)
+            self.kill()
 
     def __enter__(self) -> "ComfyServer":
         return self.start()
@@ -159,8 +248,7 @@ class ComfyServer:
     def import_failures(self) -> list[str]:
         """Log lines reporting that the pack failed to import (core modules failing, e.g. audio without
         torchaudio, are not ours and are ignored)."""
-        lines = self.log_text().splitlines()
-        return [ln for ln in lines if any(m in ln for m in IMPORT_FAILURE_MARKERS)
+        return [ln for ln in self.log_text().splitlines() if any(m in ln for m in IMPORT_FAILURE_MARKERS)
                 and (PACK_LINK_NAME in ln or str(PACK_ROOT) in ln)]
 
     # ------------------------------------------------------------------ HTTP
@@ -226,15 +314,15 @@ class ComfyServer:
 
         from PIL import Image  # noqa: PLC0415
 
-        images = entry.get("outputs", {}).get(node_id, {}).get("images", [])
         out = []
-        for image in images:
+        for image in entry.get("outputs", {}).get(node_id, {}).get("images", []):
             img = Image.open(io.BytesIO(self.view(image)))
             img.load()
             out.append(img)
         return out
 
 
+# ----------------------------------------------------------------------------- history entries
 def status_of(entry: dict) -> str:
     return entry.get("status", {}).get("status_str", "?")
 
@@ -252,3 +340,23 @@ def describe(entry: dict) -> str:
         return (f"{status_of(entry)}: node {e.get('node_id')} ({e.get('node_type')}) raised "
                 f"{e.get('exception_type')}: {e.get('exception_message')}\n{''.join(e.get('traceback', []))}")
     return f"{status_of(entry)}: {json.dumps(entry.get('status'))[:2000]}"
+
+
+def refusal(server: ComfyServer, prompt: dict, timeout: float = 180.0) -> tuple[str, str, str]:
+    """Queue a prompt that must be refused; return (how, node id, message) whichever layer refused it:
+    ("validation", node, details) for ComfyUI's HTTP 400 (0.8.0 checks combo values itself), or
+    ("execution", node, exception message) for a node raising (0.3.64 passes any combo value on)."""
+    try:
+        prompt_id = server.queue(prompt)
+    except PromptRejected as rejected:
+        assert rejected.status == 400, rejected
+        node_errors = rejected.body.get("node_errors") or {}
+        assert len(node_errors) == 1, rejected.body
+        (node_id, errors), = node_errors.items()
+        text = " | ".join(f"{e.get('type')}: {e.get('message')}: {e.get('details')} "
+                          f"{json.dumps(e.get('extra_info', {}))}" for e in errors["errors"])
+        return "validation", node_id, text
+    entry = server.wait(prompt_id, timeout)
+    assert status_of(entry) == "error", describe(entry)
+    (err,) = messages(entry, "execution_error")
+    return "execution", err["node_id"], err["exception_message"]

@@ -1,5 +1,5 @@
-"""Helpers for the headless-client tests: a fake ComfyUI (HTTP + websocket, loopback, ephemeral port)
-and a launcher for a real ComfyUI (COMFYUI_DIR) used by the server tests and the benchmark."""
+"""Helpers for the headless-client tests: a fake ComfyUI (HTTP + websocket, loopback, ephemeral port);
+real servers come from the one launcher in tests/comfy_server.py (re-exported here)."""
 from __future__ import annotations
 
 import base64
@@ -7,10 +7,8 @@ import hashlib
 import json
 import os
 import queue
-import shutil
 import socket
 import struct
-import sys
 import threading
 import time
 import urllib.parse
@@ -20,6 +18,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from collections.abc import Callable
+
+from tests.comfy_server import ComfyServer, comfy_dir_or_skip, free_port  # noqa: F401 - re-exported
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -74,13 +74,6 @@ def blend_workflow(prefix: str = "blend") -> dict[str, Any]:
             "12": {"class_type": "ImageBlend", "inputs": {"image1": ["10", 0], "image2": ["11", 0],
                                                           "blend_factor": 0.5, "blend_mode": "normal"}},
             "13": {"class_type": "SaveImage", "inputs": {"images": ["12", 0], "filename_prefix": prefix}}}
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on (bound then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def png_bytes(width: int = 2, height: int = 2, rgb: tuple[int, int, int] = (200, 30, 30)) -> bytes:
@@ -435,93 +428,12 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, interval: flo
 
 
 # --------------------------------------------------------------------------- real ComfyUI
-class ComfyProcess:
-    """A real ComfyUI server on loopback: ``--cpu``, a temp ``--base-directory`` whose custom_nodes
-    links to this pack (the checkout itself is never modified), optional tiny-models folder."""
+class ComfyProcess(ComfyServer):
+    """The one launcher (tests/comfy_server.py) under the name the benchmarks use: ``start()`` only launches;
+    call ``wait_ready()`` (several servers start in parallel that way)."""
 
-    def __init__(self, comfy_dir: str | Path, base_dir: Path, models_dir: Path | None = None,
-                 env: dict[str, str] | None = None, link_pack: bool = True, extra_args: tuple[str, ...] = (),
-                 cpus: str | None = None) -> None:
-        self.comfy_dir = Path(comfy_dir)
-        self.base_dir = base_dir
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = base_dir / f"comfyui-{self.port}.log"
-        (base_dir / "custom_nodes").mkdir(parents=True, exist_ok=True)
-        link = base_dir / "custom_nodes" / "comfyui-gentor"
-        if link_pack and not link.exists():
-            link.symlink_to(PACK_ROOT, target_is_directory=True)
-        yaml = base_dir / "extra_model_paths.yaml"
-        root = models_dir or (base_dir / "models")
-        yaml.write_text(f"gentor_tests:\n  base_path: {root}\n  qwen_image: qwen_image/\n")
-        venv_python = self.comfy_dir / ".venv" / "bin" / "python"
-        self.python = str(venv_python) if venv_python.exists() else sys.executable
-        self.cmd = [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-                    "--disable-auto-launch", "--base-directory", str(base_dir),
-                    "--extra-model-paths-config", str(yaml), *extra_args]
-        if cpus and shutil.which("taskset"):  # pin to these cores (benchmarks)
-            self.cmd = ["taskset", "-c", cpus, *self.cmd]
-        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-        self.proc: Any = None
-
-    def start(self) -> ComfyProcess:
-        import subprocess
-
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(self.cmd, cwd=self.comfy_dir, stdout=log, stderr=subprocess.STDOUT,
-                                     env=self.env, start_new_session=True)
-        log.close()
-        return self
-
-    def wait_ready(self, timeout: float = 240.0) -> ComfyProcess:
-        """Poll GET /prompt until it answers; raise with the log's tail if the process dies or times out."""
-        import urllib.request
-
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"ComfyUI exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(self.url + "/prompt", timeout=2) as resp:
-                    if resp.status == 200:
-                        return self
-            except OSError:
-                time.sleep(0.25)
-        raise RuntimeError(f"ComfyUI did not answer on {self.url} within {timeout:.0f}s:\n{self.log_tail()}")
-
-    def log_tail(self, n: int = 4000) -> str:
-        return self.log_path.read_text(errors="replace")[-n:] if self.log_path.exists() else ""
-
-    def kill(self) -> None:
-        """SIGKILL (a crash, as far as clients can tell)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=30)
-
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL after 10 s."""
-        import subprocess
-
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-
-def comfy_dir_or_skip() -> Path:
-    """COMFYUI_DIR, or skip the calling test with the reason."""
-    import pytest
-
-    value = os.environ.get("COMFYUI_DIR")
-    if not value:
-        pytest.skip("needs a real ComfyUI: set COMFYUI_DIR to a ComfyUI checkout (its .venv/bin/python is used "
-                    "if present)")
-    path = Path(value)
-    if not (path / "main.py").is_file():
-        pytest.skip(f"COMFYUI_DIR={value} has no main.py; point it at a ComfyUI checkout")
-    return path
+    def start(self) -> "ComfyProcess":
+        return self.launch()
 
 
 def serve_dir(directory: Path) -> tuple[str, Callable[[], None]]:

@@ -24,8 +24,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from gentor_headless.cli import main  # noqa: E402
-from tests.headless_helpers import ComfyProcess, comfy_dir_or_skip, png_bytes, png_size, serve_dir, \
-    wait_for  # noqa: E402
+from tests.comfy_server import ComfyServer, comfy_dir_or_skip  # noqa: E402
+from tests.headless_helpers import png_bytes, png_size, serve_dir, wait_for  # noqa: E402
 
 pytestmark = pytest.mark.server
 MAPS = ["--map", "image_url=10.image", "--map", "image_url_2=11.image"]
@@ -72,9 +72,9 @@ def comfy_dir() -> Path:
 
 @pytest.fixture(scope="module")
 def server(comfy_dir, tmp_path_factory):
-    proc = ComfyProcess(comfy_dir, tmp_path_factory.mktemp("comfy")).start()
+    proc = ComfyServer(comfy_dir, tmp_path_factory.mktemp("comfy")).start()
     try:
-        yield proc.wait_ready()
+        yield proc
     finally:
         proc.stop()
 
@@ -198,9 +198,8 @@ def test_resume_after_interruption(server, tmp_path, dataset):
 
 
 def test_kill_one_server_rows_finish_on_the_other(comfy_dir, tmp_path, dataset):
-    env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    a = ComfyProcess(comfy_dir, tmp_path / "a", env=env).start()
-    b = ComfyProcess(comfy_dir, tmp_path / "b", env=env).start()
+    a = ComfyServer(comfy_dir, tmp_path / "a").launch()  # one thread each (the launcher's default)
+    b = ComfyServer(comfy_dir, tmp_path / "b").launch()
     try:
         a.wait_ready()
         b.wait_ready()
@@ -248,9 +247,8 @@ def test_qwen_image_t2i_workflow_with_tiny_models(comfy_dir, tmp_path):
     prompt = json.loads(wf_path.read_text())
     by_class = {v["class_type"]: k for k, v in prompt.items()}
     loader, sampler = by_class["GentorLoadQwenImage"], by_class["GentorTextToImage"]
-    proc = ComfyProcess(comfy_dir, tmp_path / "base", models_dir=models).start()
+    proc = ComfyServer(comfy_dir, tmp_path / "base", models_dir=models).start()
     try:
-        proc.wait_ready()
         assert not re.search(r"IMPORT FAILED\): .*comfyui-gentor", proc.log_tail(10**7)), proc.log_tail()
         rc = main(["run", str(wf_path), "--server", proc.url, "--out", str(tmp_path / "o"),
                    "--set", f"{loader}.model_name=tiny-qwen-image", "--set", f"{sampler}.steps=2",

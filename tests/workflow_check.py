@@ -75,9 +75,10 @@ class NodeSpec:
     display_name: str
     category: str
     inputs: list[InputSpec]
-    outputs: list[tuple[str, str]]  # (slot name as the UI shows it, type)
+    outputs: list[tuple[str, str]]  # (slot name as ComfyUI 0.3.64's UI shows it: display name or type, type)
     output_node: bool = False
     source: str = ""
+    output_ids: list[str] = field(default_factory=list)  # the V3 output ids (ComfyUI 0.8.0 shows these)
 
     def input(self, name: str) -> InputSpec | None:
         return next((i for i in self.inputs if i.name == name), None)
@@ -103,7 +104,14 @@ class NodeSpec:
         """What must agree between the static parse and a live server."""
         return {"node_id": self.node_id, "display_name": self.display_name, "category": self.category,
                 "inputs": [(i.name, i.type, i.optional) for i in self.inputs],
-                "widgets": self.widget_slots(), "outputs": list(self.outputs), "output_node": self.output_node}
+                # Output TYPES: the names differ between ComfyUI versions (0.3.64 shows the type, 0.8.0 the id).
+                "widgets": self.widget_slots(), "outputs": [t for _, t in self.outputs],
+                "output_node": self.output_node}
+
+    def output_names(self, slot: int) -> set[str]:
+        """Names a saved UI workflow may give output ``slot`` (whichever ComfyUI version saved it)."""
+        shown, typ = self.outputs[slot]
+        return {shown, typ} | ({self.output_ids[slot]} if slot < len(self.output_ids) else set())
 
 
 # The only core nodes the examples may use (explicit allow-list; schemas as ComfyUI 0.3.64 reports them).
@@ -256,11 +264,14 @@ class _StaticParser:
                          min=self.value(kw["min"], mod, local) if "min" in kw else None,
                          max=self.value(kw["max"], mod, local) if "max" in kw else None)
 
-    def make_output(self, call: ast.Call, mod: _Module, local: dict[str, Any]) -> tuple[str, str]:
+    def make_output(self, call: ast.Call, mod: _Module, local: dict[str, Any]) -> tuple[str, str, str]:
+        """(shown name, type, id) of an ``X.Output(id, ...)``."""
         kw = {k.arg: k.value for k in call.keywords if k.arg}
         typ = self.io_type(call.func.value, mod)
         shown = self.value(kw["display_name"], mod, local) if "display_name" in kw else None
-        return (shown if isinstance(shown, str) else typ), typ
+        id_expr = call.args[0] if call.args else kw.get("id")
+        out_id = self.value(id_expr, mod, local) if id_expr is not None else None
+        return (shown if isinstance(shown, str) else typ), typ, (out_id if isinstance(out_id, str) else typ)
 
     # ------------------------------------------------------------------ input / output lists
     def items(self, expr: ast.expr, mod: _Module, local: dict[str, Any], what: str) -> list:
@@ -335,8 +346,10 @@ class _StaticParser:
         output_node = "is_output_node" in kw and self.value(kw["is_output_node"], mod, local) is True
         # ComfyUI lists required inputs first, then optional ones (object_info input_order).
         ordered = [i for i in inputs if not i.optional] + [i for i in inputs if i.optional]
-        return NodeSpec(node_id, text("display_name") or node_id, text("category"), ordered, outputs,
-                        output_node, source=f"{mod.path.relative_to(self.root).as_posix()}:{cls.name}")
+        return NodeSpec(node_id, text("display_name") or node_id, text("category"), ordered,
+                        [(shown, typ) for shown, typ, _ in outputs], output_node,
+                        source=f"{mod.path.relative_to(self.root).as_posix()}:{cls.name}",
+                        output_ids=[out_id for _, _, out_id in outputs])
 
     def registered_class_names(self, nodes_dir: Path) -> dict[str, Path]:
         """Classes the pack hands to ComfyUI: node_list()'s literal list + every backend module's NODES."""
@@ -405,7 +418,8 @@ def specs_from_object_info(object_info: dict, names: list[str] | None = None) ->
                                         min=opts.get("min"), max=opts.get("max")))
         outputs = list(zip(info.get("output_name") or info["output"], info["output"]))
         specs[node_id] = NodeSpec(node_id, info.get("display_name") or node_id, info.get("category", ""), inputs,
-                                  outputs, bool(info.get("output_node")), source="object_info")
+                                  outputs, bool(info.get("output_node")), source="object_info",
+                                  output_ids=[name for name, _ in outputs])
     return specs
 
 
@@ -560,10 +574,15 @@ def check_ui(ui: dict, specs: dict[str, NodeSpec]) -> list[str]:
                 errs.append(f"{where}: input {inp.get('name')!r} names missing link {lid}")
             elif link[3] != nid or link[4] != slot:
                 errs.append(f"{where}: link {lid} ends at node {link[3]} slot {link[4]}, not here (slot {slot})")
-        want_out = [tuple(o) for o in spec.outputs]
-        got_out = [(o.get("name"), o.get("type")) for o in node["outputs"]]
+        want_out = [t for _, t in spec.outputs]
+        got_out = [o.get("type") for o in node["outputs"]]
         if got_out != want_out:
-            errs.append(f"{where}: outputs {got_out} != schema {want_out}")
+            errs.append(f"{where}: output types {got_out} != schema {want_out}")
+        else:
+            for slot, out in enumerate(node["outputs"]):
+                if out.get("name") not in spec.output_names(slot):
+                    errs.append(f"{where}: output {slot} named {out.get('name')!r}, expected one of "
+                                f"{sorted(spec.output_names(slot))}")
         for slot, out in enumerate(node["outputs"]):
             for lid in out.get("links") or []:
                 link = links.get(lid)
@@ -602,35 +621,44 @@ def check_ui(ui: dict, specs: dict[str, NodeSpec]) -> list[str]:
     return errs
 
 
+def object_info_from_specs(specs: dict[str, NodeSpec]) -> dict[str, dict]:
+    """The ``/object_info`` entries a server would report for ``specs`` (what the converter reads)."""
+    info: dict[str, dict] = {}
+    for node_id, spec in specs.items():
+        sections: dict[str, dict] = {"required": {}, "optional": {}}
+        for i in spec.inputs:
+            opts: dict[str, Any] = {}
+            if i.control_after_generate:
+                opts["control_after_generate"] = True
+            if i.image_upload:
+                opts["image_upload"] = True
+            if i.force_input:
+                opts["forceInput"] = True
+            if i.type == "COMBO":
+                opts["options"] = list(i.options) if isinstance(i.options, tuple) else []
+            sections["optional" if i.optional else "required"][i.name] = [i.type, opts]
+        info[node_id] = {"input": sections, "input_order": {k: list(v) for k, v in sections.items()},
+                         "output": [t for _, t in spec.outputs], "output_name": [n for n, _ in spec.outputs],
+                         "name": node_id, "display_name": spec.display_name, "category": spec.category,
+                         "output_node": spec.output_node}
+    return info
+
+
 def ui_to_api(ui: dict, specs: dict[str, NodeSpec]) -> dict:
-    """What the frontend's graphToPrompt makes of a UI workflow (notes and muted/bypassed nodes left out;
-    this pack's examples use neither muting nor bypass, so links through bypassed nodes are not followed)."""
-    links = _ui_links(ui)
-    api: dict[str, dict] = {}
-    for node in sorted(ui["nodes"], key=lambda n: n["id"]):
-        if node["type"] in UI_ONLY_TYPES or node.get("mode", MODE_ALWAYS) in (MODE_NEVER, MODE_BYPASS):
-            continue
-        spec = specs[node["type"]]
-        values: dict[str, Any] = {}
-        for (name, kind), value in zip(spec.widget_slots(), node["widgets_values"]):
-            if kind == "value":
-                values[name] = value
-        for inp in node["inputs"]:
-            if inp.get("link") is not None:
-                link = links[inp["link"]]
-                name = inp.get("widget", {}).get("name", inp["name"])
-                values[name] = [str(link[1]), link[2]]
-        ordered = {i.name: values[i.name] for i in spec.inputs if i.name in values}
-        api[str(node["id"])] = {"inputs": ordered, "class_type": node["type"],
-                                "_meta": {"title": node.get("title") or spec.display_name}}
-    return api
+    """The pack's one UI -> API converter (gentor_headless.convert, which follows the frontend's
+    graphToPrompt), fed with the node schemas ``specs`` instead of a live server's /object_info."""
+    from gentor_headless.convert import ui_to_api as convert  # noqa: PLC0415
+
+    return convert(ui, object_info_from_specs(specs), server="the pack's node files")
 
 
 def compare_pair(ui: dict, api: dict, specs: dict[str, NodeSpec]) -> list[str]:
     """Differences between a UI workflow and its API copy (empty list = they agree)."""
+    from gentor_headless.errors import ConversionError  # noqa: PLC0415
+
     try:
         want = ui_to_api(ui, specs)
-    except (KeyError, IndexError, TypeError) as exc:
+    except (ConversionError, KeyError, IndexError, TypeError) as exc:
         return [f"UI workflow cannot be converted: {exc!r}"]
     errs = []
     if set(want) != set(api):
