@@ -24,6 +24,7 @@ from aiohttp import web
 
 from . import glue, registry
 from .errors import GentorError
+from .loaders.files import safe_name_parts
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ PREFIX = "/gentor"
 UNLOAD_BODY_LIMIT = 64 * 1024  # an unload request is a tiny JSON object
 MAX_NAME_CHARS = 1024
 BYTES_PER_GB = 1e9
+BYTES_PER_MB = 1e6
 SHOWN_MAX = 200  # characters of a bad value repeated in an error message
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -167,24 +169,20 @@ def folder_keys(services: Services) -> list[str]:
 
 
 def resolve_name(services: Services, key: str, name: str) -> Path:
-    """A name inside one of ``key``'s registered roots (first root wins); refuses anything outside them."""
-    if not name or len(name) > MAX_NAME_CHARS or "\x00" in name:
-        raise RouteError(400, "name", f"Gentor summary name: not a model name (got {shown(name)}, expected a file "
-                                      f"or folder name under models/{key}/). Pick a name from the loader's list.")
-    roots = [Path(r).resolve() for r in services.roots(key)]
-    outside = True
-    for root in roots:
-        cand = (root / name).resolve()
-        # Clients can send any string: never follow it (.., absolute paths, symlinks) out of the root.
-        if not cand.is_relative_to(root) or cand == root:
-            continue
-        outside = False
-        if cand.exists():
-            return cand
-    if outside and roots:
+    """A name inside one of ``key``'s registered roots (first root wins), as the loaders resolve it.
+
+    The NAME is confined (no absolute path, '..' or empty part: clients can send any string); a symlink
+    inside a root is followed, as the loaders do (models kept on another disk)."""
+    parts = safe_name_parts(name) if name and len(name) <= MAX_NAME_CHARS else None
+    roots = [Path(r) for r in services.roots(key)]
+    if parts is None:
         raise RouteError(400, "name", f"Gentor summary name: outside the model folders (got {shown(name)}, expected "
-                                      f"a name inside {', '.join(map(str, roots))}). Paths outside the registered "
-                                      "model folders are refused.")
+                                      f"a name relative to models/{key}/, no absolute path or '..'). Pick a name "
+                                      "from the loader's list.")
+    for root in roots:
+        cand = root.joinpath(*parts)
+        if cand.exists():
+            return cand.resolve()
     raise RouteError(404, "name", f"Gentor summary name: not found (got {shown(name)}, expected a file or folder "
                                   f"inside {', '.join(map(str, roots)) or f'models/{key}/'}). Refresh the node list.")
 
@@ -249,15 +247,19 @@ def _below(source: str, path: Path) -> bool:
         return False
 
 
+def size_text(n: int) -> str:
+    return f"{n / BYTES_PER_GB:.2f} GB" if n >= BYTES_PER_GB else f"{n / BYTES_PER_MB:.1f} MB"
+
+
 def summary_line(s: dict) -> str:
     """One line for the node: 'qwen-image-edit · 1.23 GB on disk · loaded 1.10 GB (cpu)'."""
-    parts = [str(s.get("variant") or s.get("backend") or s["folder"]), f"{s['disk_bytes'] / BYTES_PER_GB:.2f} GB on disk"]
+    parts = [str(s.get("variant") or s.get("backend") or s["folder"]), f"{size_text(s['disk_bytes'])} on disk"]
     if s.get("loaded_bytes"):
-        parts.append(f"loaded {s['loaded_bytes'] / BYTES_PER_GB:.2f} GB ({', '.join(s['placements'])})")
+        parts.append(f"loaded {size_text(s['loaded_bytes'])} ({', '.join(s['placements'])})")
     else:
         parts.append("not loaded")
     if s.get("peak_vram_bytes"):
-        parts.append(f"peak VRAM ~{s['peak_vram_bytes'] / BYTES_PER_GB:.1f} GB")
+        parts.append(f"peak VRAM ~{size_text(s['peak_vram_bytes'])}")
     if s.get("problem"):
         parts.append("not usable: " + s["problem"])
     return " · ".join(parts)

@@ -1,0 +1,92 @@
+// Drives the real ComfyUI page in headless Chromium for tests/test_web_browser.py (playwright-core with
+// the system Chromium; never downloads a browser). Steps are reported as JSON lines on stdout; the Python
+// side answers "restarted" on stdin after restarting the server on the same port.
+//   node web_browser_check.mjs <server url> <workflow json> <screenshot png> <chromium path>
+import { createRequire } from "node:module";
+import { readFileSync } from "node:fs";
+import * as readline from "node:readline";
+
+const require = createRequire(import.meta.url);
+const { chromium } = require("playwright-core");
+const [url, workflowPath, screenshotPath, executablePath] = process.argv.slice(2);
+const STEP_TIMEOUT = 120_000;
+
+const lines = readline.createInterface({ input: process.stdin });
+const answers = [];
+let waiter = null;
+lines.on("line", (l) => (waiter ? (waiter(l), (waiter = null)) : answers.push(l)));
+const nextAnswer = () => (answers.length ? Promise.resolve(answers.shift()) : new Promise((r) => (waiter = r)));
+const report = (step, data = {}) => console.log(JSON.stringify({ step, ...data }));
+
+const browser = await chromium.launch({
+  executablePath,
+  headless: true,
+  args: ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+         "--no-first-run"],
+});
+const errors = [];
+try {
+  const page = await browser.newPage({ viewport: { width: 1400, height: 900 } });
+  page.on("console", (msg) => {
+    if (msg.type() === "error" || msg.type() === "warning") errors.push({ type: msg.type(), text: msg.text(),
+      url: msg.location()?.url || "" });
+  });
+  page.on("pageerror", (err) => errors.push({ type: "pageerror", text: String(err.stack || err), url: "" }));
+  page.setDefaultTimeout(STEP_TIMEOUT);
+  await page.goto(url);
+  await page.waitForFunction(() => window.comfyAPI?.app?.app?.graph && window.gentorPanel);
+  report("loaded", { frontend: await page.evaluate(() => window.__COMFYUI_FRONTEND_VERSION__ || "") });
+
+  // Queue the tiny workflow exactly as the Run button does.
+  const workflow = JSON.parse(readFileSync(workflowPath, "utf-8"));
+  await page.evaluate(async (wf) => {
+    const app = window.comfyAPI.app.app;
+    await app.loadGraphData(wf);
+    await app.queuePrompt(0, 1);
+  }, workflow);
+  report("queued");
+
+  // The loader node shows its one-line summary; the sampler shows its text output after the run.
+  await page.waitForFunction(() => [...document.querySelectorAll(".gentor-text")].some((t) => t.value.includes("steps=")));
+  const nodeText = await page.evaluate(() => [...document.querySelectorAll(".gentor-text")].map((t) => t.value));
+  await page.waitForFunction(() => [...document.querySelectorAll(".gentor-node-summary")].some((d) => d.textContent.includes("loaded")));
+  const summary = await page.evaluate(() => [...document.querySelectorAll(".gentor-node-summary")].map((d) => d.textContent));
+  report("ran", { nodeText, summary });
+
+  // Open the panel: the sidebar tab where the frontend has one, else the fallback toggle.
+  const tab = page.locator(".gentor-models-tab-button");
+  if (await tab.count()) await tab.first().click();
+  else await page.locator(".gentor-toggle").click();
+  await page.waitForSelector(".gentor-panel .gentor-row");
+  const rows = await page.$$eval(".gentor-panel .gentor-row", (els) => els.map((r) => ({
+    id: r.dataset.id, kind: r.querySelector(".gentor-kind").textContent, size: r.querySelector(".gentor-size").textContent,
+  })));
+  const panel = page.locator(".gentor-panel").first();
+  await panel.screenshot({ path: screenshotPath });
+  report("panel", { rows, sidebar: (await tab.count()) > 0 });
+
+  // Unload one row, then the rest with their own buttons; the panel empties.
+  while ((await page.locator(".gentor-panel .gentor-row .gentor-unload:not([disabled])").count()) > 0) {
+    const before = await page.locator(".gentor-panel .gentor-row").count();
+    await page.locator(".gentor-panel .gentor-row .gentor-unload:not([disabled])").first().click();
+    await page.waitForFunction((n) => document.querySelectorAll(".gentor-panel .gentor-row").length < n, before);
+  }
+  await page.waitForSelector(".gentor-panel .gentor-empty");
+  report("unloaded", { empty: await page.locator(".gentor-panel .gentor-empty").textContent() });
+
+  // Server loss: the panel says so, then recovers on its own once the server is back.
+  report("stop_server");
+  await page.waitForSelector(".gentor-panel .gentor-disconnected", { timeout: 60_000 });
+  report("disconnected_shown");
+  const answer = await nextAnswer();
+  if (answer !== "restarted") throw new Error(`unexpected answer ${answer}`);
+  await page.waitForSelector(".gentor-panel .gentor-empty", { timeout: STEP_TIMEOUT });
+  report("recovered");
+  report("done", { errors });
+} catch (err) {
+  report("failed", { error: String(err.stack || err), errors });
+  process.exitCode = 1;
+} finally {
+  await browser.close();
+  lines.close();
+}
