@@ -1,0 +1,126 @@
+"""Convert a DeepGen pickle checkpoint (``model.pt``) to safetensors next to it, and verify the round trip.
+
+Run it as a plain file, so it works whatever the pack's folder is called::
+
+    python <pack folder>/modeling/deepgen/convert.py /path/to/model.pt [--allow-global module.Class ...]
+
+It writes ``model.safetensors`` beside the original (``--out`` to choose), reloads it and checks that
+every tensor is bit-identical. Pickles are only ever read with ``torch.load(weights_only=True)``; a file
+that pickles other objects (e.g. training metadata classes) is refused, naming the class; if you trust
+the file, allow exactly that class with ``--allow-global`` (it must be importable).
+
+This file imports nothing from the pack (only torch and safetensors) for that reason.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import pickle
+import re
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+# Containers that training frameworks wrap a state dict in (DeepSpeed "module", mmengine "state_dict").
+WRAPPER_KEYS = ("module", "state_dict", "model")
+STRIP_PREFIXES = ("module.",)
+GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
+
+
+class ConversionRefused(Exception):
+    """The file cannot be read safely; the message says what to do."""
+
+
+def command_for(path: str | Path) -> str:
+    """The exact command that converts ``path`` (shown in loader errors)."""
+    return f'python "{Path(__file__).resolve()}" "{path}"'
+
+
+def _import_global(dotted: str) -> Any:
+    module, _, name = dotted.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def load_pickle(path: str | Path, allow: Sequence[str] = ()) -> Any:
+    """``torch.load(weights_only=True)``, with ``allow``-listed classes; refusals name the class."""
+    try:
+        with torch.serialization.safe_globals([_import_global(g) for g in allow]):
+            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=_is_zip(path))
+    except pickle.UnpicklingError as exc:
+        found = GLOBAL_RE.findall(str(exc))
+        what = f"it pickles {', '.join(sorted(set(found)))}" if found else "it pickles objects other than tensors"
+        raise ConversionRefused(
+            f"{Path(path).name} cannot be read with torch.load(weights_only=True): {what}. If you trust the file, "
+            f"convert it once: {command_for(path)}" + "".join(f" --allow-global {g}" for g in sorted(set(found)))
+        ) from exc
+
+
+def _is_zip(path: str | Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"  # torch >= 1.6 zip format supports mmap
+
+
+def unwrap(obj: Any) -> dict[str, torch.Tensor]:
+    """The flat tensor dict inside a checkpoint (``module`` / ``state_dict`` wrappers and ``module.`` removed)."""
+    while isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        inner = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
+        if inner is None:
+            break
+        obj = inner
+    if not isinstance(obj, dict):
+        raise ConversionRefused(f"the checkpoint holds a {type(obj).__name__}, not a state dict of tensors")
+    out = {}
+    for key, value in obj.items():
+        if not isinstance(value, torch.Tensor):
+            continue  # e.g. step counters next to the weights
+        for prefix in STRIP_PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value
+    if not out:
+        raise ConversionRefused("the checkpoint holds no tensors")
+    return out
+
+
+def convert(path: str | Path, out: str | Path | None = None, allow: Sequence[str] = ()) -> tuple[Path, int]:
+    """Write the checkpoint's tensors as safetensors and verify them bit for bit; return (path, tensors)."""
+    from safetensors.torch import load_file, save_file  # noqa: PLC0415
+
+    src = Path(path)
+    dst = Path(out) if out else src.with_suffix(".safetensors")
+    if dst.resolve() == src.resolve():
+        raise ConversionRefused(f"the output {dst} would overwrite the input")
+    state = unwrap(load_pickle(src, allow))
+    # safetensors refuses shared or non-contiguous storages: give every tensor its own contiguous copy
+    plain = {k: v.detach().contiguous().clone() for k, v in state.items()}
+    tmp = dst.with_name(dst.name + ".partial")
+    save_file(plain, str(tmp), metadata={"format": "pt", "converted_from": src.name})
+    back = load_file(str(tmp))
+    bad = [k for k in plain if k not in back or back[k].dtype != plain[k].dtype or not torch.equal(back[k], plain[k])]
+    if bad or set(back) != set(plain):
+        tmp.unlink()
+        raise ConversionRefused(f"round trip failed for {len(bad) or 'some'} tensors (e.g. {bad[:3]}); nothing written")
+    tmp.replace(dst)
+    return dst, len(plain)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Convert a DeepGen .pt checkpoint to safetensors (verified).")
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--out", type=Path, default=None, help="output file (default: <checkpoint>.safetensors)")
+    parser.add_argument("--allow-global", action="append", default=[], metavar="MODULE.CLASS",
+                        help="a class the pickle may contain (only for files you trust)")
+    args = parser.parse_args(argv)
+    try:
+        dst, n = convert(args.checkpoint, args.out, args.allow_global)
+    except (ConversionRefused, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {dst} ({n} tensors, {dst.stat().st_size / 1e6:.1f} MB); round trip verified")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
