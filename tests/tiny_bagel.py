@@ -117,3 +117,31 @@ def _randomise_norms(model, torch) -> None:
 
 if __name__ == "__main__":
     print(write(Path(sys.argv[1]) if len(sys.argv) > 1 else Path("tiny_out")))
+
+
+def session_folder(tmp_path_factory) -> Path:
+    """The tiny folder for a pytest session (GENTOR_TINY_DIR reuses a written kit)."""
+    import os
+
+    root = os.environ.get("GENTOR_TINY_DIR")
+    out = Path(root) if root else tmp_path_factory.getbasetemp() / "tiny_bagel_models"
+    return write(out)[FOLDER]
+
+
+def load_plain(folder: Path, dtype=None):
+    """(Bagel, AutoEncoder, tokenizer) read with plain ``load_state_dict(strict=True)`` — no pack loader."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    mb = _bagel_modeling()
+    llm = mb.LLMConfig.from_dict(json.loads((folder / "llm_config.json").read_text()))
+    vit = mb.ViTConfig.from_dict(json.loads((folder / "vit_config.json").read_text()))
+    ae_sd = load_file(str(folder / "ae.safetensors"))
+    ae_cfg = mb.AEConfig.from_shapes({k: tuple(v.shape) for k, v in ae_sd.items()})
+    model = mb.Bagel(mb.BagelConfig(llm, vit, ae_cfg))
+    model.load_state_dict(load_file(str(folder / "ema.safetensors")), strict=True)
+    ae = mb.AutoEncoder(ae_cfg)
+    ae.load_state_dict(ae_sd, strict=True)
+    dtype = dtype or torch.float32
+    return model.to(dtype).eval(), ae.to(dtype).eval(), AutoTokenizer.from_pretrained(str(folder))
