@@ -1,0 +1,401 @@
+"""Streaming loads: build a module on the meta device, then fill it one tensor at a time.
+
+``load_module`` never materialises a component at a wider precision than it will rest in: the skeleton
+is built with ``accelerate.init_empty_weights`` (parameters on meta, buffers real), every parameter gets
+its resting dtype up front (FP8 where diffusers' ``apply_layerwise_casting`` would cast, the compute
+dtype elsewhere), and each tensor is converted as it is read. Safetensors files are opened one at a
+time and every tensor is copied out, so no file stays mapped once loading is done (DESIGN.md §5:
+peak host RAM ~ resting bytes + one shard).
+
+Keys are checked from the files' headers before any weight is read: unknown keys, missing weights and
+shape mismatches are a ``ModelFolderError`` naming the component. transformers models load both their
+old and their new key layouts through transformers' own checkpoint conversion mapping.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import GentorError, ModelFolderError, fmt
+from .files import read_json, safetensors_header, weight_files
+from .memory import FP8, Precision
+
+# How many keys an error message names before "...".
+KEYS_SHOWN = 4
+FLOAT32 = torch.float32
+
+Rename = Callable[[str], "str | None"]
+
+
+# ----------------------------------------------------------------------------- files and skeletons
+def component_files(folder: str | Path, display: str, component: str) -> tuple[Path, ...]:
+    """A component's validated safetensors files (sharded index or single file), in load order."""
+    folder = Path(folder)
+    try:
+        names = sorted(weight_files(folder, display, component))
+    except ModelFolderError as exc:
+        # files.safetensors_header names only the backend ("<display> weights: ..."): add the component.
+        text, generic = str(exc), f"{display} weights:"
+        if text.startswith(generic):
+            raise ModelFolderError(f"{display} {component} weights:{text[len(generic):]}") from exc
+        raise
+    return tuple(folder / name for name in names)
+
+
+def diffusers_builder(cls: type, folder: str | Path, display: str = "", component: str = "",
+                      **overrides: Any) -> Callable[[], nn.Module]:
+    """``build`` for a diffusers model class from ``folder/config.json`` (read now, built later)."""
+    folder = Path(folder)
+    read_json(folder / "config.json", display, f"{component} config")  # a clear error when missing/invalid
+    config = cls.load_config(folder)
+    config.update(overrides)
+    return lambda: cls.from_config(config)
+
+
+def transformers_builder(cls: type, folder: str | Path, dtype: torch.dtype | None = None, display: str = "",
+                         component: str = "") -> Callable[[], nn.Module]:
+    """``build`` for a transformers model class from ``folder/config.json`` without reading weights.
+
+    ``dtype`` is the default dtype while the skeleton is built, as ``from_pretrained(dtype=...)`` uses it
+    (buffers created with the default dtype follow it; rotary ``inv_freq`` stays float32).
+    """
+    folder = Path(folder)
+    read_json(folder / "config.json", display, f"{component} config")
+    config = cls.config_class.from_pretrained(folder)
+    generation = _generation_config(cls, folder)
+
+    def build() -> nn.Module:
+        model = cls._from_config(config, dtype=dtype or FLOAT32)
+        if generation is not None:
+            model.generation_config = generation
+        return model
+
+    return build
+
+
+def _generation_config(cls: type, folder: Path):
+    """The folder's generation_config.json for models that generate (what from_pretrained attaches)."""
+    if not (folder / "generation_config.json").is_file() or not cls.can_generate():
+        return None
+    from transformers import GenerationConfig  # noqa: PLC0415
+
+    return GenerationConfig.from_pretrained(folder)
+
+
+def load_diffusers(cls: type, folder: str | Path, precision: Precision | None, skip: Sequence[str] = (),
+                   source: nn.Module | None = None, display: str = "", component: str = "") -> nn.Module:
+    """A diffusers model from its folder (config + safetensors) or converted from ``source``."""
+    build = diffusers_builder(cls, folder, display, component)
+    files = () if source is not None else component_files(folder, display, component)
+    return load_module(build, precision, skip, files, source, None, display, component)
+
+
+def load_transformers(cls: type, folder: str | Path, precision: Precision | None, skip: Sequence[str] = (),
+                      source: nn.Module | None = None, display: str = "", component: str = "") -> nn.Module:
+    """A transformers model from its folder (old or new key layout) or converted from ``source``."""
+    build = transformers_builder(cls, folder, precision.base if precision else None, display, component)
+    files = () if source is not None else component_files(folder, display, component)
+    return load_module(build, precision, skip, files, source, None, display, component)
+
+
+# ----------------------------------------------------------------------------- the loader
+def load_module(build: Callable[[], nn.Module], precision: Precision | None, skip: Sequence[str] = (),
+                files: Iterable[str | Path] = (), source: nn.Module | None = None, rename: Rename | None = None,
+                display: str = "", component: str = "") -> nn.Module:
+    """Build a skeleton with ``build()`` on meta and fill it from ``files`` or from ``source``.
+
+    ``precision`` None keeps the on-disk dtypes; otherwise parameters rest in ``precision.base``, and when
+    ``precision.cast`` diffusers' layerwise casting (``skip`` patterns) decides which rest in FP8.
+    ``rename(checkpoint_key)`` returns the module key or None to leave that tensor out; transformers
+    models also get transformers' own key conversion. ``source`` is a loaded module of the same
+    architecture (wider precision) converted tensor by tensor without touching the disk.
+    Returns the module in eval mode without gradients, on the CPU.
+    """
+    files = tuple(Path(f) for f in files)
+    if bool(files) == (source is not None):
+        raise GentorError(fmt(display or "Gentor", component or "weights", "nothing or two sources to load from",
+                              f"{len(files)} files and {'a' if source is not None else 'no'} source module",
+                              "either weight files or a source module", "Report this as a bug"))
+    from accelerate import init_empty_weights  # noqa: PLC0415
+
+    with init_empty_weights():
+        module = build()
+    _set_resting_dtypes(module, precision, tuple(skip))
+    slots = module.state_dict(keep_vars=True)
+    label = Label(display or type(module).__name__, component or "weights")
+    if source is not None:
+        plan = {key: key for key in source.state_dict(keep_vars=True)}
+        shapes = {key: tuple(t.shape) for key, t in source.state_dict(keep_vars=True).items()}
+        origin = "the source module"
+    else:
+        # Headers only (no mapping): a truncated file or a wrong key fails before any weight is read.
+        headers = {path: safetensors_header(path, f"{label.display} {label.component}") for path in files}
+        shapes = {k: tuple(v["shape"]) for h in headers.values() for k, v in h.items() if k != "__metadata__"}
+        mapper = _key_mapper(module, rename, slots, label)
+        plan = {key: mapper(key) for h in headers.values() for key in h if key != "__metadata__"}
+        origin = f"{len(files)} file(s) in {files[0].parent}"
+    _check_plan(module, plan, shapes, slots, label, origin)
+    loaded: set[str] = set()
+    aliases = _alias_groups(slots)
+    base = precision.base if precision else None
+    for key, tensor in (_source_tensors(source) if source is not None else _file_tensors(files, plan, label)):
+        target = plan[key]
+        if target is None:
+            continue
+        _assign(module, target, tensor, slots[target], base, precision is None, aliases, loaded)
+    _tie(module, slots, loaded)
+    leftover = [name for name, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
+    if leftover:
+        raise label.error(f"{len(leftover)} weights were never filled", _few(leftover),
+                          f"every weight read from {origin}", "Re-download the component's files")
+    conversions = module.__dict__.pop("_streaming_conversions", None)
+    if conversions is not None:  # as from_pretrained: save_pretrained writes back the layout that was read
+        module._weight_conversions = [c for c in conversions if c.was_used()]
+    return module.eval().requires_grad_(False)
+
+
+class Label:
+    """Who is loading what, for error messages."""
+
+    def __init__(self, display: str, component: str) -> None:
+        self.display, self.component = display, component
+
+    def error(self, problem: str, got: object, expected: object, todo: str) -> ModelFolderError:
+        return ModelFolderError(fmt(self.display, self.component, problem, got, expected, todo))
+
+
+def _few(keys: Iterable[str]) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:KEYS_SHOWN]) + (f", ... ({len(keys)} in all)" if len(keys) > KEYS_SHOWN else "")
+    return shown or "none"
+
+
+# ----------------------------------------------------------------------------- resting dtypes
+def _set_resting_dtypes(module: nn.Module, precision: Precision | None, skip: tuple[str, ...]) -> None:
+    """Give every (meta) parameter the dtype it will rest in; install the FP8 casting hooks."""
+    if precision is None:
+        return
+    keep = _keep_fp32(module, precision.base)
+    replaced: dict[int, nn.Parameter] = {}
+    for prefix, sub in module.named_modules(remove_duplicate=False):
+        for name, param in list(sub._parameters.items()):
+            if param is None or not param.is_floating_point():
+                continue
+            full = f"{prefix}.{name}" if prefix else name
+            if id(param) not in replaced:
+                dtype = FLOAT32 if keep(full) else precision.base
+                replaced[id(param)] = nn.Parameter(torch.empty_like(param, dtype=dtype, device="meta"),
+                                                   requires_grad=False)
+            # Tied parameters stay one object, so they keep sharing one tensor once filled.
+            sub._parameters[name] = replaced[id(param)]
+    if precision.cast:
+        from diffusers.hooks import apply_layerwise_casting  # noqa: PLC0415
+
+        # The hooks' initialisation casts each hooked layer to the storage dtype: on meta, that decides
+        # which parameters rest in FP8 exactly as it would on a loaded model.
+        patterns = tuple(skip) + tuple(getattr(module, "_keep_in_fp32_modules", None) or ())
+        apply_layerwise_casting(module, storage_dtype=precision.storage, compute_dtype=precision.base,
+                                skip_modules_pattern=patterns)
+
+
+def _keep_fp32(module: nn.Module, base: torch.dtype) -> Callable[[str], bool]:
+    """Parameters the library keeps in float32 whatever the requested dtype (``_keep_in_fp32_modules``)."""
+    if base == FLOAT32:
+        return lambda _name: False
+    plan_fn = getattr(module, "_get_dtype_plan", None)
+    if plan_fn is not None:  # transformers: its own plan (strict / fp16-only lists)
+        patterns = [p for p, dt in plan_fn(base).items() if dt == FLOAT32]
+        if not patterns:
+            return lambda _name: False
+        from transformers.core_model_loading import build_glob_alternation  # noqa: PLC0415
+
+        regex = build_glob_alternation(patterns)[0]
+        return lambda name: regex.search(name) is not None
+    names = tuple(getattr(module, "_keep_in_fp32_modules", None) or ())
+    return lambda name: any(m in name for m in names)  # diffusers' rule: a substring of the name
+
+
+def _convert(tensor: torch.Tensor, slot: torch.Tensor, base: torch.dtype | None, keep_dtype: bool) -> torch.Tensor:
+    """A CPU copy of ``tensor`` in its resting dtype (a copy, so nothing keeps a file mapping alive)."""
+    if keep_dtype or not tensor.is_floating_point():
+        dtype = tensor.dtype
+    elif isinstance(slot, nn.Parameter):
+        dtype = slot.dtype
+    else:
+        dtype = base  # a floating buffer read from the files rests in the compute dtype
+    if dtype in FP8 and tensor.dtype != dtype and base is not None:
+        # Round exactly as the library path does: read in the compute dtype, then the hook casts to FP8.
+        tensor = tensor.to(dtype=base)
+    return tensor.to(device="cpu", dtype=dtype, copy=True)
+
+
+# ----------------------------------------------------------------------------- keys
+def _key_mapper(module: nn.Module, rename: Rename | None, slots: dict[str, Any], label: Label) -> Rename:
+    """checkpoint key -> module key (or None: not this component's), user rename first, then transformers'."""
+    convert = _transformers_rename(module, slots, label)
+
+    def mapper(key: str) -> str | None:
+        name = rename(key) if rename is not None else key
+        if name is None or convert is None:
+            return name
+        return convert(name)
+
+    return mapper
+
+
+def _transformers_rename(module: nn.Module, slots: dict[str, Any], label: Label) -> Rename | None:
+    """transformers' own checkpoint conversion (old and new layouts), without its loading machinery."""
+    try:
+        from transformers import PreTrainedModel  # noqa: PLC0415
+    except ImportError:
+        return None
+    if not isinstance(module, PreTrainedModel):
+        return None
+    from transformers.conversion_mapping import get_model_conversion_mapping  # noqa: PLC0415
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key  # noqa: PLC0415
+
+    mapping = get_model_conversion_mapping(module)
+    module._streaming_conversions = mapping
+    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+    converters = [m for m in mapping if isinstance(m, WeightConverter)]
+    prefix = module.base_model_prefix
+
+    def convert(key: str) -> str:
+        name, pattern = rename_source_key(key, renamings, converters, prefix, slots)
+        if name not in slots and key in slots:
+            # As transformers does: the key was already right; at most the base-model prefix changes.
+            name, pattern = rename_source_key(key, [], [], prefix, slots)
+        if pattern is not None:
+            # A converter merges or splits several checkpoint tensors: that needs them all at once.
+            raise label.error("this key layout needs transformers' fused conversion, which streaming does not do",
+                              f"{key} matching {pattern}", "keys that map one to one onto the model",
+                              "Re-save the model with save_pretrained in the current transformers layout")
+        return name
+
+    return convert
+
+
+def _check_plan(module: nn.Module, plan: dict[str, str | None], shapes: dict[str, tuple], slots: dict[str, Any],
+                label: Label, origin: str) -> None:
+    """Unknown keys, missing weights, two keys for one weight and shape mismatches, before any read."""
+    targets = [t for t in plan.values() if t is not None]
+    unexpected = {t for t in targets if t not in slots}
+    missing = set(slots) - set(targets)
+    unexpected, missing = _ignorable(module, unexpected, missing)
+    # A tied weight is filled through its partner: missing only when no name of its group is read.
+    groups = _alias_groups(slots)
+    missing = {k for k in missing if not any(a in targets for a in groups.get(k, (k,)))}
+    missing -= _tied_targets(module, set(targets))
+    if unexpected:
+        names = [k for k, t in plan.items() if t in unexpected]
+        raise label.error(f"{len(unexpected)} tensors do not belong to this model", _few(names),
+                          f"only the {type(module).__name__} weights", "Check that the folder holds this component "
+                          "(not another model's files) or re-download it")
+    if missing:
+        raise label.error(f"{len(missing)} weights missing", f"no {_few(missing)} in {origin}",
+                          f"all {len(slots)} weights of {type(module).__name__}",
+                          "Re-download the component's files (a shard may be missing or from another model)")
+    seen: dict[str, str] = {}
+    for key, target in plan.items():
+        if target is None:
+            continue
+        if target in seen:
+            raise label.error("two tensors fill the same weight", f"{seen[target]} and {key} -> {target}",
+                              "one tensor per weight", "Remove the stale duplicate file from the folder")
+        seen[target] = key
+        want = tuple(slots[target].shape)
+        if shapes[key] != want:
+            raise label.error(f"weight {target} has the wrong shape", list(shapes[key]), list(want),
+                              "The files belong to another model size: use the matching config.json and weights")
+
+
+def _ignorable(module: nn.Module, unexpected: set[str], missing: set[str]) -> tuple[set[str], set[str]]:
+    """Drop the keys the library itself declares ignorable on load."""
+    adjust = getattr(module, "_adjust_missing_and_unexpected_keys", None)
+    if adjust is not None:  # transformers: its patterns incl. old per-layer rotary inv_freq / position_ids
+        info = SimpleNamespace(missing_keys=set(missing), unexpected_keys=set(unexpected))
+        adjust(info)
+        return info.unexpected_keys, info.missing_keys
+    for attr, keys in (("_keys_to_ignore_on_load_unexpected", unexpected), ("_keys_to_ignore_on_load_missing", missing)):
+        patterns = getattr(module, attr, None) or ()
+        keys -= {k for k in keys if any(re.search(p, k) for p in patterns)}
+    return unexpected, missing
+
+
+def _alias_groups(slots: dict[str, Any]) -> dict[str, tuple[str, ...]]:
+    """Names that share one tensor object in the skeleton (tied weights)."""
+    by_id: dict[int, list[str]] = {}
+    for name, tensor in slots.items():
+        by_id.setdefault(id(tensor), []).append(name)
+    return {name: tuple(names) for names in by_id.values() if len(names) > 1 for name in names}
+
+
+def _tied_targets(module: nn.Module, present: set[str]) -> set[str]:
+    """transformers' tied keys whose partner is read (ties made by tie_weights, not yet in the skeleton)."""
+    tied = getattr(module, "all_tied_weights_keys", None) or {}
+    return {a for a, b in tied.items() if b in present} | {b for a, b in tied.items() if a in present}
+
+
+# ----------------------------------------------------------------------------- reading and filling
+def _file_tensors(files: tuple[Path, ...], plan: dict[str, str | None], label: Label
+                  ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(key, tensor) from one file at a time; each file is closed before the next is opened."""
+    from safetensors import SafetensorError, safe_open  # noqa: PLC0415
+
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                for key in handle.keys():
+                    if plan.get(key) is not None:
+                        # The tensor views the file mapping: the caller copies it before the next one.
+                        yield key, handle.get_tensor(key)
+        except (OSError, SafetensorError) as exc:
+            raise label.error(f"could not read {path.name}", exc, "a complete safetensors file",
+                              f"Re-download {path}") from exc
+
+
+def _source_tensors(source: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    with torch.no_grad():
+        yield from source.state_dict().items()
+
+
+def _assign(module: nn.Module, target: str, tensor: torch.Tensor, slot: torch.Tensor, base: torch.dtype | None,
+            keep_dtype: bool, aliases: dict[str, tuple[str, ...]], loaded: set[str]) -> None:
+    """Put one converted tensor into the module (and into its tied aliases not read themselves)."""
+    value = _convert(tensor, slot, base, keep_dtype)
+    del tensor
+    names = [target] + [a for a in aliases.get(target, ()) if a != target and a not in loaded]
+    new = nn.Parameter(value, requires_grad=False) if isinstance(slot, nn.Parameter) else value
+    for name in names:
+        parent_name, _, leaf = name.rpartition(".")
+        parent = module.get_submodule(parent_name)
+        if isinstance(slot, nn.Parameter):
+            parent._parameters[leaf] = new
+        else:
+            parent._buffers[leaf] = new
+    loaded.add(target)
+
+
+def _tie(module: nn.Module, slots: dict[str, Any], loaded: set[str]) -> None:
+    """transformers' tie_weights, told which weights were read, so it ties like from_pretrained."""
+    tie = getattr(module, "tie_weights", None)
+    if tie is None or not hasattr(module, "all_tied_weights_keys"):
+        return
+    tie(missing_keys=set(slots) - loaded, recompute_mapping=False)
+
+
+def resting_bytes(module: nn.Module) -> int:
+    """Bytes of a module's parameters and buffers as they rest (tied tensors counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
