@@ -1,0 +1,162 @@
+"""KV-cached two-branch generation (conditional + unconditional) for Emu3.5.
+
+The conditional branch runs on the prompt and everything generated; the unconditional branch on the
+unconditional prompt plus every image-mode token (``logits`` module docstring). Three ways to compute
+the same logits:
+
+- ``batched`` (default): both branches are rows of ONE forward per token over one KV cache. The
+  prompts are left-padded to one length; a text-mode step feeds the unconditional row a masked
+  placeholder, so its cache has a hole that attention never sees.
+- ``separate``: two caches, two forwards per image-mode token (one in text mode).
+- ``uncached``: every step re-runs both full sequences (the slow reference the tests and the
+  benchmark compare against).
+
+Sampling: each new token consumes one uniform draw from a CPU ``torch.Generator`` seeded with the
+run's seed (inverse-CDF sampling over the processed distribution), so the random stream does not
+depend on the device; the same seed and inputs give the same tokens on the same machine.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from . import tokens as T
+from .logits import VISUAL, SamplingParams, Structure, process, sample
+
+MODES = ("batched", "separate", "uncached")
+
+
+@dataclass
+class GenerationOutput:
+    tokens: list[int]  # generated ids (prompt excluded)
+    finished: str  # "eos", "image" (stopped after the requested images), "limit" (max_new_tokens)
+    grid: tuple[int, int] | None = None
+    images: int = 0
+
+
+@dataclass
+class StepInfo:
+    """Passed to the per-token callback."""
+
+    token: int
+    count: int  # tokens generated so far
+    image_mode: bool
+    rows_done: int  # completed rows of the current image
+    grid: tuple[int, int] | None
+    tokens: list[int] = field(repr=False, default_factory=list)
+
+
+class Branches:
+    """Next-token logits of both branches; the uncond branch advances only when told to."""
+
+    def __init__(self, model: Any, cond: list[int], uncond: list[int], mode: str, device: torch.device) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.model, self.mode, self.device = model, mode, device
+        self.cond, self.uncond = list(cond), list(uncond)
+        self.cache: Any = None
+        self.ucache: Any = None
+
+    def _run(self, ids: list[list[int]], cache: Any, **kw: Any) -> torch.Tensor:
+        out = self.model(input_ids=torch.tensor(ids, device=self.device), past_key_values=cache,
+                         use_cache=cache is not None, logits_to_keep=1, **kw)
+        return out.logits[:, -1].float()
+
+    def _new_cache(self) -> Any:
+        from transformers import DynamicCache  # noqa: PLC0415
+
+        return DynamicCache(config=self.model.config)
+
+    def prefill(self, feed_u: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run the prompts; ``feed_u``: the prompt's last token already belongs to the image (BOI)."""
+        if feed_u:
+            self.uncond.append(self.cond[-1])
+        if self.mode == "batched":
+            n = max(len(self.cond), len(self.uncond))
+            self.mask = torch.tensor([[0] * (n - len(s)) + [1] * len(s) for s in (self.cond, self.uncond)])
+            self.pos = [len(self.cond), len(self.uncond)]
+            self.cache = self._new_cache()
+            rows = [[T.PAD] * (n - len(s)) + s for s in (self.cond, self.uncond)]
+            pos = (self.mask.cumsum(1) - 1).clamp(min=0)  # each row counts from its first real token
+            out = self._run(rows, self.cache, attention_mask=self.mask.to(self.device),
+                            position_ids=pos.to(self.device))
+            return out[0], out[1] if feed_u else None
+        if self.mode == "separate":
+            self.cache = self._new_cache()
+        c = self._run([self.cond], self.cache)[0]
+        return c, self._uncond() if feed_u else None
+
+    def _uncond(self) -> torch.Tensor:
+        if self.mode == "uncached":
+            return self._run([self.uncond], None)[0]
+        if self.ucache is None:  # first image-mode token: prefill the unconditional prompt + it
+            self.ucache = self._new_cache()
+            return self._run([self.uncond], self.ucache)[0]
+        return self._run([[self.uncond[-1]]], self.ucache)[0]
+
+    def step(self, token: int, feed_u: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Append ``token`` to the cond branch (and to the uncond one when ``feed_u``)."""
+        self.cond.append(token)
+        if feed_u:
+            self.uncond.append(token)
+        if self.mode == "batched":
+            # One forward for both rows; a row not advancing gets a masked placeholder (a hole in its cache).
+            self.mask = torch.cat([self.mask, torch.tensor([[1], [int(feed_u)]])], dim=1)
+            pos = torch.tensor([[self.pos[0]], [self.pos[1]]])
+            self.pos[0] += 1
+            self.pos[1] += int(feed_u)
+            out = self._run([[token], [token if feed_u else T.PAD]], self.cache,
+                            attention_mask=self.mask.to(self.device), position_ids=pos.to(self.device))
+            return out[0], out[1] if feed_u else None
+        if self.mode == "uncached":
+            c = self._run([self.cond], None)[0]
+        else:
+            c = self._run([[token]], self.cache)[0]
+        return c, self._uncond() if feed_u else None
+
+
+def uniform_draws(seed: int) -> Callable[[], float]:
+    """One U[0,1) number per call from a CPU generator seeded with ``seed``."""
+    gen = torch.Generator("cpu").manual_seed(int(seed))
+    return lambda: float(torch.rand((), generator=gen, dtype=torch.float64))
+
+
+@torch.no_grad()
+def generate(model: Any, cond: list[int], uncond: list[int], params: SamplingParams, *, seed: int,
+             max_new_tokens: int, grid: tuple[int, int] | None = None, stop_after_images: int | None = 1,
+             mode: str = "batched", device: torch.device | None = None,
+             on_token: Callable[[StepInfo], None] | None = None) -> GenerationOutput:
+    """Generate after ``cond`` with CFG against ``uncond``; ``grid`` fixes the image size in tokens.
+
+    ``on_token`` runs after every token (progress, previews, cancel: raising there stops the run).
+    Stops at EOS, after ``stop_after_images`` complete images, or at ``max_new_tokens``.
+    """
+    device = device or next(model.parameters()).device
+    state = Structure(grid)
+    state.advance(cond[-1])
+    branches = Branches(model, cond, uncond, mode, device)
+    logits_c, logits_u = branches.prefill(feed_u=state.image_mode)
+    draw = uniform_draws(seed)
+    out: list[int] = []
+    finished = "limit"
+    for _ in range(max_new_tokens):
+        rule = state.rule()
+        scores = process(rule, logits_c, logits_u if rule[0] == VISUAL else None, params)
+        token = sample(scores, draw)
+        out.append(token)
+        state.advance(token)
+        feed_u = state.image_mode or token == T.EOI
+        if on_token is not None:
+            on_token(StepInfo(token, len(out), state.image_mode, state.rows_done, state.grid, out))
+        if token == T.EOS:
+            finished = "eos"
+            break
+        if token == T.EOI and stop_after_images and state.images >= stop_after_images:
+            finished = "image"
+            break
+        if len(out) == max_new_tokens:
+            break
+        logits_c, logits_u = branches.step(token, feed_u)
+    return GenerationOutput(out, finished, state.grid, state.images)

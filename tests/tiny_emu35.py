@@ -1,0 +1,160 @@
+"""Tiny random-weight Emu3.5 models in the real on-disk layouts (backend_specs.md §3.8).
+
+``write(out_dir)`` writes, under ``out_dir/emu35/``:
+
+- ``tiny-emu35-image/``: an HF causal-LM folder (``config.json`` with ``model_type: Emu3``,
+  ``model.safetensors`` with the reference key names, bf16) holding the tokenizer data files too:
+  ``emu3.tiktoken`` with 151,643 GENERATED ranks (the 256 single bytes in the real file's order, so
+  digits are ids 15..24 and '*' is 9, then distinct letter strings) and ``emu3_vision_tokens.txt``
+  (3 markers + ``N_CODES`` visual tokens), so every control id is the real one. Vocab 151854 + N_CODES.
+- ``tiny-ibq/``: ``config.yaml`` + ``model.ckpt`` (``{"state_dict": …}``, loadable with
+  ``torch.load(weights_only=True)``); 16x downsampling (5 levels), codebook N_CODES x 256.
+
+Weights are random but deterministic (fixed seeds). Folders are written next to their final place and
+renamed into it once complete (``.complete`` marker); complete folders are skipped unless ``force``.
+"""
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import shutil
+import string
+from pathlib import Path
+
+FOLDER = "emu35"
+MODEL = "tiny-emu35-image"
+IBQ = "tiny-ibq"
+N_CODES = 64
+BPE_RANKS = 151643
+FIRST_VISUAL = 151854
+MARKER = ".complete"
+LLM_SHAPE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=16)
+IBQ_DDCONFIG = dict(double_z=False, z_channels=16, resolution=256, in_channels=3, out_ch=3, ch=32,
+                    ch_mult=[1, 1, 1, 1, 1], num_res_blocks=1, attn_resolutions=[16], dropout=0.0)
+CODE_DIM = 256
+SEED = 35
+WEIGHT_STD = 0.2  # large enough that greedy choices differ between prompts
+
+
+def byte_order() -> list[int]:
+    """The 256 bytes in GPT-2's printable-first order (the order of the real file's first ranks)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
+    return printable + [b for b in range(256) if b not in printable]
+
+
+def synthetic_ranks() -> list[bytes]:
+    """151,643 distinct tokens: single bytes, then lowercase strings of 2, 3, 4 letters (prefix-closed)."""
+    out = [bytes([b]) for b in byte_order()]
+    for n in (2, 3, 4):
+        for combo in itertools.product(string.ascii_lowercase, repeat=n):
+            out.append("".join(combo).encode())
+            if len(out) == BPE_RANKS:
+                return out
+    raise AssertionError("not enough synthetic tokens")
+
+
+def write_tokenizer(folder: Path, n_codes: int = N_CODES) -> None:
+    lines = [base64.b64encode(tok) + b" " + str(rank).encode() for rank, tok in enumerate(synthetic_ranks())]
+    (folder / "emu3.tiktoken").write_bytes(b"\n".join(lines) + b"\n")
+    vision = ["<|image token|>", "<|image start|>", "<|image end|>"]
+    vision += [f"<|visual token {i:06d}|>" for i in range(n_codes)]
+    (folder / "emu3_vision_tokens.txt").write_text("\n".join(vision) + "\n", encoding="utf-8")
+
+
+def emu3_config(n_codes: int = N_CODES, **shape: int) -> dict:
+    cfg = dict(LLM_SHAPE, **shape)
+    return {
+        "architectures": ["Emu3ForCausalLM"], "model_type": "Emu3", "vocab_size": FIRST_VISUAL + n_codes,
+        "hidden_act": "silu", "max_position_embeddings": 9216, "rms_norm_eps": 1e-5, "rope_theta": 1000000.0,
+        "rope_scaling": None, "tie_word_embeddings": False, "attention_dropout": 0.1, "pad_token_id": 151643,
+        "bos_token_id": 151849, "eos_token_id": 151850, "img_token_id": 151851, "boi_token_id": 151852,
+        "eoi_token_id": 151853, "eol_token_id": 151846, "eof_token_id": 151847, "image_area": 1048576,
+        "torch_dtype": "bfloat16", **cfg}
+
+
+def llm_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of the reference decoder (Emu3ForCausalLM; Qwen3ForCausalLM has the same keys)."""
+    hid, inter, hd = config["hidden_size"], config["intermediate_size"], config["head_dim"]
+    heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
+    shapes = {"model.embed_tokens.weight": (config["vocab_size"], hid), "model.norm.weight": (hid,),
+              "lm_head.weight": (config["vocab_size"], hid)}
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "self_attn.q_proj.weight": (heads * hd, hid), p + "self_attn.k_proj.weight": (kv * hd, hid),
+            p + "self_attn.v_proj.weight": (kv * hd, hid), p + "self_attn.o_proj.weight": (hid, heads * hd),
+            p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,),
+            p + "mlp.gate_proj.weight": (inter, hid), p + "mlp.up_proj.weight": (inter, hid),
+            p + "mlp.down_proj.weight": (hid, inter), p + "input_layernorm.weight": (hid,),
+            p + "post_attention_layernorm.weight": (hid,)})
+    return shapes
+
+
+def llm_state_dict(config: dict, seed: int = SEED) -> dict:
+    """Random weights with the reference key names; norms away from 1 so a wrong norm shows."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, shape in llm_shapes(config).items():
+        if "norm" in key:
+            out[key] = torch.rand(shape, generator=gen) + 0.5
+        else:
+            out[key] = torch.randn(shape, generator=gen) * WEIGHT_STD
+    return out
+
+
+def ibq_state_dict(seed: int = SEED, n_codes: int = N_CODES) -> dict:
+    """Random IBQ weights built with the pack's own module (key names = the reference's)."""
+    import torch
+
+    from gentor.modeling.emu35.ibq import IBQ as Model, IBQConfig
+
+    torch.manual_seed(seed)
+    model = Model(IBQConfig.from_yaml_dict({"ddconfig": IBQ_DDCONFIG, "n_embed": n_codes, "embed_dim": CODE_DIM}))
+    with torch.no_grad():
+        model.quantize.embedding.weight.normal_(0.0, 1.0)
+    return model.state_dict()
+
+
+def _atomic(final: Path, force: bool, fill) -> Path:
+    if (final / MARKER).is_file() and not force:
+        return final
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    fill(tmp)
+    (tmp / MARKER).write_text("ok\n")
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return final
+
+
+def write_model(folder: Path, n_codes: int = N_CODES, **shape: int) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    config = emu3_config(n_codes, **shape)
+    (folder / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    sd = {k: v.to(torch.bfloat16) for k, v in llm_state_dict(config).items()}
+    save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    write_tokenizer(folder, n_codes)
+
+
+def write_ibq(folder: Path, n_codes: int = N_CODES) -> None:
+    import torch
+    import yaml
+
+    cfg = {"ddconfig": IBQ_DDCONFIG, "n_embed": n_codes, "embed_dim": CODE_DIM, "beta": 0.25,
+           "use_entropy_loss": False}
+    (folder / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    torch.save({"state_dict": ibq_state_dict(n_codes=n_codes)}, folder / "model.ckpt")
+
+
+def write(out_dir: Path | str, force: bool = False) -> dict[str, Path]:
+    """Write both tiny folders under ``out_dir/emu35/``; return {folder name: path}."""
+    root = Path(out_dir) / FOLDER
+    root.mkdir(parents=True, exist_ok=True)
+    return {MODEL: _atomic(root / MODEL, force, write_model), IBQ: _atomic(root / IBQ, force, write_ibq)}
