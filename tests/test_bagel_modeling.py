@@ -178,19 +178,24 @@ def test_kv_cached_context_equals_one_packed_pass(engine):
         latent = engine.encode_latent(engine.vae_rule.resize(image), torch.Generator().manual_seed(2))
         queries = [engine.text_query("hello"), engine.latent_query(latent, 32, 48, 0.0),
                    engine.vit_query(image), engine.text_query("paint it"), engine.latent_query(x, 32, 64, 0.7)]
-        seqs, pos, gen_idx, start, p = [], [], [], 0, 0
+        ids, ids_at, extras, extras_at, pos, gen_idx, start, p = [], [], [], [], [], [], 0, 0
         for q in queries:
-            seqs.append(model.embed(q, torch.device("cpu")))
+            extra, at = model.embed_extra(q, torch.device("cpu"))
+            ids.append(q.text_ids)
+            ids_at.append(q.text_index + start)
+            if extra is not None:
+                extras.append(extra)
+                extras_at.append(at + start)
             pos.append(q.position_ids(p))
             p += q.positions if q.positions > 1 else 1
             if q.latent is not None:
                 gen_idx.append(q.latent.index + start)
             start += q.length
-        seq = torch.cat(seqs)
         gen = torch.cat(gen_idx)
         und = torch.tensor(sorted(set(range(start)) - set(gen.tolist())))
         mask = split_mask([(q.length, "causal" if q.causal else "full") for q in queries])
-        hidden, _, _ = model.language_model.model(seq, torch.cat(pos), mot.Route(und, gen),
+        hidden, _, _ = model.language_model.model(torch.cat(ids), torch.cat(ids_at), torch.cat(extras),
+                                                   torch.cat(extras_at), torch.cat(pos), mot.Route(und, gen),
                                                    mb.KVCache.empty(2), False, mask)
         one_pass = model.llm2vae(hidden[queries[-1].latent.index + start - queries[-1].length])
     assert ctx.gen.length == start - queries[-1].length
@@ -393,3 +398,58 @@ def test_resize_rule_matches_the_reference_examples():
     assert pre.VIT_RULE.size(1024, 1024) == (980, 980)
     assert pre.VAE_RULE.size(300, 200) == (768, 512)  # short side raised to 512
     assert pre.VAE_RULE.size(4000, 1000) == (1024, 256)  # long side capped at 1024
+
+
+BLOCKS = ("language_model.model.layers", "vit_model.vision_model.encoder.layers")
+
+
+def _onload_owners(module: torch.nn.Module, block_modules: set[str], prefix: str = "") -> dict[str, str]:
+    """leaf name -> the module whose forward onloads it under diffusers' block-level group offloading with
+    nested ``block_modules`` (its documented rule: named children recurse, ModuleList items are groups,
+    everything else belongs to the enclosing module's group)."""
+    owners = {}
+    for name, child in module.named_children():
+        full = prefix + name
+        if name in block_modules:
+            owners.update(_onload_owners(child, block_modules, full + "."))
+        elif isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential)):
+            for i, block in enumerate(child):
+                owners.update({f"{full}.{i}.{n}" if n else f"{full}.{i}": f"{full}.{i}"
+                               for n, _ in block.named_modules()})
+        else:
+            owners.update({f"{full}.{n}" if n else full: prefix.rstrip(".") for n, _ in child.named_modules()})
+    return owners
+
+
+def test_every_weight_is_used_inside_the_forward_that_block_offload_onloads_it_with(engine):
+    """On a GPU a weight used outside its owner's forward would still sit on the CPU: check the call stack."""
+    model = engine.model
+    block_modules = {part for p in BLOCKS for part in p.split(".")[:-1]}
+    owners = _onload_owners(model, block_modules)
+    names = {m: n for n, m in model.named_modules()}
+    active: list[str] = []
+    bad: set[str] = set()
+    handles = []
+
+    def pre(mod, _args):
+        name = names[mod]
+        if any(True for _ in mod.parameters(recurse=False)):
+            owner = owners.get(name, "")
+            if owner and owner not in active:
+                bad.add(f"{name} (owner {owner})")
+        active.append(name)
+
+    for m in model.modules():
+        handles.append(m.register_forward_pre_hook(pre))
+        handles.append(m.register_forward_hook(lambda *_: (active.pop(), None)[1]))
+    try:
+        with torch.no_grad():
+            image = Image.new("RGB", (40, 40), (1, 2, 3))
+            ctx = engine.build_contexts([image, "x"], torch.Generator().manual_seed(0), (32, 32))
+            engine.velocity(ctx.gen, torch.randn(4, 64), 32, 32, 0.5)
+            engine.generate_text(ctx.gen, 2)
+    finally:
+        for h in handles:
+            h.remove()
+    assert not bad, sorted(bad)
+    assert set(owners.values()) >= {"", "language_model", "language_model.model", "vit_model.vision_model"}

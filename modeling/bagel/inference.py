@@ -84,8 +84,10 @@ class BagelEngine:
     """The weights plus the packing rules; one sample at a time (as the reference's inference)."""
 
     def __init__(self, model: Bagel, ae: AutoEncoder, tokenizer, vae_rule: ResizeRule = VAE_RULE,
-                 vit_rule: ResizeRule = VIT_RULE):
+                 vit_rule: ResizeRule = VIT_RULE, device: torch.device | None = None):
         self.model, self.ae, self.tokenizer = model, ae, tokenizer
+        # Where to compute: offloaded weights rest on the CPU and are moved here by the placement hooks.
+        self.device = device or torch.device("cpu")
         self.cfg = model.cfg
         self.ids = token_ids(tokenizer)
         self.vae_rule, self.vit_rule = vae_rule, vit_rule
@@ -117,25 +119,27 @@ class BagelEngine:
     def encode_latent(self, image: Image.Image, generator: torch.Generator | None) -> torch.Tensor:
         """A VAE-sized RGB image -> patchified condition latent tokens [h*w, 64] (posterior sample)."""
         pixels = to_model_tensor(self.vae_rule.resize(image)).unsqueeze(0)
-        weight = next(self.ae.parameters())  # the autoencoder never rests in FP8 (fp8_exclude)
-        latent = self.ae.encode(pixels.to(weight.device, weight.dtype), generator=generator)[0]
+        dtype = next(self.ae.parameters()).dtype  # the autoencoder never rests in FP8 (fp8_exclude)
+        latent = self.ae.encode(pixels.to(self.device, dtype), generator=generator)[0]
         return patchify(latent.float(), self.cfg.latent_patch_size)
 
     # -- context updates ------------------------------------------------------------------------------
     def add_text(self, cache: KVCache, text: str) -> KVCache:
-        return self.model(self.text_query(text), cache)[1]
+        return self.model(self.text_query(text), cache, device=self.device)[1]
 
     def add_image(self, cache: KVCache, image: Image.Image, generator: torch.Generator | None,
                   vae: bool = True) -> KVCache:
         """``image`` must already follow the VAE size rule (it is also the ViT input before its own rule)."""
         if vae:
             w, h = image.size
-            cache = self.model(self.latent_query(self.encode_latent(image, generator), h, w, 0.0), cache)[1]
-        return self.model(self.vit_query(image), cache)[1]
+            query = self.latent_query(self.encode_latent(image, generator), h, w, 0.0)
+            cache = self.model(query, cache, device=self.device)[1]
+        return self.model(self.vit_query(image), cache, device=self.device)[1]
 
     # -- outputs --------------------------------------------------------------------------------------
     def velocity(self, cache: KVCache, x: torch.Tensor, height: int, width: int, t: float) -> torch.Tensor:
-        return self.model(self.latent_query(x, height, width, t), cache, HEAD_VELOCITY, update=False)[0]
+        query = self.latent_query(x, height, width, t)
+        return self.model(query, cache, HEAD_VELOCITY, update=False, device=self.device)[0]
 
     def generate_text(self, cache: KVCache, max_length: int, on_token: Callable[[int], None] | None = None,
                       temperature: float = 0.0, generator: torch.Generator | None = None) -> tuple[str, bool]:
@@ -145,7 +149,7 @@ class BagelEngine:
         token, out, cut = self.ids.bos, [], True
         for step in range(max_length):
             one = Query(1, torch.tensor([token]), torch.arange(1), 1, causal=True)
-            logits, cache = self.model(one, cache, HEAD_LOGITS)
+            logits, cache = self.model(one, cache, HEAD_LOGITS, device=self.device)
             if temperature > 0:
                 probs = torch.softmax(logits[0].cpu() / temperature, dim=-1)
                 token = int(torch.multinomial(probs, 1, generator=generator))
@@ -165,8 +169,8 @@ class BagelEngine:
         """Latent tokens [h*w, 64] -> image [3, H, W] in 0..1 (float32, CPU)."""
         d = self.cfg.latent_downsample
         latent = unpatchify_latent(x, height // d, width // d, self.cfg.latent_patch_size, self.cfg.ae.z_channels)
-        weight = next(self.ae.parameters())
-        image = self.ae.decode(latent.unsqueeze(0).to(weight.device, weight.dtype))[0].float().cpu()
+        dtype = next(self.ae.parameters()).dtype
+        image = self.ae.decode(latent.unsqueeze(0).to(self.device, dtype))[0].float().cpu()
         return (image * 0.5 + 0.5).clamp(0, 1)
 
     # -- the reference's interleave_inference ---------------------------------------------------------

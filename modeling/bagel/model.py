@@ -73,43 +73,42 @@ class Bagel(nn.Module):
         # Embeddings never rest in FP8 (skip list), so their dtype is the compute dtype.
         return self.language_model.model.embed_tokens.weight.dtype
 
-    def embed(self, query: Query, device: torch.device) -> torch.Tensor:
+    def embed_extra(self, query: Query, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The non-text tokens of ``query`` embedded (ViT features or latents) and their places."""
         dtype = self.compute_dtype
-        text = self.language_model.model.embed_tokens(query.text_ids.to(device))
-        if query.vit is None and query.latent is None:
-            return text
-        seq = torch.zeros(query.length, self.cfg.llm.hidden_size, dtype=dtype, device=device)
-        seq[query.text_index.to(device)] = text
         if query.vit is not None:
             vb = query.vit
             pos = vb.position_ids.to(device)
             feats = self.vit_model(vb.patches.to(device, dtype), pos, [vb.patches.shape[0]])
-            seq[vb.index.to(device)] = (self.connector(feats) + self.vit_pos_embed(pos)).to(dtype)
+            return (self.connector(feats) + self.vit_pos_embed(pos)).to(dtype), vb.index.to(device)
         if query.latent is not None:
             lb = query.latent
             t = torch.full((1,), float(lb.timestep), device=device)
             x = self.vae2llm(lb.tokens.to(device, dtype)) + self.time_embedder(t, dtype) \
                 + self.latent_pos_embed(lb.position_ids.to(device))
-            seq[lb.index.to(device)] = x.to(dtype)
-        return seq
+            return x.to(dtype), lb.index.to(device)
+        return None, None
 
     def forward(self, query: Query, cache: KVCache, head: str = HEAD_NONE, update: bool = True,
-                mask: torch.Tensor | None = None) -> tuple[torch.Tensor | None, KVCache]:
+                mask: torch.Tensor | None = None, device: torch.device | None = None
+                ) -> tuple[torch.Tensor | None, KVCache]:
         """Run ``query`` after the context in ``cache``. Returns (head output, cache). With ``update`` the
         returned cache includes the query (a new context); otherwise it is ``cache`` unchanged.
+        ``device``: where to compute (offloaded weights rest elsewhere); default: where the weights are.
         ``mask`` (bool [query, cache + query]) replaces the segment rule: used by tests to run a whole
         packed sequence at once with explicit masks."""
-        device = self.language_model.model.embed_tokens.weight.device
-        seq = self.embed(query, device)
+        device = device or self.vae2llm.weight.device
+        extra, extra_index = self.embed_extra(query, device)
         route = None
         if query.latent is not None:  # latent tokens -> generation expert; markers -> understanding expert
             route = Route(query.text_index.to(device), query.latent.index.to(device))
         pos = query.position_ids(cache.next_position).to(device)
-        hidden, keys, values = self.language_model.model(seq, pos, route, cache, query.causal,
-                                                         None if mask is None else mask.to(device))
+        hidden, keys, values, logits = self.language_model(
+            query.text_ids.to(device), query.text_index.to(device), extra, extra_index, pos, route, cache,
+            query.causal, None if mask is None else mask.to(device), logits=head == HEAD_LOGITS)
         new_cache = cache.extend(keys, values, 1 if query.positions == 1 else query.length) if update else cache
         if head == HEAD_LOGITS:
-            return self.language_model.lm_head(hidden[-1:]).float(), new_cache
+            return logits, new_cache
         if head == HEAD_VELOCITY:
             return self.llm2vae(hidden[query.latent.index.to(device)]).float(), new_cache
         return None, new_cache

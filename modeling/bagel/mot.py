@@ -152,9 +152,19 @@ class MoTModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.norm_moe_gen = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, route: Route | None, cache: KVCache,
+    def forward(self, text_ids: torch.Tensor, text_index: torch.Tensor | None, extra: torch.Tensor | None,
+                extra_index: torch.Tensor | None, position_ids: torch.Tensor, route: Route | None, cache: KVCache,
                 causal: bool, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, list, list]:
-        """Run one packed query segment after ``cache``; returns (normed hidden, merged keys, values)."""
+        """Run one packed query segment after ``cache``; returns (normed hidden, merged keys, values).
+
+        The segment is the embedded ``text_ids`` at ``text_index`` plus already-embedded ``extra`` tokens
+        (ViT features, latents) at ``extra_index`` (None: a text-only segment)."""
+        x = self.embed_tokens(text_ids)
+        if extra is not None:
+            seq = x.new_zeros((x.shape[0] + extra.shape[0], x.shape[1]))
+            seq[text_index] = x
+            seq[extra_index] = extra.to(x.dtype)
+            x = seq
         cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         keys, values = [], []
         for i, layer in enumerate(self.layers):
@@ -171,3 +181,9 @@ class MoTForCausalLM(nn.Module):
         super().__init__()
         self.model = MoTModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def forward(self, *args, logits: bool = False, **kwargs) -> tuple[torch.Tensor, list, list, torch.Tensor | None]:
+        """``model(*args)``, plus next-token logits of the last token when ``logits`` (lm_head is used
+        only here, so offload hooks on this module see it)."""
+        hidden, keys, values = self.model(*args, **kwargs)
+        return hidden, keys, values, self.lm_head(hidden[-1:]).float() if logits else None

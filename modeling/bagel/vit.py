@@ -69,6 +69,11 @@ class SiglipEncoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(SiglipEncoderLayer(cfg) for _ in range(cfg.num_layers))
 
+    def forward(self, x: torch.Tensor, seqlens: list[int]) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x, seqlens)
+        return x
+
 
 class SiglipEmbeddings(nn.Module):
     def __init__(self, cfg: ViTConfig):
@@ -84,6 +89,10 @@ class SiglipVisionTransformer(nn.Module):
         self.encoder = SiglipEncoder(cfg)
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
+    def forward(self, patches: torch.Tensor, position_ids: torch.Tensor, seqlens: list[int]) -> torch.Tensor:
+        x = self.embeddings.patch_embedding(patches) + self.embeddings.position_embedding(position_ids)
+        return self.post_layernorm(self.encoder(x, seqlens))
+
 
 class SiglipNavit(nn.Module):
     """``vit_model``: packed patches [N, p*p*C] + flattened position ids [N] -> features [N, hidden]."""
@@ -94,8 +103,6 @@ class SiglipNavit(nn.Module):
         self.vision_model = SiglipVisionTransformer(cfg)
 
     def forward(self, patches: torch.Tensor, position_ids: torch.Tensor, seqlens: list[int]) -> torch.Tensor:
-        vm = self.vision_model
-        x = vm.embeddings.patch_embedding(patches) + vm.embeddings.position_embedding(position_ids)
-        for layer in vm.encoder.layers:
-            x = layer(x, seqlens)
-        return vm.post_layernorm(x)
+        # Every weight is used inside the forward of its parent module: block offload (diffusers' group
+        # offloading with nested block_modules) onloads a parent's loose weights only in its forward.
+        return self.vision_model(patches, position_ids, seqlens)
