@@ -67,6 +67,17 @@ BACKENDS: tuple[BackendSpec, ...] = (
                           size="T2I 1328x1328; Edit from the first image, Edit-2509/2511 from the last, at ~1 MP"),
         blocks=(("transformer", ("transformer_blocks",)), ("text_encoder", QWEN2_5_VL_BLOCKS)),
         fp8_skip=COMMON_FP8_SKIP, fp8_exclude=("vae",), loader_node="GentorLoadQwenImage"),
+    BackendSpec(
+        "emu35", "Emu3.5", ("emu35",),
+        (("transformers", "transformers"), ("accelerate", "accelerate"), ("tiktoken", "tiktoken"),
+         ("yaml", "pyyaml")),
+        tasks=(TASK_T2I, TASK_EDIT), max_references=3,
+        defaults=Defaults(steps=None, cfg=5.0, cfg_name="classifier-free guidance",
+                          steps_note="autoregressive: no steps",
+                          size="T2I from the aspect preset (default 4:3 = 55x73 tokens, ~1 MP); X2I the grid of the "
+                               "last reference at image_area (1 MP); cfg 5.0 T2I / 3.0 X2I (Emu3.5-Image), 2.0 Emu3.5"),
+        blocks=(("llm", ("model.layers",)),),
+        fp8_skip=COMMON_FP8_SKIP, fp8_exclude=("ibq",), loader_node="GentorLoadEmu35"),
 )
 
 

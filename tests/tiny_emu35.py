@@ -28,6 +28,9 @@ IBQ = "tiny-ibq"
 N_CODES = 64
 BPE_RANKS = 151643
 FIRST_VISUAL = 151854
+BOI = 151852
+IMAGE_FIRST_CHANNEL = 4.0
+IMAGE_FIRST_WEIGHT = 50.0
 MARKER = ".complete"
 LLM_SHAPE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                  num_key_value_heads=1, head_dim=16)
@@ -92,8 +95,14 @@ def llm_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def llm_state_dict(config: dict, seed: int = SEED) -> dict:
-    """Random weights with the reference key names; norms away from 1 so a wrong norm shows."""
+def llm_state_dict(config: dict, seed: int = SEED, image_first: bool | None = None) -> dict:
+    """Random weights with the reference key names; norms away from 1 so a wrong norm shows.
+
+    ``image_first`` (default: when the vocabulary has the image tokens) makes the model open its answer
+    with <|image start|>, as the real Emu3.5-Image does, so end-to-end runs produce an image: hidden
+    channel 0 carries a constant (embeddings set it, no layer writes to it) that only the head row of
+    <|image start|> reads, with a large weight. Every other weight stays random.
+    """
     import torch
 
     gen = torch.Generator().manual_seed(seed)
@@ -103,6 +112,15 @@ def llm_state_dict(config: dict, seed: int = SEED) -> dict:
             out[key] = torch.rand(shape, generator=gen) + 0.5
         else:
             out[key] = torch.randn(shape, generator=gen) * WEIGHT_STD
+    if image_first is None:
+        image_first = config["vocab_size"] > BOI
+    if image_first:
+        out["model.embed_tokens.weight"][:, 0] = IMAGE_FIRST_CHANNEL
+        for key in out:
+            if key.endswith(("o_proj.weight", "down_proj.weight")):
+                out[key][0, :] = 0.0
+        out["lm_head.weight"][:, 0] = 0.0
+        out["lm_head.weight"][BOI, 0] = IMAGE_FIRST_WEIGHT
     return out
 
 

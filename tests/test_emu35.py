@@ -1,0 +1,187 @@
+"""Emu3.5 through the real loader and sampler on the tiny models: T2I, X2I, progress, Cancel, bad input."""
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("tiktoken", reason="the Emu3.5 tokenizer needs tiktoken (pip install tiktoken)")
+
+from gentor import glue  # noqa: E402
+from gentor.errors import GenerationError, GentorError, InputError, MemoryEstimateError, ModelFolderError  # noqa: E402
+from gentor.loaders import emu35 as loader  # noqa: E402
+from gentor.loaders.cache import CACHE  # noqa: E402
+from gentor.loaders.memory import MemoryOptions, stored_dtypes  # noqa: E402
+from gentor.modeling.emu35.placement import plan_devices  # noqa: E402
+from gentor.samplers import emu35 as sampler  # noqa: E402
+from gentor.samplers.common import Request, Settings  # noqa: E402
+from tests import tiny_emu35  # noqa: E402
+
+MODEL, IBQ = tiny_emu35.MODEL, tiny_emu35.IBQ
+SMALL_AREA = 32 * 48  # references become 2x2 or 2x3 tokens
+
+
+@pytest.fixture(scope="module")
+def emu_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("emu_models")
+    tiny_emu35.write(root)
+    return root / tiny_emu35.FOLDER
+
+
+@pytest.fixture(autouse=True)
+def roots(emu_root):
+    glue.set_fallback_roots("emu35", [emu_root])
+    yield emu_root
+
+
+def handle(memory=None, **kw):
+    return loader.load_handle(MODEL, IBQ, memory=memory, **kw)
+
+
+def picture(w: int, h: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8), "RGB")
+
+
+def settings(**kw) -> Settings:
+    return sampler.make_settings(**{"image_area": SMALL_AREA, **kw})
+
+
+def t2i(**kw):
+    req = dict(prompt="a red fox in the snow", seed=3, width=48, height=32)
+    req.update(kw)
+    return sampler.run(handle(), "t2i", Request(**req))
+
+
+# ----------------------------------------------------------------------------- detection
+def test_detected_from_files():
+    h = handle()
+    assert h.backend == "emu35" and h.variant == "emu3.5-image"
+    assert h.info_dict["codes"] == "64" and h.info_dict["layers"] == "2"
+    assert loader.list_models() == [MODEL] and loader.list_vision_tokenizers() == [IBQ]
+
+
+# ----------------------------------------------------------------------------- generation
+def test_t2i_shape_determinism_and_notes():
+    a = t2i(steps=7)
+    assert a.image.shape == (1, 32, 48, 3) and a.image.dtype == torch.float32
+    assert torch.isfinite(a.image).all() and 0 <= a.image.min() and a.image.max() <= 1
+    assert torch.equal(a.image, t2i().image), "same seed + inputs -> same image"
+    assert not torch.equal(a.image, t2i(seed=4).image)
+    assert "grid=2x3" in a.text and "cfg=5.0" in a.text and "steps=7 does not apply" in a.text
+
+
+def test_aspect_preset_and_cfg_default_for_edit():
+    job, _ = sampler.plan_job("t2i", "emu3.5-image", Request(prompt="x", settings=settings(aspect="1:1")))
+    assert job.grid == (2, 2)  # 1:1 at 1536 px: rows=int(sqrt(1536))=39 px -> 2 tokens
+    job, _ = sampler.plan_job("t2i", "emu3.5-image", Request(prompt="x"))
+    assert job.grid == (55, 73) and job.cfg == 5.0 and job.params.image_top_k == 5120
+    job, _ = sampler.plan_job("edit", "emu3.5-image", Request(prompt="x", images=[picture(64, 64, 0)]))
+    assert job.cfg == 3.0 and job.grid == (64, 64)
+    job, _ = sampler.plan_job("t2i", "emu3.5", Request(prompt="x"))
+    assert job.cfg == 2.0 and job.grid is None and job.params.image_top_k == 10240
+
+
+def test_edit_one_and_three_references_follow_the_last():
+    one = sampler.run(handle(), "edit", Request(prompt="make it blue", seed=1, images=[picture(64, 64, 1)],
+                                                settings=settings()))
+    assert one.image.shape == (1, 32, 32, 3) and "references=1" in one.text
+    refs = [picture(64, 64, 1), picture(40, 70, 2), picture(96, 48, 3)]
+    three = sampler.run(handle(), "edit", Request(prompt="combine them", seed=1, images=refs, settings=settings()))
+    assert three.image.shape == (1, 32, 48, 3) and torch.isfinite(three.image).all()
+    other = sampler.run(handle(), "edit", Request(prompt="combine them", seed=1, images=[refs[2], refs[1], refs[0]],
+                                                  settings=settings()))
+    assert other.image.shape == (1, 32, 32, 3)  # now the 64x64 picture is last
+
+
+def test_progress_per_row_previews_and_cancel():
+    calls = []
+    sampler.run(handle(), "t2i", Request(prompt="rows", seed=2, width=48, height=48),
+                listener=lambda v, total, preview: calls.append((v, total, preview)))
+    assert [(v, t) for v, t, _ in calls] == [(1, 3), (2, 3), (3, 3)]
+    assert isinstance(calls[0][2], Image.Image) and calls[0][2].size == (48, 16)  # one finished row
+
+    def cancel(value, total, preview):
+        glue.request_interrupt()
+
+    with pytest.raises(GentorError) as info:
+        sampler.run(handle(), "t2i", Request(prompt="rows", seed=2, width=48, height=48), listener=cancel)
+    assert glue.is_interrupt(info.value)
+
+
+def test_fp8_storage_runs():
+    h = handle(memory=MemoryOptions(weight_dtype="fp8_e4m3fn", compute_dtype="fp32"))
+    out = sampler.run(h, "t2i", Request(prompt="a red fox", seed=3, width=32, height=32))
+    assert out.image.shape == (1, 32, 32, 3) and torch.isfinite(out.image).all()
+    llm = [e for e in CACHE.entries("emu35_llm") if e.precision and e.precision.cast][0]
+    dtypes = stored_dtypes(llm.value)
+    assert dtypes.get(torch.float8_e4m3fn, 0) > 0
+    assert isinstance(llm.value.model.layers[0].mlp.up_proj.weight.dtype, torch.dtype)
+    assert llm.value.model.layers[0].mlp.up_proj.weight.dtype == torch.float8_e4m3fn
+    assert llm.value.model.embed_tokens.weight.dtype == torch.float32  # embeddings stay out of FP8
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_missing_vision_tokenizer_says_where(emu_root):
+    with pytest.raises(ModelFolderError, match=str(emu_root)):
+        loader.load_handle(MODEL, "")
+    with pytest.raises(InputError, match="not a folder inside"):
+        loader.load_handle(MODEL, "no-such-tokenizer")
+
+
+def test_codebook_must_match_vocab(emu_root):
+    bad = emu_root / "ibq-32"
+    if not bad.exists():
+        bad.mkdir()
+        tiny_emu35.write_ibq(bad, n_codes=32)
+    with pytest.raises(ModelFolderError, match=r"codebook does not match.*got n_embed 32, expected 64"):
+        loader.load_handle(MODEL, "ibq-32")
+
+
+def test_pickle_beyond_weights_is_refused_with_a_conversion_command(emu_root):
+    bad = emu_root / "ibq-pickle"
+    shutil.copytree(emu_root / IBQ, bad, dirs_exist_ok=True)
+    state = torch.load(bad / "model.ckpt", weights_only=True)
+    state["args"] = argparse.Namespace(lr=1)  # not a plain tensor container: weights_only refuses it
+    torch.save(state, bad / "model.ckpt")
+    with pytest.raises(ModelFolderError, match=r"refused.*weights_only=True.*save_file"):
+        loader.load_ibq(bad, 64)
+
+
+def test_bad_requests():
+    h = handle()
+    refs = [picture(32, 32, i) for i in range(4)]
+    with pytest.raises(InputError, match="too many references.*got 4, expected at most 3"):
+        sampler.run(h, "edit", Request(prompt="x", images=refs, settings=settings()))
+    with pytest.raises(InputError, match="max_new_tokens.*got 10, expected at least 13"):
+        sampler.run(h, "t2i", Request(prompt="x", width=48, height=32, settings=settings(max_new_tokens=10)))
+    with pytest.raises(InputError, match="image_area: out of range"):
+        sampler.make_settings(image_area=10)
+    with pytest.raises(InputError, match="dcae"):
+        sampler.make_settings(vq_type="dcae")
+    with pytest.raises(InputError, match="settings of another backend"):
+        sampler.run(h, "t2i", Request(prompt="x", settings=Settings("qwen_image", ())))
+
+
+def test_run_without_complete_image_fails_with_text_and_limit():
+    with pytest.raises(GenerationError, match=r"max_new_tokens: no complete image.*got text.*Raise max_new_tokens"):
+        sampler.run(handle(), "t2i", Request(prompt="x", seed=1, settings=settings(aspect="auto", max_new_tokens=9)))
+
+
+def test_budgets_that_cannot_hold_the_model_are_refused():
+    from gentor.modeling.emu35.decoder import build_decoder, qwen3_config  # noqa: PLC0415
+
+    cfg = tiny_emu35.emu3_config()
+    model = build_decoder(qwen3_config(cfg))
+    job, _ = sampler.plan_job("t2i", "emu3.5-image", Request(prompt="x", width=32, height=32))
+    sizes = sampler.model_sizes(model, job)
+    assert sizes.layers == 2 and sizes.embed == 151918 * 32 * 4
+    with pytest.raises(MemoryEstimateError, match=r"does not fit.*expected at least"):
+        plan_devices(sizes, {"cuda:0": sizes.embed + sizes.reserve, "cuda:1": sizes.reserve + 1})
+    ok = plan_devices(sizes, {"cuda:0": 10**10})
+    assert ok.layers_per_device == {"cuda:0": 2}
