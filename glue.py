@@ -121,6 +121,25 @@ class _Holder(torch.nn.Module):
         self.device = device
 
 
+def memory_manager_features() -> dict[str, bool]:
+    """What ComfyUI's memory manager offers here, detected by feature, never by version.
+
+    - ``dynamic_vram``: newer ComfyUI's aimdo path is on (default on NVIDIA since spring 2026). Our patchers
+      stay the legacy ``ModelPatcher`` (our layers are not comfy.ops layers, which the dynamic patcher
+      needs); mixing one in costs pinned RAM of its resident size, so hook-managed weights register as
+      empty stand-ins and only ``offload = none`` registers real bytes.
+    - ``on_detach``: ComfyUI tells patchers when it unloads them; without it /free cannot reach our cache.
+    """
+    if not in_comfyui():
+        return {}
+    import sys  # noqa: PLC0415
+
+    from comfy.patcher_extension import CallbacksMP  # noqa: PLC0415
+
+    return {"dynamic_vram": bool(getattr(sys.modules.get("comfy.memory_management"), "aimdo_enabled", False)),
+            "on_detach": hasattr(CallbacksMP, "ON_DETACH")}
+
+
 def make_patcher(module: torch.nn.Module | None, size: int, on_detach: Callable[[], None]) -> Any | None:
     """Register a module with ComfyUI's memory manager (None outside ComfyUI).
 
@@ -132,9 +151,16 @@ def make_patcher(module: torch.nn.Module | None, size: int, on_detach: Callable[
     import comfy.model_patcher as mp  # noqa: PLC0415
     from comfy.patcher_extension import CallbacksMP  # noqa: PLC0415
 
+    features = memory_manager_features()
     holder = _Holder(module if module is not None else torch.nn.Module(), offload_device())
+    # Deliberately the legacy class, also where CoreModelPatcher is the dynamic one: the dynamic load()
+    # refuses full loads and expects comfy.ops layers.
     patcher = mp.ModelPatcher(holder, load_device=torch_device(), offload_device=offload_device(), size=size)
-    patcher.add_callback(CallbacksMP.ON_DETACH, lambda _p, _unpatch_all: on_detach())
+    if features["on_detach"]:
+        patcher.add_callback(CallbacksMP.ON_DETACH, lambda _p, _unpatch_all: on_detach())
+    else:
+        log.warning("Gentor: this ComfyUI's ModelPatcher has no ON_DETACH callback: 'Unload models' and /free "
+                    "cannot free Gentor's cache; use POST /gentor/unload")
     return patcher
 
 

@@ -139,14 +139,17 @@ def _fp8_bytes(loader, sampler, CACHE, root, prompt, no_preview) -> None:
 
 
 def _entries(cache, path: Path) -> dict:
-    return {e.key[0].split("/")[1]: e for e in cache._entries.values() if Path(e.source).parent == path}
+    # Most recently used copy per component (several precisions may be cached).
+    return {Path(e.source).name: e for e in reversed(cache.entries()) if Path(e.source).parent == path}
 
 
 def bench_gpu(args) -> None:
     from diffusers import QwenImageTransformer2DModel
 
     import_pack()
-    from gentor.loaders.memory import FP8_SKIP_PATTERNS, Precision, apply_block_offload, convert, module_bytes
+    from gentor.loaders.memory import Precision, apply_storage, module_bytes
+    from gentor.loaders.placement import apply_block_offload
+    from gentor.registry import COMMON_FP8_SKIP
 
     dev = torch.device("cuda")
     tokens = (args.size // 16) ** 2
@@ -175,15 +178,14 @@ def bench_gpu(args) -> None:
     print(f"full-size transformer: {args.layers} layers, {args.size}^2 ({tokens} image tokens + {text} text)")
     for mode in ("bf16", "fp8", "fp8+block"):
         model = build()
-        bf16 = Precision(torch.bfloat16, torch.bfloat16)
         if mode.startswith("fp8"):
-            convert(model, bf16, Precision(torch.float8_e4m3fn, torch.bfloat16), FP8_SKIP_PATTERNS)
+            apply_storage(model, Precision(torch.float8_e4m3fn, torch.bfloat16), COMMON_FP8_SKIP)
         weights = module_bytes(model)
         torch.cuda.empty_cache()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         if mode.endswith("block"):
-            apply_block_offload(model, dev)
+            apply_block_offload(model, ("transformer_blocks",), dev)
         else:
             model.to(dev)
         kw = inputs()

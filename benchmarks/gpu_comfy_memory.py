@@ -65,7 +65,7 @@ def main() -> None:
                                                   settings=settings), listener=listener)
 
     def transformer():
-        return next(e for e in CACHE._entries.values() if e.key[0] == "qwen_image/transformer")
+        return CACHE.entries("qwen_image_transformer")[0]
 
     bf16 = MemoryOptions(weight_dtype="bf16")
     run(bf16)

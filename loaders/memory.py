@@ -28,10 +28,6 @@ FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 # Precision rank: a cached copy can be converted in place only to a strictly lower rank
 # (or kept); anything else needs a fresh read from disk.
 _RANK = {torch.float32: 3, torch.bfloat16: 2, torch.float16: 2, torch.float8_e4m3fn: 1, torch.float8_e5m2: 1}
-# Layers kept out of FP8 (norms, embeddings, in/out projections): they are small and sensitive.
-FP8_SKIP_PATTERNS = ("pos_embed", "patch_embed", "norm", "embed", "^proj_in$", "^proj_out$", "lm_head")
-GROUP_OFFLOAD_HOOKS = ("group_offloading", "layer_execution_tracker", "lazy_prefetch_group_offloading")
-BLOCKS_PER_GROUP = 1
 GIB = 1024**3
 
 
@@ -98,6 +94,11 @@ def resolve(options: MemoryOptions | None, device: torch.device) -> Plan:
         compute = DTYPES[options.compute_dtype]
     else:
         compute = default if storage in FP8 else storage
+    if on_gpu and torch.bfloat16 in (storage, compute) and not torch.cuda.is_bf16_supported():
+        # Pre-Ampere GPUs have no bf16 math: fp16 has the same size and is computed natively.
+        notes.append("this GPU cannot compute in bf16: using fp16 instead")
+        storage = torch.float16 if storage == torch.bfloat16 else storage
+        compute = torch.float16
     offload = options.offload
     if offload != "none" and device.type == "cpu":
         notes.append(f"offload '{offload}' has no effect on a CPU (no second device); hooks still run")
@@ -108,51 +109,30 @@ def _name(dtype: torch.dtype) -> str:
     return next((k for k, v in DTYPES.items() if v == dtype), str(dtype))
 
 
-def can_convert(current: Precision, target: Precision) -> bool:
-    """True when ``target`` is reachable from ``current`` without losing what was read from disk."""
+def is_wider(have: Precision, want: Precision) -> bool:
+    """True when ``want`` can be derived from a copy held in ``have`` without losing what was read.
+
+    A copy stored in FP8 derives only copies with the same FP8 storage (its skipped layers may narrow);
+    bf16 and fp16 are different, not wider or narrower.
+    """
     def ok(a: torch.dtype, b: torch.dtype) -> bool:
         return a == b or _RANK[b] < _RANK[a]
 
-    # Casting hooks cannot be taken off again, and a stored dtype cannot be swapped sideways.
-    if current.cast and (not target.cast or current.storage != target.storage):
+    if have == want:
         return False
-    return ok(current.storage, target.storage) and ok(current.base, target.base)
+    if have.cast and (not want.cast or have.storage != want.storage):
+        return False
+    return ok(have.storage, want.storage) and ok(have.base, want.base)
 
 
-def convert(module: torch.nn.Module, current: Precision, target: Precision, skip: tuple[str, ...]) -> None:
-    """Convert a module in place from ``current`` to ``target`` (``can_convert`` must hold)."""
+def apply_storage(module: torch.nn.Module, precision: Precision, skip: tuple[str, ...]) -> None:
+    """Cast a freshly built module to ``precision``: FP8 storage through diffusers' layerwise casting."""
     from diffusers.hooks import apply_layerwise_casting  # noqa: PLC0415
 
-    if current == target:
-        return
-    if target.cast and current.cast:
-        # Same storage, lower compute dtype: retarget the hooks, cast the skipped layers.
-        for sub in module.modules():
-            hook = _casting_hook(sub)
-            if hook is not None:
-                hook.compute_dtype = target.base
-            else:
-                _cast_own_floats(sub, target.base)
-        return
-    if current.base != target.base:
-        module.to(target.base)
-    if target.cast:
-        apply_layerwise_casting(module, storage_dtype=target.storage, compute_dtype=target.base,
+    module.to(precision.base)
+    if precision.cast:
+        apply_layerwise_casting(module, storage_dtype=precision.storage, compute_dtype=precision.base,
                                 skip_modules_pattern=skip)
-
-
-def _casting_hook(module: torch.nn.Module):
-    registry = getattr(module, "_diffusers_hook", None)
-    return registry.get_hook("layerwise_casting") if registry is not None else None
-
-
-def _cast_own_floats(module: torch.nn.Module, dtype: torch.dtype) -> None:
-    for p in module.parameters(recurse=False):
-        if p.is_floating_point() and p.dtype not in FP8:
-            p.data = p.data.to(dtype)
-    for name, b in module.named_buffers(recurse=False):
-        if b.is_floating_point() and b.dtype not in FP8:
-            setattr(module, name, b.to(dtype))
 
 
 def stored_dtypes(module: torch.nn.Module) -> dict[torch.dtype, int]:
@@ -165,31 +145,3 @@ def stored_dtypes(module: torch.nn.Module) -> dict[torch.dtype, int]:
 
 def module_bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in module.state_dict().values())
-
-
-# ----------------------------------------------------------------------------- offload hooks
-def has_block_offload(module: torch.nn.Module) -> bool:
-    """True when group-offloading hooks sit on the module or any submodule."""
-    return any(getattr(m, "_diffusers_hook", None) is not None and
-               m._diffusers_hook.get_hook("group_offloading") is not None for m in module.modules())
-
-
-def apply_block_offload(module: torch.nn.Module, device: torch.device) -> None:
-    """Weights rest on the CPU; each block is moved to ``device`` just before it runs."""
-    from diffusers.hooks import apply_group_offloading  # noqa: PLC0415
-
-    module.to("cpu")
-    use_stream = device.type == "cuda"
-    apply_group_offloading(module, onload_device=device, offload_device=torch.device("cpu"),
-                           offload_type="block_level", num_blocks_per_group=BLOCKS_PER_GROUP,
-                           use_stream=use_stream, non_blocking=use_stream)
-
-
-def remove_block_offload(module: torch.nn.Module) -> None:
-    """Undo apply_block_offload; the weights stay where they are (the CPU)."""
-    from diffusers.hooks import HookRegistry  # noqa: PLC0415
-
-    registry = HookRegistry.check_if_exists_or_initialize(module)
-    for name in GROUP_OFFLOAD_HOOKS:
-        registry.remove_hook(name, recurse=True)
-    registry.invalidate_child_registries_cache()

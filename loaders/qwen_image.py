@@ -11,10 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import registry
 from ..errors import ModelFolderError
 from .cache import ModelHandle, Session
 from .files import list_model_folders, read_json, resolve_model_folder, tensor_shapes, weight_files
-from .memory import FP8_SKIP_PATTERNS, MemoryOptions, Plan
+from .memory import MemoryOptions, Plan, Precision, apply_storage
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +33,19 @@ COMPONENTS = {
     "edit_plus": ("transformer", "vae", "text_encoder", "tokenizer", "scheduler", "processor"),
 }
 WEIGHTED = ("transformer", "vae", "text_encoder")
+# Cache kinds name the architecture (not the backend), so e.g. a Qwen2.5-VL folder used as a Qwen-Image text
+# encoder and by the prompt enhancer is one copy.
+KINDS = {
+    "transformer": "qwen_image_transformer",
+    "vae": "autoencoder_kl_qwen_image",
+    "text_encoder": "qwen2_5_vl",
+    "tokenizer": "tokenizer",
+    "scheduler": "scheduler",
+    "processor": "processor",
+}
 # Telltale transformer keys (as in ComfyUI's own detection): text-stream norm + packed-latent input.
 TELLTALE_KEYS = ("txt_norm.weight", "img_in.weight")
 PACKED_LATENT_CHANNELS = 64
-# The VAE stays out of FP8: it is small (~0.25 GB) and decides the final pixels.
-FP8_COMPONENTS = ("transformer", "text_encoder")
 
 
 @dataclass(frozen=True)
@@ -112,9 +121,29 @@ def load_handle(model_name: str, memory: MemoryOptions | None) -> ModelHandle:
     """What GentorLoadQwenImage does: resolve, validate, detect; weights load lazily at first use."""
     path = resolve_model_folder(BACKEND, "model_name", model_name, FOLDER_KEYS)
     info = inspect_folder(path)
-    return ModelHandle("qwen_image", info.variant, str(path), memory or MemoryOptions(),
+    return ModelHandle("qwen_image", info.variant, (("pipeline", str(path)),), memory or MemoryOptions(),
                        (("task", info.task), ("layers", str(info.num_layers)),
                         ("inner_dim", str(info.inner_dim)), ("zero_cond_t", str(info.zero_cond_t).lower())))
+
+
+def _module_loader(cls: Any, folder: Path, skip: tuple[str, ...]) -> Any:
+    """``load(precision, source)`` for the cache: read ``folder``, or convert a cached wider copy."""
+    def load(precision: Precision | None, source: Any) -> Any:
+        if source is not None:
+            # Same architecture from its config, weights from the cached wider copy: no disk read.
+            if hasattr(cls, "load_config"):
+                module = cls.from_config(cls.load_config(folder))
+            else:
+                from transformers import AutoConfig  # noqa: PLC0415
+
+                module = cls._from_config(AutoConfig.from_pretrained(folder))
+            module.to(precision.base).load_state_dict(source.state_dict())
+        else:
+            module = cls.from_pretrained(folder, dtype=precision.base if precision else None)
+        if precision is not None:
+            apply_storage(module, precision, skip)
+        return module
+    return load
 
 
 def load_components(path: Path, task: str, plan: Plan, session: Session) -> dict[str, Any]:
@@ -123,22 +152,26 @@ def load_components(path: Path, task: str, plan: Plan, session: Session) -> dict
     from diffusers import QwenImageTransformer2DModel  # noqa: PLC0415
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2VLProcessor  # noqa: PLC0415
 
+    spec = registry.get("qwen_image")
     precision = plan.precision
-    full = type(precision)(precision.base, precision.base)  # components kept out of FP8
-    loaders = {
-        "transformer": lambda dt: QwenImageTransformer2DModel.from_pretrained(path / "transformer", dtype=dt),
-        "vae": lambda dt: AutoencoderKLQwenImage.from_pretrained(path / "vae", dtype=dt),
-        "text_encoder": lambda dt: Qwen2_5_VLForConditionalGeneration.from_pretrained(path / "text_encoder", dtype=dt),
-        "tokenizer": lambda _dt: AutoTokenizer.from_pretrained(path / "tokenizer"),
-        "scheduler": lambda _dt: FlowMatchEulerDiscreteScheduler.from_pretrained(path / "scheduler"),
-        "processor": lambda _dt: Qwen2VLProcessor.from_pretrained(path / "processor"),
+    full = Precision(precision.base, precision.base)  # components kept out of FP8
+    classes = {"transformer": QwenImageTransformer2DModel, "vae": AutoencoderKLQwenImage,
+               "text_encoder": Qwen2_5_VLForConditionalGeneration}
+    weightless = {
+        "tokenizer": lambda _p, _s: AutoTokenizer.from_pretrained(path / "tokenizer"),
+        "scheduler": lambda _p, _s: FlowMatchEulerDiscreteScheduler.from_pretrained(path / "scheduler"),
+        "processor": lambda _p, _s: Qwen2VLProcessor.from_pretrained(path / "processor"),
     }
     out = {}
     for comp in COMPONENTS[task]:
-        weighted = comp in WEIGHTED
-        prec = (precision if comp in FP8_COMPONENTS else full) if weighted else None
+        if comp in WEIGHTED:
+            prec = full if comp in spec.fp8_exclude else precision
+            load = _module_loader(classes[comp], path / comp, spec.fp8_skip)
+        else:
+            prec, load = None, weightless[comp]
         try:
-            entry = session.get(f"qwen_image/{comp}", str(path / comp), loaders[comp], prec, FP8_SKIP_PATTERNS)
+            entry = session.get(KINDS[comp], str(path / comp), load, prec, user=f"{BACKEND} {comp}",
+                                display=BACKEND, skip=spec.fp8_skip if prec is not None and prec.cast else ())
         except (OSError, ValueError) as exc:
             raise ModelFolderError(f"{BACKEND} {comp}: could not be loaded from {path / comp} ({exc}). "
                                    "Check the component's files or re-download them.") from exc

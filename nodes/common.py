@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from comfy_api.v0_0_2 import io
 
+from .. import registry
+
 GentorModel = io.Custom("GENTOR_MODEL")
 GentorMemory = io.Custom("GENTOR_MEMORY")
 GentorSettings = io.Custom("GENTOR_SETTINGS")
@@ -24,16 +26,16 @@ def common_inputs() -> list:
         io.String.Input("prompt", multiline=True, default="",
                         tooltip="What to generate, or for edits the instruction (e.g. 'make the sky purple')."),
         io.String.Input("negative", multiline=True, default="",
-                        tooltip="What to avoid. Empty = the backend's default (Qwen-Image uses ' ' so true CFG runs)."),
+                        tooltip="What to avoid. Empty = the backend's default negative prompt."),
         io.Int.Input("seed", default=0, min=0, max=MAX_SEED, control_after_generate=True,
                      tooltip="Noise seed. Same seed + same inputs = the same image on the same machine."),
         io.Int.Input("steps", default=0, min=0, max=MAX_STEPS,
-                     tooltip="Denoising steps. 0 = the backend's default (Qwen-Image 50, Edit-2509/2511 40)."),
+                     tooltip="Denoising steps. 0 = the backend's default: " + registry.defaults_hint("steps") + "."),
         io.Float.Input("cfg", default=0.0, min=0.0, max=MAX_CFG, step=0.1,
-                       tooltip="Guidance scale (Qwen-Image: true_cfg_scale). 0 = the backend's default (4.0)."),
+                       tooltip="Guidance scale. 0 = the backend's default: " + registry.defaults_hint("cfg") + "."),
         io.Int.Input("width", default=0, min=0, max=MAX_SIZE, step=SIZE_STEP,
-                     tooltip="Output width in pixels. 0 = the backend's size rule (T2I 1328; edits follow the "
-                             "reference image). Off-grid values are rounded to 16 and reported."),
+                     tooltip="Output width in pixels. 0 = the backend's size rule: " + registry.defaults_hint("size")
+                             + ". Off-grid values are rounded to the backend's grid and reported."),
         io.Int.Input("height", default=0, min=0, max=MAX_SIZE, step=SIZE_STEP,
                      tooltip="Output height in pixels. 0 = the backend's size rule (see width)."),
     ]

@@ -6,8 +6,8 @@ estimate. The engine seam (``QwenImageEngine``) lets DiffSynth join diffusers la
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -15,12 +15,14 @@ from typing import Any, Callable, Protocol
 import torch
 from PIL import Image
 
-from .. import glue
+from .. import glue, registry
 from ..errors import InputError, MemoryEstimateError
 from ..loaders import qwen_image as qwen_loader
 from ..loaders.cache import CACHE, ModelHandle
-from ..loaders.memory import Plan, apply_block_offload, has_block_offload, remove_block_offload, resolve
-from .common import Request, Result, Settings, check_settings, chw_to_image, format_notes, latent_preview, round_size, to_rgb
+from ..loaders.memory import Plan, resolve
+from ..loaders.placement import Placement
+from .common import (Request, Result, Settings, check_finite, check_settings, chw_to_image, format_notes,
+                     latent_preview, round_size, to_rgb)
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +143,7 @@ def _check_task(task: str, handle_task: str) -> None:
 
 
 def estimate_bytes(job: QwenJob, transformer_cfg: dict, vae_cfg: dict, dtype: torch.dtype) -> int:
-    """Activation memory of one run (weights are accounted separately)."""
+    """Activation memory of one run (weights are accounted separately); grows with the batch."""
     itemsize = torch.finfo(dtype).bits // 8
     tokens = (job.width // LATENT_STEP) * (job.height // LATENT_STEP)
     # Each reference image adds its VAE latent (~1 MP) to the image stream.
@@ -150,38 +152,196 @@ def estimate_bytes(job: QwenJob, transformer_cfg: dict, vae_cfg: dict, dtype: to
     cfg_mult = 2 if job.true_cfg > 1 else 1
     inner = transformer_cfg["num_attention_heads"] * transformer_cfg["attention_head_dim"]
     transformer = tokens * inner * itemsize * TOKEN_ACTIVATION_FACTOR * job.batch_size * cfg_mult
-    vae = job.width * job.height * vae_cfg.get("base_dim", 96) * itemsize * VAE_DECODE_FACTOR
+    # diffusers decodes the whole batch at once.
+    vae = job.width * job.height * vae_cfg.get("base_dim", 96) * itemsize * VAE_DECODE_FACTOR * job.batch_size
     return int(transformer + vae)
 
 
-def check_memory(job: QwenJob, components: dict, plan: Plan) -> None:
-    need = estimate_bytes(job, dict(components["transformer"].value.config),
-                          dict(components["vae"].value.config), plan.compute)
+def weight_bytes_to_load(path: Path, task: str, plan: Plan) -> int:
+    """Resting bytes of the weighted components not in the cache yet (from weight headers, nothing read)."""
+    from ..loaders.files import tensor_shapes, weight_files  # noqa: PLC0415
+
+    cached = {e.source for e in CACHE.entries()}
+    total = 0
+    for comp in qwen_loader.WEIGHTED:
+        folder = path / comp
+        if str(folder.resolve()) in cached:
+            continue
+        itemsize = plan.precision.base.itemsize if comp == "vae" else plan.precision.storage.itemsize
+        numel = sum(math.prod(shape) for shape in tensor_shapes(weight_files(folder, DISPLAY, comp)).values())
+        total += numel * itemsize
+    return total
+
+
+def check_memory(job: QwenJob, path: Path, plan: Plan) -> None:
+    """Refuse a run that cannot fit BEFORE any weight is read (configs and weight headers only)."""
+    from ..loaders.files import read_json  # noqa: PLC0415
+
+    transformer_cfg = read_json(path / "transformer" / "config.json", DISPLAY, "transformer config")
+    vae_cfg = read_json(path / "vae" / "config.json", DISPLAY, "vae config")
+    activations = estimate_bytes(job, transformer_cfg, vae_cfg, plan.compute)
+    # On a CPU the device memory IS the RAM the weights still have to be read into.
+    weights = weight_bytes_to_load(path, job.task, plan) if plan.device.type == "cpu" else 0
+    need = activations + weights
     free = glue.free_memory_bytes(plan.device)
     if need > free:
         raise MemoryEstimateError(
-            f"{DISPLAY} width/height: {job.width}x{job.height} needs about {need / 1e9:.1f} GB for activations "
-            f"(got {free / 1e9:.1f} GB free on {plan.device}, expected at least the estimate). Lower the size "
-            "or the batch, or free memory; nothing was allocated.")
+            f"{DISPLAY} width/height/batch_size: {job.width}x{job.height} x{job.batch_size} needs about "
+            f"{need / 1e9:.1f} GB ({activations / 1e9:.1f} GB activations + {weights / 1e9:.1f} GB weights to load; "
+            f"got {free / 1e9:.1f} GB free on {plan.device}, expected at least the estimate). Lower the size or the "
+            "batch, or free memory; nothing was allocated.")
 
 
 # ----------------------------------------------------------------------------- diffusers engine
 class DiffusersEngine:
     """Runs jobs on diffusers' Qwen-Image pipelines built from cached components.
 
-    The pipeline object is rebuilt per run (cheap); weights and their hooks live on the cached
-    modules, and where they sit is recorded on the cache entries.
+    The pipeline object is rebuilt per run (cheap); weights and their placement hooks live on the cached
+    modules (the placement layer puts them there), so the engine only runs the pipeline.
     """
 
     name = "diffusers"
 
-    def __init__(self, components: dict, plan: Plan, task: str) -> None:
+    def __init__(self, components: dict, task: str) -> None:
         import diffusers  # noqa: PLC0415
 
         cls = {"t2i": diffusers.QwenImagePipeline, "edit": diffusers.QwenImageEditPipeline,
                "edit_plus": diffusers.QwenImageEditPlusPipeline}[task]
-        self.components = components
-        self.plan = plan
+        self.pipe = cls(**{k: e.value for k, e in components.items()})
+        self.pipe.set_progress_bar_config(disable=True)
+
+    def generate(self, job: QwenJob, on_step: Callable[[int, Image.Image | None], None]) -> torch.Tensor: ...
+
+
+def make_settings(max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
+                  preview_every: int = DEFAULT_PREVIEW_EVERY) -> Settings:
+    if not 1 <= max_sequence_length <= MAX_SEQUENCE_LENGTH:
+        raise InputError(f"{DISPLAY} max_sequence_length: out of range (got {max_sequence_length}, expected "
+                         f"1..{MAX_SEQUENCE_LENGTH}). Use 512 (default) or up to 1024 for long prompts.")
+    return Settings("qwen_image", (("max_sequence_length", max_sequence_length), ("preview_every", preview_every)))
+
+
+def plan_job(task: str, handle_task: str, request: Request) -> tuple[QwenJob, list[str]]:
+    """Apply the backend's policies to a request; return the job and notes for the user."""
+    notes: list[str] = []
+    check_settings(request.settings, "qwen_image", DISPLAY, "Gentor Qwen-Image Settings")
+    _check_task(task, handle_task)
+    settings = request.settings or make_settings()
+    images = [to_rgb(i) for i in request.images]
+    if task == "edit":
+        if not images:
+            raise InputError(f"{DISPLAY} image_1: no image to edit (got no image inputs, expected 1..{MAX_EDIT_IMAGES} "
+                             "images). Connect an image to image_1, or use Gentor Text to Image.")
+        if handle_task == "edit" and len(images) > 1:
+            notes.append(f"Qwen-Image-Edit takes one image: using image_1, ignoring {len(images) - 1} more "
+                         "(use an Edit-2509/2511 model for several)")
+            images = images[:1]
+    steps = request.steps or DEFAULT_STEPS[handle_task]
+    if steps < MIN_STEPS:
+        # The scheduler stretches sigmas so the last one is shift_terminal; with one step it divides by zero.
+        raise InputError(f"{DISPLAY} steps: too few steps (got {steps}, expected at least {MIN_STEPS} or 0 for the "
+                         "default). Raise steps to 2 or more.")
+    cfg = request.cfg or DEFAULT_TRUE_CFG
+    if task == "t2i":
+        width, height = (request.width or DEFAULT_T2I_SIZE[0]), (request.height or DEFAULT_T2I_SIZE[1])
+    else:
+        # Edit follows the first image, Edit-Plus the last one (as the reference pipelines do).
+        ref = images[0] if handle_task == "edit" else images[-1]
+        # diffusers' own sizing rule (area at the image's aspect, multiples of 32), so sizes match the reference.
+        from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_dimensions  # noqa: PLC0415
+
+        auto_w, auto_h = calculate_dimensions(EDIT_TARGET_AREA, ref.width / ref.height)
+        width, height = request.width or auto_w, request.height or auto_h
+    width, height = round_size(width, "width", notes), round_size(height, "height", notes)
+    negative = request.negative if request.negative.strip() else EMPTY_NEGATIVE
+    batch = request.batch_size
+    if task == "edit" and batch != 1:
+        notes.append("edit runs one image per prompt: batch_size ignored")
+        batch = 1
+    job = QwenJob(task=handle_task if task == "edit" else "t2i", prompt=request.prompt, negative=negative,
+                  seed=int(request.seed), steps=int(steps), true_cfg=float(cfg), width=width, height=height,
+                  batch_size=int(batch), images=images,
+                  max_sequence_length=int(settings.get("max_sequence_length", DEFAULT_MAX_SEQUENCE_LENGTH)),
+                  preview_every=int(settings.get("preview_every", DEFAULT_PREVIEW_EVERY)))
+    return job, notes
+
+
+def _check_task(task: str, handle_task: str) -> None:
+    if task == "t2i" and handle_task != "t2i":
+        raise InputError(f"{DISPLAY} model: an edit model cannot generate from text alone (got a "
+                         f"{handle_task.replace('_', '-')} model, expected a Qwen-Image text-to-image model). Use "
+                         "Gentor Edit Image with this model, or load Qwen-Image for Gentor Text to Image.")
+    if task == "edit" and handle_task == "t2i":
+        raise InputError(f"{DISPLAY} model: a text-to-image model cannot edit images (got a Qwen-Image T2I model, "
+                         "expected Qwen-Image-Edit / -2509 / -2511). Use Gentor Text to Image with this model, or "
+                         "load an edit model for Gentor Edit Image.")
+
+
+def estimate_bytes(job: QwenJob, transformer_cfg: dict, vae_cfg: dict, dtype: torch.dtype) -> int:
+    """Activation memory of one run (weights are accounted separately); grows with the batch."""
+    itemsize = torch.finfo(dtype).bits // 8
+    tokens = (job.width // LATENT_STEP) * (job.height // LATENT_STEP)
+    # Each reference image adds its VAE latent (~1 MP) to the image stream.
+    tokens += len(job.images) * (EDIT_TARGET_AREA // LATENT_STEP**2)
+    tokens += job.max_sequence_length
+    cfg_mult = 2 if job.true_cfg > 1 else 1
+    inner = transformer_cfg["num_attention_heads"] * transformer_cfg["attention_head_dim"]
+    transformer = tokens * inner * itemsize * TOKEN_ACTIVATION_FACTOR * job.batch_size * cfg_mult
+    # diffusers decodes the whole batch at once.
+    vae = job.width * job.height * vae_cfg.get("base_dim", 96) * itemsize * VAE_DECODE_FACTOR * job.batch_size
+    return int(transformer + vae)
+
+
+def weight_bytes_to_load(path: Path, task: str, plan: Plan) -> int:
+    """Resting bytes of the weighted components not in the cache yet (from weight headers, nothing read)."""
+    from ..loaders.files import tensor_shapes, weight_files  # noqa: PLC0415
+
+    cached = {e.source for e in CACHE.entries()}
+    total = 0
+    for comp in qwen_loader.WEIGHTED:
+        folder = path / comp
+        if str(folder.resolve()) in cached:
+            continue
+        itemsize = plan.precision.base.itemsize if comp == "vae" else plan.precision.storage.itemsize
+        numel = sum(math.prod(shape) for shape in tensor_shapes(weight_files(folder, DISPLAY, comp)).values())
+        total += numel * itemsize
+    return total
+
+
+def check_memory(job: QwenJob, path: Path, plan: Plan) -> None:
+    """Refuse a run that cannot fit BEFORE any weight is read (configs and weight headers only)."""
+    from ..loaders.files import read_json  # noqa: PLC0415
+
+    transformer_cfg = read_json(path / "transformer" / "config.json", DISPLAY, "transformer config")
+    vae_cfg = read_json(path / "vae" / "config.json", DISPLAY, "vae config")
+    activations = estimate_bytes(job, transformer_cfg, vae_cfg, plan.compute)
+    # On a CPU the device memory IS the RAM the weights still have to be read into.
+    weights = weight_bytes_to_load(path, job.task, plan) if plan.device.type == "cpu" else 0
+    need = activations + weights
+    free = glue.free_memory_bytes(plan.device)
+    if need > free:
+        raise MemoryEstimateError(
+            f"{DISPLAY} width/height/batch_size: {job.width}x{job.height} x{job.batch_size} needs about "
+            f"{need / 1e9:.1f} GB ({activations / 1e9:.1f} GB activations + {weights / 1e9:.1f} GB weights to load; "
+            f"got {free / 1e9:.1f} GB free on {plan.device}, expected at least the estimate). Lower the size or the "
+            "batch, or free memory; nothing was allocated.")
+
+
+# ----------------------------------------------------------------------------- diffusers engine
+class DiffusersEngine:
+    """Runs jobs on diffusers' Qwen-Image pipelines built from cached components.
+
+    The pipeline object is rebuilt per run (cheap); weights and their placement hooks live on the cached
+    modules (the placement layer puts them there), so the engine only runs the pipeline.
+    """
+
+    name = "diffusers"
+
+    def __init__(self, components: dict, task: str) -> None:
+        import diffusers  # noqa: PLC0415
+
+        cls = {"t2i": diffusers.QwenImagePipeline, "edit": diffusers.QwenImageEditPipeline,
+               "edit_plus": diffusers.QwenImageEditPlusPipeline}[task]
         self.pipe = cls(**{k: e.value for k, e in components.items()})
         self.pipe.set_progress_bar_config(disable=True)
 
@@ -236,8 +396,6 @@ class DiffusersEngine:
 
     def generate(self, job: QwenJob, on_step: Callable[[int, Image.Image | None], None]) -> torch.Tensor:
         pipe = self.pipe
-        self.place()
-
         def callback(_pipe: Any, i: int, _t: Any, kwargs: dict) -> dict:
             preview = None
             if job.preview_every > 0 and (i + 1) % job.preview_every == 0 and i + 1 < job.steps:
@@ -267,34 +425,26 @@ ENGINES: dict[str, type] = {"diffusers": DiffusersEngine}
 
 
 # ----------------------------------------------------------------------------- entry points
-def _apply_budget(plan: Plan, components: dict, notes: list[str]) -> Plan:
-    """Switch to block offload when resident weights would exceed the VRAM budget."""
-    resident = sum(components[c].nbytes for c in qwen_loader.WEIGHTED)
-    if plan.offload == "none" and plan.budget_bytes and resident > plan.budget_bytes:
-        notes.append(f"weights ({resident / 1e9:.2f} GB) exceed vram_budget_gb "
-                     f"({plan.budget_bytes / 1e9:.2f} GB): using block offload")
-        return dataclasses.replace(plan, offload="block")
-    return plan
-
-
 def run(handle: ModelHandle, task: str, request: Request,
         listener: Callable[[int, int, Any], None] | None = None, engine: str = "diffusers") -> Result:
     """Generate with a Qwen-Image handle; ``task`` is "t2i" or "edit"."""
-    handle_task = dict(handle.info)["task"]
+    handle.check_exists(DISPLAY)
+    handle_task = handle.info_dict["task"]
     job, notes = plan_job(task, handle_task, request)
     plan = resolve(handle.memory, glue.torch_device())
     notes.extend(plan.notes)
+    path = Path(handle.path())
+    check_memory(job, path, plan)
     progress = glue.Progress(job.steps, listener)
+    spec = registry.get("qwen_image")
     with CACHE.session() as session:
-        components = qwen_loader.load_components(Path(handle.path), handle_task, plan, session)
-        plan = _apply_budget(plan, components, notes)
-        check_memory(job, components, plan)
-        runner = ENGINES[engine](components, plan, handle_task)
-        try:
+        components = qwen_loader.load_components(path, handle_task, plan, session)
+        placement = Placement(components, dict(spec.blocks), plan, DISPLAY)
+        with placement.running():
+            runner = ENGINES[engine](components, handle_task)
             image = runner.generate(job, lambda i, preview: progress.update(i, preview))
-        except BaseException:
-            runner.release_after_error()
-            raise
+        notes.extend(placement.notes)
+    check_finite(image, DISPLAY, "try compute_dtype fp32 or bf16 in Gentor Memory Options (fp16 overflows easily)")
     pairs = [("model", handle.variant), ("size", f"{job.width}x{job.height}"), ("steps", job.steps),
              ("true_cfg", job.true_cfg), ("seed", job.seed), ("engine", engine)]
     return Result(image, format_notes(pairs, notes))

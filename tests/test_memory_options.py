@@ -6,7 +6,7 @@ import torch
 
 from gentor.errors import InputError
 from gentor.loaders.cache import CACHE
-from gentor.loaders.memory import MemoryOptions, Precision, can_convert, resolve, stored_dtypes
+from gentor.loaders.memory import MemoryOptions, Precision, is_wider, resolve, stored_dtypes
 from tests.qwen_helpers import rel_err, t2i
 
 # Measured on the tiny T2I model (32x32, 2 steps, image-level relative error vs fp32 weights):
@@ -32,7 +32,7 @@ def reference(tiny_root):
 
 
 def _transformer():
-    return next(e.value for e in CACHE._entries.values() if e.key[0] == "qwen_image/transformer")
+    return CACHE.entries("qwen_image_transformer")[0].value
 
 
 @pytest.mark.parametrize("weight", ["fp8_e4m3fn", "fp8_e5m2"])
@@ -96,9 +96,18 @@ def test_auto_dtypes_per_device():
 def test_precision_rules():
     fp32, bf16, fp16 = (Precision(d, d) for d in (torch.float32, torch.bfloat16, torch.float16))
     e4 = Precision(torch.float8_e4m3fn, torch.bfloat16)
-    assert can_convert(fp32, bf16) and can_convert(bf16, e4) and can_convert(fp32, e4)
-    assert not can_convert(bf16, fp32) and not can_convert(bf16, fp16), "no sideways or upward conversion"
-    assert not can_convert(e4, bf16) and not can_convert(e4, Precision(torch.float8_e5m2, torch.bfloat16))
+    assert is_wider(fp32, bf16) and is_wider(bf16, e4) and is_wider(fp32, e4)
+    assert not is_wider(bf16, fp32) and not is_wider(bf16, fp16), "no sideways or upward derivation"
+    assert not is_wider(e4, bf16) and not is_wider(e4, Precision(torch.float8_e5m2, torch.bfloat16))
+    assert is_wider(Precision(torch.float8_e4m3fn, torch.float32), e4), "FP8 copies narrow their skipped layers"
+    assert not is_wider(fp32, fp32)
+
+
+def test_bf16_on_a_gpu_without_bf16_falls_back_to_fp16(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    plan = resolve(MemoryOptions(weight_dtype="bf16"), torch.device("cuda"))
+    assert plan.precision == Precision(torch.float16, torch.float16)
+    assert any("cannot compute in bf16: using fp16" in n for n in plan.notes)
 
 
 @pytest.mark.parametrize("field,value", [("weight_dtype", "int4"), ("offload", "disk"), ("compute_dtype", "fp8")])
@@ -108,6 +117,17 @@ def test_bad_options_name_the_input(field, value):
 
 
 def test_vram_budget_switches_to_block_offload():
-    result = t2i(memory=MemoryOptions(weight_dtype="fp32", vram_budget_gb=0.000001))
+    t2i(memory=MemoryOptions(weight_dtype="fp32"))
+    total = sum(e["bytes"] for e in CACHE.inspect())
+    budget_gb = (total - 1) / 1024**3  # one byte short of holding every weight resident
+    result = t2i(memory=MemoryOptions(weight_dtype="fp32", vram_budget_gb=budget_gb))
     assert "using block offload" in result.text
     assert _transformer().transformer_blocks[0]._diffusers_hook.get_hook("group_offloading") is not None
+
+
+def test_vram_budget_below_the_largest_block_is_refused():
+    from gentor.errors import MemoryEstimateError
+
+    with pytest.raises(MemoryEstimateError, match=r"vram_budget_gb: the budget is smaller than the largest block .*"
+                                                  r"got 0\.00 GB, expected at least"):
+        t2i(memory=MemoryOptions(weight_dtype="fp32", vram_budget_gb=0.000001))

@@ -148,11 +148,29 @@ def test_size_off_grid_is_rounded_and_reported():
     assert "height 25 is off the 16-pixel grid: rounded to 32" in out.text
 
 
-def test_memory_estimate_refused_before_allocating():
-    before = CACHE.total_bytes()
-    with pytest.raises(MemoryEstimateError, match=r"Qwen-Image width/height: 16384x16384 needs about [\d.]+ GB"):
+def test_memory_estimate_refused_before_any_weight_is_read(monkeypatch):
+    CACHE.unload()
+    reads = CACHE.disk_reads
+    with pytest.raises(MemoryEstimateError, match=r"Qwen-Image width/height/batch_size: 16384x16384 x1 needs about "
+                                                  r"[\d.]+ GB"):
         t2i(width=16384, height=16384)
-    assert all(not e["in_use"] for e in CACHE.inspect()) and CACHE.total_bytes() >= before
+    assert CACHE.disk_reads == reads and len(CACHE) == 0, "refused before anything was read or allocated"
+
+
+def test_memory_estimate_grows_with_the_batch(qwen_roots, monkeypatch):
+    from gentor import glue
+
+    folder = qwen_roots / T2I
+    cfgs = [json.loads((folder / c / "config.json").read_text()) for c in ("transformer", "vae")]
+    job, _ = sampler.plan_job("t2i", "t2i", Request(prompt="p", width=256, height=256, batch_size=1))
+    one = sampler.estimate_bytes(job, *cfgs, torch.float32)
+    job.batch_size = 8
+    assert sampler.estimate_bytes(job, *cfgs, torch.float32) == 8 * one
+    # Room for ~1.5 images' activations (+ the tiny weights): one image runs, a batch of 8 is refused.
+    monkeypatch.setattr(glue, "free_memory_bytes", lambda device: int(one * 1.5) + 50 * 10**6)
+    assert t2i(width=256, height=256, batch_size=1).image.shape == (1, 256, 256, 3)
+    with pytest.raises(MemoryEstimateError, match=r"256x256 x8 needs about"):
+        t2i(width=256, height=256, batch_size=8)
 
 
 def test_one_step_is_refused():

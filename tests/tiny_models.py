@@ -436,8 +436,24 @@ def write_qwen_image(
 # All backends
 # --------------------------------------------------------------------------------------------------------------
 
+def _kit(module: str) -> Callable[..., dict[str, Path]]:
+    """A backend's own kit module (tests/tiny_<id>.py), imported when it is written."""
+    def write(out_dir: Path | str, force: bool = False) -> dict[str, Path]:
+        import importlib
+        import inspect
+
+        writer = importlib.import_module(f"tests.{module}").write
+        kwargs = {"force": force} if "force" in inspect.signature(writer).parameters else {}
+        return writer(Path(out_dir), **kwargs)
+    return write
+
+
 BACKENDS: dict[str, Callable[..., dict[str, Path]]] = {
     "qwen_image": write_qwen_image,
+    "deepgen": _kit("tiny_deepgen"),
+    "bagel": _kit("tiny_bagel"),
+    "emu35": _kit("tiny_emu35"),
+    "vlm": _kit("tiny_vlm"),
 }
 
 
