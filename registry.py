@@ -68,6 +68,25 @@ BACKENDS: tuple[BackendSpec, ...] = (
         blocks=(("transformer", ("transformer_blocks",)), ("text_encoder", QWEN2_5_VL_BLOCKS)),
         fp8_skip=COMMON_FP8_SKIP, fp8_exclude=("vae",), loader_node="GentorLoadQwenImage"),
     BackendSpec(
+        "deepgen", "DeepGen 1.0", ("deepgen", "vlm"),
+        (("diffusers", "diffusers>=0.42"), ("transformers", "transformers"), ("accelerate", "accelerate"),
+         ("peft", "peft")),
+        tasks=(TASK_T2I, TASK_EDIT), max_references=4,
+        defaults=Defaults(steps=50, cfg=4.0,
+                          size="512x512; an edit with one reference follows the reference (long side <= 512)"),
+        blocks=(("transformer", ("transformer_blocks",)), ("vlm", QWEN2_5_VL_BLOCKS), ("bridge", ("connector.layers",))),
+        fp8_skip=COMMON_FP8_SKIP, fp8_exclude=("vae",), loader_node="GentorLoadDeepGen"),
+    BackendSpec(
+        "bagel", "BAGEL", ("bagel",), (("transformers", "transformers"), ("accelerate", "accelerate"),
+                                       ("safetensors", "safetensors")),
+        tasks=(TASK_T2I, TASK_EDIT, TASK_UNDERSTAND), max_references=4,
+        defaults=Defaults(steps=50, cfg=4.0, cfg_name="cfg_text_scale",
+                          size="T2I 1024x1024 (at most 1024 per side); edits the size of the last reference "
+                               "(long side <= 1024, short side >= 512)"),
+        blocks=(("model", ("language_model.model.layers", "vit_model.vision_model.encoder.layers")),),
+        fp8_skip=COMMON_FP8_SKIP + ("vae2llm", "llm2vae", "connector"), fp8_exclude=("ae",),
+        loader_node="GentorLoadBagel"),
+    BackendSpec(
         "emu35", "Emu3.5", ("emu35",),
         (("transformers", "transformers"), ("accelerate", "accelerate"), ("tiktoken", "tiktoken"),
          ("yaml", "pyyaml")),
@@ -78,6 +97,12 @@ BACKENDS: tuple[BackendSpec, ...] = (
                                "last reference at image_area (1 MP); cfg 5.0 T2I / 3.0 X2I (Emu3.5-Image), 2.0 Emu3.5"),
         blocks=(("llm", ("model.layers",)),),
         fp8_skip=COMMON_FP8_SKIP, fp8_exclude=("ibq",), loader_node="GentorLoadEmu35"),
+    BackendSpec(
+        "vlm", "Qwen-VL", ("vlm",), (("transformers", "transformers"),),
+        tasks=(TASK_UNDERSTAND, TASK_ENHANCE),
+        # Qwen2-VL, Qwen2.5-VL and Qwen3-VL share these container paths in transformers 5.
+        blocks=(("model", QWEN2_5_VL_BLOCKS),),
+        fp8_skip=COMMON_FP8_SKIP, loader_node="GentorLoadPromptEnhancer"),
 )
 
 

@@ -7,8 +7,8 @@ from .attention import KVCache
 from .autoencoder import AutoEncoder
 from .config import AEConfig, BagelConfig, ConfigError, LLMConfig, ViTConfig
 from .flow import RENORM_TYPES
-from .inference import BagelEngine, Contexts, FlowSettings, TokenIds
+from .inference import BagelEngine, Contexts, FlowSettings, TokenIds, token_ids
 from .model import Bagel
 
 __all__ = ["AEConfig", "AutoEncoder", "Bagel", "BagelConfig", "BagelEngine", "ConfigError", "Contexts",
-           "FlowSettings", "KVCache", "LLMConfig", "RENORM_TYPES", "TokenIds", "ViTConfig"]
+           "FlowSettings", "KVCache", "LLMConfig", "RENORM_TYPES", "TokenIds", "ViTConfig", "token_ids"]

@@ -88,9 +88,16 @@ class BagelEngine:
         self.model, self.ae, self.tokenizer = model, ae, tokenizer
         # Where to compute: offloaded weights rest on the CPU and are moved here by the placement hooks.
         self.device = device or torch.device("cpu")
+        # Called before every model forward (the sampler checks Cancel there: within a step too).
+        self.before_forward: Callable[[], None] | None = None
         self.cfg = model.cfg
         self.ids = token_ids(tokenizer)
         self.vae_rule, self.vit_rule = vae_rule, vit_rule
+
+    def _forward(self, *args, **kwargs) -> tuple[torch.Tensor | None, KVCache]:
+        if self.before_forward is not None:
+            self.before_forward()
+        return self.model(*args, **kwargs)
 
     def empty(self) -> KVCache:
         return KVCache.empty(self.cfg.llm.num_layers)
@@ -125,7 +132,7 @@ class BagelEngine:
 
     # -- context updates ------------------------------------------------------------------------------
     def add_text(self, cache: KVCache, text: str) -> KVCache:
-        return self.model(self.text_query(text), cache, device=self.device)[1]
+        return self._forward(self.text_query(text), cache, device=self.device)[1]
 
     def add_image(self, cache: KVCache, image: Image.Image, generator: torch.Generator | None,
                   vae: bool = True) -> KVCache:
@@ -133,13 +140,13 @@ class BagelEngine:
         if vae:
             w, h = image.size
             query = self.latent_query(self.encode_latent(image, generator), h, w, 0.0)
-            cache = self.model(query, cache, device=self.device)[1]
-        return self.model(self.vit_query(image), cache, device=self.device)[1]
+            cache = self._forward(query, cache, device=self.device)[1]
+        return self._forward(self.vit_query(image), cache, device=self.device)[1]
 
     # -- outputs --------------------------------------------------------------------------------------
     def velocity(self, cache: KVCache, x: torch.Tensor, height: int, width: int, t: float) -> torch.Tensor:
         query = self.latent_query(x, height, width, t)
-        return self.model(query, cache, HEAD_VELOCITY, update=False, device=self.device)[0]
+        return self._forward(query, cache, HEAD_VELOCITY, update=False, device=self.device)[0]
 
     def generate_text(self, cache: KVCache, max_length: int, on_token: Callable[[int], None] | None = None,
                       temperature: float = 0.0, generator: torch.Generator | None = None) -> tuple[str, bool]:
@@ -149,7 +156,7 @@ class BagelEngine:
         token, out, cut = self.ids.bos, [], True
         for step in range(max_length):
             one = Query(1, torch.tensor([token]), torch.arange(1), 1, causal=True)
-            logits, cache = self.model(one, cache, HEAD_LOGITS, device=self.device)
+            logits, cache = self._forward(one, cache, HEAD_LOGITS, device=self.device)
             if temperature > 0:
                 probs = torch.softmax(logits[0].cpu() / temperature, dim=-1)
                 token = int(torch.multinomial(probs, 1, generator=generator))
@@ -206,7 +213,8 @@ class BagelEngine:
 
     def generate_image(self, ctx: Contexts, noise: torch.Tensor, flow: FlowSettings,
                        on_step: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
-        """Euler flow from ``noise`` [h*w, 64] to latent tokens, with text/image CFG inside cfg_interval."""
+        """Euler flow from ``noise`` [h*w, 64] to latent tokens, with text/image CFG inside cfg_interval.
+        ``on_step(i, x0_estimate)`` after every step."""
         height, width = ctx.size
         grid = timesteps(flow.steps, flow.shift)
         x = noise.float()
@@ -219,5 +227,5 @@ class BagelEngine:
             v = combine(v, v_text, v_img, flow.cfg_text, flow.cfg_img, flow.renorm, flow.renorm_min)
             x = x - v.to(x.device) * float(grid[i] - grid[i + 1])
             if on_step is not None:
-                on_step(i, x)
+                on_step(i, x - float(grid[i + 1]) * v)  # x0 estimate (x_t = (1 - t) x0 + t noise, v = noise - x0)
         return x
