@@ -402,7 +402,7 @@ def test_resize_rule_matches_the_reference_examples():
     assert pre.VAE_RULE.size(4000, 1000) == (1024, 256)  # long side capped at 1024
 
 
-BLOCKS = ("language_model.model.layers", "vit_model.vision_model.encoder.layers")
+BLOCKS = import_module("gentor.registry").get("bagel").block_paths("model")
 
 
 def _onload_owners(module: torch.nn.Module, block_modules: set[str], prefix: str = "") -> dict[str, str]:

@@ -1,0 +1,92 @@
+"""What each BAGEL example workflow shows, and that it runs on the tiny model (without ComfyUI: the API
+copy's inputs go through the real loader and sampler, as the nodes pass them)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from gentor import glue, registry
+from gentor.loaders import bagel as loader
+from gentor.samplers import bagel as sampler
+from gentor.samplers.common import Request, tensor_to_pils
+from tests import tiny_bagel
+from tests import workflow_check as wc
+
+EXAMPLES = ("bagel_t2i", "bagel_edit", "bagel_edit_2refs", "bagel_think", "bagel_understand")
+SETTINGS_KEYS = ("cfg_img_scale", "cfg_interval_start", "cfg_interval_end", "cfg_renorm_type", "cfg_renorm_min",
+                 "timestep_shift", "think", "think_max_tokens", "think_temperature", "image_max_side",
+                 "image_min_side", "preview_every")
+
+
+def _by_class(api: dict, class_type: str) -> list[tuple[str, dict]]:
+    return [(nid, n) for nid, n in api.items() if n["class_type"] == class_type]
+
+
+@pytest.fixture(scope="module")
+def bagel_root(tmp_path_factory) -> Path:
+    folder = tiny_bagel.session_folder(tmp_path_factory)
+    glue.set_fallback_roots("bagel", [folder.parent])
+    return folder.parent
+
+
+def run_api(api: dict):
+    """Run an API workflow's Gentor part the way the nodes do: loader -> settings -> task (-> describe)."""
+    (_, load), = _by_class(api, "GentorLoadBagel")
+    handle = loader.load_handle(load["inputs"]["model_name"], None)
+    (_, settings), = _by_class(api, "GentorBagelSettings")
+    s = sampler.make_settings(**{k: settings["inputs"][k] for k in SETTINGS_KEYS})
+    task_id, task = wc.sampler_of(api)
+    inputs = task["inputs"]
+    images = []
+    for k in range(1, 5):
+        link = inputs.get(f"image_{k}")
+        if link is not None:
+            with Image.open(wc.INPUTS_DIR / api[link[0]]["inputs"]["image"]) as img:
+                images.append(img.convert("RGB"))
+    req = Request(prompt=inputs["prompt"], negative=inputs["negative"], seed=inputs["seed"], steps=inputs["steps"],
+                  cfg=inputs["cfg"], width=inputs["width"], height=inputs["height"],
+                  batch_size=inputs.get("batch_size", 1), images=images, settings=s)
+    out = sampler.run(handle, "edit" if images else "t2i", req)
+    answers = []
+    for _, describe in _by_class(api, "GentorDescribeImage"):
+        d = describe["inputs"]
+        assert d["image_1"][0] == task_id  # describes the generated image
+        pics = tensor_to_pils(out.image, "image_1", "test")
+        answers.append(sampler.run(handle, registry.TASK_UNDERSTAND,
+                                   Request(prompt=d["question"], seed=d["seed"], steps=d["max_new_tokens"],
+                                           images=pics, settings=s)))
+    return out, answers
+
+
+def test_examples_present_and_name_the_tiny_model():
+    assert set(EXAMPLES) <= set(wc.workflow_names())
+    for name in EXAMPLES:
+        _, api = wc.load_pair(name)
+        (_, load), = _by_class(api, "GentorLoadBagel")
+        assert load["inputs"]["model_name"] == tiny_bagel.FOLDER
+
+
+def test_edit_examples_wire_one_and_two_references():
+    for name, count in (("bagel_edit", 1), ("bagel_edit_2refs", 2)):
+        _, api = wc.load_pair(name)
+        (_, edit), = _by_class(api, "GentorEditImage")
+        assert [k for k in edit["inputs"] if k.startswith("image_")] == [f"image_{i}" for i in range(1, count + 1)]
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_examples_run_on_the_tiny_model(bagel_root, name):
+    _, api = wc.load_pair(name)
+    out, answers = run_api(api)
+    assert out.image.ndim == 4 and torch.isfinite(out.image).all()
+    if name == "bagel_think":
+        assert "think text cut" in out.text or out.text.split("\n\nmodel=")[0]
+    if name == "bagel_understand":
+        assert len(answers) == 1 and answers[0].image is None and answers[0].text
+    if name.startswith("bagel_edit"):
+        last = _by_class(api, "LoadImage")[-1][1]["inputs"]["image"]
+        with Image.open(wc.INPUTS_DIR / last) as img:
+            w, h = sampler.resize_rules(sampler.make_settings(image_max_side=64, image_min_side=32))[0].size(*img.size)
+        assert tuple(out.image.shape[1:3]) == (h, w)  # the output follows the last reference
