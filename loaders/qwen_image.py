@@ -15,7 +15,8 @@ from .. import registry
 from ..errors import ModelFolderError
 from .cache import ModelHandle, Session
 from .files import list_model_folders, read_json, resolve_model_folder, tensor_shapes, weight_files
-from .memory import MemoryOptions, Plan, Precision, apply_storage
+from . import streaming
+from .memory import MemoryOptions, Plan, Precision
 
 log = logging.getLogger(__name__)
 
@@ -126,23 +127,13 @@ def load_handle(model_name: str, memory: MemoryOptions | None) -> ModelHandle:
                         ("inner_dim", str(info.inner_dim)), ("zero_cond_t", str(info.zero_cond_t).lower())))
 
 
-def _module_loader(cls: Any, folder: Path, skip: tuple[str, ...]) -> Any:
-    """``load(precision, source)`` for the cache: read ``folder``, or convert a cached wider copy."""
-    def load(precision: Precision | None, source: Any) -> Any:
-        if source is not None:
-            # Same architecture from its config, weights from the cached wider copy: no disk read.
-            if hasattr(cls, "load_config"):
-                module = cls.from_config(cls.load_config(folder))
-            else:
-                from transformers import AutoConfig  # noqa: PLC0415
+def _module_loader(cls: Any, folder: Path, skip: tuple[str, ...], component: str) -> Any:
+    """``load(precision, source)`` for the cache: stream the files (converted tensor by tensor to their
+    resting dtype, no file left mapped), or convert a cached wider copy without touching the disk."""
+    stream = streaming.load_transformers if hasattr(cls, "config_class") else streaming.load_diffusers
 
-                module = cls._from_config(AutoConfig.from_pretrained(folder))
-            module.to(precision.base).load_state_dict(source.state_dict())
-        else:
-            module = cls.from_pretrained(folder, dtype=precision.base if precision else None)
-        if precision is not None:
-            apply_storage(module, precision, skip)
-        return module
+    def load(precision: Precision | None, source: Any) -> Any:
+        return stream(cls, folder, precision, skip, source=source, display=BACKEND, component=component)
     return load
 
 
@@ -166,7 +157,7 @@ def load_components(path: Path, task: str, plan: Plan, session: Session) -> dict
     for comp in COMPONENTS[task]:
         if comp in WEIGHTED:
             prec = full if comp in spec.fp8_exclude else precision
-            load = _module_loader(classes[comp], path / comp, spec.fp8_skip)
+            load = _module_loader(classes[comp], path / comp, spec.fp8_skip, comp)
         else:
             prec, load = None, weightless[comp]
         try:
