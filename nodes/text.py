@@ -6,10 +6,9 @@ from comfy_api.v0_0_2 import io, ui
 from .. import registry
 from ..errors import InputError
 from ..samplers.common import Request, collect_references, library_errors
-from .common import CATEGORY, MAX_SEED, GentorModel, settings_input
+from .common import CATEGORY, EDIT_IMAGE_INPUTS, MAX_SEED, GentorModel, settings_input
 
 DISPLAY = "Gentor Describe Image"
-DESCRIBE_IMAGE_INPUTS = 4
 MAX_NEW_TOKENS = 8192
 
 
@@ -29,7 +28,7 @@ class GentorDescribeImage(io.ComfyNode):
         images = [io.Image.Input(f"image_{i}", optional=True,
                                  tooltip=f"Image {i} to look at ('Picture {i}'). Sizes may differ; large images are "
                                          "resized by the model's own rule (the text says so).")
-                  for i in range(1, max(DESCRIBE_IMAGE_INPUTS, registry.max_references()) + 1)]
+                  for i in range(1, EDIT_IMAGE_INPUTS + 1)]  # as many as the edit node
         return io.Schema(
             node_id="GentorDescribeImage", display_name=DISPLAY, category=CATEGORY,
             description="Answer a question about images (or describe them) with a model that understands images "
@@ -49,9 +48,8 @@ class GentorDescribeImage(io.ComfyNode):
     @classmethod
     def execute(cls, model, question, max_new_tokens, seed, settings=None, **images) -> io.NodeOutput:
         spec = check_understands(model)
-        count = max(DESCRIBE_IMAGE_INPUTS, registry.max_references())
-        refs = collect_references([(f"image_{i}", images.get(f"image_{i}")) for i in range(1, count + 1)],
-                                  DISPLAY, count)
+        refs = collect_references([(f"image_{i}", images.get(f"image_{i}")) for i in range(1, EDIT_IMAGE_INPUTS + 1)],
+                                  DISPLAY, EDIT_IMAGE_INPUTS)
         # Text tasks carry the token budget in Request.steps (0 = the backend's default).
         request = Request(prompt=question, seed=seed, steps=max_new_tokens, images=refs, settings=settings)
         with library_errors(spec.display_name, "model", "readable model files",
