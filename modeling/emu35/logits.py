@@ -113,19 +113,23 @@ class Structure:
 
 
 def filter_top_k_top_p(scores: torch.Tensor, top_k: int, top_p: float, temperature: float) -> torch.Tensor:
-    """Temperature, then keep logits >= the k-th largest, then the nucleus of mass ``top_p``."""
+    """Temperature, then keep logits >= the k-th largest, then the nucleus of mass ``top_p`` ([V] scores).
+
+    The nucleus is computed over the finite entries only (the same softmax: -inf entries weigh 0)."""
     if temperature != 1.0:
         scores = scores / temperature
     if 0 < top_k < scores.shape[-1]:
-        kth = torch.topk(scores, top_k, dim=-1).values[..., -1:]
+        kth = torch.topk(scores, top_k).values[-1]
         scores = scores.masked_fill(scores < kth, -math.inf)
     if top_p < 1.0:
-        sorted_scores, order = torch.sort(scores, descending=True, dim=-1)
-        cum = torch.softmax(sorted_scores, dim=-1).cumsum(dim=-1)
+        alive = torch.isfinite(scores).nonzero().squeeze(-1)
+        values, order = torch.sort(scores[alive], descending=True)
+        cum = torch.softmax(values, dim=-1).cumsum(dim=-1)
         drop = cum > top_p
-        drop[..., 1:] = drop[..., :-1].clone()  # keep the token that crosses the threshold
-        drop[..., 0] = False
-        scores = scores.masked_fill(drop.scatter(-1, order, drop), -math.inf)
+        drop[1:] = drop[:-1].clone()  # keep the token that crosses the threshold
+        drop[0] = False
+        scores = scores.clone()
+        scores[alive[order[drop]]] = -math.inf
     return scores
 
 
@@ -139,27 +143,32 @@ def process(rule: tuple[str, object], cond: torch.Tensor, uncond: torch.Tensor |
         scores[T.BOV:] = -math.inf
         return filter_top_k_top_p(scores, params.text_top_k, params.text_top_p, params.text_temperature)
     if kind == VISUAL:
-        c = F.log_softmax(cond, dim=-1)
-        if uncond is None:
-            scores = c
-        else:
-            u = F.log_softmax(uncond.float(), dim=-1)
-            scores = u + params.cfg * (c - u)
-        scores = scores.clone()
-        scores[:T.BOV] = -math.inf
-    else:
-        keep = torch.full_like(cond, -math.inf)
-        allowed = [arg] if kind == FORCE else list(arg)
-        keep[allowed] = 0.0
-        scores = cond + keep
-    return filter_top_k_top_p(scores, params.image_top_k, params.image_top_p, params.image_temperature)
+        # Only visual ids survive the mask: log-softmax normalisers over the whole vocabulary, arithmetic
+        # on the visual slice.
+        c = cond[T.BOV:] - torch.logsumexp(cond, dim=-1)
+        if uncond is not None:
+            uncond = uncond.float()
+            u = uncond[T.BOV:] - torch.logsumexp(uncond, dim=-1)
+            c = u + params.cfg * (c - u)
+        visual = filter_top_k_top_p(c, params.image_top_k, params.image_top_p, params.image_temperature)
+        scores = torch.full_like(cond, -math.inf)
+        scores[T.BOV:] = visual
+        return scores
+    # Forced / restricted header positions: only the allowed ids keep their raw logits.
+    allowed = torch.tensor([arg] if kind == FORCE else list(arg), device=cond.device)
+    scores = torch.full_like(cond, -math.inf)
+    scores[allowed] = filter_top_k_top_p(cond[allowed], params.image_top_k, params.image_top_p,
+                                         params.image_temperature)
+    return scores
 
 
 def sample(scores: torch.Tensor, draw: Callable[[], float]) -> int:
-    """Inverse-CDF sampling from softmax(scores) with one uniform draw in [0, 1)."""
-    probs = torch.softmax(scores.double(), dim=-1)
-    cdf = probs.cumsum(dim=-1)
+    """Inverse-CDF sampling from softmax(scores) with one uniform draw in [0, 1).
+
+    The CDF runs over the tokens with finite scores in increasing id order."""
+    alive = torch.isfinite(scores).nonzero().squeeze(-1)
+    cdf = torch.softmax(scores[alive].double(), dim=-1).cumsum(dim=-1)
     value = torch.tensor([draw()], dtype=cdf.dtype, device=cdf.device) * cdf[-1]
     # right=True: the first index whose cdf exceeds the draw, so a zero-probability token is never picked.
-    index = torch.searchsorted(cdf, value, right=True).clamp(max=scores.shape[-1] - 1)
-    return int(index.item())
+    index = torch.searchsorted(cdf, value, right=True).clamp(max=cdf.shape[0] - 1)
+    return int(alive[index].item())
