@@ -133,6 +133,34 @@ def write_extra_model_paths(path: Path, models_dir: Path) -> Path:
     return path
 
 
+# ----------------------------------------------------------------------------- the server's models folder
+DECOY_PLAIN = "decoy-not-a-model"  # a folder with a config but no weights: no loader may list it
+DECOY_OTHER = "decoy-other-pipeline"  # a diffusers pipeline of a family no Gentor backend reads
+STRAY_FILE = "stray-file.safetensors"
+DECOYS = (DECOY_PLAIN, DECOY_OTHER, STRAY_FILE)
+LINK_PREFIX = "linked-"  # linked-<tiny folder>: a symlink to a model kept outside the models folder
+
+
+def write_server_models(tiny_root: Path, out: Path, own_keys: Iterable[str]) -> Path:
+    """A models folder for a server: a copy of every tiny model in ``tiny_root``, for each a symlink
+    ``linked-<name>`` to the original outside ``out`` (models kept on another disk), and decoys in each
+    backend's own folder key."""
+    for key_dir in sorted(p for p in tiny_root.iterdir() if p.is_dir()):
+        shutil.copytree(key_dir, out / key_dir.name, symlinks=True)
+        for variant in sorted(p for p in key_dir.iterdir() if p.is_dir()):
+            (out / key_dir.name / f"{LINK_PREFIX}{variant.name}").symlink_to(variant.resolve(),
+                                                                           target_is_directory=True)
+    for key in own_keys:
+        folder = out / key
+        (folder / DECOY_PLAIN / "transformer").mkdir(parents=True)
+        (folder / DECOY_PLAIN / "transformer" / "config.json").write_text("{}")
+        (folder / DECOY_PLAIN / "README.md").write_text("not a model\n")
+        (folder / DECOY_OTHER).mkdir()
+        (folder / DECOY_OTHER / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+        (folder / STRAY_FILE).write_bytes(b"\0" * 16)
+    return out
+
+
 # ----------------------------------------------------------------------------- the server
 class ComfyServer:
     """A real ComfyUI on loopback. ``start()`` launches and waits; ``launch()`` + ``wait_ready()`` split it."""

@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -64,49 +62,26 @@ def qwen_roots(model_roots: dict[str, Path]) -> Path:
 
 
 # ----------------------------------------------------------------------------- a real ComfyUI (server tests)
-DECOY_PLAIN = "decoy-not-a-model"  # a folder with a config but no weights: no loader may list it
-DECOY_OTHER = "decoy-other-pipeline"  # a diffusers pipeline of a family no Gentor backend reads
-STRAY_FILE = "stray-file.safetensors"
-LINK_PREFIX = "linked-"  # linked-<tiny folder>: a symlink to a model kept outside the models folder
-
-
-def _own_keys() -> list[str]:
-    """Each backend's own model folder key (its first), in registry order."""
-    from gentor import registry
-
-    return list(dict.fromkeys(spec.folder_keys[0] for spec in registry.BACKENDS))
-
-
 @pytest.fixture(scope="session")
 def server_models(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The server's models folder: a copy of every tiny model, decoys in each backend's own folder, and
-    for every tiny folder a symlink ``linked-<name>`` to the original outside this folder (how users keep
-    models on another disk)."""
-    root = tmp_path_factory.mktemp("comfy_models")
-    for key_dir in sorted(p for p in Path(tiny_root).iterdir() if p.is_dir()):
-        shutil.copytree(key_dir, root / key_dir.name)
-        for variant in sorted(p for p in key_dir.iterdir() if p.is_dir()):
-            (root / key_dir.name / f"{LINK_PREFIX}{variant.name}").symlink_to(variant.resolve(),
-                                                                            target_is_directory=True)
-    for key in _own_keys():
-        folder = root / key
-        (folder / DECOY_PLAIN / "transformer").mkdir(parents=True)
-        (folder / DECOY_PLAIN / "transformer" / "config.json").write_text("{}")
-        (folder / DECOY_PLAIN / "README.md").write_text("not a model\n")
-        (folder / DECOY_OTHER).mkdir()
-        (folder / DECOY_OTHER / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
-        (folder / STRAY_FILE).write_bytes(b"\0" * 16)
-    return root
+    """The server's models folder: every tiny model, decoys, symlinked copies (tests/comfy_server.py)."""
+    from gentor import registry
+    from tests.comfy_server import write_server_models
+
+    own_keys = list(dict.fromkeys(spec.folder_keys[0] for spec in registry.BACKENDS))
+    return write_server_models(Path(tiny_root), tmp_path_factory.mktemp("comfy_models"), own_keys)
 
 
 @pytest.fixture(scope="session")
-def comfy_server(server_models: Path, tmp_path_factory: pytest.TempPathFactory):
-    """One real ComfyUI for every server test file (skips with the reason when COMFYUI_DIR is unusable)."""
+def comfy_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """One real ComfyUI for every server test file (skips with the reason when COMFYUI_DIR is unusable,
+    before any tiny model is written)."""
     from tests.comfy_server import ComfyServer, comfy_dir_or_skip
 
     comfy_dir = comfy_dir_or_skip()
+    models = request.getfixturevalue("server_models")
     inputs = sorted((ROOT / "workflows" / "inputs").glob("*.png"))
-    srv = ComfyServer(comfy_dir, tmp_path_factory.mktemp("comfy_base"), server_models, inputs)
+    srv = ComfyServer(comfy_dir, tmp_path_factory.mktemp("comfy_base"), models, inputs)
     srv.start()
     print(f"\nComfyUI listening after {srv.start_seconds:.1f} s on {srv.url}; log {srv.log_path}")
     try:

@@ -1,0 +1,90 @@
+"""Qwen-Image inside a real ComfyUI: its dropdown, its loader's messages, its previews (the shared server
+checks are in tests/test_server.py; same session server, skipped unless COMFYUI_DIR is set)."""
+from __future__ import annotations
+
+import copy
+import json
+import time
+
+import pytest
+
+from tests import tiny_models
+from tests import workflow_check as wc
+from tests.comfy_server import DECOY_OTHER, DECOY_PLAIN, LINK_PREFIX, ComfyServer, refusal
+
+pytestmark = pytest.mark.server
+RUN_TIMEOUT_S = 180.0
+LOADER = "GentorLoadQwenImage"
+T2I_WORKFLOW = "qwen_image_t2i"
+PREVIEW_STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def server(comfy_server: ComfyServer) -> ComfyServer:
+    return comfy_server
+
+
+def api_workflow(name: str) -> dict:
+    return copy.deepcopy(wc.load_json(wc.API_DIR / f"{name}.json"))
+
+
+def node_of(api: dict, class_type: str) -> tuple[str, dict]:
+    return next((nid, n) for nid, n in api.items() if n["class_type"] == class_type)
+
+
+def test_dropdown_lists_exactly_the_pipelines(server):
+    raw = server.object_info()[LOADER]["input"]["required"]["model_name"]
+    options = raw[1]["options"] if raw[0] == "COMBO" else raw[0]
+    tiny = sorted(tiny_models.QWEN_IMAGE_VARIANTS)
+    assert options == sorted(tiny + [LINK_PREFIX + name for name in tiny]), options
+
+
+@pytest.mark.parametrize("model_name, expect", [
+    ("../../etc", "refused"),
+    (DECOY_PLAIN, "not a Qwen-Image pipeline"),
+    (DECOY_OTHER, "StableDiffusionPipeline"),
+])
+def test_bad_folder_refused_naming_model_name(server, model_name, expect):
+    """0.3.64 lets any string reach the loader, which says what is wrong; 0.8.0 refuses a value outside
+    the dropdown with HTTP 400 naming model_name before the loader runs."""
+    api = api_workflow(T2I_WORKFLOW)
+    loader_id, loader = node_of(api, LOADER)
+    loader["inputs"]["model_name"] = model_name
+    how, node_id, text = refusal(server, api, RUN_TIMEOUT_S)
+    assert node_id == loader_id and "model_name" in text, (how, text)
+    if how == "execution":
+        assert text.startswith("Qwen-Image model_name: ") and expect in text, text
+
+
+def test_progress_and_previews_over_websocket(server):
+    """Every step ticks a progress message; preview_every=1 sends a preview image (binary frame) per step."""
+    websocket = pytest.importorskip("websocket", reason="websocket-client is needed to watch progress")
+    api = api_workflow(T2I_WORKFLOW)
+    _, settings = node_of(api, "GentorQwenImageSettings")
+    _, t2i = node_of(api, "GentorTextToImage")
+    settings["inputs"]["preview_every"] = 1
+    t2i["inputs"].update(steps=PREVIEW_STEPS, seed=24_680)
+    ws = websocket.create_connection(server.ws_url, timeout=RUN_TIMEOUT_S)
+    progress, previews = [], []
+    try:
+        prompt_id = server.queue(api)
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while time.monotonic() < deadline:
+            raw = ws.recv()
+            if isinstance(raw, bytes):
+                previews.append(raw)
+                continue
+            msg = json.loads(raw)
+            data = msg.get("data") or {}
+            if data.get("prompt_id") not in (None, prompt_id):
+                continue
+            if msg["type"] == "progress" and data.get("max") == PREVIEW_STEPS:
+                progress.append(data["value"])
+            if msg["type"] in ("execution_error", "execution_success", "execution_interrupted"):
+                break
+    finally:
+        ws.close()
+    assert progress == list(range(1, PREVIEW_STEPS + 1)), progress
+    # Steps 1-3 carry a latent preview (none on the last step); each frame holds a JPEG.
+    assert len(previews) >= PREVIEW_STEPS - 1 and all(b"\xff\xd8" in p[:64] for p in previews), \
+        [p[:16] for p in previews]
