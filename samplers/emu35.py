@@ -9,6 +9,7 @@ draw per token, ``modeling.emu35.generate``).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ import torch
 from PIL import Image
 
 from .. import glue, registry
-from ..errors import GenerationError, InputError
+from ..errors import GenerationError, InputError, MemoryEstimateError
 from ..loaders import emu35 as emu_loader
 from ..loaders.cache import CACHE, ModelHandle
 from ..loaders.memory import resolve
@@ -36,7 +37,10 @@ IMAGE_AREA_MAX = 2048 * 2048
 MAX_NEW_TOKENS_LIMIT = 65536
 ASPECTS = ("default", "auto") + tuple(T.ASPECT_PRESETS)
 PREVIEWS_PER_IMAGE = 8
+SPLIT_RESERVE = 2 * 10**9  # working memory kept free on every GPU of a split (prefill activations, logits)
 MODE = "batched"
+PROMPT_ALLOWANCE = 512  # template + instruction tokens
+LOGITS_BYTES_PER_ROW = 4 * 8  # fp32 logits and a few full-vocabulary work tensors per branch
 
 
 @dataclass
@@ -51,6 +55,7 @@ class Emu35Job:
     max_new_tokens: int
     image_area: int
     images: list[Image.Image] = field(default_factory=list)
+    grid_from_reference: bool = False
 
 
 def make_settings(max_new_tokens: int = T.MAX_NEW_TOKENS, image_area: int = 0, image_top_k: int = 0,
@@ -89,9 +94,7 @@ def plan_job(task: str, variant: str, request: Request) -> tuple[Emu35Job, list[
     """Apply the backend's policies to a request; return the job and notes for the user."""
     check_settings(request.settings, "emu35", DISPLAY, SETTINGS_NODE)
     s = request.settings or make_settings()
-    if s.get("vq_type", "ibq") != "ibq" or (s.get("image_area") and not IMAGE_AREA_MIN <= s.get("image_area")
-                                            <= IMAGE_AREA_MAX):
-        make_settings(**dict(s.values))  # raises the settings' own error
+    make_settings(**dict(s.values))  # API clients can send any values: validate them again
     notes: list[str] = []
     image = variant == "emu3.5-image"
     area = int(s.get("image_area") or (T.IMAGE_AREA if image else T.GENERAL_IMAGE_AREA))
@@ -138,7 +141,7 @@ def plan_job(task: str, variant: str, request: Request) -> tuple[Emu35Job, list[
                              f"expected at least {need}). Raise max_new_tokens in {SETTINGS_NODE} to {need} or more, "
                              "or choose a smaller size.")
     job = Emu35Job(task, request.prompt, params.cfg, int(request.seed), max(1, int(request.batch_size)), grid, params,
-                   max_new, area, images)
+                   max_new, area, images, grid_from_reference=task == "edit" and not sized)
     return job, notes
 
 
@@ -219,27 +222,22 @@ def run(handle: ModelHandle, task: str, request: Request,
     with CACHE.session() as session:
         comps = emu_loader.load_components(handle, plan.precision, spec.fp8_skip, session)
         llm, ibq, tok = comps["llm"], comps["ibq"].value, comps["tokenizer"].value
-        placed = {"llm": llm} if info.get("vq_device") == "cpu" else {"llm": llm, "ibq": comps["ibq"]}
         split = _split_plan(llm, info, job, notes)
-        placement = Placement(placed if split is None else {"ibq": comps["ibq"]}, dict(spec.blocks), plan, DISPLAY)
-        with placement.running() as used:
-            notes.extend(placement.notes)
+        # The LLM follows the memory plan (or the multi-GPU split); the IBQ model (~1.8 GB fp32) is moved
+        # whole to vq_device, as the reference does, and back to the CPU after an offloaded run.
+        placement = None if split is not None else Placement({"llm": llm}, dict(spec.blocks), plan, DISPLAY)
+        with placement.running() if placement is not None else contextlib.nullcontext(plan) as used:
+            notes.extend(placement.notes if placement is not None else [])
             device = torch.device(split) if split is not None else used.device
-            strings = [IT.image_string(ibq.encode_codes(IT.to_pixels(img))[0].cpu()) for img in job.images]
-            cond, unc = build_prompts(job, strings, tok.encode)
-            if job.task == "edit" and not (request.width and request.height):
-                job.grid = IT.grid_in_prompt(unc)  # the output follows the last reference (as parsed officially)
-            images, texts = [], []
-            for item in range(job.batch):
-                progress = RowProgress(listener, lambda codes: _pil(_decode(ibq, codes)))
-                out = generate(llm.value, cond, unc, job.params, seed=job.seed + item,
-                               max_new_tokens=job.max_new_tokens, grid=job.grid, mode=MODE, device=device,
-                               on_token=progress)
-                parsed = IT.parse_output(out.tokens, tok.decode_text)
-                if not parsed.images:
-                    raise _no_image(job, out, parsed, tok)
-                images.append(_decode(ibq, parsed.images[0]))
-                texts.append(parsed.text)
+            vq_device = torch.device("cpu") if info.get("vq_device") == "cpu" else used.device
+            check_memory(job, llm.value, device)
+            glue.make_room(comps["ibq"].nbytes, vq_device)
+            ibq.to(vq_device)
+            try:
+                images, texts = _generate_all(job, llm.value, ibq, tok, device, listener)
+            finally:
+                if used.offload != "none" or vq_device.type == "cpu":
+                    ibq.to("cpu")
     image = torch.cat(images) if len({tuple(i.shape) for i in images}) == 1 else images[0]
     if image is images[0] and len(images) > 1:
         notes.append("batch items came out in different sizes: only the first is returned")
@@ -250,6 +248,50 @@ def run(handle: ModelHandle, task: str, request: Request,
     text = format_notes(pairs, notes)
     reasoning = "\n".join(t for t in texts if t)
     return Result(image, text + (f"\n{reasoning}" if reasoning else ""))
+
+
+def _generate_all(job: Emu35Job, model: Any, ibq: Any, tok: Any, device: torch.device,
+                  listener: Any) -> tuple[list[torch.Tensor], list[str]]:
+    strings = [IT.image_string(ibq.encode_codes(IT.to_pixels(img))[0].cpu()) for img in job.images]
+    cond, unc = build_prompts(job, strings, tok.encode)
+    if job.task == "edit" and job.grid_from_reference:
+        job.grid = IT.grid_in_prompt(unc)  # the output follows the last reference, parsed as officially
+    images, texts = [], []
+    for item in range(job.batch):
+        progress = RowProgress(listener, lambda codes: _pil(_decode(ibq, codes)))
+        out = generate(model, cond, unc, job.params, seed=job.seed + item, max_new_tokens=job.max_new_tokens,
+                       grid=job.grid, mode=MODE, device=device, on_token=progress)
+        parsed = IT.parse_output(out.tokens, tok.decode_text)
+        if not parsed.images:
+            raise _no_image(job, out, parsed, tok)
+        images.append(_decode(ibq, parsed.images[0]))
+        texts.append(parsed.text)
+    return images, texts
+
+
+def kv_bytes(model: Any, tokens: int, itemsize: int) -> int:
+    """KV cache of both branches for ``tokens`` positions."""
+    cfg = model.config
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * itemsize * 2 * tokens
+
+
+def run_tokens(job: Emu35Job) -> int:
+    """Longest sequence a run can reach: prompt (references included) + max_new_tokens."""
+    per_ref = job.image_area // T.DOWNSAMPLE ** 2 + int(math.sqrt(job.image_area)) // T.DOWNSAMPLE + 8
+    return job.max_new_tokens + len(job.images) * per_ref + PROMPT_ALLOWANCE
+
+
+def check_memory(job: Emu35Job, model: Any, device: torch.device) -> None:
+    """Refuse before generating when the KV cache of this run cannot fit next to the weights."""
+    dtype = next(model.parameters()).dtype
+    itemsize = 4 if dtype == torch.float32 else 2  # the cache is kept in the compute dtype
+    need = kv_bytes(model, run_tokens(job), itemsize) + LOGITS_BYTES_PER_ROW * model.config.vocab_size * 2
+    free = glue.free_memory_bytes(device)
+    if need > free:
+        raise MemoryEstimateError(
+            f"{DISPLAY} max_new_tokens: the KV cache of this run needs about {need / 1e9:.1f} GB (got {free / 1e9:.1f} "
+            f"GB free on {device}, expected at least the estimate for {run_tokens(job)} tokens x 2 branches). Lower "
+            "max_new_tokens, image_area or the number of references, or free memory; nothing was allocated.")
 
 
 def _no_image(job: Emu35Job, out: Any, parsed: IT.Parsed, tok: Any) -> GenerationError:
@@ -268,6 +310,12 @@ def _split_plan(llm: Any, info: dict[str, str], job: Emu35Job, notes: list[str])
 
     None when one device serves the whole model (then the memory plan's none/model/block applies)."""
     if info.get("placement") != "auto" or not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        if llm.placement.startswith("split@"):  # an earlier run split it: undo before the memory plan applies
+            from accelerate.hooks import remove_hook_from_submodules  # noqa: PLC0415
+
+            remove_hook_from_submodules(llm.value)
+            llm.value.to("cpu")
+            llm.placement = "cpu"
         return None
     from accelerate import dispatch_model  # noqa: PLC0415
 
@@ -292,10 +340,8 @@ def model_sizes(model: Any, job: Emu35Job) -> Any:
     def nbytes(module: torch.nn.Module) -> int:
         return sum(t.numel() * t.element_size() for t in module.state_dict().values())
 
-    cfg = model.config
-    tokens = job.max_new_tokens + len(job.images) * (job.image_area // T.DOWNSAMPLE ** 2 + 64) + 512
-    itemsize = 2  # the KV cache is kept in the compute dtype (bf16/fp16 on a GPU)
-    kv = 2 * cfg.num_key_value_heads * cfg.head_dim * itemsize * 2 * tokens
+    layers = len(model.model.layers)
+    kv = kv_bytes(model, run_tokens(job), 2) // layers  # the cache is kept in bf16/fp16 on a GPU
     return ModelSizes(embed=nbytes(model.model.embed_tokens), layer=nbytes(model.model.layers[0]),
-                      head=nbytes(model.lm_head) + nbytes(model.model.norm), layers=len(model.model.layers),
-                      kv_per_layer=kv, reserve=int(2e9))
+                      head=nbytes(model.lm_head) + nbytes(model.model.norm), layers=layers, kv_per_layer=kv,
+                      reserve=SPLIT_RESERVE)

@@ -185,3 +185,17 @@ def test_budgets_that_cannot_hold_the_model_are_refused():
         plan_devices(sizes, {"cuda:0": sizes.embed + sizes.reserve, "cuda:1": sizes.reserve + 1})
     ok = plan_devices(sizes, {"cuda:0": 10**10})
     assert ok.layers_per_device == {"cuda:0": 2}
+
+
+def test_kv_cache_estimate_refuses_up_front(monkeypatch):
+    from gentor.modeling.emu35.decoder import build_decoder, qwen3_config  # noqa: PLC0415
+
+    model = build_decoder(qwen3_config(tiny_emu35.emu3_config()))
+    job, _ = sampler.plan_job("edit", "emu3.5-image", Request(prompt="x", images=[picture(64, 64, 0)]))
+    tokens = sampler.run_tokens(job)
+    assert tokens >= 5120 + 4096  # max_new_tokens + one 64x64-token reference
+    # 2 (k, v) x 2 layers x 1 KV head x 16 dims x 4 bytes x 2 branches per token
+    assert sampler.kv_bytes(model, tokens, 4) == 2 * 2 * 1 * 16 * 4 * 2 * tokens
+    monkeypatch.setattr(glue, "free_memory_bytes", lambda device: 1000)
+    with pytest.raises(MemoryEstimateError, match=r"KV cache of this run needs.*got 0\.0 GB free"):
+        sampler.check_memory(job, model, torch.device("cpu"))
