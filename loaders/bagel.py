@@ -152,6 +152,12 @@ def load_handle(model_name: str, memory: MemoryOptions | None) -> ModelHandle:
                         ("vit_layers", str(info.vit_layers)), ("params_b", f"{info.params / 1e9:.2f}")))
 
 
+def parameter_count(path: Path) -> int:
+    """Parameters in ema.safetensors (from its header; nothing is read)."""
+    header = safetensors_header(path / EMA, BACKEND)
+    return sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+
+
 def build_config(path: Path) -> Any:
     """The BagelConfig of a validated folder (configs + autoencoder header)."""
     mb = _modeling()

@@ -248,7 +248,7 @@ def check_memory(job: BagelJob, cfg: Any, path: Path, plan: Plan) -> None:
     weights = 0
     if plan.device.type == "cpu" and not CACHE.entries(loader.KIND_MODEL):
         # On a CPU the device memory IS the RAM the weights still have to be read into.
-        weights = int(path.joinpath(loader.EMA).stat().st_size / 2 * plan.precision.storage.itemsize)
+        weights = loader.parameter_count(path) * plan.precision.storage.itemsize
     free = glue.free_memory_bytes(plan.device)
     if need + weights > free:
         refs = f" with {len(job.images)} reference image(s)" if job.images else ""

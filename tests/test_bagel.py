@@ -195,8 +195,11 @@ def test_fp8_storage_equals_fp8_rounded_weights_and_is_really_fp8(folder):
     assert not torch.equal(out.image, t2i().image)  # FP8 really changed the weights
 
 
-def test_block_offload_gives_the_same_image_and_hooks_the_declared_blocks():
+def test_block_and_model_offload_give_the_same_image_and_hook_the_declared_blocks():
     plain = t2i()
+    assert torch.equal(plain.image, t2i(memory=MemoryOptions(offload="model")).image)
+    assert torch.equal(edit([picture(48, 48, 1)]).image,
+                       edit([picture(48, 48, 1)], memory=MemoryOptions(offload="model")).image)
     blocked = t2i(memory=MemoryOptions(offload="block"))
     assert torch.equal(plain.image, blocked.image)
     model = [e for e in CACHE.entries(loader.KIND_MODEL) if e.placement.startswith("block")][0].value
