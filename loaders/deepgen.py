@@ -1,0 +1,366 @@
+"""DeepGen 1.0 files -> cached components (bridge, DiT, VAE, Qwen2.5-VL, tokenizer) through the shared cache.
+
+Two distribution forms (backend_specs.md §2.2), picked in ``GentorLoadDeepGen``:
+
+- ``checkpoint``: the official ``model.pt`` (or a safetensors form of it) in ``models/deepgen/`` plus a
+  diffusion folder (``transformer/``, ``vae/``, ``scheduler/`` of UniPic2-SD3.5M-Kontext-2B or
+  SD3.5-Medium) in ``models/deepgen/``; the checkpoint's ``transformer.*`` keys replace the folder's DiT.
+- ``diffusers``: the single ``DeepGen-1.0-diffusers`` folder (its safetensors only, never its code).
+
+plus a Qwen2.5-VL-3B-Instruct folder in ``models/vlm/``, loaded exactly as the prompt enhancer loads it
+(kind ``qwen2_5_vl``), so both share one copy. Sizes are read from tensor shapes, never from names; a
+mismatch between the parts is an error naming what was found and what is needed.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .. import glue, registry
+from ..errors import InputError, ModelFolderError
+from ..modeling.deepgen import checkpoint as ckpt
+from ..modeling.deepgen.bridge import NUM_STACKED_LAYERS, QUERIES_KEY, BridgeConfig, DeepGenBridge, selected_layers
+from ..modeling.deepgen.encode import compute_dtype
+from . import vlm as vlm_loader
+from .adapters import Adapter
+from .cache import ModelHandle, Session
+from .files import list_model_folders, read_json, resolve_model_folder, safe_name_parts
+from .memory import MemoryOptions, Plan, Precision
+
+BACKEND = "deepgen"
+DISPLAY = "DeepGen"
+FOLDER_KEYS = ("deepgen",)
+CHECKPOINT_INPUT, DIFFUSION_INPUT, VLM_INPUT = "checkpoint", "diffusion", "vlm"
+SAME_FOLDER = "(checkpoint folder)"  # diffusion dropdown: the folder the checkpoint sits in / the diffusers folder
+DIFFUSION_PARTS = ("transformer", "vae", "scheduler")
+DIT_CLASS = "SD3Transformer2DModel"
+VLM_TYPE = "qwen2_5_vl"
+LORA_ADAPTER = "deepgen_lora"
+LORA_ALPHA_PER_RANK = 2.0  # official r 64 / alpha 128; alpha is not stored in the weights
+# DiT tensors whose shapes tie it to the bridge: context_embedder [caption, joint], text embedder [inner, pooled]
+DIT_JOINT_KEY = "context_embedder.weight"
+DIT_POOLED_KEY = "time_text_embed.text_embedder.linear_1.weight"
+KINDS = {"bridge": "deepgen_bridge", "transformer": "sd3_transformer", "vae": "autoencoder_kl"}
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    form: str  # "checkpoint" | "diffusers"
+    path: Path  # the checkpoint file, or the diffusers folder
+    bridge_file: Path  # file holding the bridge tensors
+    bridge: BridgeConfig
+    dit_in_checkpoint: bool  # the checkpoint carries the trained DiT (transformer.*)
+    lora_rank: int
+    shapes: dict[str, tuple[int, ...]]
+
+
+# ----------------------------------------------------------------------------- listing / resolving
+def _roots() -> list[Path]:
+    return [Path(r) for key in FOLDER_KEYS for r in glue.model_roots(key)]
+
+
+def _is_checkpoint_file(path: Path) -> bool:
+    if path.suffix == ckpt.SAFETENSORS_SUFFIX:
+        try:
+            return QUERIES_KEY in ckpt.safetensors_shapes(path)
+        except (OSError, ValueError):
+            return False
+    return path.suffix in ckpt.PICKLE_SUFFIXES
+
+
+def _is_diffusers_form(folder: Path) -> bool:
+    return all((folder / p).is_dir() for p in DIFFUSION_PARTS) and bool(ckpt.bridge_files(folder))
+
+
+def _is_diffusion_folder(folder: Path) -> bool:
+    return all((folder / p).is_dir() for p in DIFFUSION_PARTS) and (folder / "transformer" / "config.json").is_file()
+
+
+def list_checkpoints() -> list[str]:
+    """Checkpoint files (``*.pt`` / ``*.safetensors`` with the bridge) and diffusers-form folders."""
+    names: dict[str, None] = {}
+    for base in _roots():
+        if not base.is_dir():
+            continue
+        for cand in sorted(list(base.glob("*")) + list(base.glob("*/*"))):
+            if cand.is_file() and _is_checkpoint_file(cand):
+                names.setdefault(cand.relative_to(base).as_posix())
+    names.update(dict.fromkeys(list_model_folders(FOLDER_KEYS, _is_diffusers_form)))
+    return sorted(names)
+
+
+def list_diffusion_folders() -> list[str]:
+    return [SAME_FOLDER] + list_model_folders(FOLDER_KEYS, _is_diffusion_folder)
+
+
+def list_vlms() -> list[str]:
+    return [n for n in vlm_loader.list_models() if n.count("/") == 0 or not n.endswith("/text_encoder")]
+
+
+def resolve_checkpoint(name: str) -> Path:
+    """A dropdown value -> a checkpoint file or diffusers folder inside models/deepgen/ (confined)."""
+    parts = safe_name_parts(name) if isinstance(name, str) and name else None
+    if parts is not None:
+        for root in _roots():
+            cand = root.resolve().joinpath(*parts)
+            if cand.is_file():
+                return cand.resolve()
+    return resolve_model_folder(DISPLAY, CHECKPOINT_INPUT, name, FOLDER_KEYS)
+
+
+# ----------------------------------------------------------------------------- inspection
+def _refuse(what: str, problem: str, got: object, expected: object, todo: str) -> ModelFolderError:
+    return ModelFolderError(f"{DISPLAY} {what}: {problem} (got {got}, expected {expected}). {todo}.")
+
+
+def inspect_checkpoint(path: Path) -> CheckpointInfo:
+    """Detect the form and sizes from the weights; a checkpoint of another model is refused."""
+    if path.is_dir():
+        missing = [p for p in DIFFUSION_PARTS if not (path / p).is_dir()]
+        files = ckpt.bridge_files(path) if path.is_dir() else []
+        if missing or not files:
+            got = f"no {', '.join(missing)}/" if missing else "no safetensors with meta_queries / projector_1 / connector"
+            raise _refuse(CHECKPOINT_INPUT, f"{path.name} is not a DeepGen diffusers folder", got,
+                          "transformer/, vae/, scheduler/ and the connector weights",
+                          "Pick the DeepGen-1.0-diffusers folder or a DeepGen model.pt")
+        shapes: dict[str, tuple[int, ...]] = {}
+        for f in files:
+            shapes.update(ckpt.safetensors_shapes(f))
+        form, bridge_file, dit = "diffusers", files[0], False
+    else:
+        try:
+            shapes = ckpt.read_shapes(path)
+        except ckpt.ConversionRefused as exc:
+            raise ModelFolderError(f"{DISPLAY} {CHECKPOINT_INPUT}: {exc}.") from exc
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise _refuse(CHECKPOINT_INPUT, f"{path.name} could not be read", exc, "a torch or safetensors checkpoint",
+                          "Re-download the checkpoint") from exc
+        form, bridge_file = "checkpoint", path
+        dit = any(k.startswith(ckpt.TRANSFORMER_PREFIX) for k in shapes)
+    try:
+        bridge = ckpt.bridge_config(shapes)
+    except KeyError as exc:
+        prefixes = sorted({k.split(".")[0] for k in shapes})[:6]
+        raise _refuse(CHECKPOINT_INPUT, f"{path.name} is not a DeepGen checkpoint", f"tensors under {prefixes}",
+                      "meta_queries, projector_1..3 and connector.layers.*",
+                      "Pick DeepGen's model.pt (deepgenteam/DeepGen-1.0, -SFT, -Pretrain) or its diffusers folder") from exc
+    if bridge.num_stacked != NUM_STACKED_LAYERS:
+        raise _refuse(CHECKPOINT_INPUT, "projector_1 does not take six stacked VLM layers",
+                      f"{bridge.num_stacked} x {bridge.llm_hidden}", f"{NUM_STACKED_LAYERS} x {bridge.llm_hidden}",
+                      "This checkpoint is of another DeepGen variant: use a DeepGen 1.0 checkpoint")
+    return CheckpointInfo(form, path, bridge_file, bridge, dit, ckpt.lora_rank(shapes), shapes)
+
+
+def inspect_diffusion(folder: Path, info: CheckpointInfo) -> dict:
+    """Validate transformer/ vae/ scheduler/ and that the DiT fits the bridge; returns the DiT config."""
+    for part in DIFFUSION_PARTS:
+        if not (folder / part).is_dir():
+            raise _refuse(DIFFUSION_INPUT, f"sub-folder {part}/ missing in {folder.name}",
+                          sorted(p.name for p in folder.iterdir() if p.is_dir()), "transformer/, vae/, scheduler/",
+                          "Download the complete UniPic2-SD3.5M-Kontext-2B (or SD3.5-Medium) folder")
+    config = read_json(folder / "transformer" / "config.json", DISPLAY, "transformer config")
+    if config.get("_class_name") != DIT_CLASS:
+        raise _refuse(DIFFUSION_INPUT, "the transformer is not an SD3 DiT", config.get("_class_name"), DIT_CLASS,
+                      "Pick an SD3.5-Medium-class diffusion folder")
+    read_json(folder / "vae" / "config.json", DISPLAY, "vae config")
+    read_json(folder / "scheduler" / "scheduler_config.json", DISPLAY, "scheduler config")
+    joint, pooled = int(config.get("joint_attention_dim", 0)), int(config.get("pooled_projection_dim", 0))
+    if (joint, pooled) != (info.bridge.joint_dim, info.bridge.pooled_dim):
+        raise _refuse(DIFFUSION_INPUT, "the DiT does not fit the checkpoint's projectors",
+                      f"joint_attention_dim {joint}, pooled_projection_dim {pooled}",
+                      f"{info.bridge.joint_dim} and {info.bridge.pooled_dim}", "Use the diffusion folder DeepGen was trained with")
+    if info.dit_in_checkpoint:
+        inner = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
+        got = info.shapes.get(ckpt.TRANSFORMER_PREFIX + DIT_POOLED_KEY)
+        layers = len({k.split(".")[2] for k in info.shapes if k.startswith(ckpt.TRANSFORMER_PREFIX + "transformer_blocks.")})
+        if got is None or tuple(got) != (inner, pooled) or layers != int(config["num_layers"]):
+            raise _refuse(DIFFUSION_INPUT, "the checkpoint's DiT and the folder's transformer config differ",
+                          f"{layers} blocks, text embedder {got}", f"{config['num_layers']} blocks, ({inner}, {pooled})",
+                          "Use the diffusion folder that belongs to this checkpoint")
+    return config
+
+
+def check_vlm(vlm_info: Any, bridge: BridgeConfig) -> None:
+    if vlm_info.model_type != VLM_TYPE:
+        raise _refuse(VLM_INPUT, "DeepGen needs a Qwen2.5-VL", vlm_info.variant, "Qwen2.5-VL-3B-Instruct",
+                      "Pick the Qwen2.5-VL-3B-Instruct folder in models/vlm/")
+    if vlm_info.hidden != bridge.llm_hidden:
+        raise _refuse(VLM_INPUT, f"{vlm_info.variant} has the wrong hidden size for this checkpoint",
+                      f"hidden size {vlm_info.hidden}", f"{bridge.llm_hidden} (Qwen2.5-VL-3B)",
+                      "Pick Qwen2.5-VL-3B-Instruct; the 7B model does not fit DeepGen's bridge")
+    picks = selected_layers(vlm_info.layers + 1)
+    if len(picks) != NUM_STACKED_LAYERS:
+        raise _refuse(VLM_INPUT, f"{vlm_info.variant} has a depth that does not give six stacked layers",
+                      f"{vlm_info.layers} layers", "32 to 37 layers (Qwen2.5-VL-3B has 36)", "Pick Qwen2.5-VL-3B-Instruct")
+
+
+def load_handle(checkpoint: str, diffusion: str, vlm: str, memory: MemoryOptions | None) -> ModelHandle:
+    """What GentorLoadDeepGen does: resolve, validate, detect; weights load lazily at first use."""
+    check_empty(checkpoint, CHECKPOINT_INPUT)
+    check_empty(vlm, VLM_INPUT)
+    path = resolve_checkpoint(checkpoint)
+    info = inspect_checkpoint(path)
+    if info.form == "diffusers":
+        folder = path
+    elif not diffusion or diffusion == SAME_FOLDER:
+        folder = path.parent
+    else:
+        folder = resolve_model_folder(DISPLAY, DIFFUSION_INPUT, diffusion, FOLDER_KEYS)
+    config = inspect_diffusion(folder, info)
+    vlm_folder = vlm_loader.resolve(vlm)
+    vlm_info = vlm_loader.inspect_folder(vlm_folder)
+    check_vlm(vlm_info, info.bridge)
+    paths = [(CHECKPOINT_INPUT, str(path)), (DIFFUSION_INPUT, str(folder)), (VLM_INPUT, str(vlm_info.model_dir)),
+             ("tokenizer", str(vlm_info.tokenizer_dir))]
+    if vlm_info.processor_dir is not None:
+        paths.append(("processor", str(vlm_info.processor_dir)))
+    b = info.bridge
+    return ModelHandle(BACKEND, "deepgen-1.0" + ("-diffusers" if info.form == "diffusers" else ""), tuple(paths),
+                       memory or MemoryOptions(), (
+                           ("form", info.form), ("queries", str(b.num_queries)),
+                           ("connector", f"{b.hidden}x{b.num_layers}"), ("lora_rank", str(info.lora_rank)),
+                           ("dit_layers", str(config["num_layers"])), ("vlm", vlm_info.variant),
+                           ("dit", "checkpoint" if info.dit_in_checkpoint else "folder"),
+                           ("bridge_file", str(info.bridge_file))))
+
+
+# ----------------------------------------------------------------------------- building components
+def _pickle_source(build: Callable[[], torch.nn.Module], state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A module whose tensors are the (memory-mapped) pickle tensors, as ``load_module``'s conversion source."""
+    from accelerate import init_empty_weights  # noqa: PLC0415
+
+    with init_empty_weights():
+        module = build()
+    module.load_state_dict(state, strict=True, assign=True)
+    return module
+
+
+def _load_from_checkpoint(build: Callable[[], torch.nn.Module], file: Path, pick: Callable[[str], str | None],
+                          precision: Precision | None, skip: tuple[str, ...], source: Any, component: str) -> torch.nn.Module:
+    from .streaming import load_module  # noqa: PLC0415
+
+    if source is not None:
+        return load_module(build, precision, skip, source=source, display=DISPLAY, component=component)
+    if file.suffix == ckpt.SAFETENSORS_SUFFIX:
+        return load_module(build, precision, skip, files=(file,), rename=pick, display=DISPLAY, component=component)
+    # A pickle cannot be streamed by key: map it (weights_only, mmap) and convert tensor by tensor.
+    state = {}
+    for key, value in ckpt.read_state(file).items():
+        target = pick(key)
+        if target is not None:
+            state[target] = value
+    try:
+        tmp = _pickle_source(build, state)
+    except RuntimeError as exc:  # load_state_dict strict: missing / unexpected keys
+        raise ModelFolderError(f"{DISPLAY} {component}: the checkpoint's keys do not match ({exc}). "
+                               "Use an unmodified DeepGen checkpoint.") from exc
+    return load_module(build, precision, skip, source=tmp, display=DISPLAY, component=component)
+
+
+def load_components(handle: ModelHandle, plan: Plan, session: Session) -> dict[str, Any]:
+    """Fetch every component through the shared cache; the LoRA (when present) is switched on for this run."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler  # noqa: PLC0415
+
+    from ..modeling.deepgen.transformer import DeepGenTransformer  # noqa: PLC0415
+    from .streaming import diffusers_builder, load_diffusers  # noqa: PLC0415
+
+    spec = registry.get(BACKEND)
+    info = handle.info_dict
+    form, file = info["form"], Path(handle.path(CHECKPOINT_INPUT))
+    folder, bridge_file = Path(handle.path(DIFFUSION_INPUT)), Path(info["bridge_file"])
+    precision = plan.precision
+    full = Precision(precision.base, precision.base)
+    skip = tuple(spec.fp8_skip) if precision.cast else ()
+    shapes = ckpt.safetensors_shapes(bridge_file) if bridge_file.suffix == ckpt.SAFETENSORS_SUFFIX else None
+    config = ckpt.bridge_config(shapes) if shapes is not None else None
+
+    def bridge_build() -> torch.nn.Module:
+        return DeepGenBridge(config or ckpt.bridge_config(ckpt.read_shapes(bridge_file)))
+
+    def pick_bridge(key: str) -> str | None:
+        return key if ckpt.is_bridge_key(key) else None
+
+    def pick_dit(key: str) -> str | None:
+        return key[len(ckpt.TRANSFORMER_PREFIX):] if key.startswith(ckpt.TRANSFORMER_PREFIX) else None
+
+    dit_build = diffusers_builder(DeepGenTransformer, folder / "transformer", DISPLAY, "transformer")
+    dit_from_ckpt = info["dit"] == "checkpoint"
+    loads = {
+        "bridge": (str(bridge_file), lambda p, s: _load_from_checkpoint(bridge_build, bridge_file, pick_bridge, p, skip, s, "bridge")),
+        "transformer": (str(file) if dit_from_ckpt else str(folder / "transformer"),
+                        (lambda p, s: _load_from_checkpoint(dit_build, file, pick_dit, p, skip, s, "transformer"))
+                        if dit_from_ckpt else
+                        (lambda p, s: load_diffusers(DeepGenTransformer, folder / "transformer", p, skip, s, DISPLAY, "transformer"))),
+        "vae": (str(folder / "vae"), lambda p, s: load_diffusers(AutoencoderKL, folder / "vae", p, (), s, DISPLAY, "vae")),
+    }
+    out: dict[str, Any] = {}
+    for role, (path, load) in loads.items():
+        prec = full if role in spec.fp8_exclude else precision
+        out[role] = session.get(KINDS[role], path, load, prec, user=f"{DISPLAY} {role}", display=DISPLAY,
+                                skip=skip if prec.cast else ())
+    vlm_dir, tok_dir = handle.path(VLM_INPUT), handle.path("tokenizer")
+    proc_dir = dict(handle.paths).get("processor")
+    vskip = tuple(vlm_loader.spec().fp8_skip) if precision.cast else ()
+    out["vlm"] = session.get(VLM_TYPE, vlm_dir,
+                             lambda p, s: vlm_loader.load_qwen_vl(vlm_dir, p, None if _has_adapters(s) else s, vskip),
+                             precision, user=f"{DISPLAY} vlm", display=DISPLAY, skip=vskip)
+    out["processor"] = session.get("qwen_vl_processor", proc_dir or tok_dir,
+                                   lambda _p, _s: vlm_loader.load_processor(tok_dir, proc_dir), None,
+                                   user=f"{DISPLAY} tokenizer", display=DISPLAY)
+    out["scheduler"] = FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler")  # stateful: fresh per run
+    return out
+
+
+def _has_adapters(module: Any) -> bool:
+    """A cached wider copy that carries injected LoRA layers cannot be converted by key (its names gained
+    ``base_layer`` / ``lora_``): read that narrower copy from the files instead."""
+    return module is not None and any("lora_" in name for name, _ in module.named_parameters())
+
+
+def use_lora(handle: ModelHandle, session: Session, vlm_entry: Any, enabled: bool) -> bool:
+    """Switch the checkpoint's LoRA on in the shared VLM for this session (off again afterwards)."""
+    rank = int(handle.info_dict.get("lora_rank", "0"))
+    if not enabled or rank == 0:
+        session.use_adapters(vlm_entry, [])
+        return False
+    file = Path(handle.path(CHECKPOINT_INPUT))
+    st = file.stat()
+    session.use_adapters(vlm_entry, [Adapter(LORA_ADAPTER, (str(file), st.st_size, st.st_mtime_ns),
+                                             lambda module, name: inject_lora(module, name, file, rank))])
+    return True
+
+
+DEFAULT_SEGMENT = re.compile(r"\.default(\.|$)")
+
+
+def inject_lora(module: torch.nn.Module, name: str, file: Path, rank: int) -> None:
+    """Add the checkpoint's PEFT LoRA to the VLM under ``name`` and load its tensors (strict)."""
+    from peft import LoraConfig, inject_adapter_in_model  # noqa: PLC0415
+
+    lora = ckpt.split(ckpt.read_state(file)).lora
+    targets = ckpt.lora_targets(lora)
+    config = LoraConfig(r=rank, lora_alpha=LORA_ALPHA_PER_RANK * rank, target_modules=targets, lora_dropout=0.0,
+                        init_lora_weights=False)
+    inject_adapter_in_model(config, module, adapter_name=name)
+    state = {DEFAULT_SEGMENT.sub(lambda m: f".{name}{m.group(1)}", k): v for k, v in lora.items()}
+    expected = {k for k, _ in module.named_parameters() if f".{name}." in k or k.endswith(f".{name}")}
+    missing, unexpected = ckpt.key_report(expected, state)
+    if missing or unexpected:
+        raise ModelFolderError(f"{DISPLAY} {CHECKPOINT_INPUT}: the LoRA tensors do not fit the VLM (got missing "
+                               f"{missing}, unexpected {unexpected}, expected PEFT LoRA keys of Qwen2.5-VL). "
+                               "Use the VLM the checkpoint was trained with (Qwen2.5-VL-3B-Instruct).")
+    base = compute_dtype(module)  # LoRA layers compute unhooked: keep them in the VLM's compute dtype
+    params = dict(module.named_parameters())
+    with torch.no_grad():
+        for key, value in state.items():
+            params[key].data = value.to(device=params[key].device, dtype=base).clone()
+
+
+def check_empty(value: str, name: str) -> None:
+    if not value:
+        raise InputError(f"{DISPLAY} {name}: nothing selected (got an empty value, expected a name from the list). "
+                         "Put the files into models/deepgen/ and models/vlm/ and refresh.")

@@ -1,0 +1,286 @@
+"""DeepGen 1.0 end to end on the tiny models, through the real loader, cache, placement and sampler."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from gentor import glue
+from gentor.errors import GentorInterrupted, InputError, MemoryEstimateError, ModelFolderError
+from gentor.loaders import deepgen as loader
+from gentor.loaders.cache import CACHE
+from gentor.loaders.memory import MemoryOptions
+from gentor.samplers import deepgen as sampler
+from gentor.samplers.common import Request, Settings
+from tests import tiny_deepgen as tiny
+from tests.deepgen_helpers import deepgen_models, rel_err
+
+CKPT = f"{tiny.CHECKPOINT_FOLDER}/{tiny.CHECKPOINT_FILE}"
+LORA = f"{tiny.CHECKPOINT_FOLDER}/{tiny.LORA_CHECKPOINT_FILE}"
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Path:
+    return deepgen_models(tmp_path_factory)
+
+
+@pytest.fixture(autouse=True)
+def roots(models):
+    glue.set_fallback_roots("deepgen", [models / tiny.DEEPGEN_FOLDER])
+    glue.set_fallback_roots("vlm", [models / tiny.VLM_FOLDER])
+    yield models
+
+
+def handle(checkpoint: str = CKPT, memory: MemoryOptions | None = None, vlm: str = tiny.VLM_NAME,
+           diffusion: str = loader.SAME_FOLDER):
+    return loader.load_handle(checkpoint, diffusion, vlm, memory)
+
+
+def picture(w: int, h: int, seed: int, mode: str = "RGB") -> Image.Image:
+    arr = np.random.default_rng(seed).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+    return Image.fromarray(arr, "RGB").convert(mode)
+
+
+def t2i(h=None, **kw):
+    kw = {"prompt": "a red fox sitting in fresh snow", "seed": 7, "steps": 2, "width": SIZE, "height": SIZE, **kw}
+    return sampler.run(h or handle(), "t2i", Request(**kw))
+
+
+def edit(images, h=None, **kw):
+    kw = {"prompt": "make the sky stormy", "seed": 3, "steps": 2, **kw}
+    return sampler.run(h or handle(), "edit", Request(images=images, **kw))
+
+
+# ----------------------------------------------------------------------------- detection
+def test_dropdowns_and_detection_from_weights():
+    assert loader.list_checkpoints() == [tiny.CHECKPOINT_FOLDER, tiny.DIFFUSERS_FOLDER, LORA, CKPT]
+    assert loader.list_diffusion_folders() == [loader.SAME_FOLDER, tiny.CHECKPOINT_FOLDER, tiny.DIFFUSERS_FOLDER]
+    assert loader.list_vlms() == [tiny.VLM_NAME]
+    info = handle().info_dict
+    assert (info["form"], info["queries"], info["connector"], info["lora_rank"]) == ("checkpoint", "8", "128x2", "0")
+    assert handle(LORA).info_dict["lora_rank"] == str(tiny.LORA_RANK)
+    assert handle(tiny.DIFFUSERS_FOLDER).info_dict["form"] == "diffusers"
+
+
+# ----------------------------------------------------------------------------- generation
+def test_t2i_shape_deterministic_and_sensitive():
+    a = t2i(batch_size=2)
+    assert a.image.shape == (2, SIZE, SIZE, 3) and torch.isfinite(a.image).all()
+    assert 0 <= a.image.min() and a.image.max() <= 1
+    assert torch.equal(a.image, t2i(batch_size=2).image), "same seed + inputs -> identical output"
+    assert not torch.equal(a.image[0], a.image[1]), "each batch item has its own noise"
+    assert not torch.equal(a.image, t2i(batch_size=2, seed=8).image)
+    assert not torch.equal(a.image, t2i(batch_size=2, prompt="a blue whale").image)
+    assert "size=32x32" in a.text and "steps=2" in a.text and "cfg=4.0" in a.text
+
+
+def test_cfg_on_and_off():
+    on, off = t2i(), t2i(cfg=1.0)
+    assert not torch.equal(on.image, off.image)
+    assert "no classifier-free guidance" in off.text
+
+
+def test_progress_previews_and_cancel():
+    seen = []
+    sampler.run(handle(), "t2i", Request(prompt="a fox", steps=3, width=SIZE, height=SIZE,
+                                         settings=sampler.make_settings(preview_every=1)),
+                listener=lambda v, total, p: seen.append((v, total, p)))
+    assert [(v, t) for v, t, _ in seen] == [(1, 3), (2, 3), (3, 3)]
+    assert isinstance(seen[0][2], Image.Image) and seen[2][2] is None  # no preview after the last step
+
+    def cancel(v, total, p):
+        raise GentorInterrupted("cancelled")
+
+    with pytest.raises(GentorInterrupted):
+        sampler.run(handle(), "t2i", Request(prompt="a fox", steps=3, width=SIZE, height=SIZE), listener=cancel)
+
+
+def test_edit_one_reference_follows_its_size_and_image():
+    img = picture(96, 64, 1)
+    a = edit([img])
+    assert a.image.shape == (1, 64, 96, 3) and "references=1" in a.text
+    assert torch.equal(a.image, edit([img]).image)
+    assert not torch.equal(a.image, edit([picture(96, 64, 2)]).image)
+
+
+def test_multi_reference_is_one_edit_and_order_matters():
+    one, two = picture(64, 64, 1), picture(32, 64, 2)
+    both = edit([one, two], width=SIZE, height=SIZE)
+    assert both.image.shape == (1, SIZE, SIZE, 3) and "references=2" in both.text
+    assert not torch.equal(both.image, edit([one], width=SIZE, height=SIZE).image)
+    assert not torch.equal(both.image, edit([two, one], width=SIZE, height=SIZE).image)
+
+
+def test_very_different_sizes_follow_the_documented_rule():
+    res = edit([picture(1024, 128, 1), picture(40, 40, 2)], width=64, height=64, steps=1)
+    assert "image_1 1024x128 resized to 64x32 (reference_resize dynamic: long side at most 64" in res.text
+    assert "image_2 40x40 resized to 64x64" in res.text
+    fixed = edit([picture(1024, 128, 1)], width=64, height=64, steps=1,
+                 settings=sampler.make_settings(reference_resize="output_size"))
+    assert "resized to 64x64 (reference_resize output_size: exactly 64x64)" in fixed.text
+
+
+def test_rgba_on_white_and_grayscale():
+    rgba = picture(64, 64, 4, "RGBA")
+    arr = np.asarray(rgba).copy()
+    arr[:32, :, 3] = 0  # top half transparent
+    rgba = Image.fromarray(arr, "RGBA")
+    white = Image.new("RGB", rgba.size, (255, 255, 255))
+    white.paste(rgba, mask=rgba.split()[3])
+    assert torch.equal(edit([rgba]).image, edit([white]).image)
+    gray = edit([picture(64, 64, 5, "L")])
+    assert gray.image.shape == (1, 64, 64, 3) and torch.isfinite(gray.image).all()
+
+
+def test_both_forms_give_the_same_image():
+    img = picture(64, 64, 6)
+    assert torch.equal(edit([img]).image, edit([img], h=handle(tiny.DIFFUSERS_FOLDER)).image)
+
+
+# ----------------------------------------------------------------------------- LoRA and sharing
+def test_lora_present_absent_switchable_and_shared_vlm():
+    img = picture(64, 64, 7)
+    base = edit([img])
+    with_lora = edit([img], h=handle(LORA))
+    assert "lora=on" in with_lora.text and not torch.equal(base.image, with_lora.image)
+    off = edit([img], h=handle(LORA), settings=sampler.make_settings(lora=False))
+    assert "lora=off" in off.text and torch.equal(off.image, base.image)
+    assert torch.equal(edit([img]).image, base.image), "the shared VLM is back to its base weights"
+    assert len(CACHE.entries("qwen2_5_vl")) == 1, "one VLM copy for base and LoRA runs"
+
+
+def test_lora_equals_merged_weights(models, tmp_path):
+    """Independent check: W + (alpha / r) * B @ A written into a copy of the VLM folder, no adapter."""
+    from safetensors.torch import load_file, save_file
+
+    from gentor.modeling.deepgen import checkpoint as ckpt
+
+    lora = ckpt.split(ckpt.read_state(models / tiny.DEEPGEN_FOLDER / tiny.CHECKPOINT_FOLDER / tiny.LORA_CHECKPOINT_FILE)).lora
+    src = models / tiny.VLM_FOLDER / tiny.VLM_NAME
+    dst = tmp_path / "vlm" / "merged"
+    shutil.copytree(src, dst)
+    weights = load_file(str(dst / "model.safetensors"))
+    scale = 2.0  # official alpha = 2 * rank
+    for key in ckpt.lora_targets(lora):
+        a, b = lora[f"{key}.lora_A.default.weight"].double(), lora[f"{key}.lora_B.default.weight"].double()
+        # the tiny folder is saved in the hub's (legacy) key layout: model.layers.*, visual.*
+        name = key.replace("model.language_model.", "model.").replace("model.visual.", "visual.") + ".weight"
+        weights[name] = (weights[name].double() + scale * b @ a).float()
+    save_file(weights, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    glue.set_fallback_roots("vlm", [models / tiny.VLM_FOLDER, tmp_path / "vlm"])
+    img = picture(64, 64, 8)
+    got = edit([img], h=handle(LORA))
+    merged = edit([img], h=handle(CKPT, vlm="merged"))
+    assert rel_err(got.image, merged.image) < 1e-4
+
+
+# ----------------------------------------------------------------------------- memory plan
+def test_fp8_storage_and_block_offload_hooks():
+    from gentor.loaders.placement import has_block_offload
+
+    img = picture(64, 64, 9)
+    ref = edit([img])
+    block = edit([img], h=handle(memory=MemoryOptions(offload="block")))
+    assert torch.equal(block.image, ref.image), "CPU->CPU block offload changes nothing"
+    fp8 = edit([img], h=handle(memory=MemoryOptions(weight_dtype="fp8_e4m3fn", compute_dtype="fp32", offload="block")))
+    assert rel_err(fp8.image, ref.image) < 0.1 and torch.isfinite(fp8.image).all()
+    entries = {e.kind: e for e in CACHE.entries() if e.precision is not None and e.precision.cast}
+    vlm, dit = entries["qwen2_5_vl"].value, entries["sd3_transformer"].value
+    assert vlm.model.language_model.layers[0].self_attn.q_proj.weight.dtype == torch.float8_e4m3fn
+    assert dit.transformer_blocks[0].attn.to_q.weight.dtype == torch.float8_e4m3fn
+    assert dit.pos_embed.proj.weight.dtype == torch.float32, "patch embedding kept out of FP8"
+    assert has_block_offload(vlm.model.language_model.layers[0]) and has_block_offload(dit.transformer_blocks[0])
+
+
+# ----------------------------------------------------------------------------- bad input
+def _vlm_7b_like(models: Path, tmp_path: Path) -> None:
+    tiny.write_vlm(tmp_path / "vlm" / "wide-vlm", hidden=48)
+    glue.set_fallback_roots("vlm", [models / tiny.VLM_FOLDER, tmp_path / "vlm"])
+
+
+def test_wrong_vlm_says_hidden_sizes(models, tmp_path):
+    _vlm_7b_like(models, tmp_path)
+    with pytest.raises(ModelFolderError, match=r"DeepGen vlm: .*wrong hidden size.*got hidden size 48, expected 32"):
+        handle(vlm="wide-vlm")
+
+
+def test_checkpoint_of_another_model(models, tmp_path):
+    from safetensors.torch import save_file
+
+    other = models / tiny.DEEPGEN_FOLDER / "other.safetensors"
+    save_file({"model.layers.0.weight": torch.zeros(2, 2)}, str(other))
+    try:
+        assert "other.safetensors" not in loader.list_checkpoints()
+        with pytest.raises(ModelFolderError, match="not a DeepGen checkpoint.*tensors under \\['model'\\]"):
+            handle("other.safetensors")
+    finally:
+        other.unlink()
+
+
+def test_missing_diffusion_subfolder(models):
+    broken = models / tiny.DEEPGEN_FOLDER / "broken-diffusion"
+    shutil.copytree(models / tiny.DEEPGEN_FOLDER / tiny.CHECKPOINT_FOLDER, broken, dirs_exist_ok=True)
+    shutil.rmtree(broken / "vae")
+    try:
+        with pytest.raises(ModelFolderError, match="DeepGen diffusion: sub-folder vae/ missing"):
+            handle(diffusion="broken-diffusion")
+    finally:
+        shutil.rmtree(broken)
+
+
+def test_pickle_needing_more_is_refused_with_the_command(models):
+    bad = models / tiny.DEEPGEN_FOLDER / "custom.pt"
+    torch.save({"state_dict": {"meta_queries": torch.zeros(2, 2)}, "meta": Exotic()}, bad)
+    try:
+        with pytest.raises(ModelFolderError, match=r"weights_only=True.*convert.py.*--allow-global"):
+            handle("custom.pt")
+    finally:
+        bad.unlink()
+
+
+class Exotic:
+    """Not a tensor container: torch.load(weights_only=True) refuses it."""
+
+
+def test_edit_inputs_refused():
+    with pytest.raises(InputError, match="instruction is empty"):
+        edit([picture(32, 32, 1)], prompt="  ")
+    with pytest.raises(InputError, match="no image to edit"):
+        edit([])
+    with pytest.raises(InputError, match="too many references .*got 5, expected at most 4"):
+        edit([picture(32, 32, i) for i in range(5)])
+    with pytest.raises(InputError, match="settings of another backend"):
+        t2i(settings=Settings("qwen_image", ()))
+
+
+def test_memory_estimate_refuses_references(monkeypatch):
+    def need(n: int) -> int:
+        job = sampler.plan_job("edit", Request("x", width=64, height=64, images=[picture(64, 64, i) for i in range(n)]))[0]
+        return sampler.estimate_bytes(job, {"num_attention_heads": 2, "attention_head_dim": 8}, torch.device("cpu"), 4)
+
+    one, three = need(1), need(3)
+    assert three > one
+    monkeypatch.setattr(glue, "free_memory_bytes", lambda device: (one + three) // 2)
+    edit([picture(64, 64, 1)], steps=1, width=64, height=64)
+    with pytest.raises(MemoryEstimateError, match=r"DeepGen images: 3 reference image\(s\).*GB for activations"):
+        edit([picture(64, 64, i) for i in range(3)], steps=1, width=64, height=64)
+
+
+def test_deleted_files_after_loading(models, tmp_path):
+    copy = models / tiny.DEEPGEN_FOLDER / "gone"
+    shutil.copytree(models / tiny.DEEPGEN_FOLDER / tiny.CHECKPOINT_FOLDER, copy)
+    h = handle("gone/model.pt")
+    shutil.rmtree(copy)
+    with pytest.raises(ModelFolderError, match="the files are gone"):
+        t2i(h)
+
+
+def test_handle_records_inputs():
+    info = json.dumps(handle().paths)
+    assert tiny.CHECKPOINT_FILE in info and tiny.VLM_NAME in info
