@@ -4,8 +4,8 @@
 is built with ``accelerate.init_empty_weights`` (parameters on meta, buffers real), every parameter gets
 its resting dtype up front (FP8 where diffusers' ``apply_layerwise_casting`` would cast, the compute
 dtype elsewhere), and each tensor is converted as it is read. Safetensors files are opened one at a
-time and every tensor is copied out, so no file stays mapped once loading is done (DESIGN.md §5:
-peak host RAM ~ resting bytes + one shard).
+time (and re-opened every READ_WINDOW_BYTES) and every tensor is copied out, so no file stays mapped
+once loading is done (DESIGN.md §5: peak host RAM ~ resting bytes + one shard; here + one 64 MB window).
 
 Keys are checked from the files' headers before any weight is read: unknown keys, missing weights and
 shape mismatches are a ``ModelFolderError`` naming the component. transformers models load both their
@@ -14,6 +14,7 @@ old and their new key layouts through transformers' own checkpoint conversion ma
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -28,6 +29,8 @@ from .memory import FP8, Precision
 
 # How many keys an error message names before "...".
 KEYS_SHOWN = 4
+# Bytes of a safetensors file mapped at a time while reading (see _file_tensors).
+READ_WINDOW_BYTES = 64 * 1024**2
 FLOAT32 = torch.float32
 
 Rename = Callable[[str], "str | None"]
@@ -130,13 +133,13 @@ def load_module(build: Callable[[], nn.Module], precision: Precision | None, ski
     slots = module.state_dict(keep_vars=True)
     label = Label(display or type(module).__name__, component or "weights")
     if source is not None:
-        plan = {key: key for key in source.state_dict(keep_vars=True)}
         shapes = {key: tuple(t.shape) for key, t in source.state_dict(keep_vars=True).items()}
+        plan = {key: key for key in shapes}
         origin = "the source module"
     else:
         # Headers only (no mapping): a truncated file or a wrong key fails before any weight is read.
         headers = {path: safetensors_header(path, f"{label.display} {label.component}") for path in files}
-        shapes = {k: tuple(v["shape"]) for h in headers.values() for k, v in h.items() if k != "__metadata__"}
+        shapes = _shapes(headers, label)
         mapper = _key_mapper(module, rename, slots, label)
         plan = {key: mapper(key) for h in headers.values() for key in h if key != "__metadata__"}
         origin = f"{len(files)} file(s) in {files[0].parent}"
@@ -144,11 +147,10 @@ def load_module(build: Callable[[], nn.Module], precision: Precision | None, ski
     loaded: set[str] = set()
     aliases = _alias_groups(slots)
     base = precision.base if precision else None
-    for key, tensor in (_source_tensors(source) if source is not None else _file_tensors(files, plan, label)):
-        target = plan[key]
-        if target is None:
-            continue
-        _assign(module, target, tensor, slots[target], base, precision is None, aliases, loaded)
+    for key, tensor in (_source_tensors(source) if source is not None else _file_tensors(headers, plan, label)):
+        if plan[key] is not None:
+            _assign(module, plan[key], tensor, slots[plan[key]], base, precision is None, aliases, loaded)
+        del tensor  # a file tensor views the mapping: drop it before the reader closes its window
     _tie(module, slots, loaded)
     leftover = [name for name, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
     if leftover:
@@ -158,6 +160,21 @@ def load_module(build: Callable[[], nn.Module], precision: Precision | None, ski
     if conversions is not None:  # as from_pretrained: save_pretrained writes back the layout that was read
         module._weight_conversions = [c for c in conversions if c.was_used()]
     return module.eval().requires_grad_(False)
+
+
+def _shapes(headers: dict[Path, dict], label: Label) -> dict[str, tuple]:
+    """Key -> shape over all files; a key in two files is a stale duplicate."""
+    shapes: dict[str, tuple] = {}
+    where: dict[str, Path] = {}
+    for path, header in headers.items():
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            if key in where:
+                raise label.error("the same tensor is in two files", f"{key} in {where[key].name} and {path.name}",
+                                  "each tensor in one file", "Remove the stale duplicate file from the folder")
+            where[key], shapes[key] = path, tuple(info["shape"])
+    return shapes
 
 
 class Label:
@@ -198,8 +215,10 @@ def _set_resting_dtypes(module: nn.Module, precision: Precision | None, skip: tu
         from diffusers.hooks import apply_layerwise_casting  # noqa: PLC0415
 
         # The hooks' initialisation casts each hooked layer to the storage dtype: on meta, that decides
-        # which parameters rest in FP8 exactly as it would on a loaded model.
-        patterns = tuple(skip) + tuple(getattr(module, "_keep_in_fp32_modules", None) or ())
+        # which parameters rest in FP8 exactly as it would on a loaded model. Layers the model class itself
+        # keeps out of casting are added, as diffusers' enable_layerwise_casting does.
+        patterns = tuple(skip) + tuple(getattr(module, "_keep_in_fp32_modules", None) or ()) + tuple(
+            getattr(module, "_skip_layerwise_casting_patterns", None) or ())
         apply_layerwise_casting(module, storage_dtype=precision.storage, compute_dtype=precision.base,
                                 skip_modules_pattern=patterns)
 
@@ -251,10 +270,10 @@ def _key_mapper(module: nn.Module, rename: Rename | None, slots: dict[str, Any],
 
 def _transformers_rename(module: nn.Module, slots: dict[str, Any], label: Label) -> Rename | None:
     """transformers' own checkpoint conversion (old and new layouts), without its loading machinery."""
-    try:
-        from transformers import PreTrainedModel  # noqa: PLC0415
-    except ImportError:
-        return None
+    if "transformers" not in sys.modules:
+        return None  # not imported, so the module cannot be a transformers model (and importing it costs RAM)
+    from transformers import PreTrainedModel  # noqa: PLC0415
+
     if not isinstance(module, PreTrainedModel):
         return None
     from transformers.conversion_mapping import get_model_conversion_mapping  # noqa: PLC0415
@@ -343,21 +362,41 @@ def _tied_targets(module: nn.Module, present: set[str]) -> set[str]:
 
 
 # ----------------------------------------------------------------------------- reading and filling
-def _file_tensors(files: tuple[Path, ...], plan: dict[str, str | None], label: Label
+def _file_tensors(headers: dict[Path, dict], plan: dict[str, str | None], label: Label
                   ) -> Iterator[tuple[str, torch.Tensor]]:
-    """(key, tensor) from one file at a time; each file is closed before the next is opened."""
+    """(key, tensor) one file at a time, in file order; the caller copies each tensor and drops it.
+
+    Pages of a mapped file count towards the process's RSS until the mapping goes, whatever was copied
+    out: the file is re-opened every ``READ_WINDOW_BYTES`` so at most one window is mapped at a time
+    (a real Qwen-Image shard is ~5 GB).
+    """
     from safetensors import SafetensorError, safe_open  # noqa: PLC0415
 
-    for path in files:
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as handle:
-                for key in handle.keys():
-                    if plan.get(key) is not None:
-                        # The tensor views the file mapping: the caller copies it before the next one.
-                        yield key, handle.get_tensor(key)
-        except (OSError, SafetensorError) as exc:
-            raise label.error(f"could not read {path.name}", exc, "a complete safetensors file",
-                              f"Re-download {path}") from exc
+    for path, header in headers.items():
+        keys = sorted((k for k in header if k != "__metadata__" and plan.get(k) is not None),
+                      key=lambda k: header[k]["data_offsets"][0])
+        for window in _windows(keys, header):
+            try:
+                with safe_open(str(path), framework="pt", device="cpu") as handle:
+                    for key in window:
+                        yield key, handle.get_tensor(key)  # a view of the mapping
+            except (OSError, SafetensorError) as exc:
+                raise label.error(f"could not read {path.name}", exc, "a complete safetensors file",
+                                  f"Re-download {path}") from exc
+
+
+def _windows(keys: list[str], header: dict) -> list[list[str]]:
+    """Consecutive keys in groups of about READ_WINDOW_BYTES (a larger tensor is a group of its own)."""
+    groups: list[list[str]] = [[]]
+    size = 0
+    for key in keys:
+        begin, end = header[key]["data_offsets"]
+        if groups[-1] and size + (end - begin) > READ_WINDOW_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(key)
+        size += end - begin
+    return groups
 
 
 def _source_tensors(source: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:

@@ -235,15 +235,41 @@ def test_source_conversion_equals_disk_load_without_reading(folders, monkeypatch
 
 
 def test_rename_maps_and_drops_keys(folders, tmp_path):
-    # One file holding two components under prefixes (as single-file checkpoints do).
-    state = load_file(folders["tr"] / "diffusion_pytorch_model.safetensors")
-    mixed = {f"dit.{k}": v for k, v in state.items()} | {"other.weight": torch.zeros(3)}
-    save_file(mixed, tmp_path / "all.safetensors")
-    build = streaming.diffusers_builder(QwenImageTransformer2DModel, folders["tr"], DISPLAY, "transformer")
-    ours = streaming.load_module(build, FP32, (), [tmp_path / "all.safetensors"],
-                                 rename=lambda k: k.removeprefix("dit.") if k.startswith("dit.") else None,
-                                 display=DISPLAY, component="transformer")
-    _assert_same_tensors(ours, _reference("tr", folders))
+    # One file holding two components under prefixes (as single-file checkpoints do); the text encoder's
+    # part is in the old layout, so transformers' own conversion runs after our rename.
+    tr = load_file(folders["tr"] / "diffusion_pytorch_model.safetensors")
+    te = load_file(folders["te"] / "model.safetensors")
+    mixed = {f"dit.{k}": v for k, v in tr.items()} | {f"llm.{k}": v for k, v in te.items()}
+    save_file(mixed | {"other.weight": torch.zeros(3)}, tmp_path / "all.safetensors")
+    builds = {"dit": streaming.diffusers_builder(QwenImageTransformer2DModel, folders["tr"], DISPLAY, "transformer"),
+              "llm": streaming.transformers_builder(Qwen2_5_VLForConditionalGeneration, folders["te"])}
+    for prefix, name in (("dit", "tr"), ("llm", "te")):
+        ours = streaming.load_module(builds[prefix], FP32, (), [tmp_path / "all.safetensors"],
+                                     rename=lambda k, p=prefix: k.removeprefix(f"{p}.") if k.startswith(f"{p}.") else None,
+                                     display=DISPLAY, component=name)
+        _assert_same_tensors(ours, _reference(name, folders))
+
+
+def test_same_key_in_two_files_is_an_error(folders, tmp_path):
+    folder = _copy(folders, "tr", tmp_path)
+    shutil.copy(folder / "diffusion_pytorch_model.safetensors", folder / "diffusion_pytorch_model-copy.safetensors")
+    with pytest.raises(ModelFolderError, match=r"Qwen-Image transformer: the same tensor is in two files"):
+        _ours("tr", {"tr": folder}, FP32)
+
+
+def test_reads_in_windows(folders, monkeypatch):
+    # A window smaller than one tensor: every tensor is read in a mapping of its own, same result.
+    monkeypatch.setattr(streaming, "READ_WINDOW_BYTES", 1)
+    _assert_same_tensors(_ours("tr", folders, FP32), _reference("tr", folders))
+
+
+def test_two_layouts_in_one_folder_is_an_error(folders, tmp_path):
+    folder = _copy(folders, "te", tmp_path)
+    new = load_file(folders["te_new"] / "model.safetensors")
+    del new["lm_head.weight"]  # same name in both layouts: only the renamed keys collide
+    save_file(new, folder / "model-new-layout.safetensors")
+    with pytest.raises(ModelFolderError, match=r"Qwen-Image text_encoder: two tensors fill the same weight"):
+        _ours("te", {"te": folder}, FP32)
 
 
 # ----------------------------------------------------------------------------- no mapping stays
