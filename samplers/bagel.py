@@ -230,13 +230,12 @@ def estimate_bytes(job: BagelJob, cfg: Any, itemsize: int) -> int:
     if job.task == registry.TASK_UNDERSTAND:
         query = 1
     step = query * (llm.hidden_size * TOKEN_ACTIVATION_FACTOR + 3 * llm.intermediate_size) * itemsize
-    # one layer's merged keys/values + attention scores when SDPA falls back to its math kernel
-    step += (ctx + query) * kv_per_token // llm.num_layers + llm.num_heads * query * (ctx + query) * itemsize
+    # one layer's merged keys/values (SDPA's fused kernels never hold the score matrix: no scores term)
+    step += (ctx + query) * kv_per_token // llm.num_layers
     vit_tokens = max((job.vit_rule.size(*job.vae_rule.size(*i.size))[0] // cfg.vit.patch_size) *
                      (job.vit_rule.size(*job.vae_rule.size(*i.size))[1] // cfg.vit.patch_size)
                      for i in job.images) if job.images else 0
-    vit = vit_tokens * (cfg.vit.hidden_size * 8 + cfg.vit.intermediate_size) * itemsize \
-        + cfg.vit.num_heads * vit_tokens**2 * itemsize
+    vit = vit_tokens * (cfg.vit.hidden_size * 8 + cfg.vit.intermediate_size) * itemsize
     ae = h * w * cfg.ae.ch * max(cfg.ae.ch_mult[:1]) * AE_PIXEL_FACTOR * itemsize
     return int(caches + max(step, vit, ae))
 
