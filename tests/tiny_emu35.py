@@ -128,6 +128,9 @@ def ibq_state_dict(seed: int = SEED, n_codes: int = N_CODES) -> dict:
     """Random IBQ weights built with the pack's own module (key names = the reference's)."""
     import torch
 
+    from tests.conftest import _import_pack  # the pack importable as ``gentor`` whatever its folder is called
+
+    _import_pack()
     from gentor.modeling.emu35.ibq import IBQ as Model, IBQConfig
 
     torch.manual_seed(seed)
