@@ -21,15 +21,15 @@ class GentorLoadDeepGen(io.ComfyNode):
             description="Load DeepGen 1.0: its checkpoint (model.pt) with a diffusion folder, or the "
                         "DeepGen-1.0-diffusers folder; plus Qwen2.5-VL-3B-Instruct from models/vlm/.",
             inputs=[
-                io.Combo.Input(loader.CHECKPOINT_INPUT, options=loader.list_checkpoints(),
+                io.Combo.Input("checkpoint", options=loader.list_checkpoints(),
                                tooltip="models/deepgen/: DeepGen's model.pt (or its .safetensors conversion), or the "
                                        "DeepGen-1.0-diffusers folder. Sizes are read from the weights."),
-                io.Combo.Input(loader.DIFFUSION_INPUT, options=loader.list_diffusion_folders(),
+                io.Combo.Input("diffusion", options=loader.list_diffusion_folders(),
                                default=loader.SAME_FOLDER,
                                tooltip="models/deepgen/: the folder with transformer/, vae/, scheduler/ "
                                        "(UniPic2-SD3.5M-Kontext-2B or SD3.5-Medium). '(checkpoint folder)': the "
                                        "folder the checkpoint sits in, or the diffusers folder itself."),
-                io.Combo.Input(loader.VLM_INPUT, options=loader.list_vlms(),
+                io.Combo.Input("vlm", options=loader.list_vlms(),
                                tooltip="models/vlm/: Qwen2.5-VL-3B-Instruct (shared with the prompt enhancer)."),
                 GentorMemory.Input("memory", optional=True,
                                    tooltip="Optional Gentor Memory Options (FP8 storage, offload)."),

@@ -1,0 +1,70 @@
+"""What each DeepGen example workflow shows, and that it runs on the tiny models (without ComfyUI: the API
+copy's inputs go through the real loader and sampler, as the nodes pass them)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from gentor import glue
+from gentor.loaders import deepgen as loader
+from gentor.samplers import deepgen as sampler
+from gentor.samplers.common import Request
+from tests import tiny_deepgen as tiny
+from tests import workflow_check as wc
+from tests.deepgen_helpers import deepgen_models
+
+EXAMPLES = {"deepgen_t2i": 0, "deepgen_edit": 1, "deepgen_edit_2refs": 2}
+SETTINGS_KEYS = ("reference_resize", "edit_negative", "lora", "preview_every")
+
+
+def _by_class(api: dict, class_type: str) -> list[tuple[str, dict]]:
+    return [(nid, n) for nid, n in api.items() if n["class_type"] == class_type]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Path:
+    root = deepgen_models(tmp_path_factory)
+    glue.set_fallback_roots("deepgen", [root / tiny.DEEPGEN_FOLDER])
+    glue.set_fallback_roots("vlm", [root / tiny.VLM_FOLDER])
+    return root
+
+
+def run_api(api: dict):
+    (_, load), = _by_class(api, "GentorLoadDeepGen")
+    li = load["inputs"]
+    handle = loader.load_handle(li["checkpoint"], li["diffusion"], li["vlm"], None)
+    (_, settings), = _by_class(api, "GentorDeepGenSettings")
+    s = sampler.make_settings(**{k: settings["inputs"][k] for k in SETTINGS_KEYS})
+    _, task = wc.sampler_of(api)
+    inputs = task["inputs"]
+    images = []
+    for k in range(1, 5):
+        link = inputs.get(f"image_{k}")
+        if link is not None:
+            with Image.open(wc.INPUTS_DIR / api[link[0]]["inputs"]["image"]) as img:
+                images.append(img.convert("RGBA"))
+    req = Request(prompt=inputs["prompt"], negative=inputs["negative"], seed=inputs["seed"], steps=inputs["steps"],
+                  cfg=inputs["cfg"], width=inputs["width"], height=inputs["height"],
+                  batch_size=inputs.get("batch_size", 1), images=images, settings=s)
+    return sampler.run(handle, "edit" if images else "t2i", req), images
+
+
+def test_examples_present_and_name_the_tiny_models():
+    assert set(EXAMPLES) <= set(wc.workflow_names())
+    for name in EXAMPLES:
+        _, api = wc.load_pair(name)
+        (_, load), = _by_class(api, "GentorLoadDeepGen")
+        assert load["inputs"]["vlm"] == tiny.VLM_NAME
+        assert load["inputs"]["checkpoint"].startswith(tiny.CHECKPOINT_FOLDER)
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_examples_run_on_the_tiny_models(models, name):
+    _, api = wc.load_pair(name)
+    out, images = run_api(api)
+    assert len(images) == EXAMPLES[name]
+    _, task = wc.sampler_of(api)
+    assert out.image.shape == (1, task["inputs"]["height"], task["inputs"]["width"], 3)
+    assert f"references={EXAMPLES[name]}" in out.text
