@@ -63,7 +63,8 @@ def test_detected_from_files():
     h = handle()
     assert h.backend == "emu35" and h.variant == "emu3.5-image"
     assert h.info_dict["codes"] == "64" and h.info_dict["layers"] == "2"
-    assert loader.list_models() == [MODEL] and loader.list_vision_tokenizers() == [IBQ]
+    assert MODEL in loader.list_models() and IBQ not in loader.list_models()
+    assert IBQ in loader.list_vision_tokenizers() and MODEL not in loader.list_vision_tokenizers()
 
 
 # ----------------------------------------------------------------------------- generation
@@ -199,3 +200,19 @@ def test_kv_cache_estimate_refuses_up_front(monkeypatch):
     monkeypatch.setattr(glue, "free_memory_bytes", lambda device: 1000)
     with pytest.raises(MemoryEstimateError, match=r"KV cache of this run needs.*got 0\.0 GB free"):
         sampler.check_memory(job, model, torch.device("cpu"))
+
+
+def test_wrong_model_folder_and_missing_tokenizer_files(emu_root):
+    other = emu_root / "not-emu"
+    other.mkdir(exist_ok=True)
+    (other / "config.json").write_text('{"model_type": "qwen2"}')
+    with pytest.raises(ModelFolderError, match=r"holds another model \(got model_type 'qwen2', expected 'Emu3'\)"):
+        loader.inspect_model(other)
+    bare = emu_root / "bare-model"
+    if not bare.exists():
+        shutil.copytree(emu_root / MODEL, bare)
+        (bare / "emu3.tiktoken").unlink()
+    with pytest.raises(ModelFolderError, match=rf"tokenizer: data files missing.*{bare}.*{bare / 'tokenizer'}"):
+        loader.load_handle("bare-model", IBQ)
+    # a separate tokenizer folder works
+    assert loader.load_handle("bare-model", IBQ, tokenizer=MODEL).path("tokenizer").endswith(MODEL)
