@@ -68,7 +68,7 @@ BACKENDS: tuple[BackendSpec, ...] = (
         blocks=(("transformer", ("transformer_blocks",)), ("text_encoder", QWEN2_5_VL_BLOCKS)),
         fp8_skip=COMMON_FP8_SKIP, fp8_exclude=("vae",), loader_node="GentorLoadQwenImage"),
     BackendSpec(
-        "deepgen", "DeepGen 1.0", ("deepgen", "vlm"),
+        "deepgen", "DeepGen", ("deepgen", "vlm"),
         (("diffusers", "diffusers>=0.42"), ("transformers", "transformers"), ("accelerate", "accelerate"),
          ("peft", "peft")),
         tasks=(TASK_T2I, TASK_EDIT), max_references=4,
