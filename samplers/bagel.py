@@ -162,7 +162,7 @@ def plan_job(task: str, request: Request, max_side: int) -> tuple[BagelJob, list
     steps = int(request.steps or DEFAULT_STEPS) if task != registry.TASK_UNDERSTAND else MIN_STEPS
     if steps < MIN_STEPS:
         raise _bad("steps", "too few steps", steps, f"at least {MIN_STEPS} (0 = {DEFAULT_STEPS})",
-                   f"Raise steps (BAGEL takes steps - 1 Euler updates)")
+                   "Raise steps (BAGEL takes steps - 1 Euler updates)")
     flow = FlowSettings(
         steps=steps, cfg_text=float(request.cfg or DEFAULT_CFG_TEXT),
         cfg_img=defaults["cfg_img"] if cfg_img == AUTO_NUMBER else float(cfg_img),

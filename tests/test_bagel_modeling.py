@@ -312,7 +312,6 @@ def test_embeddings_equal_diffusers_formulas():
     from diffusers.models.embeddings import get_2d_sincos_pos_embed, get_timestep_embedding
 
     t = torch.tensor([0.0, 0.37, 1.0])
-    te = mb.Bagel.__init__  # noqa: F841 (documentation: the embedder below is the model's class)
     emb_mod = emb.TimestepEmbedder(16)
     ref = get_timestep_embedding(t, 256, flip_sin_to_cos=True, downscale_freq_shift=0)
     assert close(emb_mod.frequencies(t), ref)
