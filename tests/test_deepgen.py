@@ -155,6 +155,19 @@ def test_lora_present_absent_switchable_and_shared_vlm():
     assert len(CACHE.entries("qwen2_5_vl")) == 1, "one VLM copy for base and LoRA runs"
 
 
+def test_prompt_enhancer_shares_the_vlm_copy():
+    """The enhancer's loader names the same files: it gets DeepGen's cached Qwen2.5-VL, not a second copy."""
+    from gentor.loaders import vlm as vlm_loader
+    from gentor.loaders.memory import resolve
+
+    t2i(steps=1)
+    ours = CACHE.entries("qwen2_5_vl")
+    enhancer = vlm_loader.load_handle(tiny.VLM_NAME, None)
+    with CACHE.session() as session:
+        entry = vlm_loader.load_components(enhancer, resolve(enhancer.memory, glue.torch_device()), session)["model"]
+    assert CACHE.entries("qwen2_5_vl") == ours and entry is ours[0]
+
+
 def test_lora_equals_merged_weights(models, tmp_path):
     """Independent check: W + (alpha / r) * B @ A written into a copy of the VLM folder, no adapter."""
     from safetensors.torch import load_file, save_file

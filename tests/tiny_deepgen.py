@@ -57,8 +57,8 @@ LORA_RANK = 4
 LORA_TARGETS = ("q_proj", "v_proj", "qkv")  # language q/v projections and the vision blocks' qkv
 
 
-def _atomic(final: Path, fill: Callable[[Path], None]) -> Path:
-    if (final / COMPLETE).is_file():
+def _atomic(final: Path, fill: Callable[[Path], None], force: bool = False) -> Path:
+    if (final / COMPLETE).is_file() and not force:
         return final
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -96,7 +96,8 @@ def build_vlm(hidden: int = VLM_TEXT["hidden_size"], layers: int = VLM_TEXT["num
     return Qwen2_5_VLForConditionalGeneration(config).eval()
 
 
-def write_vlm(folder: Path, hidden: int = VLM_TEXT["hidden_size"], layers: int = VLM_TEXT["num_hidden_layers"]) -> Path:
+def write_vlm(folder: Path, hidden: int = VLM_TEXT["hidden_size"], layers: int = VLM_TEXT["num_hidden_layers"],
+              force: bool = False) -> Path:
     """A Qwen2.5-VL folder as on the hub: config, safetensors, tokenizer and processor files."""
     from tests.tiny_models import _import_libs, _write_legacy_tokenizer_files, build_qwen_processor, build_qwen_tokenizer
 
@@ -107,7 +108,7 @@ def write_vlm(folder: Path, hidden: int = VLM_TEXT["hidden_size"], layers: int =
         build_qwen_processor(build_qwen_tokenizer()).save_pretrained(tmp)
         _write_legacy_tokenizer_files(tmp)
 
-    return _atomic(folder, fill)
+    return _atomic(folder, fill, force)
 
 
 def build_transformer(seed: int):
@@ -189,8 +190,8 @@ def checkpoint_state() -> dict:
     return state
 
 
-def write(out_dir: Path) -> dict[str, Path]:
-    """Write the three tiny DeepGen folders; return ``{name: path}``."""
+def write(out_dir: Path, force: bool = False) -> dict[str, Path]:
+    """Write the three tiny DeepGen folders (complete ones are kept unless ``force``); return ``{name: path}``."""
     from tests.tiny_models import _import_libs
 
     torch = _import_libs()
@@ -227,9 +228,9 @@ def write(out_dir: Path) -> dict[str, Path]:
             dict(index, _class_name="DeepGenPipeline", connector=["deepgen_pipeline", "DeepGenConnector"]), indent=2))
 
     return {
-        CHECKPOINT_FOLDER: _atomic(deepgen / CHECKPOINT_FOLDER, fill_checkpoint),
-        DIFFUSERS_FOLDER: _atomic(deepgen / DIFFUSERS_FOLDER, fill_diffusers),
-        VLM_NAME: write_vlm(vlm / VLM_NAME),
+        CHECKPOINT_FOLDER: _atomic(deepgen / CHECKPOINT_FOLDER, fill_checkpoint, force),
+        DIFFUSERS_FOLDER: _atomic(deepgen / DIFFUSERS_FOLDER, fill_diffusers, force),
+        VLM_NAME: write_vlm(vlm / VLM_NAME, force=force),
     }
 
 
