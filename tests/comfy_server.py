@@ -57,6 +57,18 @@ class ServerDied(RuntimeError):
     pass
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: on Linux, get SIGTERM when the test process dies (even by SIGKILL or a
+    timeout), so no orphaned server outlives its tests. Elsewhere a no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes  # noqa: PLC0415
+    import signal  # noqa: PLC0415
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def free_port() -> int:
     """A loopback port nobody listens on (bound then released)."""
     with socket.socket() as s:
@@ -218,7 +230,8 @@ class ComfyServer:
         self._t0 = time.monotonic()
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.cmd, cwd=self.comfy_dir, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, env=self.env, start_new_session=True)
+                                         stdin=subprocess.DEVNULL, env=self.env, start_new_session=True,
+                                         preexec_fn=_die_with_parent)
         return self
 
     def wait_ready(self, timeout: float | None = None) -> "ComfyServer":
