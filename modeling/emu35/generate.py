@@ -58,6 +58,8 @@ class Branches:
         self.cond, self.uncond = list(cond), list(uncond)
         self.cache: Any = None
         self.ucache: Any = None
+        self.ones = torch.ones(2, 1, dtype=torch.long, device=device)
+        self.one_zero = torch.tensor([[1], [0]], device=device)
 
     def _run(self, ids: list[list[int]], cache: Any, **kw: Any) -> torch.Tensor:
         out = self.model(input_ids=torch.tensor(ids, device=self.device), past_key_values=cache,
@@ -75,13 +77,14 @@ class Branches:
             self.uncond.append(self.cond[-1])
         if self.mode == "batched":
             n = max(len(self.cond), len(self.uncond))
-            self.mask = torch.tensor([[0] * (n - len(s)) + [1] * len(s) for s in (self.cond, self.uncond)])
+            # The mask lives on the device and grows by one column per token (no host copy of it per step).
+            self.mask = torch.tensor([[0] * (n - len(s)) + [1] * len(s) for s in (self.cond, self.uncond)],
+                                     device=self.device)
             self.pos = [len(self.cond), len(self.uncond)]
             self.cache = self._new_cache()
             rows = [[T.PAD] * (n - len(s)) + s for s in (self.cond, self.uncond)]
             pos = (self.mask.cumsum(1) - 1).clamp(min=0)  # each row counts from its first real token
-            out = self._run(rows, self.cache, attention_mask=self.mask.to(self.device),
-                            position_ids=pos.to(self.device))
+            out = self._run(rows, self.cache, attention_mask=self.mask, position_ids=pos)
             return out[0], out[1] if feed_u else None
         if self.mode == "separate":
             self.cache = self._new_cache()
@@ -103,12 +106,13 @@ class Branches:
             self.uncond.append(token)
         if self.mode == "batched":
             # One forward for both rows; a row not advancing gets a masked placeholder (a hole in its cache).
-            self.mask = torch.cat([self.mask, torch.tensor([[1], [int(feed_u)]])], dim=1)
-            pos = torch.tensor([[self.pos[0]], [self.pos[1]]])
+            column = self.ones if feed_u else self.one_zero
+            self.mask = torch.cat([self.mask, column], dim=1)
+            pos = torch.tensor([[self.pos[0]], [self.pos[1]]], device=self.device)
             self.pos[0] += 1
             self.pos[1] += int(feed_u)
-            out = self._run([[token], [token if feed_u else T.PAD]], self.cache,
-                            attention_mask=self.mask.to(self.device), position_ids=pos.to(self.device))
+            out = self._run([[token], [token if feed_u else T.PAD]], self.cache, attention_mask=self.mask,
+                            position_ids=pos)
             return out[0], out[1] if feed_u else None
         if self.mode == "uncached":
             c = self._run([self.cond], None)[0]
