@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import torch
 
+from ...errors import GentorError
 from . import tokens as T
 from .logits import VISUAL, SamplingParams, Structure, process, sample
 
@@ -53,7 +54,8 @@ class Branches:
 
     def __init__(self, model: Any, cond: list[int], uncond: list[int], mode: str, device: torch.device) -> None:
         if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+            raise GentorError(f"Emu3.5 generation mode: unknown mode (got {mode!r}, expected one of {MODES}). "
+                              "Report this as a bug.")
         self.model, self.mode, self.device = model, mode, device
         self.cond, self.uncond = list(cond), list(uncond)
         self.cache: Any = None
