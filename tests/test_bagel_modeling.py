@@ -20,6 +20,7 @@ flow = import_module("gentor.modeling.bagel.flow")
 model_mod = import_module("gentor.modeling.bagel.model")
 pre = import_module("gentor.modeling.bagel.preprocess")
 mot = import_module("gentor.modeling.bagel.mot")
+vit_mod = import_module("gentor.modeling.bagel.vit")
 
 TINY_RULES = (pre.ResizeRule(64, 32, 16), pre.ResizeRule(56, 28, 14))
 ATOL = 1e-5
@@ -248,36 +249,44 @@ def test_understanding_expert_and_greedy_decoding_equal_transformers_qwen3(engin
 # --- vision tower, autoencoder, embeddings ----------------------------------------------------------------
 
 def test_vit_equals_transformers_siglip(parts):
+    """Our packed ViT vs transformers' SiglipVisionModel on the tiny weights. A 56 px image (4x4 patches) keeps
+    it fast: both models get the 16 position rows of that grid from the 70x70 table (rows r*70+c)."""
+    from dataclasses import replace
+
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
     model = parts[0]
     vc = model.cfg.vit
+    side, p = 56, vc.patch_size
+    grid = side // p
     hf = SiglipVisionModel(SiglipVisionConfig(
         hidden_size=vc.hidden_size, intermediate_size=vc.intermediate_size, num_hidden_layers=vc.num_layers,
-        num_attention_heads=vc.num_heads, image_size=vc.image_size, patch_size=vc.patch_size,
+        num_attention_heads=vc.num_heads, image_size=side, patch_size=p,
         layer_norm_eps=vc.layer_norm_eps, vision_use_head=False, attn_implementation="eager")).eval()
     prefix = "vit_model.vision_model."
     sd = {k.removeprefix(prefix): v for k, v in model.state_dict().items() if k.startswith(prefix)}
+    rows = emb.flattened_position_ids(side, side, p, 70)  # the grid's rows in the 70x70 table
+    sd["embeddings.position_embedding.weight"] = sd["embeddings.position_embedding.weight"][rows]
+    ours_vit = vit_mod.SiglipNavit(replace(vc, image_size=side)).eval()
+    ours_vit.load_state_dict({"vision_model." + k: v for k, v in sd.items()}, strict=True)
+    w = sd["embeddings.patch_embedding.weight"]
+    # Linear over (row, col, channel) -> Conv2d [out, channel, row, col]
+    sd["embeddings.patch_embedding.weight"] = w.reshape(w.shape[0], p, p, 3).permute(0, 3, 1, 2)
     if any(k.startswith("vision_model.") for k in hf.state_dict()):  # transformers < 5 nests the keys
         sd = {"vision_model." + k: v for k, v in sd.items()}
-    pe = next(k for k in sd if k.endswith("patch_embedding.weight"))
-    w = sd[pe]
-    p = vc.patch_size
-    # Linear over (row, col, channel) -> Conv2d [out, channel, row, col]
-    sd[pe] = w.reshape(w.shape[0], p, p, 3).permute(0, 3, 1, 2)
     hf.load_state_dict(sd, strict=True)
-    pixels = torch.rand(3, vc.image_size, vc.image_size, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    pixels = torch.rand(3, side, side, generator=torch.Generator().manual_seed(3)) * 2 - 1
     with torch.no_grad():
         ref = hf(pixel_values=pixels.unsqueeze(0)).last_hidden_state[0]
-        ids = emb.flattened_position_ids(vc.image_size, vc.image_size, p, 70)
-        ours = model.vit_model(emb.patchify(pixels, p), ids, [ids.numel()])
-        # two images packed together == each alone (no attention across images)
+        ours = ours_vit(emb.patchify(pixels, p), emb.flattened_position_ids(side, side, p, grid), [grid * grid])
+        # the tiny model itself: the 70-wide ids pick the same rows, and packing two images == each alone
+        full = model.vit_model(emb.patchify(pixels, p), rows, [rows.numel()])
         small = pixels[:, :28, :42]
         sid = emb.flattened_position_ids(28, 42, p, 70)
         both = model.vit_model(torch.cat([emb.patchify(small, p), emb.patchify(pixels, p)]),
-                               torch.cat([sid, ids]), [sid.numel(), ids.numel()])
+                               torch.cat([sid, rows]), [sid.numel(), rows.numel()])
         alone = model.vit_model(emb.patchify(small, p), sid, [sid.numel()])
-    assert close(ours, ref)
+    assert close(ours, ref) and close(full, ref)
     assert close(both[sid.numel():], ref) and close(both[:sid.numel()], alone)
     assert sid.tolist() == [0, 1, 2, 70, 71, 72]
 
