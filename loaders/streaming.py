@@ -69,7 +69,12 @@ def transformers_builder(cls: type, folder: str | Path, dtype: torch.dtype | Non
     (buffers created with the default dtype follow it; rotary ``inv_freq`` stays float32).
     """
     folder = Path(folder)
-    read_json(folder / "config.json", display, f"{component} config")
+    found = read_json(folder / "config.json", display, f"{component} config").get("model_type")
+    expected = getattr(cls.config_class, "model_type", "")
+    if expected and found != expected:
+        raise ModelFolderError(fmt(display, f"{component} config", "another model family",
+                                   f"model_type={found!r} in {folder / 'config.json'}", f"model_type={expected!r}",
+                                   "Point this component at the right folder"))
     config = cls.config_class.from_pretrained(folder)
     generation = _generation_config(cls, folder)
 

@@ -350,6 +350,15 @@ def test_missing_config_names_component(folders, tmp_path):
         _ours("vae", {"vae": folder}, FP32)
 
 
+def test_wrong_model_type_names_component(folders, tmp_path):
+    folder = _copy(folders, "te", tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["model_type"] = "qwen2_vl"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelFolderError, match=r"Qwen-Image text_encoder config: another model family"):
+        _ours("te", {"te": folder}, FP32)
+
+
 def test_resting_bytes_fp8_smaller(folders):
     fp32 = streaming.resting_bytes(_ours("tr", folders, FP32))
     fp8 = streaming.resting_bytes(_ours("tr", folders, Precision(torch.float8_e4m3fn, torch.bfloat16)))
