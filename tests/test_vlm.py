@@ -322,3 +322,70 @@ def _set_config(folder: Path, **changes) -> None:
 def _truncate(path: Path) -> None:
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
+
+
+# ----------------------------------------------------------------------------- example workflows
+def _api(name: str) -> dict:
+    from tests import workflow_check as wc
+
+    return wc.load_pair(name)[1]
+
+
+def _node(api: dict, class_type: str) -> dict:
+    (node,) = [n for n in api.values() if n["class_type"] == class_type]
+    return node["inputs"]
+
+
+def _input_image(api: dict, link: list) -> Image.Image:
+    from tests import workflow_check as wc
+
+    with Image.open(wc.INPUTS_DIR / api[link[0]]["inputs"]["image"]) as img:
+        return img.convert("RGB")
+
+
+def _enhance_from(api: dict) -> tuple[str, list[Image.Image]]:
+    e = _node(api, "GentorEnhancePrompt")
+    images = [_input_image(api, e[f"image_{i}"]) for i in range(1, 5) if f"image_{i}" in e]
+    settings = sampler.make_settings(e["preset"], e["language"], e["system_prompt"], e["sampling"], e["temperature"],
+                                     e["top_p"], max_image_pixels=e["max_image_pixels"])
+    handle = loader.load_handle(_node(api, "GentorLoadPromptEnhancer")["model_name"], None)
+    reply = sampler.enhance(handle, Request(prompt=e["prompt"], seed=e["seed"], steps=e["max_new_tokens"],
+                                            images=images, settings=settings))
+    assert reply.text and len(reply.tokens) == e["max_new_tokens"]
+    return reply.text, images
+
+
+def test_enhance_t2i_workflow_runs_on_the_tiny_models():
+    from gentor.loaders import qwen_image as qwen_loader
+    from gentor.samplers import qwen_image as qwen_sampler
+
+    api = _api("vlm_enhance_t2i")
+    node = _node(api, "GentorTextToImage")
+    enhancer_id = next(k for k, n in api.items() if n["class_type"] == "GentorEnhancePrompt")
+    assert node["prompt"] == [enhancer_id, 0]  # the enhanced prompt drives the image node
+    prompt, _ = _enhance_from(api)
+    handle = qwen_loader.load_handle(_node(api, "GentorLoadQwenImage")["model_name"], None)
+    out = qwen_sampler.run(handle, "t2i", Request(prompt=prompt, negative=node["negative"], seed=node["seed"],
+                                                  steps=node["steps"], cfg=node["cfg"], width=node["width"],
+                                                  height=node["height"]))
+    assert out.image.shape == (1, node["height"], node["width"], 3)
+
+
+def test_enhance_edit_workflow_looks_at_the_image_it_edits():
+    """The enhancer sees the very image the edit node edits; running the edit itself is Qwen-Image's test."""
+    api = _api("vlm_enhance_edit")
+    edit, enhance = _node(api, "GentorEditImage"), _node(api, "GentorEnhancePrompt")
+    enhancer_id = next(k for k, n in api.items() if n["class_type"] == "GentorEnhancePrompt")
+    assert edit["prompt"] == [enhancer_id, 0] and edit["image_1"] == enhance["image_1"]
+    assert enhance["preset"] == prompts.PRESET_EDIT
+    _, images = _enhance_from(api)
+    assert len(images) == 1
+
+
+def test_describe_workflow_runs_on_the_tiny_model():
+    api = _api("vlm_describe")
+    d = _node(api, "GentorDescribeImage")
+    handle = loader.load_handle(_node(api, "GentorLoadPromptEnhancer")["model_name"], None)
+    result = sampler.run(handle, "understand", Request(prompt=d["question"], seed=d["seed"], steps=d["max_new_tokens"],
+                                                      images=[_input_image(api, d["image_1"])]))
+    assert result.text and f"cut at max_new_tokens={d['max_new_tokens']}" in result.text
