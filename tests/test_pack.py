@@ -126,3 +126,14 @@ def test_layering_no_comfy_imports_outside_nodes_and_glue():
         checked += 1
         assert comfy_imports(path.read_text(encoding="utf-8"), rel) == [], f"{rel} imports ComfyUI"
     assert checked >= 10, checked  # loaders/, samplers/, modeling/, registry, errors, gentor_headless, …
+
+
+V3_API_MODULE = "comfy_api.v0_0_2"  # re-exports io, ui, ComfyExtension in ComfyUI 0.3.64 and 0.8.0 alike
+
+
+def test_nodes_import_the_versioned_v3_api():
+    """A versioned module both supported ComfyUI versions have, never comfy_api.latest (which moves)."""
+    for path in sorted((ROOT / "nodes").glob("*.py")) + [ROOT / "glue.py"]:
+        rel = path.relative_to(ROOT).as_posix()
+        api = [m for _, m in comfy_imports(path.read_text(encoding="utf-8"), rel) if m.startswith("comfy_api")]
+        assert all(m == V3_API_MODULE for m in api), (rel, api)
