@@ -196,14 +196,24 @@ def disk_bytes(path: Path) -> tuple[int, int]:
 
 
 def default_describe(spec: registry.BackendSpec, path: Path) -> dict | None:
-    """Variant detection by the backend's own loader (``inspect_folder``) when it has one."""
+    """Variant by the backend's own loader check (``inspect_folder``, which raises GentorError for another
+    layout), then sizes and the peak-VRAM estimate from loaders/inspect.py (headers only, no weights)."""
+    info: dict[str, Any] = {}
     module = importlib.import_module(f"{__package__}.loaders.{spec.id}")
     inspect_folder = getattr(module, "inspect_folder", None)
-    if inspect_folder is None or not path.is_dir():
-        return None
-    info = inspect_folder(path)
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(info).items()} if hasattr(info, "__dict__") \
-        else {"variant": getattr(info, "variant", "")}
+    if inspect_folder is not None and path.is_dir():
+        info["variant"] = getattr(inspect_folder(path), "variant", None)
+    from .loaders import inspect as model_inspect  # noqa: PLC0415 - reads headers; imports torch
+    from .loaders.memory import MemoryOptions  # noqa: PLC0415
+
+    report = model_inspect.inspect_path(path)
+    if report.backend != spec.id:
+        return info or None
+    est = model_inspect.estimate(report, MemoryOptions())
+    info.update(variant=info.get("variant") or report.variant, params=report.params,
+                resting_bytes=est.resting_bytes, peak_vram_bytes=est.peak_vram,
+                estimate_for=f"{est.options.weight_dtype}, offload {est.options.offload}")
+    return info
 
 
 def summary(services: Services, key: str, name: str) -> dict:
@@ -251,15 +261,25 @@ def size_text(n: int) -> str:
     return f"{n / BYTES_PER_GB:.2f} GB" if n >= BYTES_PER_GB else f"{n / BYTES_PER_MB:.1f} MB"
 
 
+def count_text(n: int) -> str:
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return str(n)
+
+
 def summary_line(s: dict) -> str:
     """One line for the node: 'qwen-image-edit · 1.23 GB on disk · loaded 1.10 GB (cpu)'."""
-    parts = [str(s.get("variant") or s.get("backend") or s["folder"]), f"{size_text(s['disk_bytes'])} on disk"]
+    parts = [str(s.get("variant") or s.get("backend") or s["folder"])]
+    if s.get("params"):
+        parts.append(f"{count_text(s['params'])} params")
+    parts.append(f"{size_text(s['disk_bytes'])} on disk")
     if s.get("loaded_bytes"):
         parts.append(f"loaded {size_text(s['loaded_bytes'])} ({', '.join(s['placements'])})")
     else:
         parts.append("not loaded")
     if s.get("peak_vram_bytes"):
-        parts.append(f"peak VRAM ~{size_text(s['peak_vram_bytes'])}")
+        parts.append(f"peak VRAM ~{size_text(s['peak_vram_bytes'])} ({s.get('estimate_for', 'default options')})")
     if s.get("problem"):
         parts.append("not usable: " + s["problem"])
     return " · ".join(parts)

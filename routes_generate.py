@@ -334,19 +334,24 @@ class GenerateRoute:
 
     async def pick_loader(self, client: aiohttp.ClientSession, job: Job) -> tuple[str, dict]:
         """The loader node whose model list holds ``model`` (re-reading the lists once for new files)."""
-        specs = [b for b in self.services.backends() if b.loader_node]
+        task = registry.TASK_EDIT if job.images else registry.TASK_T2I
+        specs = [b for b in self.services.backends() if b.loader_node and task in b.tasks]
         wanted = job.body.get("backend")
         if wanted is not None:
             specs = [b for b in specs if b.id == wanted]
             if not specs:
-                known = [b.id for b in self.services.backends()]
-                raise RouteError(400, "backend", f"Gentor generate backend: unknown or not installed (got "
-                                                 f"{shown(wanted)}, expected one of {known}). Use a listed backend.")
+                known = [b.id for b in self.services.backends() if task in b.tasks]
+                raise RouteError(400, "backend", f"Gentor generate backend: unknown, not installed or without "
+                                                 f"{task} (got {shown(wanted)}, expected one of {known}). Use a "
+                                                 "listed backend.")
         name, choices = job.body["model"], []
         for refresh in (False, True):
             choices = []
             for spec in specs:
-                info = await self.node_info(client, spec.loader_node, refresh)
+                try:
+                    info = await self.node_info(client, spec.loader_node, refresh)
+                except RouteError:
+                    continue  # a backend whose nodes did not register (see ComfyUI's log) holds no model here
                 kind, opts = input_spec(info, model_input(info)) or (None, {})
                 options = combo_options(kind, opts) or []
                 if name in options:

@@ -22,15 +22,14 @@ from pathlib import Path
 
 import pytest
 
-from tests import tiny_models
-from tests import comfy_server
+from tests import comfy_server, tiny_models
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = Path(__file__).with_name("web_browser_check.mjs")
 WORKFLOW = ROOT / "workflows" / "qwen_image_t2i.json"
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR", "")
 RUN_TIMEOUT_S = 600
-GB, MB = 1e9, 1e6
+GB, MB, KB = 1e9, 1e6, 1e3
 
 
 def chromium() -> str | None:
@@ -66,7 +65,9 @@ pytestmark = pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() 
 
 def size_text(n: int) -> str:
     """The panel's size format, written out independently of web/gentor_panel.js."""
-    return f"{n / GB:.2f} GB" if n >= GB else f"{n / MB:.1f} MB"
+    if n <= 0:
+        return "—"
+    return f"{n / GB:.2f} GB" if n >= GB else f"{n / MB:.1f} MB" if n >= MB else f"{n / KB:.1f} kB"
 
 
 def test_panel_lists_unloads_and_survives_a_restart(tiny_root: Path, tmp_path: Path, monkeypatch):
@@ -76,9 +77,9 @@ def test_panel_lists_unloads_and_survives_a_restart(tiny_root: Path, tmp_path: P
     artifacts = Path(os.environ.get("GENTOR_ARTIFACTS") or tmp_path)
     artifacts.mkdir(parents=True, exist_ok=True)
     shot = artifacts / "panel.png"
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    comfy_dir = comfy_server.comfy_dir_or_skip()
     base = tmp_path / "base"
-    srv = comfy_server.ComfyServer(Path(COMFYUI_DIR), base, models).start()
+    srv = comfy_server.ComfyServer(comfy_dir, base, models).start()
     steps: dict[str, dict] = {}
     proc = subprocess.Popen(["node", str(SCRIPT), srv.url, str(WORKFLOW), str(shot), chromium()], env=node_env(),
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -99,7 +100,7 @@ def test_panel_lists_unloads_and_survives_a_restart(tiny_root: Path, tmp_path: P
             elif msg["step"] == "disconnected_shown":
                 # Same port, so the open page reconnects to the new server by itself.
                 monkeypatch.setattr(comfy_server, "free_port", lambda: port)
-                srv = comfy_server.ComfyServer(Path(COMFYUI_DIR), base, models).start()
+                srv = comfy_server.ComfyServer(comfy_dir, base, models).start()
                 proc.stdin.write("restarted\n")
                 proc.stdin.flush()
         proc.wait(timeout=RUN_TIMEOUT_S)
@@ -111,7 +112,7 @@ def test_panel_lists_unloads_and_survives_a_restart(tiny_root: Path, tmp_path: P
     assert "done" in steps, f"browser script stopped early: {sorted(steps)}"
 
     assert any("steps=2" in t for t in steps["ran"]["nodeText"])  # the sampler's notes on the node
-    assert any(t.startswith("qwen-image · ") and "loaded" in t for t in steps["ran"]["summary"])
+    assert any(t.startswith("qwen-image · ") and "· loaded " in t for t in steps["ran"]["summary"])
     rows = steps["panel"]["rows"]
     assert steps["panel"]["sidebar"], "the frontend offers a sidebar tab API: the panel must be a tab"
     server_rows = {e["id"]: e for e in listed_before["models"]}

@@ -17,6 +17,23 @@ let waiter = null;
 lines.on("line", (l) => (waiter ? (waiter(l), (waiter = null)) : answers.push(l)));
 const nextAnswer = () => (answers.length ? Promise.resolve(answers.shift()) : new Promise((r) => (waiter = r)));
 const report = (step, data = {}) => console.log(JSON.stringify({ step, ...data }));
+async function closeDialogs(page) {
+  // Dialogs the frontend may open by itself (templates browser, release notes) cover the page.
+  for (let i = 0; i < 10 && (await page.locator(".p-dialog-mask").count()) > 0; i++) {
+    const close = page.locator(".p-dialog-mask .p-dialog-close-button, .p-dialog-mask button[aria-label='Close']");
+    if (await close.count()) await close.first().click({ timeout: 5_000 }).catch(() => {});
+    else await page.keyboard.press("Escape");
+    await page.waitForTimeout(500);
+  }
+}
+
+const showGraphBeside = (page, left) => page.evaluate((x) => {
+  // litegraph maps graph to screen as (pos + offset) * scale: put the graph's origin right of the panel.
+  const canvas = window.comfyAPI.app.app.canvas;
+  canvas.ds.scale = 0.85;
+  canvas.ds.offset = [(x + 30) / 0.85, 120];
+  canvas.setDirty(true, true);
+}, left);
 
 const browser = await chromium.launch({
   executablePath,
@@ -33,6 +50,8 @@ try {
   });
   page.on("pageerror", (err) => errors.push({ type: "pageerror", text: String(err.stack || err), url: "" }));
   page.setDefaultTimeout(STEP_TIMEOUT);
+  // A first visit would open the templates browser: say the tutorial was seen (a user setting).
+  await fetch(`${url}/settings/Comfy.TutorialCompleted`, { method: "POST", body: "true" });
   await page.goto(url);
   await page.waitForFunction(() => window.comfyAPI?.app?.app?.graph && window.gentorPanel);
   report("loaded", { frontend: await page.evaluate(() => window.__COMFYUI_FRONTEND_VERSION__ || "") });
@@ -49,11 +68,12 @@ try {
   // The loader node shows its one-line summary; the sampler shows its text output after the run.
   await page.waitForFunction(() => [...document.querySelectorAll(".gentor-text")].some((t) => t.value.includes("steps=")));
   const nodeText = await page.evaluate(() => [...document.querySelectorAll(".gentor-text")].map((t) => t.value));
-  await page.waitForFunction(() => [...document.querySelectorAll(".gentor-node-summary")].some((d) => d.textContent.includes("loaded")));
+  await page.waitForFunction(() => [...document.querySelectorAll(".gentor-node-summary")].some((d) => d.textContent.includes("· loaded ")));
   const summary = await page.evaluate(() => [...document.querySelectorAll(".gentor-node-summary")].map((d) => d.textContent));
   report("ran", { nodeText, summary });
 
   // Open the panel: the sidebar tab where the frontend has one, else the fallback toggle.
+  await closeDialogs(page);
   const tab = page.locator(".gentor-models-tab-button");
   if (await tab.count()) await tab.first().click();
   else await page.locator(".gentor-toggle").click();
@@ -61,8 +81,11 @@ try {
   const rows = await page.$$eval(".gentor-panel .gentor-row", (els) => els.map((r) => ({
     id: r.dataset.id, kind: r.querySelector(".gentor-kind").textContent, size: r.querySelector(".gentor-size").textContent,
   })));
-  const panel = page.locator(".gentor-panel").first();
-  await panel.screenshot({ path: screenshotPath });
+  // The screenshot shows the panel beside the graph (loader summary line, sampler text).
+  const box = await page.locator(".gentor-panel").first().boundingBox();
+  await showGraphBeside(page, box.x + box.width);
+  await page.waitForTimeout(300);
+  await page.screenshot({ path: screenshotPath, clip: { x: 0, y: 0, width: 1400, height: Math.min(900, box.y + box.height + 40) } });
   report("panel", { rows, sidebar: (await tab.count()) > 0 });
 
   // Unload one row, then the rest with their own buttons; the panel empties.
@@ -84,6 +107,8 @@ try {
   report("recovered");
   report("done", { errors });
 } catch (err) {
+  const pages = browser.contexts().flatMap((c) => c.pages());
+  if (pages.length) await pages[0].screenshot({ path: `${screenshotPath}.failed.png` }).catch(() => {});
   report("failed", { error: String(err.stack || err), errors });
   process.exitCode = 1;
 } finally {

@@ -4,9 +4,13 @@
 const GB = 1e9;
 const MB = 1e6;
 
+const KB = 1e3;
+
 export function formatBytes(n) {
   if (!Number.isFinite(n)) return "?";
-  return n >= GB ? `${(n / GB).toFixed(2)} GB` : `${(n / MB).toFixed(1)} MB`;
+  if (n <= 0) return "—"; // weightless parts: tokenizer, scheduler, processor
+  if (n >= GB) return `${(n / GB).toFixed(2)} GB`;
+  return n >= MB ? `${(n / MB).toFixed(1)} MB` : `${(n / KB).toFixed(1)} kB`;
 }
 
 function el(tag, className, text) {
@@ -145,16 +149,15 @@ export class GentorPanel {
     for (const m of s.models) {
       const row = el("div", "gentor-row");
       row.dataset.id = m.id;
-      const info = el("div", "gentor-info");
-      info.append(el("div", "gentor-kind", m.kind));
-      info.append(el("div", "gentor-source", shortSource(m.source)));
-      info.title = m.source + (m.users?.length ? `\nused by: ${m.users.join(", ")}` : "");
-      info.append(el("div", "gentor-placement", placementText(m)));
+      const kind = el("div", "gentor-kind", m.kind);
       const size = el("div", "gentor-size", formatBytes(m.bytes));
       const button = el("button", "gentor-button gentor-unload", m.in_use ? "In use" : "Unload");
       button.disabled = !!m.in_use || s.busy;
       button.addEventListener("click", () => this.unload({ id: m.id }));
-      row.append(info, size, button);
+      const meta = el("div", "gentor-meta");
+      meta.append(el("div", "gentor-source", shortSource(m.source)), el("div", "gentor-placement", placementText(m)));
+      row.title = m.source + (m.users?.length ? `\nused by: ${m.users.join(", ")}` : "");
+      row.append(kind, size, button, meta);
       list.append(row);
     }
     root.append(list);
