@@ -5,6 +5,7 @@
 const SUMMARY_WIDGET = "gentor_summary";
 const TEXT_WIDGET = "gentor_text";
 const LINE_HEIGHT = 22;
+const SUMMARY_HEIGHT = 34; // the line wraps onto a second row on narrow nodes; the full text is its tooltip
 
 function addDomWidget(node, name, element, height) {
   const widget = node.addDOMWidget(name, name, element, {
@@ -65,7 +66,7 @@ export class LoaderSummaries {
     if (!node.widgets.find((w) => w.name === SUMMARY_WIDGET)) {
       const line = document.createElement("div");
       line.className = "gentor-node-summary";
-      const widget = addDomWidget(node, SUMMARY_WIDGET, line, LINE_HEIGHT);
+      const widget = addDomWidget(node, SUMMARY_WIDGET, line, SUMMARY_HEIGHT);
       widget.gentorElement = line;
       const callback = choice.callback;
       choice.callback = (...args) => {
@@ -106,7 +107,7 @@ export class LoaderSummaries {
       const body = await response.json().catch(() => ({}));
       if (choice.value !== name) return; // the choice changed while we waited
       line.textContent = response.ok ? body.line : body.error || `HTTP ${response.status}`;
-      line.title = response.ok ? body.path : "";
+      line.title = response.ok ? `${body.line}\n${body.path}` : line.textContent;
       return;
     }
     line.textContent = `${name}: not found in the model folders`;
