@@ -82,7 +82,7 @@ BACKENDS: tuple[BackendSpec, ...] = (
         tasks=(TASK_T2I, TASK_EDIT, TASK_UNDERSTAND), max_references=4,
         defaults=Defaults(steps=50, cfg=4.0, cfg_name="cfg_text_scale",
                           size="T2I 1024x1024 (at most 1024 per side); edits the size of the last reference "
-                               "(long side <= 1024, short side >= 512)"),
+                               "(long side <= 1024, short side >= 512) unless width/height are set"),
         blocks=(("model", ("language_model.model.layers", "vit_model.vision_model.encoder.layers")),),
         fp8_skip=COMMON_FP8_SKIP + ("vae2llm", "llm2vae", "connector"), fp8_exclude=("ae",),
         loader_node="GentorLoadBagel"),

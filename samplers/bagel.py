@@ -4,8 +4,8 @@ Policies (backend_specs.md §1.4-1.5): the common ``steps`` / ``cfg`` are num_ti
 GentorBagelSettings holds the rest, with "auto" values meaning the official defaults of the task (T2I:
 cfg_img 1.0, interval [0.4, 1], global renorm; edit: cfg_img 2.0, interval [0, 1], text_channel renorm).
 Sizes: T2I default 1024x1024, sides rounded to 16 px and refused above 1024 (the model's 64x64 latent
-position table); edits keep the size the last reference gets from the VAE rule (long side <= 1024,
-short >= 512, multiples of 16). BAGEL has no negative prompt: its "unconditional" branches are the
+position table); edits with width/height 0 take the size the last reference gets from the VAE rule
+(long side <= 1024, short >= 512, multiples of 16), as the reference code does; non-zero sides are used. BAGEL has no negative prompt: its "unconditional" branches are the
 contexts without the instruction / without the images.
 Seeds: one CPU ``torch.Generator`` seeded with the node's seed draws, in order, the autoencoder posterior
 noise of each reference, the think tokens when sampling, then the initial noise of each batch item.
@@ -175,10 +175,10 @@ def plan_job(task: str, request: Request, max_side: int) -> tuple[BagelJob, list
         height = _side(request.height or DEFAULT_SIZE, "height", notes, max_side)
         width = _side(request.width or DEFAULT_SIZE, "width", notes, max_side)
     else:
+        # 0 = the reference's rule (the size the last reference gets); a non-zero side is honoured (DESIGN §3)
         w, h = vae_rule.size(*images[-1].size)
-        height, width = h, w
-        if task == "edit" and (request.width or request.height):
-            notes.append(f"BAGEL edits keep the size of the last reference ({w}x{h}): width/height ignored")
+        height = _side(request.height, "height", notes, max_side) if request.height else h
+        width = _side(request.width, "width", notes, max_side) if request.width else w
     batch = int(request.batch_size or 1)
     if task == registry.TASK_UNDERSTAND:
         max_tokens = int(request.steps or DEFAULT_ANSWER_TOKENS)
@@ -315,8 +315,7 @@ def _think_progress(job: BagelJob, listener: Any) -> Callable[[int], None]:
 def _generate(engine: BagelEngine, job: BagelJob, generator: torch.Generator, cfg: Any, notes: list[str],
               listener: Any) -> tuple[torch.Tensor, str]:
     ctx = engine.build_contexts(_inputs(job), generator, job.size, think=job.think)
-    if ctx.size != job.size:  # edits: the last reference decided it (plan_job computed the same rule)
-        job.size = ctx.size
+    ctx.size = job.size  # plan_job's size: the last reference's (as the reference code) unless width/height set
     think = ""
     if job.think:
         ctx = engine.think(ctx, job.max_tokens, _think_progress(job, listener), job.temperature, generator)

@@ -108,6 +108,7 @@ def test_two_image_edit_takes_the_size_of_the_last_and_depends_on_both():
     assert out.image.shape == (1, 64, 32, 3)  # 40x56 -> 32x64 (w x h) by the tiny VAE rule
     assert "references=2" in out.text
     assert not torch.equal(out.image, edit([picture(80, 48, 3), last]).image)
+    assert edit([first, last], width=48, height=32).image.shape == (1, 32, 48, 3)  # explicit sizes are used
 
 
 def test_rgba_and_grayscale_references():
