@@ -7,6 +7,11 @@ pass (prompt + meta queries + six-layer bridge) on a mid-size random 36-layer Qw
 
     python benchmarks/bench_deepgen.py [--repeats 3] [--size 128] [--layers 4]
 
+Load (--load): peak host RAM while the loader streams a mid-size checkpoint into FP8 storage, against the
+resting bytes of what was loaded plus the largest weight file (DESIGN.md §5), measured in a fresh process.
+
+    python benchmarks/bench_deepgen.py --load [--layers 8]
+
 GPU (--gpu): full-size random weights (SD3.5-Medium DiT, 2048-wide bridge); seconds per 512x512 image
 (50 steps, CFG) and peak VRAM for bf16, FP8 storage, FP8 + block offload of the DiT blocks.
 
@@ -199,9 +204,86 @@ def bench_gpu(args) -> None:
         print(f"DiT SD3.5-M 512x512 {args.steps} steps CFG: {mode:10s} {dt:6.2f} s/image, peak VRAM {peak:5.2f} GiB")
 
 
+def bench_load(args) -> None:
+    """Write a mid-size DeepGen checkpoint (safetensors form) next to the tiny folders, then load it with FP8
+    storage in a child process and compare its peak RSS growth with resting bytes + largest file."""
+    import json
+    import subprocess
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    from tests import tiny_deepgen as tiny
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        tiny.write(root)
+        folder = root / tiny.DEEPGEN_FOLDER / tiny.CHECKPOINT_FOLDER
+        ours, _, cfg = mid_dit(args.layers, torch.float32, "cpu")
+        config = json.loads((folder / "transformer" / "config.json").read_text())
+        config.update({k: v for k, v in cfg.items() if k != "dual_attention_layers"},
+                      dual_attention_layers=list(cfg["dual_attention_layers"]))
+        mid = root / tiny.DEEPGEN_FOLDER / "mid"
+        (mid / "transformer").mkdir(parents=True)
+        for part in ("vae", "scheduler"):
+            import shutil  # noqa: PLC0415
+
+            shutil.copytree(folder / part, mid / part)
+        (mid / "transformer" / "config.json").write_text(json.dumps(config))
+        bridge = tiny.bridge_state()
+        bridge["projector_2.weight"] = torch.randn(cfg["pooled_projection_dim"], tiny.BRIDGE["hidden"])
+        bridge["projector_2.bias"] = torch.randn(cfg["pooled_projection_dim"])
+        bridge["projector_3.weight"] = torch.randn(cfg["joint_attention_dim"], tiny.BRIDGE["hidden"])
+        bridge["projector_3.bias"] = torch.randn(cfg["joint_attention_dim"])
+        state = {**bridge, **{f"transformer.{k}": v.contiguous() for k, v in ours.state_dict().items()}}
+        save_file(state, str(mid / "model.safetensors"))
+        del ours, state
+        child = f"""
+import sys, torch
+sys.path.insert(0, {str(ROOT)!r})
+import importlib.util
+spec = importlib.util.spec_from_file_location("gentor", {str(ROOT / "__init__.py")!r}, submodule_search_locations=[{str(ROOT)!r}])
+m = importlib.util.module_from_spec(spec); sys.modules["gentor"] = m; spec.loader.exec_module(m)
+from gentor import glue
+from gentor.loaders import deepgen as loader
+from gentor.loaders.cache import CACHE
+from gentor.loaders.memory import MemoryOptions, resolve
+import diffusers, transformers, peft, accelerate
+glue.set_fallback_roots("deepgen", [{str(root / tiny.DEEPGEN_FOLDER)!r}])
+glue.set_fallback_roots("vlm", [{str(root / tiny.VLM_FOLDER)!r}])
+h = loader.load_handle("mid/model.safetensors", "mid", {tiny.VLM_NAME!r}, MemoryOptions(weight_dtype="fp8_e4m3fn", compute_dtype="bf16"))
+import gc, threading, time, psutil
+gc.collect()
+proc = psutil.Process()
+base = proc.memory_info().rss
+peak = [base]
+done = threading.Event()
+def watch():
+    while not done.is_set():
+        peak[0] = max(peak[0], proc.memory_info().rss)
+        time.sleep(0.002)
+t = threading.Thread(target=watch); t.start()
+with CACHE.session() as s:
+    comps = loader.load_components(h, resolve(h.memory, torch.device("cpu")), s)
+    done.set(); t.join()
+    peak = peak[0]
+    resting = sum(comps[r].nbytes for r in ("transformer", "bridge", "vae", "vlm"))
+    dit = comps["transformer"].nbytes
+print(peak - base, resting, dit)
+"""
+        out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True)
+        grow, resting, dit = (int(x) for x in out.stdout.split()[-3:])
+        largest = (mid / "model.safetensors").stat().st_size
+        print(f"FP8 load of a {largest / 1e6:.0f} MB checkpoint (DiT {dit / 1e6:.0f} MB resting in FP8): peak RSS growth "
+              "(sampled every 2 ms) "
+              f"{grow / 1e6:.0f} MB vs resting {resting / 1e6:.0f} MB + largest file {largest / 1e6:.0f} MB = "
+              f"{(resting + largest) / 1e6:.0f} MB ({'within' if grow <= resting + largest else 'ABOVE'} the bound)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpu", action="store_true")
+    parser.add_argument("--load", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
@@ -212,6 +294,8 @@ def main() -> None:
     if args.gpu:
         args.steps = max(args.steps, 50)
         bench_gpu(args)
+    elif args.load:
+        bench_load(args)
     else:
         bench_cpu(args)
 

@@ -261,12 +261,22 @@ def _load_from_checkpoint(build: Callable[[], torch.nn.Module], file: Path, pick
     return load_module(build, precision, skip, source=tmp, display=DISPLAY, component=component)
 
 
+def _on_meta(build: Callable[[], torch.nn.Module]) -> Callable[[], torch.nn.Module]:
+    """Build with buffers on meta too. Why: SD3's PatchEmbed computes its 384x384 sincos table at init
+    (0.9 GB in fp32 at SD3.5-Medium width, several times that while computing) although the weights
+    carry it as ``pos_embed.pos_embed``; on meta it costs nothing and is filled from the file."""
+    def build_on_meta() -> torch.nn.Module:
+        with torch.device("meta"):
+            return build()
+    return build_on_meta
+
+
 def load_components(handle: ModelHandle, plan: Plan, session: Session) -> dict[str, Any]:
     """Fetch every component through the shared cache; the LoRA (when present) is switched on for this run."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler  # noqa: PLC0415
 
     from ..modeling.deepgen.transformer import DeepGenTransformer  # noqa: PLC0415
-    from .streaming import diffusers_builder, load_diffusers  # noqa: PLC0415
+    from .streaming import component_files, diffusers_builder, load_diffusers, load_module  # noqa: PLC0415
 
     spec = registry.get(BACKEND)
     info = handle.info_dict
@@ -287,14 +297,16 @@ def load_components(handle: ModelHandle, plan: Plan, session: Session) -> dict[s
     def pick_dit(key: str) -> str | None:
         return key[len(ckpt.TRANSFORMER_PREFIX):] if key.startswith(ckpt.TRANSFORMER_PREFIX) else None
 
-    dit_build = diffusers_builder(DeepGenTransformer, folder / "transformer", DISPLAY, "transformer")
+    dit_build = _on_meta(diffusers_builder(DeepGenTransformer, folder / "transformer", DISPLAY, "transformer"))
     dit_from_ckpt = info["dit"] == "checkpoint"
     loads = {
         "bridge": (str(bridge_file), lambda p, s: _load_from_checkpoint(bridge_build, bridge_file, pick_bridge, p, skip, s, "bridge")),
         "transformer": (str(file) if dit_from_ckpt else str(folder / "transformer"),
                         (lambda p, s: _load_from_checkpoint(dit_build, file, pick_dit, p, skip, s, "transformer"))
                         if dit_from_ckpt else
-                        (lambda p, s: load_diffusers(DeepGenTransformer, folder / "transformer", p, skip, s, DISPLAY, "transformer"))),
+                        (lambda p, s: load_module(dit_build, p, skip, () if s is not None else
+                                                  component_files(folder / "transformer", DISPLAY, "transformer"),
+                                                  s, None, DISPLAY, "transformer"))),
         "vae": (str(folder / "vae"), lambda p, s: load_diffusers(AutoencoderKL, folder / "vae", p, (), s, DISPLAY, "vae")),
     }
     out: dict[str, Any] = {}
