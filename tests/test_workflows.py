@@ -84,6 +84,13 @@ def test_static_parse_follows_helpers_and_loops(gentor_specs):
     assert "fp8_e4m3fn" in mem.input("weight_dtype").options and "block" in mem.input("offload").options
 
 
+def test_input_and_output_ids_are_disjoint(gentor_specs):
+    """ComfyUI 0.3.64 refuses a V3 schema whose input and output share an id, and with it the whole pack."""
+    for node_id, spec in gentor_specs.items():
+        shared = {i.name for i in spec.inputs} & set(spec.output_ids)
+        assert not shared, f"{node_id} ({spec.source}): input and output both named {sorted(shared)}"
+
+
 @pytest.mark.parametrize("backend", [b.id for b in registry.BACKENDS])
 def test_every_loader_takes_memory_and_gives_a_model(backend, gentor_specs):
     spec = registry.get(backend)
