@@ -432,11 +432,13 @@ def summary(report: ModelReport, options: MemoryOptions | None = None) -> str:
 
 
 def check_fits(report: ModelReport, options: MemoryOptions, device: torch.device, free_bytes: int,
-               input_name: str = "memory", width: int = 1024, height: int = 1024) -> Estimate:
+               input_name: str = "memory", width: int = 1024, height: int = 1024, images: int = 1) -> Estimate:
     """The shared "too large for this device" refusal: raise before allocating when the estimate does not fit."""
-    e = estimate(report, options, device, width, height)
+    e = estimate(report, options, device, width, height, images)
     if device.type != "cpu" and e.peak_vram > free_bytes:
-        cheaper = [x for x in estimates(report, device, width, height) if x.peak_vram <= free_bytes]
+        cheaper = [estimate(report, MemoryOptions(weight_dtype=w, offload=o), device, width, height, images)
+                   for w in ("bf16", "fp8_e4m3fn") for o in OFFLOAD_MODES]
+        cheaper = [x for x in cheaper if x.peak_vram <= free_bytes]
         hint = (f"Use weight_dtype={cheaper[0].options.weight_dtype} with offload={cheaper[0].options.offload} "
                 f"(~{cheaper[0].peak_vram / GIB:.1f} GiB)" if cheaper else "No memory option fits: use a smaller "
                 "variant or a larger GPU")

@@ -228,12 +228,27 @@ def stop_ids(config: Any) -> set[int]:
     return set(eos if isinstance(eos, (list, tuple)) else [eos])
 
 
+def check_memory(handle: ModelHandle, plan: Any, images: list[Image.Image], gen: Generation) -> None:
+    """Refuse before reading any weight when the estimate (loaders.inspect, from headers) does not fit the
+    device; weights already cached for this model count as free."""
+    from ..loaders import inspect as inspection  # noqa: PLC0415
+
+    if plan.device.type == "cpu":
+        return
+    report = inspection.inspect_path(handle.path("model"))
+    cached = sum(e.nbytes for e in CACHE.entries(loader.kind_of(handle)) if e.source == handle.path("model"))
+    side = int(gen.max_image_pixels ** 0.5)
+    inspection.check_fits(report, handle.memory, plan.device, glue.free_memory_bytes(plan.device) + cached,
+                          "model", side, side, max(1, len(images)))
+
+
 def generate(handle: ModelHandle, messages: list[dict], images: list[Image.Image], gen: Generation,
              listener: Callable[[int, int, Any], None] | None = None) -> Reply:
     """Load through the cache, apply the memory plan, decode; the reply with notes."""
     device = glue.torch_device()
     plan = resolve(handle.memory, device)
     notes = list(plan.notes)
+    check_memory(handle, plan, images, gen)
     with CACHE.session() as session:
         entries = loader.load_components(handle, plan, session)
         processor = entries["processor"].value

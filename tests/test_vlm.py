@@ -247,6 +247,18 @@ def test_fp8_storage_and_block_offload():
     assert stored_dtypes(entry.value)[torch.float8_e4m3fn] > 0
 
 
+def test_too_large_for_the_device_refused_before_loading(monkeypatch):
+    from gentor.errors import MemoryEstimateError
+
+    handle = loader.load_handle(tiny_vlm.QWEN3_VL, None)
+    reads = CACHE.disk_reads
+    monkeypatch.setattr(glue, "torch_device", lambda: torch.device("cuda"))
+    monkeypatch.setattr(glue, "free_memory_bytes", lambda device: 1000)
+    with pytest.raises(MemoryEstimateError, match="Qwen-VL model: Qwen3-VL .* will not fit on cuda"):
+        sampler.enhance(handle, Request(prompt="a cat", steps=2))
+    assert CACHE.disk_reads == reads  # refused from the headers: nothing was read
+
+
 # ----------------------------------------------------------------------------- sharing
 def test_pipeline_text_encoder_is_one_copy_with_qwen_image(tiny_root):
     name = "tiny-qwen-image-edit/text_encoder"
