@@ -76,7 +76,7 @@ class GentorEnhancePrompt(io.ComfyNode):
                                         "Large images are resized by the Qwen-VL rule (sides multiples of 28 or 32, "
                                         "area within max_image_pixels); the notes say so.")
                  for i in range(1, EDIT_IMAGE_INPUTS + 1)],
-            outputs=[io.String.Output("prompt", tooltip="The enhanced prompt, ready for a task node's prompt."),
+            outputs=[io.String.Output("enhanced_prompt", tooltip="The enhanced prompt, ready for a task node's prompt."),
                      io.String.Output("notes", tooltip="Resizes, a cut at max_new_tokens, memory notes.")],
             is_output_node=True)
 
