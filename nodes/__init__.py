@@ -16,8 +16,10 @@ def node_list() -> list[type[io.ComfyNode]]:
     from .inspection import GentorInspectModel
     from .memory import GentorMemoryOptions
     from .tasks import GentorEditImage, GentorTextToImage
+    from .text import GentorDescribeImage
 
-    nodes: list[type[io.ComfyNode]] = [GentorMemoryOptions, GentorTextToImage, GentorEditImage, GentorInspectModel]
+    nodes: list[type[io.ComfyNode]] = [GentorMemoryOptions, GentorTextToImage, GentorEditImage, GentorDescribeImage,
+                                       GentorInspectModel]
     for spec in registry.available():
         for key in spec.folder_keys:
             glue.register_model_folder(key)
