@@ -121,9 +121,9 @@ def inspect_checkpoint(path: Path) -> CheckpointInfo:
     """Detect the form and sizes from the weights; a checkpoint of another model is refused."""
     if path.is_dir():
         missing = [p for p in DIFFUSION_PARTS if not (path / p).is_dir()]
-        files = ckpt.bridge_files(path) if path.is_dir() else []
+        files = ckpt.bridge_files(path)
         if missing or not files:
-            got = f"no {', '.join(missing)}/" if missing else "no safetensors with meta_queries / projector_1 / connector"
+            got = f"no {', '.join(missing)}/" if missing else "no safetensors holding meta_queries / projector_1"
             raise _refuse(CHECKPOINT_INPUT, f"{path.name} is not a DeepGen diffusers folder", got,
                           "transformer/, vae/, scheduler/ and the connector weights",
                           "Pick the DeepGen-1.0-diffusers folder or a DeepGen model.pt")
@@ -135,10 +135,17 @@ def inspect_checkpoint(path: Path) -> CheckpointInfo:
         try:
             shapes = ckpt.read_shapes(path)
         except ckpt.ConversionRefused as exc:
-            raise ModelFolderError(f"{DISPLAY} {CHECKPOINT_INPUT}: {exc}.") from exc
+            if not exc.command:
+                raise _refuse(CHECKPOINT_INPUT, f"{path.name} is not a state dict", exc, "a flat dict of tensors",
+                              "Pick DeepGen's model.pt or its safetensors conversion") from exc
+            held = ", ".join(exc.found) or "objects other than tensors"
+            raise ModelFolderError(
+                f"{DISPLAY} {CHECKPOINT_INPUT}: {path.name} cannot be loaded safely (got a pickle holding {held}, "
+                f"expected only tensors for torch.load(weights_only=True)). If you trust the file, convert it once, "
+                f"then pick {path.stem}.safetensors: {exc.command}") from exc
         except (OSError, RuntimeError, ValueError) as exc:
-            raise _refuse(CHECKPOINT_INPUT, f"{path.name} could not be read", exc, "a torch or safetensors checkpoint",
-                          "Re-download the checkpoint") from exc
+            raise _refuse(CHECKPOINT_INPUT, f"{path.name} could not be read", exc,
+                          "a torch or safetensors checkpoint", "Re-download the checkpoint") from exc
         form, bridge_file = "checkpoint", path
         dit = any(k.startswith(ckpt.TRANSFORMER_PREFIX) for k in shapes)
     try:
@@ -147,7 +154,8 @@ def inspect_checkpoint(path: Path) -> CheckpointInfo:
         prefixes = sorted({k.split(".")[0] for k in shapes})[:6]
         raise _refuse(CHECKPOINT_INPUT, f"{path.name} is not a DeepGen checkpoint", f"tensors under {prefixes}",
                       "meta_queries, projector_1..3 and connector.layers.*",
-                      "Pick DeepGen's model.pt (deepgenteam/DeepGen-1.0, -SFT, -Pretrain) or its diffusers folder") from exc
+                      "Pick DeepGen's model.pt (deepgenteam/DeepGen-1.0, -SFT, -Pretrain) or its diffusers folder"
+                      ) from exc
     if bridge.num_stacked != NUM_STACKED_LAYERS:
         raise _refuse(CHECKPOINT_INPUT, "projector_1 does not take six stacked VLM layers",
                       f"{bridge.num_stacked} x {bridge.llm_hidden}", f"{NUM_STACKED_LAYERS} x {bridge.llm_hidden}",
@@ -172,14 +180,17 @@ def inspect_diffusion(folder: Path, info: CheckpointInfo) -> dict:
     if (joint, pooled) != (info.bridge.joint_dim, info.bridge.pooled_dim):
         raise _refuse(DIFFUSION_INPUT, "the DiT does not fit the checkpoint's projectors",
                       f"joint_attention_dim {joint}, pooled_projection_dim {pooled}",
-                      f"{info.bridge.joint_dim} and {info.bridge.pooled_dim}", "Use the diffusion folder DeepGen was trained with")
+                      f"{info.bridge.joint_dim} and {info.bridge.pooled_dim}",
+                      "Use the diffusion folder DeepGen was trained with")
     if info.dit_in_checkpoint:
         inner = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
         got = info.shapes.get(ckpt.TRANSFORMER_PREFIX + DIT_POOLED_KEY)
-        layers = len({k.split(".")[2] for k in info.shapes if k.startswith(ckpt.TRANSFORMER_PREFIX + "transformer_blocks.")})
+        blocks = ckpt.TRANSFORMER_PREFIX + "transformer_blocks."
+        layers = len({k.split(".")[2] for k in info.shapes if k.startswith(blocks)})
         if got is None or tuple(got) != (inner, pooled) or layers != int(config["num_layers"]):
             raise _refuse(DIFFUSION_INPUT, "the checkpoint's DiT and the folder's transformer config differ",
-                          f"{layers} blocks, text embedder {got}", f"{config['num_layers']} blocks, ({inner}, {pooled})",
+                          f"{layers} blocks, text embedder {got}",
+                          f"{config['num_layers']} blocks, ({inner}, {pooled})",
                           "Use the diffusion folder that belongs to this checkpoint")
     return config
 
@@ -195,7 +206,8 @@ def check_vlm(vlm_info: Any, bridge: BridgeConfig) -> None:
     picks = selected_layers(vlm_info.layers + 1)
     if len(picks) != NUM_STACKED_LAYERS:
         raise _refuse(VLM_INPUT, f"{vlm_info.variant} has a depth that does not give six stacked layers",
-                      f"{vlm_info.layers} layers", "32 to 37 layers (Qwen2.5-VL-3B has 36)", "Pick Qwen2.5-VL-3B-Instruct")
+                      f"{vlm_info.layers} layers", "32 to 37 layers (Qwen2.5-VL-3B has 36)",
+                      "Pick Qwen2.5-VL-3B-Instruct")
 
 
 def load_handle(checkpoint: str, diffusion: str, vlm: str, memory: MemoryOptions | None) -> ModelHandle:
@@ -240,7 +252,8 @@ def _pickle_source(build: Callable[[], torch.nn.Module], state: dict[str, torch.
 
 
 def _load_from_checkpoint(build: Callable[[], torch.nn.Module], file: Path, pick: Callable[[str], str | None],
-                          precision: Precision | None, skip: tuple[str, ...], source: Any, component: str) -> torch.nn.Module:
+                          precision: Precision | None, skip: tuple[str, ...], source: Any,
+                          component: str) -> torch.nn.Module:
     from .streaming import load_module  # noqa: PLC0415
 
     if source is not None:
@@ -299,16 +312,21 @@ def load_components(handle: ModelHandle, plan: Plan, session: Session) -> dict[s
 
     dit_build = _on_meta(diffusers_builder(DeepGenTransformer, folder / "transformer", DISPLAY, "transformer"))
     dit_from_ckpt = info["dit"] == "checkpoint"
-    loads = {
-        "bridge": (str(bridge_file), lambda p, s: _load_from_checkpoint(bridge_build, bridge_file, pick_bridge, p, skip, s, "bridge")),
-        "transformer": (str(file) if dit_from_ckpt else str(folder / "transformer"),
-                        (lambda p, s: _load_from_checkpoint(dit_build, file, pick_dit, p, skip, s, "transformer"))
-                        if dit_from_ckpt else
-                        (lambda p, s: load_module(dit_build, p, skip, () if s is not None else
-                                                  component_files(folder / "transformer", DISPLAY, "transformer"),
-                                                  s, None, DISPLAY, "transformer"))),
-        "vae": (str(folder / "vae"), lambda p, s: load_diffusers(AutoencoderKL, folder / "vae", p, (), s, DISPLAY, "vae")),
-    }
+    def load_bridge(p: Precision | None, s: Any) -> torch.nn.Module:
+        return _load_from_checkpoint(bridge_build, bridge_file, pick_bridge, p, skip, s, "bridge")
+
+    def load_dit(p: Precision | None, s: Any) -> torch.nn.Module:
+        if dit_from_ckpt:
+            return _load_from_checkpoint(dit_build, file, pick_dit, p, skip, s, "transformer")
+        files = () if s is not None else component_files(folder / "transformer", DISPLAY, "transformer")
+        return load_module(dit_build, p, skip, files, s, None, DISPLAY, "transformer")
+
+    def load_vae(p: Precision | None, s: Any) -> torch.nn.Module:
+        return load_diffusers(AutoencoderKL, folder / "vae", p, (), s, DISPLAY, "vae")
+
+    loads = {"bridge": (str(bridge_file), load_bridge),
+             "transformer": (str(file) if dit_from_ckpt else str(folder / "transformer"), load_dit),
+             "vae": (str(folder / "vae"), load_vae)}
     out: dict[str, Any] = {}
     for role, (path, load) in loads.items():
         prec = full if role in spec.fp8_exclude else precision

@@ -9,6 +9,7 @@ multi-reference edit, as the model was trained (not a batch of single edits).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -18,12 +19,14 @@ from .. import glue, registry
 from ..errors import InputError, MemoryEstimateError
 from ..loaders import deepgen as loader
 from ..loaders.cache import CACHE, ModelHandle
+from ..loaders.files import read_json
 from ..loaders.memory import Plan, resolve
 from ..loaders.placement import Placement
 from ..modeling.deepgen.encode import encode
 from ..modeling.deepgen.prompts import RESIZE_RULES, VIT_SCALE, reference_size, to_pixels
 from ..modeling.deepgen.sampling import decode, denoise, encode_references, generator, initial_noise
-from .common import Request, Result, Settings, check_finite, check_settings, format_notes, latent_preview, round_size, to_rgb
+from .common import (Request, Result, Settings, check_finite, check_settings, format_notes, latent_preview,
+                     round_size, to_rgb)
 
 DISPLAY = "DeepGen"
 SETTINGS_NODE = "Gentor DeepGen Settings"
@@ -94,14 +97,15 @@ def plan_job(task: str, request: Request) -> tuple[DeepGenJob, list[str]]:
     images = [to_rgb(i) for i in request.images] if task == "edit" else []
     if task == "edit":
         if not images:
-            raise InputError(f"{DISPLAY} image_1: no image to edit (got no image inputs, expected 1..{spec.max_references} "
-                             "images). Connect an image to image_1, or use Gentor Text to Image.")
+            raise InputError(f"{DISPLAY} image_1: no image to edit (got no image inputs, expected 1.."
+                             f"{spec.max_references} images). Connect an image to image_1, or use Gentor Text to "
+                             "Image.")
         if len(images) > spec.max_references:
             raise InputError(f"{DISPLAY} images: too many references (got {len(images)}, expected at most "
                              f"{spec.max_references}). Combine references or drop some.")
         if not request.prompt.strip():
-            raise InputError(f"{DISPLAY} prompt: the edit instruction is empty (got {request.prompt!r}, expected what to "
-                             "change, e.g. 'make the sky stormy'). Write an instruction.")
+            raise InputError(f"{DISPLAY} prompt: the edit instruction is empty (got {request.prompt!r}, expected "
+                             "what to change, e.g. 'make the sky stormy'). Write an instruction.")
     steps = int(request.steps or DEFAULT_STEPS)
     if not MIN_STEPS <= steps <= MAX_STEPS:
         raise InputError(f"{DISPLAY} steps: out of range (got {steps}, expected {MIN_STEPS}..{MAX_STEPS} or 0 for "
@@ -159,10 +163,9 @@ def estimate_bytes(job: DeepGenJob, dit_config: dict, device: torch.device, item
 
 
 def check_memory(job: DeepGenJob, handle: ModelHandle, plan: Plan) -> None:
-    from ..loaders.files import read_json  # noqa: PLC0415
-    from pathlib import Path  # noqa: PLC0415
-
-    config = read_json(Path(handle.path(loader.DIFFUSION_INPUT)) / "transformer" / "config.json", DISPLAY, "transformer config")
+    """Refuse before anything is loaded when the activations would not fit the device."""
+    config_path = Path(handle.path(loader.DIFFUSION_INPUT)) / "transformer" / "config.json"
+    config = read_json(config_path, DISPLAY, "transformer config")
     need = estimate_bytes(job, config, plan.device, torch.finfo(plan.compute).bits // 8)
     free = glue.free_memory_bytes(plan.device)
     if need > free:

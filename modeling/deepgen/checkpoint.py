@@ -29,8 +29,8 @@ PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 SAFETENSORS_SUFFIX = ".safetensors"
 HEADER_LIMIT = 100 * 1024 * 1024
 # LoRA key names by transformers version of the training code -> this transformers' module names.
-LORA_RENAMES = (("model.layers.", "model.language_model.layers."), ("model.embed_tokens.", "model.language_model.embed_tokens."),
-                ("visual.", "model.visual."))
+LORA_RENAMES = (("model.layers.", "model.language_model.layers."),
+                ("model.embed_tokens.", "model.language_model.embed_tokens."), ("visual.", "model.visual."))
 
 
 @dataclass

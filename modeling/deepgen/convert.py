@@ -30,7 +30,13 @@ GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
 
 
 class ConversionRefused(Exception):
-    """The file cannot be read safely; the message says what to do."""
+    """The file cannot be read safely; the message says what to do (``found``: the refused classes,
+    ``command``: the conversion command for this file, when one applies)."""
+
+    def __init__(self, message: str, found: Sequence[str] = (), command: str = "") -> None:
+        super().__init__(message)
+        self.found = tuple(found)
+        self.command = command
 
 
 def command_for(path: str | Path) -> str:
@@ -49,12 +55,11 @@ def load_pickle(path: str | Path, allow: Sequence[str] = ()) -> Any:
         with torch.serialization.safe_globals([_import_global(g) for g in allow]):
             return torch.load(str(path), map_location="cpu", weights_only=True, mmap=_is_zip(path))
     except pickle.UnpicklingError as exc:
-        found = GLOBAL_RE.findall(str(exc))
-        what = f"it pickles {', '.join(sorted(set(found)))}" if found else "it pickles objects other than tensors"
-        raise ConversionRefused(
-            f"{Path(path).name} cannot be read with torch.load(weights_only=True): {what}. If you trust the file, "
-            f"convert it once: {command_for(path)}" + "".join(f" --allow-global {g}" for g in sorted(set(found)))
-        ) from exc
+        found = sorted(set(GLOBAL_RE.findall(str(exc))))
+        what = f"it pickles {', '.join(found)}" if found else "it pickles objects other than tensors"
+        command = command_for(path) + "".join(f" --allow-global {g}" for g in found)
+        raise ConversionRefused(f"{Path(path).name} cannot be read with torch.load(weights_only=True): {what}. If you "
+                                f"trust the file, convert it once: {command}", found, command) from exc
 
 
 def _is_zip(path: str | Path) -> bool:
