@@ -15,10 +15,17 @@ import torch.nn.functional as F
 from tests import tiny_deepgen
 
 
+_WRITTEN: dict[int, Path] = {}
+
+
 def deepgen_models(tmp_path_factory) -> Path:
-    out = Path(os.environ.get("GENTOR_TINY_DIR") or tmp_path_factory.mktemp("deepgen_models"))
-    tiny_deepgen.write(out)
-    return out
+    """The tiny DeepGen folders, written once per test session (the factory is session-wide)."""
+    key = id(tmp_path_factory)
+    if key not in _WRITTEN:
+        out = Path(os.environ.get("GENTOR_TINY_DIR") or tmp_path_factory.mktemp("deepgen_models"))
+        tiny_deepgen.write(out)
+        _WRITTEN[key] = out
+    return _WRITTEN[key]
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
