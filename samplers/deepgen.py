@@ -21,7 +21,7 @@ from ..loaders import deepgen as loader
 from ..loaders.cache import CACHE, ModelHandle
 from ..loaders.files import read_json
 from ..loaders.memory import Plan, resolve
-from ..loaders.placement import Placement
+from ..loaders.placement import Placement, activate
 from ..modeling.deepgen.encode import encode
 from ..modeling.deepgen.prompts import RESIZE_RULES, VIT_SCALE, reference_size, to_pixels
 from ..modeling.deepgen.sampling import decode, denoise, encode_references, generator, initial_noise
@@ -177,7 +177,7 @@ def check_memory(job: DeepGenJob, handle: ModelHandle, plan: Plan) -> None:
 
 
 def generate(components: dict[str, Any], job: DeepGenJob, device: torch.device,
-             on_step: Callable[[int, Image.Image | None], None]) -> torch.Tensor:
+             on_step: Callable[[int, Image.Image | None], None], offload: str = "none") -> torch.Tensor:
     """The official algorithm on loaded components; returns ComfyUI IMAGE [B, H, W, 3]."""
     vlm, bridge = components["vlm"].value, components["bridge"].value
     dit, vae = components["transformer"].value, components["vae"].value
@@ -187,6 +187,10 @@ def generate(components: dict[str, Any], job: DeepGenJob, device: torch.device,
     gen = generator(job.seed)
     noise = initial_noise(gen, b, job.height, job.width)  # drawn first, then the reference posteriors
     ref_latents = encode_references(vae, job.references, gen, device) if job.references else []
+    if offload == "model":
+        # The VLM is driven through grandchildren (model.visual, model.language_model), which model offload's
+        # hooks on the component and its direct children do not see: put it on the device explicitly.
+        activate(components["vlm"], device)
     cond = encode(vlm, tokenizer, bridge, [job.prompt] * b, [job.negative] * b, job.references, device)
     positive, negative = cond.halves()
 
@@ -217,7 +221,7 @@ def run(handle: ModelHandle, task: str, request: Request,
         lora = loader.use_lora(handle, session, components["vlm"], job.lora)
         placement = Placement({r: components[r] for r in ROLES}, dict(spec.blocks), plan, DISPLAY)
         with placement.running() as placed, torch.inference_mode():
-            image = generate(components, job, placed.device, progress.update)
+            image = generate(components, job, placed.device, progress.update, placed.offload)
         notes.extend(placement.notes)
     check_finite(image, DISPLAY, "try compute_dtype fp32 or bf16 in Gentor Memory Options (fp16 overflows easily)")
     pairs = [("model", handle.variant), ("size", f"{job.width}x{job.height}"), ("steps", job.steps),

@@ -201,6 +201,8 @@ def test_fp8_storage_and_block_offload_hooks():
     ref = edit([img])
     block = edit([img], h=handle(memory=MemoryOptions(offload="block")))
     assert torch.equal(block.image, ref.image), "CPU->CPU block offload changes nothing"
+    model = edit([img], h=handle(memory=MemoryOptions(offload="model")))
+    assert torch.equal(model.image, ref.image), "model offload (one component at a time) changes nothing"
     fp8 = edit([img], h=handle(memory=MemoryOptions(weight_dtype="fp8_e4m3fn", compute_dtype="fp32", offload="block")))
     assert rel_err(fp8.image, ref.image) < 0.1 and torch.isfinite(fp8.image).all()
     entries = {e.kind: e for e in CACHE.entries() if e.precision is not None and e.precision.cast}
