@@ -52,10 +52,10 @@ def picture(w: int, h: int, seed: int, mode: str = "RGB") -> Image.Image:
     return img.convert(mode)
 
 
-def t2i(memory=None, **kw):
+def t2i(memory=None, listener=None, **kw):
     req = dict(prompt="a red fox", seed=3, steps=3, width=48, height=32, settings=settings())
     req.update(kw)
-    return sampler.run(handle(memory), "t2i", Request(**req))
+    return sampler.run(handle(memory), "t2i", Request(**req), listener=listener)
 
 
 def edit(images, memory=None, **kw):
@@ -303,3 +303,23 @@ def test_bf16_and_fp8_with_bf16_compute_stay_close_to_fp32():
         out = edit([picture(48, 32, 4)], memory=memory).image
         assert out.dtype == torch.float32 and out.shape == ref.shape
         assert float((out - ref).abs().mean()) < 0.02, memory  # measured ~0.004 on the tiny model
+
+
+def test_cancel_takes_effect_before_the_next_forward_pass():
+    """Cancel lands inside a step: the text-CFG / image-CFG passes after it do not run."""
+    t2i()
+    model = [e for e in CACHE.entries(loader.KIND_MODEL) if not (e.precision and e.precision.cast)][0].value
+    events = []
+
+    def listener(value, total, preview):
+        events.append("cancel")
+        glue.request_interrupt()
+
+    hook = model.register_forward_pre_hook(lambda *_: events.append("forward"))
+    try:
+        with pytest.raises(GentorError) as info:
+            t2i(steps=5, listener=listener)
+    finally:
+        hook.remove()
+    assert glue.is_interrupt(info.value)
+    assert events.count("cancel") == 1 and events[-1] == "cancel" and "forward" in events
