@@ -120,17 +120,8 @@ def bench_decode(a) -> dict:
         return lambda: generate(model, cond, unc, params, seed=0, max_new_tokens=n, grid=grid, mode=mode,
                                 device=device).tokens
 
-    def single():  # one cached branch, the same number of forwards, no processing: the CFG cost baseline
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=model.config)
-        out = model(input_ids=torch.tensor([cond], device=device), past_key_values=cache, use_cache=True,
-                    logits_to_keep=1)
-        for _ in range(n - 1):
-            tok = int(out.logits[0, -1].argmax())
-            out = model(input_ids=torch.tensor([[tok]], device=device), past_key_values=cache, use_cache=True,
-                        logits_to_keep=1)
-        return n
+    def single():  # the same generator and processing without the guidance branch: the CFG cost baseline
+        return generate(model, cond, None, params, seed=0, max_new_tokens=n, grid=grid, device=device).tokens
 
     def hf():
         proc = hf_processor(model, unc, params, grid, device)
@@ -139,12 +130,12 @@ def bench_decode(a) -> dict:
         return model.generate(torch.tensor([cond], device=device), cfg,
                               logits_processor=LogitsProcessorList([proc])).shape[1] - len(cond)
 
-    fns = {"batched": ours("batched"), "separate": ours("separate"), "single branch": single, "hf generate": hf}
-    if not a.skip_uncached:
-        fns["uncached"] = ours("uncached")
+    fns = {"batched": ours("batched"), "separate": ours("separate"), "single branch": single, "hf generate": hf,
+           "uncached": ours("uncached")}
+    fns = {k: v for k, v in fns.items() if k.split()[0] in a.modes}
     times = {k: [] for k in fns}
     with torch.no_grad():
-        for k in fns:  # warm-up
+        for k in fns if a.warmup else ():  # first-call overheads out of the timings
             fns[k]()
         for _ in range(a.repeats):
             for k, fn in fns.items():
@@ -166,16 +157,20 @@ root = Path(sys.argv[1]); mode = sys.argv[2]; side = int(sys.argv[3])
 spec = importlib.util.spec_from_file_location("gentor", root / "__init__.py", submodule_search_locations=[str(root)])
 m = importlib.util.module_from_spec(spec); sys.modules["gentor"] = m; spec.loader.exec_module(m)
 from gentor.modeling.emu35.ibq import Quantizer
+torch.manual_seed(0)
 q = Quantizer(131072, 256)
 z = torch.randn(1, 256, side, side)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def hwm():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak to the current RSS
+base = hwm()
 import time; t = time.perf_counter()
 if mode == "naive":
     codes = torch.einsum("bdhw,nd->bnhw", z, q.embedding.weight).argmax(1)
 else:
     codes = q.codes(z)
 dt = time.perf_counter() - t
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base, dt, int(codes.sum()))
+print(hwm() - base, dt, int((codes * torch.arange(codes.numel()).view_as(codes)).sum()))
 """
 
 
@@ -200,11 +195,14 @@ from gentor.loaders import emu35 as L
 from gentor.loaders.memory import Precision
 from gentor.registry import get
 import transformers.models.qwen3.modeling_qwen3, accelerate, diffusers.hooks  # imports out of the measurement
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def hwm():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak to the current RSS
+base = hwm()
 prec = Precision(torch.float8_e4m3fn, torch.bfloat16) if dtype == "fp8" else Precision(torch.bfloat16, torch.bfloat16)
 model = L.load_llm(folder, prec, get("emu35").fp8_skip)
 rest = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-print(json.dumps({"peak_above_baseline_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024,
+print(json.dumps({"peak_above_baseline_mb": (hwm() - base) / 1024,
                   "resting_mb": rest / 2**20}))
 """
 
@@ -248,9 +246,12 @@ def main(argv=None) -> int:
     p.add_argument("--cols", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--latent", type=int, default=32, help="quantiser test: latent side (tokens)")
-    p.add_argument("--skip-uncached", action="store_true")
+    p.add_argument("--modes", default="batched,separate,single,hf,uncached",
+                   help="comma-separated subset of batched, separate, single, hf, uncached")
+    p.add_argument("--warmup", type=int, default=1, help="0: no warm-up run")
     p.add_argument("--only", choices=("decode", "quantiser", "load"), action="append")
     a = p.parse_args(argv)
+    a.modes = a.modes.split(",")
     if a.preset == "34b":
         for k, v in PRESET_34B.items():
             setattr(a, k, v)
@@ -262,11 +263,15 @@ def main(argv=None) -> int:
         d = bench_decode(a)
         report["decode"] = d
         s = d["seconds"]
-        report["cfg_cost_batched_vs_single"] = s["batched"] / s["single branch"]
-        report["cached_speedup_vs_uncached"] = s["uncached"] / s["batched"] if "uncached" in s else None
-        report["speedup_vs_hf_generate"] = s["hf generate"] / s["batched"]
+        if "batched" in s:
+            for key, other in (("cfg_cost_batched_vs_single", "single branch"), ("uncached_vs_batched", "uncached"),
+                               ("hf_generate_vs_batched", "hf generate"), ("separate_vs_batched", "separate")):
+                if other in s:
+                    report[key] = (s["batched"] / s[other]) if key.startswith("cfg") else s[other] / s["batched"]
+        print(json.dumps({"decode": report["decode"]}), flush=True)  # each part as soon as it is done
     if "quantiser" in parts:
         report["quantiser"] = bench_quantiser(a)
+        print(json.dumps({"quantiser": report["quantiser"]}), flush=True)
     if "load" in parts:
         report["load"] = bench_load(a)
     print(json.dumps(report, indent=2))

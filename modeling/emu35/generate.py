@@ -130,7 +130,7 @@ def uniform_draws(seed: int) -> Callable[[], float]:
 
 
 @torch.no_grad()
-def generate(model: Any, cond: list[int], uncond: list[int], params: SamplingParams, *, seed: int,
+def generate(model: Any, cond: list[int], uncond: list[int] | None, params: SamplingParams, *, seed: int,
              max_new_tokens: int, grid: tuple[int, int] | None = None, stop_after_images: int | None = 1,
              mode: str = "batched", device: torch.device | None = None,
              on_token: Callable[[StepInfo], None] | None = None) -> GenerationOutput:
@@ -140,10 +140,11 @@ def generate(model: Any, cond: list[int], uncond: list[int], params: SamplingPar
     Stops at EOS, after ``stop_after_images`` complete images, or at ``max_new_tokens``.
     """
     device = device or next(model.parameters()).device
+    guided = uncond is not None  # None: no guidance branch at all (a single-branch baseline)
     state = Structure(grid)
     state.advance(cond[-1])
-    branches = Branches(model, cond, uncond, mode, device)
-    logits_c, logits_u = branches.prefill(feed_u=state.image_mode)
+    branches = Branches(model, cond, uncond or [], mode if guided else "separate", device)
+    logits_c, logits_u = branches.prefill(feed_u=state.image_mode and guided)
     draw = uniform_draws(seed)
     out: list[int] = []
     finished = "limit"
@@ -153,7 +154,7 @@ def generate(model: Any, cond: list[int], uncond: list[int], params: SamplingPar
         token = sample(scores, draw)
         out.append(token)
         state.advance(token)
-        feed_u = state.image_mode or token == T.EOI
+        feed_u = guided and (state.image_mode or token == T.EOI)
         if on_token is not None:
             on_token(StepInfo(token, len(out), state.image_mode, state.rows_done, state.grid, out))
         if token == T.EOS:
