@@ -29,7 +29,8 @@ class Conditioning:
         return (self.sequence[:b], self.pooled[:b]), (self.sequence[b:], self.pooled[b:])
 
 
-def vision_features(vlm: Any, references: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+def vision_features(vlm: Any, references: Sequence[torch.Tensor],
+                    device: torch.device | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Merged ViT tokens per reference ([-1, 1] pixels [3, H, W], sides multiples of 32) and grid_thw."""
     vcfg = vlm.config.vision_config
     visual = vlm.model.visual
@@ -37,8 +38,8 @@ def vision_features(vlm: Any, references: Sequence[torch.Tensor]) -> tuple[list[
     embeds, grids = [], []
     for pixels in references:  # one call per image, as the official code (results do not depend on batching)
         rows, grid = vit_patches(pixels, vcfg.patch_size, vcfg.spatial_merge_size, vcfg.temporal_patch_size)
-        thw = torch.tensor([grid], dtype=torch.long)
-        out = visual(rows.to(dtype), grid_thw=thw)
+        thw = torch.tensor([grid], dtype=torch.long, device=device)
+        out = visual(rows.to(device=device, dtype=dtype), grid_thw=thw)
         # transformers 5 returns BaseModelOutputWithPooling (merged tokens in pooler_output); 4.x a tensor.
         merged = out.pooler_output if hasattr(out, "pooler_output") else out
         if merged.shape[0] != merged_tokens(grid, vcfg.spatial_merge_size):
@@ -98,10 +99,10 @@ def encode(vlm: Any, tokenizer: Any, bridge: DeepGenBridge, prompts: Sequence[st
     everything = list(prompts) + list(negatives)
     image_embeds, grid = None, None
     if references:
-        per_ref, grid = vision_features(vlm, references)
+        per_ref, grid = vision_features(vlm, references, device)
         texts = edit_texts(everything, [len(e) for e in per_ref])
         image_embeds = torch.cat(per_ref * len(everything))
-        grid = torch.cat([grid] * len(everything))
+        grid = torch.cat([grid] * len(everything))  # CPU: get_rope_index runs on the CPU token ids
     else:
         texts = t2i_texts(everything)
     tok = tokenizer(texts, add_special_tokens=True, return_tensors="pt", padding=True, padding_side="left")
