@@ -98,7 +98,8 @@ def list_diffusion_folders() -> list[str]:
 
 
 def list_vlms() -> list[str]:
-    return [n for n in vlm_loader.list_models() if n.count("/") == 0 or not n.endswith("/text_encoder")]
+    """Qwen-VL folders of models/vlm/ (a Qwen-Image pipeline's text encoder is a 7B: not offered)."""
+    return [n for n in vlm_loader.list_models() if not n.endswith("/" + vlm_loader.TEXT_ENCODER)]
 
 
 def resolve_checkpoint(name: str) -> Path:

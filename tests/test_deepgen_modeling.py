@@ -13,7 +13,7 @@ from PIL import Image
 from gentor.modeling.deepgen import checkpoint as ckpt
 from gentor.modeling.deepgen.bridge import DeepGenBridge, selected_layers, stack_hidden_states
 from gentor.modeling.deepgen.convert import ConversionRefused, convert, load_pickle
-from gentor.modeling.deepgen.encode import encode, vision_features
+from gentor.modeling.deepgen.encode import encode
 from gentor.modeling.deepgen.prompts import reference_size, to_pixels, vit_patches
 from gentor.modeling.deepgen.sampling import denoise, generator, initial_noise
 from gentor.modeling.deepgen.transformer import DeepGenTransformer

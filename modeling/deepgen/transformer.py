@@ -13,7 +13,6 @@ forward differs, as in the official model:
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
@@ -136,7 +135,3 @@ class DeepGenTransformer(SD3Transformer2DModel):
         x = tokens[: h * w].reshape(h, w, p, p, self.out_channels)
         return torch.einsum("hwpqc->chpwq", x).reshape(self.out_channels, h * p, w * p)
 
-
-def token_count(height: int, width: int, patch_size: int = 2) -> int:
-    """Image-stream tokens of one latent of this size."""
-    return math.prod((height // patch_size, width // patch_size))
