@@ -2,8 +2,9 @@
 
 Writes a random Qwen-Image transformer (default 32 layers x 768 wide, ~1.36 GB bf16) in 100 MB shards
 to a temporary folder, then loads it in a FRESH subprocess per run and reports the peak RSS above the
-child's baseline (sampled every few ms by a thread, cross-checked with ru_maxrss) and the RSS after the
-load, against the resting bytes of the loaded model, the on-disk bytes and the largest shard:
+child's baseline (the kernel's high-water mark VmHWM, reset at the baseline, and a sampling thread) and
+the RSS after the load, against the resting bytes of the loaded model, the on-disk bytes and the
+largest shard:
 
 - ``from_pretrained``: diffusers' from_pretrained in bf16, then FP8 layerwise casting (the old path);
 - ``streaming``: ``loaders.streaming.load_diffusers`` straight into FP8 storage / bf16 compute;
@@ -20,7 +21,6 @@ import gc
 import importlib.util
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -85,6 +85,23 @@ def write_model(out: Path, layers: int, heads: int, shard_mb: int, single: bool)
 
 
 # ----------------------------------------------------------------------------- measuring (child process)
+def reset_high_water() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM). ru_maxrss cannot be used: after fork + exec it still
+    carries the parent's peak (the driver that wrote the weights)."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def high_water() -> int:
+    with open("/proc/self/status", encoding="ascii") as f:
+        line = next(line for line in f if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
 def rss() -> int:
     with open("/proc/self/statm", encoding="ascii") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -120,6 +137,7 @@ def child(mode: str, folder: Path) -> dict:
 
     fp8, bf16 = torch.float8_e4m3fn, torch.bfloat16
     gc.collect()
+    kernel_peak = reset_high_water()
     baseline = rss()
     sampler = PeakSampler()
     sampler.start()
@@ -136,9 +154,9 @@ def child(mode: str, folder: Path) -> dict:
     sampler.stop.set()
     sampler.join()
     after = rss()
-    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    hwm = high_water() if kernel_peak else 0
     mapped = sum(1 for line in open("/proc/self/maps", encoding="utf-8") if line.rstrip().endswith(".safetensors"))
-    return {"mode": mode, "seconds": seconds, "baseline": baseline, "peak": max(sampler.peak, maxrss) - baseline,
+    return {"mode": mode, "seconds": seconds, "baseline": baseline, "peak": max(sampler.peak, hwm) - baseline,
             "sampled_peak": sampler.peak - baseline, "after": after - baseline, "resting": resting_bytes(model),
             "mapped_files_after": mapped}
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -130,9 +131,7 @@ def load_module(build: Callable[[], nn.Module], precision: Precision | None, ski
         raise GentorError(fmt(display or "Gentor", component or "weights", "nothing or two sources to load from",
                               f"{len(files)} files and {'a' if source is not None else 'no'} source module",
                               "either weight files or a source module", "Report this as a bug"))
-    from accelerate import init_empty_weights  # noqa: PLC0415
-
-    with init_empty_weights():
+    with _meta_skeleton():
         module = build()
     _set_resting_dtypes(module, precision, tuple(skip))
     slots = module.state_dict(keep_vars=True)
@@ -165,6 +164,32 @@ def load_module(build: Callable[[], nn.Module], precision: Precision | None, ski
     if conversions is not None:  # as from_pretrained: save_pretrained writes back the layout that was read
         module._weight_conversions = [c for c in conversions if c.was_used()]
     return module.eval().requires_grad_(False)
+
+
+@contextmanager
+def _meta_skeleton() -> Iterator[None]:
+    """accelerate's init_empty_weights (parameters on meta, buffers real), keeping weights shared in __init__.
+
+    accelerate re-wraps every registered parameter in a new object, so ``head.weight = emb.weight`` would
+    leave two separate parameters: one already on meta is registered as it is.
+    """
+    from accelerate import init_empty_weights  # noqa: PLC0415
+
+    torch_register = nn.Module.register_parameter
+    with init_empty_weights():
+        accelerate_register = nn.Module.register_parameter
+
+        def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+            if param is not None and param.is_meta:
+                torch_register(module, name, param)
+            else:
+                accelerate_register(module, name, param)
+
+        nn.Module.register_parameter = register
+        try:
+            yield
+        finally:
+            nn.Module.register_parameter = accelerate_register
 
 
 def _shapes(headers: dict[Path, dict], label: Label) -> dict[str, tuple]:
@@ -405,8 +430,13 @@ def _windows(keys: list[str], header: dict) -> list[list[str]]:
 
 
 def _source_tensors(source: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(key, tensor) of a loaded module; a tied tensor once (its other names are filled as aliases)."""
+    seen: set[int] = set()
     with torch.no_grad():
-        yield from source.state_dict().items()
+        for key, tensor in source.state_dict(keep_vars=True).items():
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                yield key, tensor.detach()
 
 
 def _assign(module: nn.Module, target: str, tensor: torch.Tensor, slot: torch.Tensor, base: torch.dtype | None,

@@ -234,6 +234,34 @@ def test_source_conversion_equals_disk_load_without_reading(folders, monkeypatch
         assert not any(p.data_ptr() in ptrs for p in converted.parameters())
 
 
+def test_source_conversion_keeps_ties(folders):
+    source = _ours("te_tied", folders, FP32)
+    converted = _ours("te_tied", folders, Precision(torch.bfloat16, torch.bfloat16), source=source)
+    assert converted.lm_head.weight is converted.model.language_model.embed_tokens.weight
+    assert converted.lm_head.weight.dtype == torch.bfloat16
+
+
+class _TiedHead(torch.nn.Module):
+    """A plain module (no library tie logic) sharing one weight between two layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(5, 4)
+        self.head = torch.nn.Linear(4, 5, bias=False)
+        self.head.weight = self.emb.weight
+
+
+def test_plain_module_ties_survive_file_and_source_loads(tmp_path):
+    weight = torch.randn(5, 4)
+    save_file({"emb.weight": weight}, tmp_path / "tied.safetensors")
+    loaded = streaming.load_module(_TiedHead, FP32, (), [tmp_path / "tied.safetensors"], display="Test",
+                                   component="tied")
+    assert loaded.head.weight is loaded.emb.weight and torch.equal(loaded.emb.weight, weight)
+    converted = streaming.load_module(_TiedHead, Precision(torch.bfloat16, torch.bfloat16), (), source=loaded)
+    assert converted.head.weight is converted.emb.weight
+    assert torch.equal(converted.emb.weight, weight.to(torch.bfloat16))
+
+
 def test_rename_maps_and_drops_keys(folders, tmp_path):
     # One file holding two components under prefixes (as single-file checkpoints do); the text encoder's
     # part is in the old layout, so transformers' own conversion runs after our rename.
