@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -68,11 +68,11 @@ class Services:
     roots: Callable[[str], list[str]] = glue.model_roots  # folder key -> registered root folders
     backends: Callable[[], list[registry.BackendSpec]] = registry.available
     describe: Callable[[registry.BackendSpec, Path], dict | None] | None = None  # variant detection
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
-def json_error_middleware_safe(handler: Handler) -> Handler:
-    """Turn RouteError (and any GentorError) raised by a handler into its JSON response."""
+def json_errors(handler: Handler) -> Handler:
+    """Turn RouteError (and any GentorError) raised by a handler into its JSON response; anything else is
+    logged and answered as a JSON 500."""
 
     async def wrapped(request: web.Request) -> web.StreamResponse:
         try:
@@ -81,6 +81,12 @@ def json_error_middleware_safe(handler: Handler) -> Handler:
             return exc.response()
         except GentorError as exc:
             return web.json_response({"error": str(exc), "input": None}, status=400)
+        except web.HTTPException:
+            raise
+        except Exception as exc:  # noqa: BLE001 - an API answers JSON even for our own bugs; logged in full
+            log.exception("Gentor route %s failed", request.path)
+            return web.json_response({"error": f"Gentor {request.path}: internal error ({type(exc).__name__}: "
+                                               f"{exc}). See ComfyUI's log.", "input": None}, status=500)
 
     wrapped.__name__ = getattr(handler, "__name__", "handler")
     return wrapped
@@ -234,7 +240,7 @@ def summary(services: Services, key: str, name: str) -> dict:
         describe = services.describe or default_describe
         try:
             info = describe(spec, path)
-        except GentorError as exc:  # not this backend's layout: say so on the node, try the next backend
+        except (GentorError, OSError, ValueError) as exc:  # not this backend's layout: say so, try the next one
             problems.append(str(exc))
             continue
         if info:
@@ -320,7 +326,7 @@ def handlers(services: Services, generate: Handler | None = None) -> list[tuple[
              ("GET", f"{PREFIX}/openapi.json", get_openapi)]
     if generate is not None:
         table.append(("POST", f"{PREFIX}/generate", generate))
-    return [(m, p, json_error_middleware_safe(h)) for m, p, h in table]
+    return [(m, p, json_errors(h)) for m, p, h in table]
 
 
 def install(routes: web.RouteTableDef | web.Application, services: Services, generate: bool = True) -> None:

@@ -13,7 +13,6 @@ import hashlib
 import io
 import json
 import urllib.request
-from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import pytest
@@ -45,7 +44,7 @@ def with_fake(fake: FakeComfy, check: Callable[[TestClient], Awaitable[Any]], li
         app = web.Application()
         fake.install(app)
         services = routes.Services(inspect=lambda: [], unload=lambda _k: 0, backends=lambda: [registry.get("qwen_image")])
-        app.router.add_post("/gentor/generate", routes.json_error_middleware_safe(GenerateRoute(services, limits).handle))
+        app.router.add_post("/gentor/generate", routes.json_errors(GenerateRoute(services, limits).handle))
         async with TestClient(TestServer(app)) as client:
             return await check(client)
 

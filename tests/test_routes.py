@@ -322,6 +322,18 @@ def test_summary_of_a_folder_of_another_kind_says_so(summary_services, tmp_path)
         bad.rmdir()
 
 
+def test_an_unexpected_failure_is_a_json_500():
+    def broken() -> list[dict]:
+        raise RuntimeError("boom")
+
+    async def check(client: TestClient) -> None:
+        resp = await client.get("/gentor/models")
+        body = await resp.json()
+        assert resp.status == 500 and "RuntimeError: boom" in body["error"] and body["input"] is None
+
+    serve(routes.Services(inspect=broken, unload=lambda _k: 0), check)
+
+
 # ----------------------------------------------------------------------------- backends / OpenAPI
 def test_backends_and_openapi_cover_every_route():
     cache = FakeCache([])
