@@ -13,6 +13,7 @@ mismatch between the parts is an error naming what was found and what is needed.
 """
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,8 @@ from .adapters import Adapter
 from .cache import ModelHandle, Session
 from .files import list_model_folders, read_json, resolve_model_folder, safe_name_parts
 from .memory import MemoryOptions, Plan, Precision
+
+log = logging.getLogger(__name__)
 
 BACKEND = "deepgen"
 DISPLAY = "DeepGen"
@@ -56,6 +59,7 @@ class CheckpointInfo:
     dit_in_checkpoint: bool  # the checkpoint carries the trained DiT (transformer.*)
     lora_rank: int
     shapes: dict[str, tuple[int, ...]]
+    unused: int = 0  # tensors that belong to none of bridge / DiT / LoRA (reported, not loaded)
 
 
 # ----------------------------------------------------------------------------- listing / resolving
@@ -161,7 +165,12 @@ def inspect_checkpoint(path: Path) -> CheckpointInfo:
         raise _refuse(CHECKPOINT_INPUT, "projector_1 does not take six stacked VLM layers",
                       f"{bridge.num_stacked} x {bridge.llm_hidden}", f"{NUM_STACKED_LAYERS} x {bridge.llm_hidden}",
                       "This checkpoint is of another DeepGen variant: use a DeepGen 1.0 checkpoint")
-    return CheckpointInfo(form, path, bridge_file, bridge, dit, ckpt.lora_rank(shapes), shapes)
+    unknown = ckpt.split(dict.fromkeys(shapes)).unknown  # split only looks at the keys
+    if unknown:
+        # Not used by inference (the official state_dict() keeps only these parts); said, not silently dropped.
+        log.warning("DeepGen checkpoint %s: %d tensors are not used (e.g. %s)", path.name, len(unknown),
+                    ", ".join(sorted(unknown)[:4]))
+    return CheckpointInfo(form, path, bridge_file, bridge, dit, ckpt.lora_rank(shapes), shapes, len(unknown))
 
 
 def inspect_diffusion(folder: Path, info: CheckpointInfo) -> dict:
@@ -238,7 +247,7 @@ def load_handle(checkpoint: str, diffusion: str, vlm: str, memory: MemoryOptions
                            ("connector", f"{b.hidden}x{b.num_layers}"), ("lora_rank", str(info.lora_rank)),
                            ("dit_layers", str(config["num_layers"])), ("vlm", vlm_info.variant),
                            ("dit", "checkpoint" if info.dit_in_checkpoint else "folder"),
-                           ("bridge_file", str(info.bridge_file))))
+                           ("bridge_file", str(info.bridge_file)), ("unused_tensors", str(info.unused))))
 
 
 # ----------------------------------------------------------------------------- building components

@@ -64,6 +64,7 @@ def test_dropdowns_and_detection_from_weights():
     assert loader.list_vlms() == [tiny.VLM_NAME]
     info = handle().info_dict
     assert (info["form"], info["queries"], info["connector"], info["lora_rank"]) == ("checkpoint", "8", "128x2", "0")
+    assert info["unused_tensors"] == "0"
     assert handle(LORA).info_dict["lora_rank"] == str(tiny.LORA_RANK)
     assert handle(tiny.DIFFUSERS_FOLDER).info_dict["form"] == "diffusers"
 
@@ -247,6 +248,17 @@ def test_missing_diffusion_subfolder(models):
             handle(diffusion="broken-diffusion")
     finally:
         shutil.rmtree(broken)
+
+
+def test_unused_tensors_are_reported(models, caplog):
+    state = torch.load(models / tiny.DEEPGEN_FOLDER / CKPT, weights_only=True)
+    extra = models / tiny.DEEPGEN_FOLDER / tiny.CHECKPOINT_FOLDER / "extra.pt"
+    torch.save({**state, "ema.meta_queries": state["meta_queries"], "step_embed.weight": torch.zeros(2)}, extra)
+    try:
+        assert handle(f"{tiny.CHECKPOINT_FOLDER}/extra.pt").info_dict["unused_tensors"] == "1"  # ema.* is dropped silently, as officially
+        assert "1 tensors are not used (e.g. step_embed.weight)" in caplog.text
+    finally:
+        extra.unlink()
 
 
 def test_pickle_needing_more_is_refused_with_the_command(models):
