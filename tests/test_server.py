@@ -196,13 +196,14 @@ def test_core_allow_list_matches_object_info(live_specs):
 
 
 def test_loaders_list_models_not_decoys(object_info, gentor_static, server_models: Path):
-    """Every model dropdown lists only folders of its backend's model folders (tiny models and their
-    symlinked copies), never a decoy or a stray file."""
+    """Every model dropdown lists only folders of the registered model folders (tiny models and their
+    symlinked copies; a loader may offer another backend's folders, e.g. the prompt enhancer a Qwen-Image
+    pipeline's text encoder), never a decoy or a stray file."""
+    keys = {key for spec in registry.BACKENDS for key in spec.folder_keys}
+    present = {p.name for key in keys if (server_models / key).is_dir() for p in (server_models / key).iterdir()}
     for spec in registry.BACKENDS:
         if spec.loader_node not in object_info:
             continue
-        present = {p.name for key in spec.folder_keys if (server_models / key).is_dir()
-                   for p in (server_models / key).iterdir()}
         static = gentor_static[spec.loader_node]
         for ispec in static.inputs:
             if ispec.type != "COMBO" or ispec.options is not wc.UNKNOWN:
@@ -251,8 +252,8 @@ def test_run_api_workflow(server, object_info, name):
     want = (sampler["inputs"]["width"], sampler["inputs"]["height"])
     images = server.output_images(entry, save_id)
     assert len(images) == sampler["inputs"].get("batch_size", 1), entry.get("outputs")
-    for img in images:
-        assert img.size == want and img.mode == "RGB"
+    for img in images:  # a size of 0 is the backend's own rule (e.g. from the last reference image)
+        assert img.mode == "RGB" and all(got == w or w == 0 for got, w in zip(img.size, want)), (img.size, want)
     assert entry["outputs"][save_id]["images"][0]["subfolder"] == "gentor"
     print(f"{name}: {seconds:.1f} s")
 
@@ -335,9 +336,10 @@ def test_batch_on_one_reference_input_is_refused(server, object_info):
 def test_interrupt_stops_the_run_then_a_normal_run_works(server, object_info):
     websocket = pytest.importorskip("websocket", reason="websocket-client is needed to watch progress")
     api = api_workflow(workflow_with("GentorTextToImage", object_info=object_info, steps=True))
-    _, t2i = node_of(api, "GentorTextToImage")
+    t2i_id, t2i = node_of(api, "GentorTextToImage")
     t2i["inputs"].update(steps=INTERRUPT_STEPS, seed=987_654)
     ws = websocket.create_connection(server.ws_url, timeout=RUN_TIMEOUT_S)
+    total = 0
     try:
         prompt_id = server.queue(api)
         deadline = time.monotonic() + RUN_TIMEOUT_S
@@ -351,8 +353,11 @@ def test_interrupt_stops_the_run_then_a_normal_run_works(server, object_info):
             data = msg.get("data") or {}
             if data.get("prompt_id") not in (None, prompt_id):
                 continue
-            if msg["type"] == "progress" and data.get("max") == INTERRUPT_STEPS:
+            # the sampler's step loop (a backend may count its steps as intervals: max = steps - 1)
+            if (msg["type"] == "progress" and data.get("node") in (None, t2i_id)
+                    and data.get("max", 0) >= INTERRUPT_STEPS // 2):
                 progress.append(data["value"])
+                total = data["max"]
                 if interrupted_at is None:
                     status, _ = server.request("POST", "/interrupt", {})
                     assert status == 200
@@ -367,7 +372,7 @@ def test_interrupt_stops_the_run_then_a_normal_run_works(server, object_info):
     (stopped,) = messages(entry, "execution_interrupted")
     assert stopped["node_type"] == "GentorTextToImage"
     assert not messages(entry, "execution_error"), describe(entry)
-    assert max(progress) < INTERRUPT_STEPS // 2, f"ran on to step {max(progress)} of {INTERRUPT_STEPS}"
+    assert max(progress) < total // 2, f"ran on to step {max(progress)} of {total}"
     assert time.monotonic() - interrupted_at < 30
     t2i["inputs"].update(steps=2, seed=987_655)
     ok(server, api)
@@ -381,7 +386,7 @@ def test_inspect_node_reports_the_cache(server, object_info):
     api["99"] = {"class_type": "GentorInspectModel", "inputs": {"model": [loader_id, 0]}}
     entry = ok(server, api)
     (text,) = entry["outputs"]["99"]["text"]
-    assert text.startswith("model: ") and backend.id in text and "cache: " in text, text
+    assert "model: " in text and backend.id in text and "cache: " in text, text
 
 
 # ----------------------------------------------------------------------------- unloading (last: /free resets)
@@ -413,7 +418,8 @@ def test_free_unloads_gentor_models_and_next_run_works(server, object_info):
         models = cached(server)
         crashed = "Exception in thread" in server.log_text()
     assert models == [] and not crashed, (
-        f"/free left {len(models)} Gentor entries; ComfyUI worker thread crashed: {crashed}\n{server.log_tail()}")
+        f"/free left {len(models)} Gentor entries {json.dumps(models)[:1500]}; ComfyUI worker thread crashed: "
+        f"{crashed}\n{server.log_tail()}")
     node_of(api, "GentorTextToImage")[1]["inputs"]["seed"] = 778
     ok(server, api, timeout=120)
     assert cached(server)

@@ -10,7 +10,7 @@ import pytest
 
 from tests import tiny_models
 from tests import workflow_check as wc
-from tests.comfy_server import DECOY_OTHER, DECOY_PLAIN, LINK_PREFIX, ComfyServer, refusal
+from tests.comfy_server import DECOY_OTHER, DECOY_PLAIN, DECOYS, ComfyServer, refusal
 
 pytestmark = pytest.mark.server
 RUN_TIMEOUT_S = 180.0
@@ -32,11 +32,15 @@ def node_of(api: dict, class_type: str) -> tuple[str, dict]:
     return next((nid, n) for nid, n in api.items() if n["class_type"] == class_type)
 
 
-def test_dropdown_lists_exactly_the_pipelines(server):
+def test_dropdown_lists_exactly_the_pipelines(server, server_models):
+    """Every tiny pipeline of the kit and its symlinked copy; no decoy, no stray file."""
     raw = server.object_info()[LOADER]["input"]["required"]["model_name"]
     options = raw[1]["options"] if raw[0] == "COMBO" else raw[0]
-    tiny = sorted(tiny_models.QWEN_IMAGE_VARIANTS)
-    assert options == sorted(tiny + [LINK_PREFIX + name for name in tiny]), options
+    folder = server_models / tiny_models.QWEN_IMAGE_FOLDER
+    pipelines = sorted(p.name for p in folder.iterdir() if (p / "model_index.json").is_file()
+                       and p.name not in DECOYS)
+    assert set(tiny_models.QWEN_IMAGE_VARIANTS) <= set(pipelines)
+    assert options == pipelines, options
 
 
 @pytest.mark.parametrize("model_name, expect", [
