@@ -1,7 +1,8 @@
 """POST /gentor/generate: one JSON call -> images, through ComfyUI's own queue.
 
 The request is checked, reference images are uploaded (``/upload/image``, type temp), a graph of the
-pack's own nodes is built (loader [+ memory options] -> task node -> PreviewImage) and queued with
+pack's own nodes is built (loader [+ memory options] -> task node -> PreviewImage + PreviewAny for its
+text) and queued with
 ``/prompt`` on the same server, so it shares the model cache, the memory manager, progress and Cancel
 with the UI and never runs beside another prompt. The end of the run is seen on ComfyUI's websocket
 (``/ws``), the result read from ``/history`` and ``/view``. Everything goes over ComfyUI's public HTTP
@@ -30,7 +31,10 @@ from . import registry
 from .routes import RouteError, Services, read_json_object, shown
 
 MIB = 1024 * 1024
-LOADER, MEMORY, TASK, OUTPUT = "gentor_loader", "gentor_memory", "gentor_task", "gentor_output"
+LOADER, MEMORY, TASK, OUTPUT, TEXT = "gentor_loader", "gentor_memory", "gentor_task", "gentor_output", "gentor_text"
+# Core's text preview (0.3.64 and later): an output node, so the task's text comes back from /history even when
+# ComfyUI answers the task from its cache (0.8.0 records no UI of cached intermediate nodes).
+TEXT_NODE = "PreviewAny"
 IMAGE_NODE = "gentor_image_{}"
 T2I_NODE, EDIT_NODE, MEMORY_NODE = "GentorTextToImage", "GentorEditImage", "GentorMemoryOptions"
 UPLOAD_SUBFOLDER = "gentor_api"
@@ -233,6 +237,7 @@ def build_graph(job: Job, loader_node: str, loader_info: dict, memory_info: dict
     graph[TASK] = {"class_type": EDIT_NODE if image_names else T2I_NODE,
                    "inputs": fill_required(task_info, task, set())}
     graph[OUTPUT] = {"class_type": "PreviewImage", "inputs": {"images": [TASK, 0]}}
+    graph[TEXT] = {"class_type": TEXT_NODE, "inputs": {"source": [TASK, 1]}}
     return graph
 
 
@@ -463,7 +468,8 @@ class GenerateRoute:
             with Image.open(io.BytesIO(raw)) as img:
                 size = img.size
             images.append(base64.b64encode(raw).decode("ascii"))
-        text = "\n".join(str(t) for t in outputs.get(TASK, {}).get("text", []))
+        texts = outputs.get(TEXT, {}).get("text") or outputs.get(TASK, {}).get("text", [])
+        text = "\n".join(str(t) for t in texts)
         steps = re.search(r"\bsteps=(\d+)", text)  # the samplers' notes say which steps they used
         return {"images": images, "width": size[0], "height": size[1], "seed": job.seed,
                 "steps": int(steps.group(1)) if steps else job.body.get("steps", 0), "text": text,

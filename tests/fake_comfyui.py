@@ -43,6 +43,7 @@ def object_info(models: list[str]) -> dict:
             **{f"image_{i}": ["IMAGE", {}] for i in range(1, 5)}, "settings": ["GENTOR_SETTINGS", {}]}}},
         "LoadImage": {"input": {"required": {"image": [["a.png"], {"image_upload": True}]}}},
         "PreviewImage": {"input": {"required": {"images": ["IMAGE", {}]}}},
+        "PreviewAny": {"input": {"required": {"source": ["*", {}]}}},
     }
 
 
@@ -140,8 +141,10 @@ class FakeComfy:
                 self.files[name] = buf.getvalue()
                 images.append({"filename": name, "subfolder": "", "type": "temp"})
             steps = inputs["steps"] or 50
-            outputs = {"gentor_output": {"images": images},
-                       task_id: {"text": [f"model=tiny, size={w}x{h}, steps={steps}, seed={inputs['seed']}"]}}
+            text = [f"model=tiny, size={w}x{h}, steps={steps}, seed={inputs['seed']}"]
+            outputs = {"gentor_output": {"images": images}, task_id: {"text": text}}
+            # Like ComfyUI 0.8.0 on a cache hit: only output nodes (PreviewAny) carry the text.
+            outputs.update({k: {"text": text} for k, v in graph.items() if v["class_type"] == "PreviewAny"})
             messages.append(["execution_success", {"prompt_id": pid}])
             status = "success"
         ws = self.sockets.get(client_id)

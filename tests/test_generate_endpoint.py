@@ -74,7 +74,9 @@ def test_text_to_image_builds_the_graph_and_returns_pngs():
 
     with_fake(fake, check)
     graph = fake.prompts[0]
-    assert {n["class_type"] for n in graph.values()} == {"GentorLoadQwenImage", "GentorTextToImage", "PreviewImage"}
+    assert {n["class_type"] for n in graph.values()} == {"GentorLoadQwenImage", "GentorTextToImage", "PreviewImage",
+                                                         "PreviewAny"}
+    assert graph["gentor_text"]["inputs"] == {"source": ["gentor_task", 1]}
     task = graph["gentor_task"]["inputs"]
     assert task["model"] == ["gentor_loader", 0] and graph["gentor_output"]["inputs"]["images"] == ["gentor_task", 0]
     assert (task["prompt"], task["negative"], task["cfg"], task["batch_size"]) == ("a fox", "", 0.0, 2)
@@ -261,11 +263,14 @@ def test_real_comfyui_generate_matches_the_same_graph_through_prompt(comfy_serve
              "2": {"class_type": "GentorTextToImage", "inputs": {
                  "model": ["1", 0], "prompt": body["prompt"], "negative": "", "seed": 3, "steps": 2, "cfg": 0.0,
                  "width": 32, "height": 32, "batch_size": 1}},
-             "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "gentor/ref"}}}
+             "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "gentor/ref"}},
+             "4": {"class_type": "PreviewAny", "inputs": {"source": ["2", 1]}}}
     entry = comfy.run(graph)
     ref = comfy.output_images(entry, "3")[0].convert("RGB")
     assert ours.tobytes() == ref.tobytes()  # same graph, same seed: the same pixels
-    assert out["text"] == "\n".join(entry["outputs"]["2"]["text"])
+    assert out["text"] == "\n".join(entry["outputs"]["4"]["text"]) and "steps=2" in out["text"]
+    status, again = post(comfy, "/gentor/generate", body)  # answered from ComfyUI's cache: same answer
+    assert status == 200 and again["images"] == out["images"] and again["text"] == out["text"]
 
 
 def test_real_comfyui_edit_and_errors(comfy_server):
