@@ -371,7 +371,8 @@ def _ignorable(module: nn.Module, unexpected: set[str], missing: set[str]) -> tu
         info = SimpleNamespace(missing_keys=set(missing), unexpected_keys=set(unexpected))
         adjust(info)
         return info.unexpected_keys, info.missing_keys
-    for attr, keys in (("_keys_to_ignore_on_load_unexpected", unexpected), ("_keys_to_ignore_on_load_missing", missing)):
+    for attr, keys in (("_keys_to_ignore_on_load_unexpected", unexpected),
+                       ("_keys_to_ignore_on_load_missing", missing)):
         patterns = getattr(module, attr, None) or ()
         keys -= {k for k in keys if any(re.search(p, k) for p in patterns)}
     return unexpected, missing

@@ -272,8 +272,10 @@ def test_rename_maps_and_drops_keys(folders, tmp_path):
     builds = {"dit": streaming.diffusers_builder(QwenImageTransformer2DModel, folders["tr"], DISPLAY, "transformer"),
               "llm": streaming.transformers_builder(Qwen2_5_VLForConditionalGeneration, folders["te"])}
     for prefix, name in (("dit", "tr"), ("llm", "te")):
-        ours = streaming.load_module(builds[prefix], FP32, (), [tmp_path / "all.safetensors"],
-                                     rename=lambda k, p=prefix: k.removeprefix(f"{p}.") if k.startswith(f"{p}.") else None,
+        def pick(key: str, p: str = f"{prefix}.") -> str | None:
+            return key.removeprefix(p) if key.startswith(p) else None
+
+        ours = streaming.load_module(builds[prefix], FP32, (), [tmp_path / "all.safetensors"], rename=pick,
                                      display=DISPLAY, component=name)
         _assert_same_tensors(ours, _reference(name, folders))
 
