@@ -178,7 +178,9 @@ class ModelCache:
     def _wider_copy(self, kind: str, identity: tuple, precision: Precision | None) -> Entry | None:
         if precision is None:
             return None
-        candidates = [e for k, e in self._entries.items() if k[0] == kind and k[1] == identity
+        # A copy with adapters injected has PEFT-wrapped layers (base_layer / lora_*): not the plain
+        # architecture a derived copy is built as, so it is not used as a source.
+        candidates = [e for k, e in self._entries.items() if k[0] == kind and k[1] == identity and not e.adapters
                       and e.precision is not None and is_wider(e.precision, precision)]
         return min(candidates, key=lambda e: e.nbytes, default=None)
 
