@@ -5,8 +5,8 @@ containers (dotted paths such as ``model.language_model.layers``). Modes:
 
 - ``none``: every weight resident on the device, registered with ComfyUI's memory manager (it frees room
   first and may evict ours when another model needs the VRAM).
-- ``model``: one component on the device at a time. A forward pre-hook on each component and on its direct
-  children (so method-style entry points such as a VAE's ``encode``/``decode`` or a VLM's image tower also
+- ``model``: one component on the device at a time. A forward pre-hook on each component and on its
+  children and grandchildren (so method-style entry points such as a VAE's ``encode``/``decode`` or a VLM's image tower also
   trigger it) moves that component in and the previous one out. Works for any ``nn.Module``; no pipeline.
 - ``block``: diffusers' ``apply_group_offloading`` on the declared NESTED block containers (``block_modules``
   recursion), so LLM-shaped models stream one decoder layer at a time; CUDA streams on CUDA.
@@ -229,7 +229,7 @@ class Placement:
 
     @staticmethod
     def _hook_activation(entry: Entry, device: torch.device) -> None:
-        """Model offload hooks on the component and its direct children.
+        """Model offload hooks on the component, its children and grandchildren.
 
         accelerate's hook type is used (not a bare torch pre-hook) because diffusers recognises it: its
         pipelines read ``execution_device`` from it to create latents on the right device, and its VAEs call
@@ -238,7 +238,10 @@ class Placement:
         from accelerate.hooks import add_hook_to_module  # noqa: PLC0415
 
         module = entry.value
-        for target in [module, *module.children()]:
+        # Two levels down: VLMs are often driven through a grandchild (``model.language_model``,
+        # ``model.visual``) without the component's or its child's forward running.
+        targets = [module] + [m for child in module.children() for m in (child, *child.children())]
+        for target in targets:
             add_hook_to_module(target, _ActivateHook(entry, device))
             entry.hooks.append(_HookHandle(target))
 
