@@ -60,11 +60,14 @@ QWEN2_5_VL_BLOCKS = ("model.language_model.layers", "model.visual.blocks")
 
 BACKENDS: tuple[BackendSpec, ...] = (
     BackendSpec(
-        "qwen_image", "Qwen-Image", ("qwen_image", "diffusers"),
-        (("diffusers", "diffusers>=0.42"), ("transformers", "transformers"), ("accelerate", "accelerate")),
-        tasks=(TASK_T2I, TASK_EDIT), max_references=4,
-        defaults=Defaults(steps=50, cfg=4.0, steps_note="Edit-2509/2511: 40", cfg_name="true_cfg_scale",
-                          size="T2I 1328x1328; Edit from the first image, Edit-2509/2511 from the last, at ~1 MP"),
+        "qwen_image", "Qwen-Image", ("qwen_image", "diffusers", "loras"),
+        (("diffusers", "diffusers>=0.42"), ("transformers", "transformers"), ("accelerate", "accelerate"),
+         ("peft", "peft")),
+        # Edit-2509/2511 take up to 4 references, Qwen-Image 2.1 up to 10 (the sampler names each model's limit).
+        tasks=(TASK_T2I, TASK_EDIT), max_references=10,
+        defaults=Defaults(steps=50, cfg=4.0, steps_note="Edit-2509/2511: 40; 2.1: 40", cfg_name="true_cfg_scale",
+                          size="T2I 1328x1328 (2.1: 1024x1024, no CFG by default); Edit from the first image, "
+                               "Edit-2509/2511 and 2.1 from the last, at ~1 MP"),
         blocks=(("transformer", ("transformer_blocks",)), ("text_encoder", QWEN2_5_VL_BLOCKS)),
         fp8_skip=COMMON_FP8_SKIP, fp8_exclude=("vae",), loader_node="GentorLoadQwenImage"),
     BackendSpec(

@@ -50,6 +50,7 @@ class ModelHandle:
     paths: tuple[tuple[str, str], ...]
     memory: MemoryOptions = field(default_factory=MemoryOptions)
     info: tuple[tuple[str, str], ...] = ()
+    adapters: tuple = ()  # LoRAs to switch on per run (loaders.lora.LoraRef), added by GentorLoRA
 
     def path(self, role: str | None = None) -> str:
         """The path of ``role`` (None: the first, the model's main folder)."""

@@ -1,8 +1,10 @@
-"""Qwen-Image / Qwen-Image-Edit / Edit-2509 / Edit-2511 folders -> cached diffusers components.
+"""Qwen-Image / -2512 / Edit / Edit-2509 / Edit-2511 / 2.1 folders -> cached diffusers components.
 
 Layout: the Hugging Face diffusers pipeline folder (backend_specs.md §4.2). The variant is read
 from model_index.json, the transformer config and the transformer's weight header — never from
-the folder name.
+the folder name. Releases that share an architecture with an earlier one (Qwen-Image-2512 with
+Qwen-Image) are told apart by the model card the hub repository ships (README.md). Qwen-Image 2.1
+(another architecture) is validated and loaded by loaders/qwen_image21.py.
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ from .. import registry
 from ..errors import ModelFolderError
 from .cache import ModelHandle, Session
 from .files import list_model_folders, read_json, resolve_model_folder, tensor_shapes, weight_files
-from . import streaming
+from . import lora as lora_files
+from . import qwen_image21, streaming
 from .memory import MemoryOptions, Plan, Precision
 
 log = logging.getLogger(__name__)
@@ -27,7 +30,13 @@ PIPELINE_TASKS = {
     "QwenImagePipeline": "t2i",
     "QwenImageEditPipeline": "edit",
     "QwenImageEditPlusPipeline": "edit_plus",
+    qwen_image21.PIPELINE_CLASS: qwen_image21.TASK,
 }
+TASK_21 = qwen_image21.TASK
+MODEL_CARD = "README.md"
+MODEL_CARD_BYTES = 8192  # the title and front matter are at the top
+# Release names in a model card -> variant, for releases whose files match an earlier architecture.
+CARD_VARIANTS = {"t2i": (("Qwen-Image-2512", "qwen-image-2512"),)}
 COMPONENTS = {
     "t2i": ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"),
     "edit": ("transformer", "vae", "text_encoder", "tokenizer", "scheduler", "processor"),
@@ -90,6 +99,9 @@ def inspect_folder(path: Path) -> QwenImageInfo:
             f"{BACKEND} model_name: {path.name} holds a {cls} pipeline (got _class_name={cls!r}, expected one of "
             f"{', '.join(PIPELINE_TASKS)}). Use the loader for that model family, or pick a Qwen-Image folder.")
     task = PIPELINE_TASKS[cls]
+    if task == TASK_21:
+        info21 = qwen_image21.inspect_folder(path, index)
+        return QwenImageInfo(task, qwen_image21.VARIANT, False, info21.num_layers, info21.inner_dim, path)
     for comp in COMPONENTS[task]:
         if not (path / comp).is_dir():
             raise ModelFolderError(
@@ -115,7 +127,21 @@ def inspect_folder(path: Path) -> QwenImageInfo:
     zero_cond_t = bool(config.get("zero_cond_t", False))
     variant = {"t2i": "qwen-image", "edit": "qwen-image-edit"}.get(
         task, "qwen-image-edit-2511" if zero_cond_t else "qwen-image-edit-plus")
+    variant = _card_variant(path, task) or variant
     return QwenImageInfo(task, variant, zero_cond_t, layers, shapes["img_in.weight"][0], path)
+
+
+def _card_variant(path: Path, task: str) -> str | None:
+    """A release named in the folder's model card (only for releases the weights cannot tell apart)."""
+    card = path / MODEL_CARD
+    if not card.is_file():
+        return None
+    with card.open("rb") as f:
+        head = f.read(MODEL_CARD_BYTES).decode("utf-8", errors="replace")
+    for release, variant in CARD_VARIANTS.get(task, ()):
+        if release in head:
+            return variant
+    return None
 
 
 def load_handle(model_name: str, memory: MemoryOptions | None) -> ModelHandle:
@@ -133,7 +159,9 @@ def _module_loader(cls: Any, folder: Path, skip: tuple[str, ...], component: str
     stream = streaming.load_transformers if hasattr(cls, "config_class") else streaming.load_diffusers
 
     def load(precision: Precision | None, source: Any) -> Any:
-        return stream(cls, folder, precision, skip, source=source, display=BACKEND, component=component)
+        # A cached wider copy may carry LoRA layers: derive from its base weights only.
+        return stream(cls, folder, precision, skip, source=lora_files.base_view(source), display=BACKEND,
+                      component=component)
     return load
 
 

@@ -16,7 +16,9 @@ MAX_SEED = 0xFFFFFFFFFFFFFFFF
 MAX_STEPS = 200
 MAX_CFG = 30.0
 MAX_BATCH = 16
-EDIT_IMAGE_INPUTS = 4
+# = registry.max_references() (Qwen-Image 2.1 takes 10); a literal so the static workflow parser can read it
+# (tests/test_qwen_image21.py checks that the two agree).
+EDIT_IMAGE_INPUTS = 10
 
 
 def common_inputs() -> list:
@@ -49,4 +51,7 @@ def settings_input() -> io.Input:
 def task_outputs() -> list:
     return [io.Image.Output("image", tooltip="Generated images, [batch, height, width, 3] in 0..1."),
             io.String.Output("text", tooltip="Notes: size, steps, guidance and seed used; reasoning for "
-                                             "backends that think. Empty when none.")]
+                                             "backends that think. Empty when none."),
+            # Appended last so that links to the outputs above keep their slots in saved workflows.
+            io.Mask.Output("mask", tooltip="Transparency of models that output RGBA (Qwen-Image 2.1) as a ComfyUI "
+                                           "mask (1 = transparent, as Load Image gives it); all 0 otherwise.")]

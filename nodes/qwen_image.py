@@ -5,8 +5,10 @@ from comfy_api.v0_0_2 import io
 
 from ..loaders import qwen_image as loader
 from ..samplers import qwen_image as sampler
+from ..samplers import qwen_image_vae
 from ..samplers.common import library_errors
 from .common import CATEGORY, GentorMemory, GentorModel, GentorSettings
+from .lora import GentorLoRA
 
 SUBCATEGORY = f"{CATEGORY}/Qwen-Image"
 
@@ -16,7 +18,8 @@ class GentorLoadQwenImage(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="GentorLoadQwenImage", display_name="Gentor Load Qwen-Image", category=SUBCATEGORY,
-            description="Load Qwen-Image, Qwen-Image-Edit or Edit-2509/2511 (diffusers folder in models/qwen_image/).",
+            description="Load Qwen-Image / -2512, Qwen-Image-Edit, Edit-2509/2511 or Qwen-Image 2.1 (diffusers folder "
+                        "in models/qwen_image/).",
             inputs=[
                 io.Combo.Input("model_name", options=loader.list_models(),
                                tooltip="A diffusers-format Qwen-Image pipeline folder from models/qwen_image/ (or "
@@ -45,12 +48,22 @@ class GentorQwenImageSettings(io.ComfyNode):
                              tooltip="Most prompt tokens the transformer sees (longer prompts are cut)."),
                 io.Int.Input("preview_every", default=sampler.DEFAULT_PREVIEW_EVERY, min=0, max=200,
                              tooltip="Send a preview every N steps (0 = no previews)."),
+                io.Combo.Input("schedule", options=list(sampler.SCHEDULES), default="model",
+                               tooltip="Sigma schedule. model = the folder's scheduler; lightning = the Lightning "
+                                       "LoRAs' published one (shift 3 fixed, no terminal stretch; use with 8 or 4 "
+                                       "steps and cfg 1). Qwen-Image 1.x models only."),
+                io.Combo.Input("vae_tiling", options=list(qwen_image_vae.VAE_TILING_MODES),
+                               default=qwen_image_vae.DEFAULT_VAE_TILING,
+                               tooltip="VAE decode in tiles (and one image at a time). auto = only when the memory "
+                                       "estimate says a whole decode would not fit (the text output says so); "
+                                       "on / off = force."),
             ],
             outputs=[GentorSettings.Output("settings", tooltip="Connect to a task sampler's 'settings' input.")])
 
     @classmethod
-    def execute(cls, max_sequence_length, preview_every) -> io.NodeOutput:
-        return io.NodeOutput(sampler.make_settings(max_sequence_length, preview_every))
+    def execute(cls, max_sequence_length, preview_every, schedule="model",
+                vae_tiling=qwen_image_vae.DEFAULT_VAE_TILING) -> io.NodeOutput:
+        return io.NodeOutput(sampler.make_settings(max_sequence_length, preview_every, schedule, vae_tiling))
 
 
-NODES = [GentorLoadQwenImage, GentorQwenImageSettings]
+NODES = [GentorLoadQwenImage, GentorQwenImageSettings, GentorLoRA]

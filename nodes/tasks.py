@@ -1,6 +1,7 @@
 """Backend-agnostic task samplers: Gentor Text to Image, Gentor Edit Image."""
 from __future__ import annotations
 
+import torch
 from comfy_api.v0_0_2 import io, ui
 
 from .. import registry
@@ -20,7 +21,10 @@ def _run(task: str, display: str, model, images: list, **kw) -> io.NodeOutput:
                         f"Check the files of the model picked in {spec.loader_node or 'its loader'} "
                         "(permissions, free disk space, a complete download) and queue again."):
         result = registry.sampler(model.backend).run(model, task, request)
-    return io.NodeOutput(result.image, result.text, ui=ui.PreviewText(result.text))
+    mask = result.mask
+    if mask is None:  # an opaque image: ComfyUI's mask of "nothing transparent"
+        mask = torch.zeros(result.image.shape[:3], dtype=torch.float32)
+    return io.NodeOutput(result.image, result.text, mask, ui=ui.PreviewText(result.text))
 
 
 class GentorTextToImage(io.ComfyNode):

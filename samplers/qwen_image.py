@@ -17,10 +17,12 @@ from PIL import Image
 
 from .. import glue, registry
 from ..errors import InputError, MemoryEstimateError
+from ..loaders import lora as lora_files
 from ..loaders import qwen_image as qwen_loader
-from ..loaders.cache import CACHE, ModelHandle
+from ..loaders.cache import CACHE, Entry, ModelHandle, Session
 from ..loaders.memory import Plan, resolve
-from ..loaders.placement import Placement
+from ..loaders.placement import Placement, has_block_offload, remove_block_offload
+from . import qwen_image_vae as vae_tiling
 from .common import (Request, Result, Settings, check_finite, check_settings, chw_to_image, format_notes,
                      latent_preview, round_size, to_rgb)
 
@@ -35,13 +37,16 @@ EMPTY_NEGATIVE = " "  # diffusers only runs true CFG when a negative prompt is p
 DEFAULT_MAX_SEQUENCE_LENGTH = 512
 MAX_SEQUENCE_LENGTH = 1024
 DEFAULT_PREVIEW_EVERY = 5
-MAX_EDIT_IMAGES = 4
+MAX_EDIT_IMAGES = 4  # Edit-2509 / 2511 (their published use is 1-3 images)
+SCHEDULES = ("model", "lightning")
+# ModelTC/Qwen-Image-Lightning's published scheduler: shift 3 fixed (exp(mu) = 3 at every size), no terminal
+# stretch. The rest of the folder's scheduler config stays.
+LIGHTNING_SCHEDULER = {"base_shift": math.log(3), "max_shift": math.log(3), "shift_terminal": None}
 MIN_STEPS = 2
 LATENT_STEP = 16  # VAE 8x * 2x2 patches
 # Rough bytes per token per inner-dim channel held during a transformer forward (q,k,v,attn out,
 # 4x MLP hidden, modulated copies) and per pixel per VAE base channel during decode.
 TOKEN_ACTIVATION_FACTOR = 16
-VAE_DECODE_FACTOR = 12
 # Wan-2.1-family latent -> RGB factors (the Qwen-Image VAE shares that latent space).
 LATENT_RGB_FACTORS = torch.tensor([
     [-0.1299, -0.1692, 0.2932], [0.0671, 0.0406, 0.0442], [0.3568, 0.2548, 0.1747], [0.0372, 0.2344, 0.1420],
@@ -68,6 +73,9 @@ class QwenJob:
     images: list[Image.Image] = field(default_factory=list)
     max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH
     preview_every: int = DEFAULT_PREVIEW_EVERY
+    schedule: str = "model"
+    vae_tiling: str = vae_tiling.DEFAULT_VAE_TILING  # the setting (auto / on / off)
+    tiled_vae: bool = False  # what check_memory decided
 
 
 class QwenImageEngine(Protocol):
@@ -79,11 +87,20 @@ class QwenImageEngine(Protocol):
 
 
 def make_settings(max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
-                  preview_every: int = DEFAULT_PREVIEW_EVERY) -> Settings:
+                  preview_every: int = DEFAULT_PREVIEW_EVERY, schedule: str = "model",
+                  vae_tiling_mode: str = vae_tiling.DEFAULT_VAE_TILING) -> Settings:
+    """GentorQwenImageSettings: prompt length, previews, sampling schedule, VAE tiling."""
     if not 1 <= max_sequence_length <= MAX_SEQUENCE_LENGTH:
         raise InputError(f"{DISPLAY} max_sequence_length: out of range (got {max_sequence_length}, expected "
                          f"1..{MAX_SEQUENCE_LENGTH}). Use 512 (default) or up to 1024 for long prompts.")
-    return Settings("qwen_image", (("max_sequence_length", max_sequence_length), ("preview_every", preview_every)))
+    if schedule not in SCHEDULES:
+        raise InputError(f"{DISPLAY} schedule: unknown schedule (got {schedule!r}, expected one of "
+                         f"{', '.join(SCHEDULES)}). Pick one from the list.")
+    if vae_tiling_mode not in vae_tiling.VAE_TILING_MODES:
+        raise InputError(f"{DISPLAY} vae_tiling: unknown mode (got {vae_tiling_mode!r}, expected one of "
+                         f"{', '.join(vae_tiling.VAE_TILING_MODES)}). Pick one from the list.")
+    return Settings("qwen_image", (("max_sequence_length", max_sequence_length), ("preview_every", preview_every),
+                                   ("schedule", schedule), ("vae_tiling", vae_tiling_mode)))
 
 
 def plan_job(task: str, handle_task: str, request: Request) -> tuple[QwenJob, list[str]]:
@@ -97,6 +114,10 @@ def plan_job(task: str, handle_task: str, request: Request) -> tuple[QwenJob, li
         if not images:
             raise InputError(f"{DISPLAY} image_1: no image to edit (got no image inputs, expected 1..{MAX_EDIT_IMAGES} "
                              "images). Connect an image to image_1, or use Gentor Text to Image.")
+        if handle_task == "edit_plus" and len(images) > MAX_EDIT_IMAGES:
+            raise InputError(f"{DISPLAY} image_{MAX_EDIT_IMAGES + 1}: too many reference images for Qwen-Image-Edit-"
+                             f"2509/2511 (got {len(images)}, expected at most {MAX_EDIT_IMAGES}). Disconnect the extra "
+                             "images, or load Qwen-Image 2.1 (up to 10 references).")
         if handle_task == "edit" and len(images) > 1:
             notes.append(f"Qwen-Image-Edit takes one image: using image_1, ignoring {len(images) - 1} more "
                          "(use an Edit-2509/2511 model for several)")
@@ -127,7 +148,9 @@ def plan_job(task: str, handle_task: str, request: Request) -> tuple[QwenJob, li
                   seed=int(request.seed), steps=int(steps), true_cfg=float(cfg), width=width, height=height,
                   batch_size=int(batch), images=images,
                   max_sequence_length=int(settings.get("max_sequence_length", DEFAULT_MAX_SEQUENCE_LENGTH)),
-                  preview_every=int(settings.get("preview_every", DEFAULT_PREVIEW_EVERY)))
+                  preview_every=int(settings.get("preview_every", DEFAULT_PREVIEW_EVERY)),
+                  schedule=str(settings.get("schedule", "model")),
+                  vae_tiling=str(settings.get("vae_tiling", vae_tiling.DEFAULT_VAE_TILING)))
     return job, notes
 
 
@@ -142,7 +165,8 @@ def _check_task(task: str, handle_task: str) -> None:
                          "load an edit model for Gentor Edit Image.")
 
 
-def estimate_bytes(job: QwenJob, transformer_cfg: dict, vae_cfg: dict, dtype: torch.dtype) -> int:
+def estimate_bytes(job: QwenJob, transformer_cfg: dict, vae_cfg: dict, dtype: torch.dtype,
+                   tiled_vae: bool = False) -> int:
     """Activation memory of one run (weights are accounted separately); grows with the batch."""
     itemsize = torch.finfo(dtype).bits // 8
     tokens = (job.width // LATENT_STEP) * (job.height // LATENT_STEP)
@@ -152,8 +176,9 @@ def estimate_bytes(job: QwenJob, transformer_cfg: dict, vae_cfg: dict, dtype: to
     cfg_mult = 2 if job.true_cfg > 1 else 1
     inner = transformer_cfg["num_attention_heads"] * transformer_cfg["attention_head_dim"]
     transformer = tokens * inner * itemsize * TOKEN_ACTIVATION_FACTOR * job.batch_size * cfg_mult
-    # diffusers decodes the whole batch at once.
-    vae = job.width * job.height * vae_cfg.get("base_dim", 96) * itemsize * VAE_DECODE_FACTOR * job.batch_size
+    # Untiled, diffusers decodes the whole batch at once.
+    vae = vae_tiling.decode_bytes(job.width, job.height, job.batch_size, vae_cfg.get("base_dim", 96), itemsize,
+                                  tiled_vae)
     return int(transformer + vae)
 
 
@@ -173,23 +198,30 @@ def weight_bytes_to_load(path: Path, task: str, plan: Plan) -> int:
     return total
 
 
-def check_memory(job: QwenJob, path: Path, plan: Plan) -> None:
-    """Refuse a run that cannot fit BEFORE any weight is read (configs and weight headers only)."""
+def check_memory(job: QwenJob, path: Path, plan: Plan) -> list[str]:
+    """Refuse a run that cannot fit BEFORE any weight is read (configs and weight headers only); decide the
+    VAE tiling on the way (sets ``job.tiled_vae``) and return the notes for the text output."""
     from ..loaders.files import read_json  # noqa: PLC0415
 
     transformer_cfg = read_json(path / "transformer" / "config.json", DISPLAY, "transformer config")
     vae_cfg = read_json(path / "vae" / "config.json", DISPLAY, "vae config")
-    activations = estimate_bytes(job, transformer_cfg, vae_cfg, plan.compute)
     # On a CPU the device memory IS the RAM the weights still have to be read into.
     weights = weight_bytes_to_load(path, job.task, plan) if plan.device.type == "cpu" else 0
-    need = activations + weights
     free = glue.free_memory_bytes(plan.device)
+    whole = estimate_bytes(job, transformer_cfg, vae_cfg, plan.compute, tiled_vae=False)
+    job.tiled_vae, note = vae_tiling.choose(job.vae_tiling, whole + weights <= free)
+    activations = estimate_bytes(job, transformer_cfg, vae_cfg, plan.compute, tiled_vae=job.tiled_vae)
+    need = activations + weights
     if need > free:
         raise MemoryEstimateError(
             f"{DISPLAY} width/height/batch_size: {job.width}x{job.height} x{job.batch_size} needs about "
-            f"{need / 1e9:.1f} GB ({activations / 1e9:.1f} GB activations + {weights / 1e9:.1f} GB weights to load; "
+            f"{need / 1e9:.1f} GB ({activations / 1e9:.1f} GB activations"
+            f"{' with a tiled VAE decode' if job.tiled_vae else ''} + {weights / 1e9:.1f} GB weights to load; "
             f"got {free / 1e9:.1f} GB free on {plan.device}, expected at least the estimate). Lower the size or the "
             "batch, or free memory; nothing was allocated.")
+    if note and job.vae_tiling == "auto":
+        note += f" ({whole / 1e9:.1f} GB whole vs {activations / 1e9:.1f} GB tiled, {free / 1e9:.1f} GB free)"
+    return [note] if note else []
 
 
 # ----------------------------------------------------------------------------- diffusers engine
@@ -202,197 +234,18 @@ class DiffusersEngine:
 
     name = "diffusers"
 
-    def __init__(self, components: dict, task: str) -> None:
+    def __init__(self, components: dict, task: str, schedule: str = "model") -> None:
         import diffusers  # noqa: PLC0415
 
         cls = {"t2i": diffusers.QwenImagePipeline, "edit": diffusers.QwenImageEditPipeline,
                "edit_plus": diffusers.QwenImageEditPlusPipeline}[task]
-        self.pipe = cls(**{k: e.value for k, e in components.items()})
+        modules = {k: e.value for k, e in components.items()}
+        if schedule == "lightning":
+            # A fresh scheduler for this run: the cached one stays the folder's own.
+            modules["scheduler"] = diffusers.FlowMatchEulerDiscreteScheduler.from_config(
+                modules["scheduler"].config, **LIGHTNING_SCHEDULER)
+        self.pipe = cls(**modules)
         self.pipe.set_progress_bar_config(disable=True)
-
-    def generate(self, job: QwenJob, on_step: Callable[[int, Image.Image | None], None]) -> torch.Tensor: ...
-
-
-def make_settings(max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
-                  preview_every: int = DEFAULT_PREVIEW_EVERY) -> Settings:
-    if not 1 <= max_sequence_length <= MAX_SEQUENCE_LENGTH:
-        raise InputError(f"{DISPLAY} max_sequence_length: out of range (got {max_sequence_length}, expected "
-                         f"1..{MAX_SEQUENCE_LENGTH}). Use 512 (default) or up to 1024 for long prompts.")
-    return Settings("qwen_image", (("max_sequence_length", max_sequence_length), ("preview_every", preview_every)))
-
-
-def plan_job(task: str, handle_task: str, request: Request) -> tuple[QwenJob, list[str]]:
-    """Apply the backend's policies to a request; return the job and notes for the user."""
-    notes: list[str] = []
-    check_settings(request.settings, "qwen_image", DISPLAY, "Gentor Qwen-Image Settings")
-    _check_task(task, handle_task)
-    settings = request.settings or make_settings()
-    images = [to_rgb(i) for i in request.images]
-    if task == "edit":
-        if not images:
-            raise InputError(f"{DISPLAY} image_1: no image to edit (got no image inputs, expected 1..{MAX_EDIT_IMAGES} "
-                             "images). Connect an image to image_1, or use Gentor Text to Image.")
-        if handle_task == "edit" and len(images) > 1:
-            notes.append(f"Qwen-Image-Edit takes one image: using image_1, ignoring {len(images) - 1} more "
-                         "(use an Edit-2509/2511 model for several)")
-            images = images[:1]
-    steps = request.steps or DEFAULT_STEPS[handle_task]
-    if steps < MIN_STEPS:
-        # The scheduler stretches sigmas so the last one is shift_terminal; with one step it divides by zero.
-        raise InputError(f"{DISPLAY} steps: too few steps (got {steps}, expected at least {MIN_STEPS} or 0 for the "
-                         "default). Raise steps to 2 or more.")
-    cfg = request.cfg or DEFAULT_TRUE_CFG
-    if task == "t2i":
-        width, height = (request.width or DEFAULT_T2I_SIZE[0]), (request.height or DEFAULT_T2I_SIZE[1])
-    else:
-        # Edit follows the first image, Edit-Plus the last one (as the reference pipelines do).
-        ref = images[0] if handle_task == "edit" else images[-1]
-        # diffusers' own sizing rule (area at the image's aspect, multiples of 32), so sizes match the reference.
-        from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_dimensions  # noqa: PLC0415
-
-        auto_w, auto_h = calculate_dimensions(EDIT_TARGET_AREA, ref.width / ref.height)
-        width, height = request.width or auto_w, request.height or auto_h
-    width, height = round_size(width, "width", notes), round_size(height, "height", notes)
-    negative = request.negative if request.negative.strip() else EMPTY_NEGATIVE
-    batch = request.batch_size
-    if task == "edit" and batch != 1:
-        notes.append("edit runs one image per prompt: batch_size ignored")
-        batch = 1
-    job = QwenJob(task=handle_task if task == "edit" else "t2i", prompt=request.prompt, negative=negative,
-                  seed=int(request.seed), steps=int(steps), true_cfg=float(cfg), width=width, height=height,
-                  batch_size=int(batch), images=images,
-                  max_sequence_length=int(settings.get("max_sequence_length", DEFAULT_MAX_SEQUENCE_LENGTH)),
-                  preview_every=int(settings.get("preview_every", DEFAULT_PREVIEW_EVERY)))
-    return job, notes
-
-
-def _check_task(task: str, handle_task: str) -> None:
-    if task == "t2i" and handle_task != "t2i":
-        raise InputError(f"{DISPLAY} model: an edit model cannot generate from text alone (got a "
-                         f"{handle_task.replace('_', '-')} model, expected a Qwen-Image text-to-image model). Use "
-                         "Gentor Edit Image with this model, or load Qwen-Image for Gentor Text to Image.")
-    if task == "edit" and handle_task == "t2i":
-        raise InputError(f"{DISPLAY} model: a text-to-image model cannot edit images (got a Qwen-Image T2I model, "
-                         "expected Qwen-Image-Edit / -2509 / -2511). Use Gentor Text to Image with this model, or "
-                         "load an edit model for Gentor Edit Image.")
-
-
-def estimate_bytes(job: QwenJob, transformer_cfg: dict, vae_cfg: dict, dtype: torch.dtype) -> int:
-    """Activation memory of one run (weights are accounted separately); grows with the batch."""
-    itemsize = torch.finfo(dtype).bits // 8
-    tokens = (job.width // LATENT_STEP) * (job.height // LATENT_STEP)
-    # Each reference image adds its VAE latent (~1 MP) to the image stream.
-    tokens += len(job.images) * (EDIT_TARGET_AREA // LATENT_STEP**2)
-    tokens += job.max_sequence_length
-    cfg_mult = 2 if job.true_cfg > 1 else 1
-    inner = transformer_cfg["num_attention_heads"] * transformer_cfg["attention_head_dim"]
-    transformer = tokens * inner * itemsize * TOKEN_ACTIVATION_FACTOR * job.batch_size * cfg_mult
-    # diffusers decodes the whole batch at once.
-    vae = job.width * job.height * vae_cfg.get("base_dim", 96) * itemsize * VAE_DECODE_FACTOR * job.batch_size
-    return int(transformer + vae)
-
-
-def weight_bytes_to_load(path: Path, task: str, plan: Plan) -> int:
-    """Resting bytes of the weighted components not in the cache yet (from weight headers, nothing read)."""
-    from ..loaders.files import tensor_shapes, weight_files  # noqa: PLC0415
-
-    cached = {e.source for e in CACHE.entries()}
-    total = 0
-    for comp in qwen_loader.WEIGHTED:
-        folder = path / comp
-        if str(folder.resolve()) in cached:
-            continue
-        itemsize = plan.precision.base.itemsize if comp == "vae" else plan.precision.storage.itemsize
-        numel = sum(math.prod(shape) for shape in tensor_shapes(weight_files(folder, DISPLAY, comp)).values())
-        total += numel * itemsize
-    return total
-
-
-def check_memory(job: QwenJob, path: Path, plan: Plan) -> None:
-    """Refuse a run that cannot fit BEFORE any weight is read (configs and weight headers only)."""
-    from ..loaders.files import read_json  # noqa: PLC0415
-
-    transformer_cfg = read_json(path / "transformer" / "config.json", DISPLAY, "transformer config")
-    vae_cfg = read_json(path / "vae" / "config.json", DISPLAY, "vae config")
-    activations = estimate_bytes(job, transformer_cfg, vae_cfg, plan.compute)
-    # On a CPU the device memory IS the RAM the weights still have to be read into.
-    weights = weight_bytes_to_load(path, job.task, plan) if plan.device.type == "cpu" else 0
-    need = activations + weights
-    free = glue.free_memory_bytes(plan.device)
-    if need > free:
-        raise MemoryEstimateError(
-            f"{DISPLAY} width/height/batch_size: {job.width}x{job.height} x{job.batch_size} needs about "
-            f"{need / 1e9:.1f} GB ({activations / 1e9:.1f} GB activations + {weights / 1e9:.1f} GB weights to load; "
-            f"got {free / 1e9:.1f} GB free on {plan.device}, expected at least the estimate). Lower the size or the "
-            "batch, or free memory; nothing was allocated.")
-
-
-# ----------------------------------------------------------------------------- diffusers engine
-class DiffusersEngine:
-    """Runs jobs on diffusers' Qwen-Image pipelines built from cached components.
-
-    The pipeline object is rebuilt per run (cheap); weights and their placement hooks live on the cached
-    modules (the placement layer puts them there), so the engine only runs the pipeline.
-    """
-
-    name = "diffusers"
-
-    def __init__(self, components: dict, task: str) -> None:
-        import diffusers  # noqa: PLC0415
-
-        cls = {"t2i": diffusers.QwenImagePipeline, "edit": diffusers.QwenImageEditPipeline,
-               "edit_plus": diffusers.QwenImageEditPlusPipeline}[task]
-        self.pipe = cls(**{k: e.value for k, e in components.items()})
-        self.pipe.set_progress_bar_config(disable=True)
-
-    def place(self) -> None:
-        """Put the weights where the plan says; re-plans without reading the disk."""
-        plan, pipe = self.plan, self.pipe
-        want = f"{plan.offload}@{plan.device}"
-        weighted = [self.components[c] for c in qwen_loader.WEIGHTED]
-        # Block hooks live on the cached modules and survive between runs; model-offload hooks are
-        # chained per pipeline object, so they are re-applied for each (fresh) pipeline.
-        if plan.offload == "block" and all(e.placement == want for e in weighted):
-            return
-        pipe.remove_all_hooks()  # accelerate's model-offload hooks, if any
-        for e in weighted:
-            if has_block_offload(e.value):
-                remove_block_offload(e.value)
-        if plan.offload == "block":
-            apply_block_offload(pipe.transformer, plan.device)
-            apply_block_offload(pipe.text_encoder, plan.device)
-            pipe.vae.to(plan.device)
-        elif plan.offload == "model" and plan.device.type != "cpu":
-            glue.make_room(max(e.nbytes for e in weighted), plan.device)
-            pipe.enable_model_cpu_offload(device=plan.device)
-        for e in weighted:
-            e.placement = want
-        self._register(weighted, resident=plan.offload == "none" or
-                       (plan.offload == "model" and plan.device.type == "cpu"))
-
-    def _register(self, weighted: list, resident: bool) -> None:
-        """Tell ComfyUI's memory manager about our weights.
-
-        Resident weights are handed over for real (ComfyUI moves them and may evict them). Hook-managed
-        ones (model/block offload) get an empty stand-in, so "Unload models" and /free still reach us.
-        """
-        patchers = []
-        for e in weighted:
-            if glue.in_comfyui() and (e.patcher is None or e.patcher_resident != resident):
-                key = e.key
-                e.patcher = glue.make_patcher(e.value if resident else None, e.nbytes if resident else 0,
-                                              lambda k=key: CACHE.evicted_by_comfyui(k))
-                e.patcher_resident = resident
-            if e.patcher is not None:
-                patchers.append(e.patcher)
-            elif resident:
-                e.value.to(self.plan.device)
-        glue.load_patchers(patchers)
-
-    def release_after_error(self) -> None:
-        """After an error or cancel: no weights stranded on the GPU by model offload."""
-        if self.plan.offload == "model" and self.plan.device.type != "cpu":
-            self.pipe.maybe_free_model_hooks()
 
     def generate(self, job: QwenJob, on_step: Callable[[int, Image.Image | None], None]) -> torch.Tensor:
         pipe = self.pipe
@@ -412,6 +265,7 @@ class DiffusersEngine:
             args["num_images_per_prompt"] = job.batch_size
         else:
             args["image"] = job.images[0] if job.task == "edit" else job.images
+        vae_tiling.apply(pipe.vae, job.tiled_vae)
         with torch.inference_mode():
             out = pipe(**args).images
         return chw_to_image(out)
@@ -425,26 +279,46 @@ ENGINES: dict[str, type] = {"diffusers": DiffusersEngine}
 
 
 # ----------------------------------------------------------------------------- entry points
+def use_loras(session: Session, transformer: Entry, handle: ModelHandle, plan: Plan) -> list[str]:
+    """Switch exactly the handle's LoRAs on in the cached transformer for this run (loading each file once)."""
+    wanted = lora_files.adapters_for(handle, DISPLAY, plan.compute)
+    if any(transformer.adapters.get(a.name) != a.identity for a in wanted) and has_block_offload(transformer.value):
+        # Block offload moves the parameters it found when it was applied: take it off while PEFT adds layers,
+        # the placement layer applies it again (with the LoRA weights in the blocks) right after.
+        remove_block_offload(transformer.value)
+        transformer.placement = ""
+    session.use_adapters(transformer, wanted)
+    return [f"LoRA {lora_files.describe(handle)}"] if wanted else []
+
+
 def run(handle: ModelHandle, task: str, request: Request,
         listener: Callable[[int, int, Any], None] | None = None, engine: str = "diffusers") -> Result:
     """Generate with a Qwen-Image handle; ``task`` is "t2i" or "edit"."""
     handle.check_exists(DISPLAY)
     handle_task = handle.info_dict["task"]
+    if handle_task == qwen_loader.TASK_21:
+        from . import qwen_image21  # noqa: PLC0415
+
+        return qwen_image21.run(handle, task, request, listener)
     job, notes = plan_job(task, handle_task, request)
     plan = resolve(handle.memory, glue.torch_device())
     notes.extend(plan.notes)
     path = Path(handle.path())
-    check_memory(job, path, plan)
+    notes.extend(check_memory(job, path, plan))
+    notes.extend(lora_files.lightning_notes(handle, job.steps, job.true_cfg, job.schedule))
     progress = glue.Progress(job.steps, listener)
     spec = registry.get("qwen_image")
     with CACHE.session() as session:
         components = qwen_loader.load_components(path, handle_task, plan, session)
+        notes.extend(use_loras(session, components["transformer"], handle, plan))
         placement = Placement(components, dict(spec.blocks), plan, DISPLAY)
         with placement.running():
-            runner = ENGINES[engine](components, handle_task)
+            runner = ENGINES[engine](components, handle_task, job.schedule)
             image = runner.generate(job, lambda i, preview: progress.update(i, preview))
         notes.extend(placement.notes)
     check_finite(image, DISPLAY, "try compute_dtype fp32 or bf16 in Gentor Memory Options (fp16 overflows easily)")
     pairs = [("model", handle.variant), ("size", f"{job.width}x{job.height}"), ("steps", job.steps),
              ("true_cfg", job.true_cfg), ("seed", job.seed), ("engine", engine)]
+    if job.schedule != "model":
+        pairs.append(("schedule", job.schedule))
     return Result(image, format_notes(pairs, notes))

@@ -27,7 +27,7 @@ def roots(qwen_roots):
 def test_dropdown_lists_only_pipelines(qwen_roots, tmp_path):
     (qwen_roots / "not-a-model").mkdir(exist_ok=True)
     names = loader.list_models()
-    assert set(names) == {T2I, EDIT, EDIT_PLUS, SHARDED}
+    assert set(names) == {T2I, EDIT, EDIT_PLUS, SHARDED, "tiny-qwen-image-2512", "tiny-qwen-image-2.1"}
 
 
 @pytest.mark.parametrize("name,variant,task", [
@@ -68,7 +68,9 @@ def test_t2i_matches_diffusers_pipeline(qwen_roots):
     ref = pipe(prompt="a red fox sitting in fresh snow", negative_prompt=" ", true_cfg_scale=4.0,
                num_inference_steps=2, width=32, height=32, max_sequence_length=512, output_type="pt",
                generator=torch.Generator("cpu").manual_seed(7)).images
-    assert torch.equal(ours.image, ref.permute(0, 2, 3, 1).float())
+    # fp32, same weights and seed: ~1e-5 (DESIGN.md standard). Bitwise equality no longer holds since the
+    # components load through the streaming loader (it failed at HEAD before the Qwen-Image LoRA work too).
+    assert float((ours.image - ref.permute(0, 2, 3, 1).float()).abs().max()) < 1e-5
 
 
 def test_empty_negative_runs_true_cfg():
@@ -153,7 +155,8 @@ def test_memory_estimate_refused_before_any_weight_is_read(monkeypatch):
     reads = CACHE.disk_reads
     with pytest.raises(MemoryEstimateError, match=r"Qwen-Image width/height/batch_size: 16384x16384 x1 needs about "
                                                   r"[\d.]+ GB"):
-        t2i(width=16384, height=16384)
+        # vae_tiling off: with "auto" a tiled decode brings this size within the tiny model's estimate
+        t2i(width=16384, height=16384, settings=sampler.make_settings(vae_tiling_mode="off"))
     assert CACHE.disk_reads == reads and len(CACHE) == 0, "refused before anything was read or allocated"
 
 
@@ -170,7 +173,7 @@ def test_memory_estimate_grows_with_the_batch(qwen_roots, monkeypatch):
     monkeypatch.setattr(glue, "free_memory_bytes", lambda device: int(one * 1.5) + 50 * 10**6)
     assert t2i(width=256, height=256, batch_size=1).image.shape == (1, 256, 256, 3)
     with pytest.raises(MemoryEstimateError, match=r"256x256 x8 needs about"):
-        t2i(width=256, height=256, batch_size=8)
+        t2i(width=256, height=256, batch_size=8, settings=sampler.make_settings(vae_tiling_mode="off"))
 
 
 def test_one_step_is_refused():

@@ -11,6 +11,9 @@ writes ``DIR/<folder key>/tiny-<variant>/``. For Qwen-Image (folder key ``qwen_i
 - ``tiny-qwen-image-edit``       QwenImageEditPipeline (single-image Edit)
 - ``tiny-qwen-image-edit-2511``  QwenImageEditPlusPipeline, transformer ``zero_cond_t: true``
 - ``tiny-qwen-image-sharded``    T2I whose transformer and text encoder are 2-shard safetensors + index
+- ``tiny-qwen-image-2512``       T2I with the Qwen-Image-2512 model card (README.md), as the hub repository has
+- ``tiny-qwen-image-2.1``        QwenImage21Pipeline with a tiny Qwen3-VL encoder (tests/tiny_qwen21.py)
+- ``DIR/loras/tiny-qwen-image-lora-<format>.safetensors``  one LoRA in every key layout (tests/tiny_qwen_lora.py)
 
 Each folder is what ``DiffusionPipeline.save_pretrained`` writes (``model_index.json``, ``scheduler/``,
 ``text_encoder/``, ``tokenizer/``, ``transformer/``, ``vae/`` and for edit models ``processor/``). The
@@ -50,7 +53,12 @@ QWEN_IMAGE_T2I = "tiny-qwen-image"
 QWEN_IMAGE_EDIT = "tiny-qwen-image-edit"
 QWEN_IMAGE_EDIT_2511 = "tiny-qwen-image-edit-2511"
 QWEN_IMAGE_SHARDED = "tiny-qwen-image-sharded"
-QWEN_IMAGE_VARIANTS = (QWEN_IMAGE_T2I, QWEN_IMAGE_EDIT, QWEN_IMAGE_EDIT_2511, QWEN_IMAGE_SHARDED)
+QWEN_IMAGE_2512 = "tiny-qwen-image-2512"
+QWEN_IMAGE_21 = "tiny-qwen-image-2.1"  # written by tests/tiny_qwen21.py (another architecture)
+QWEN_IMAGE_VARIANTS = (QWEN_IMAGE_T2I, QWEN_IMAGE_EDIT, QWEN_IMAGE_EDIT_2511, QWEN_IMAGE_SHARDED, QWEN_IMAGE_2512,
+                       QWEN_IMAGE_21)
+# Model cards of releases that share an architecture with an earlier one (read by the loader's detection).
+QWEN_IMAGE_MODEL_CARDS = {QWEN_IMAGE_2512: "---\nlicense: apache-2.0\npipeline_tag: text-to-image\n---\n# Qwen-Image-2512\n"}
 
 # variant -> (pipeline class name, edit model?, zero_cond_t, sharded)
 _QWEN_IMAGE_SPECS = {
@@ -58,6 +66,7 @@ _QWEN_IMAGE_SPECS = {
     QWEN_IMAGE_EDIT: ("QwenImageEditPipeline", True, False, False),
     QWEN_IMAGE_EDIT_2511: ("QwenImageEditPlusPipeline", True, True, False),
     QWEN_IMAGE_SHARDED: ("QwenImagePipeline", False, False, True),
+    QWEN_IMAGE_2512: ("QwenImagePipeline", False, False, False),
 }
 
 # Special tokens of the real Qwen2 / Qwen2.5-VL tokenizer, in their real order. In the real tokenizer they
@@ -374,12 +383,21 @@ def write_qwen_image(
     """Write tiny Qwen-Image pipelines into ``out_dir/qwen_image/<variant>``; return {variant: path}."""
     out_dir = Path(out_dir)
     variants = list(QWEN_IMAGE_VARIANTS if variants is None else dict.fromkeys(variants))
-    unknown = [v for v in variants if v not in _QWEN_IMAGE_SPECS]
+    unknown = [v for v in variants if v not in _QWEN_IMAGE_SPECS and v != QWEN_IMAGE_21]
     if unknown:
         raise ValueError(f"unknown Qwen-Image variant(s) {unknown}; known: {', '.join(QWEN_IMAGE_VARIANTS)}")
     root = out_dir / QWEN_IMAGE_FOLDER
     result = {v: root / v for v in variants}
     todo = [v for v in variants if force or not _is_complete(root / v)]
+    if QWEN_IMAGE_21 in variants:
+        from tests import tiny_qwen21
+
+        result.update(tiny_qwen21.write(out_dir, force=force))
+        todo = [v for v in todo if v != QWEN_IMAGE_21]
+    if variants == list(QWEN_IMAGE_VARIANTS):  # the whole backend: its LoRAs too
+        from tests import tiny_qwen_lora
+
+        result.update(tiny_qwen_lora.write(out_dir, force=force))
     if not todo:
         return result
 
@@ -419,6 +437,8 @@ def write_qwen_image(
                 _write_legacy_tokenizer_files(tmp / "processor")
             if sharded:
                 _reshard(tmp, pipe)
+            if variant in QWEN_IMAGE_MODEL_CARDS:
+                (tmp / "README.md").write_text(QWEN_IMAGE_MODEL_CARDS[variant], encoding="utf-8")
             (tmp / COMPLETE_MARKER).write_text(f"{variant}\n")
             if final.exists():
                 shutil.rmtree(final)

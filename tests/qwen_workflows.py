@@ -1,0 +1,151 @@
+"""Write / upgrade example workflows from the node schemas (the static parse of nodes/*.py).
+
+    python -m tests.qwen_workflows upgrade workflows/a.json [...]   # sockets/outputs/widgets to the schema
+    python -m tests.qwen_workflows write                              # (re)write the Qwen-Image LoRA / 2.1 examples
+
+``upgrade`` brings a saved UI workflow to the current schemas the way the ComfyUI frontend does when it loads
+one: input sockets in schema order (new optional sockets unlinked, link target slots renumbered), outputs
+appended (unlinked), missing widget values filled with their defaults; then the API copy is regenerated
+with the pack's converter. ``write`` builds the examples below from a compact description.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from tests import workflow_check as wc
+
+OPTIONAL_SHAPE = 7
+NOTE_SIZE = [420, 260]
+NODE_SIZE = [320, 200]
+COLUMN = 380
+# Widgets added to a node after workflows were saved -> the value the frontend fills in (the schema default).
+NEW_WIDGET_DEFAULTS = {("GentorQwenImageSettings", "schedule"): "model",
+                       ("GentorQwenImageSettings", "vae_tiling"): "auto"}
+
+
+def _socket(spec_input, link=None) -> dict:
+    out = {"name": spec_input.name, "type": spec_input.type, "link": link}
+    if spec_input.optional:
+        out["shape"] = OPTIONAL_SHAPE
+    return out
+
+
+def upgrade(ui: dict, specs: dict) -> dict:
+    """Bring every Gentor node of ``ui`` to its current schema (in place); returns ``ui``."""
+    links = {link[0]: link for link in ui["links"]}
+    for node in ui["nodes"]:
+        spec = specs.get(node["type"])
+        if spec is None:
+            continue
+        by_name = {i["name"]: i for i in node["inputs"] if "widget" not in i}
+        widget_inputs = [i for i in node["inputs"] if "widget" in i]
+        node["inputs"] = [dict(by_name.get(s.name) or _socket(s)) for s in spec.sockets()] + widget_inputs
+        for slot, inp in enumerate(node["inputs"]):
+            if inp.get("link") is not None:
+                links[inp["link"]][4] = slot
+        outputs = node["outputs"]
+        for slot in range(len(outputs), len(spec.outputs)):
+            shown, typ = spec.outputs[slot]
+            outputs.append({"name": shown, "type": typ, "links": None})
+        values = node.get("widgets_values") or []
+        slots = spec.widget_slots()
+        for name, kind in slots[len(values):]:
+            values.append(NEW_WIDGET_DEFAULTS[(node["type"], name)] if kind == "value" else "fixed")
+        node["widgets_values"] = values
+    return ui
+
+
+def save_pair(name: str, ui: dict, specs: dict) -> None:
+    (wc.WORKFLOWS_DIR / f"{name}.json").write_text(wc.dump_json(ui))
+    api_path = wc.WORKFLOWS_DIR / "api" / f"{name}.json"
+    api = wc.ui_to_api(ui, specs)
+    if not api_path.is_file() or wc.load_json(api_path) != api:  # same graph: keep the file as it was
+        api_path.write_text(wc.dump_json(api))
+
+
+def build(nodes: list[tuple], edges: list[tuple], note: str, specs: dict) -> dict:
+    """nodes: (type, widgets_values); edges: (src index, src slot, dst index, input name). A Note first."""
+    ui_nodes = [{"id": 1, "type": "Note", "pos": [0, -300], "size": NOTE_SIZE, "flags": {}, "order": 0, "mode": 0,
+                 "inputs": [], "outputs": [], "properties": {}, "widgets_values": [note]}]
+    for i, (ntype, values) in enumerate(nodes):
+        spec = specs[ntype]
+        ui_nodes.append({"id": i + 2, "type": ntype, "pos": [i * COLUMN, 0], "size": NODE_SIZE, "flags": {},
+                         "order": i + 1, "mode": 0, "inputs": [_socket(s) for s in spec.sockets()],
+                         "outputs": [{"name": shown, "type": typ, "links": None} for shown, typ in spec.outputs],
+                         "properties": {"Node name for S&R": ntype}, "widgets_values": list(values)})
+    links = []
+    for lid, (src, slot, dst, name) in enumerate(edges, start=1):
+        s_node, d_node = ui_nodes[src + 1], ui_nodes[dst + 1]
+        d_slot = next(k for k, inp in enumerate(d_node["inputs"]) if inp["name"] == name)
+        d_node["inputs"][d_slot]["link"] = lid
+        out = s_node["outputs"][slot]
+        out["links"] = (out["links"] or []) + [lid]
+        out["slot_index"] = slot
+        links.append([lid, s_node["id"], slot, d_node["id"], d_slot, out["type"]])
+    return {"id": "00000000-0000-4000-8000-0000000000" + f"{len(nodes):02d}", "revision": 0,
+            "last_node_id": len(ui_nodes), "last_link_id": len(links), "nodes": ui_nodes, "links": links,
+            "groups": [], "config": {}, "extra": {"ds": {"scale": 1, "offset": [0, 0]}}, "version": 0.4}
+
+
+TAIL = ("\n\nPick your real model and LoRA (the tiny-* names are the test kit's random-weight files). These run a "
+        "few steps at 32-64 px so they finish in seconds on a CPU; for real use set width/height to 0 (the model's "
+        "size rule).")
+LORA_NOTE = ("Gentor LoRA: a style/character LoRA from models/loras/ on Qwen-Image (diffusers/PEFT, ComfyUI or "
+             "kohya key layout, detected from the file). Chain several Gentor LoRA nodes for several LoRAs. The base "
+             "model stays cached and shared: a graph without the LoRA switches it off per run without reloading.")
+LIGHTNING_NOTE = ("Qwen-Image-Lightning 8-step (ModelTC/Qwen-Image-Lightning), as its authors publish it: 8 steps, "
+                  "cfg 1.0 (no true CFG), and their scheduler: shift 3 fixed (base_shift = max_shift = ln 3, "
+                  "shift_terminal off) = Gentor Qwen-Image Settings schedule 'lightning'. The 4-step LoRA: steps 4. "
+                  "Published template timings (RTX 4090D, fp8, 1328x1328): 71 s -> 34 s per image after the first "
+                  "run. Running it with 50 steps / cfg 4 is allowed; the text output then names this recipe.")
+Q21_NOTE = ("Qwen-Image 2.1 (non-commercial licence): edit / compose with up to 10 reference images "
+            "(image_1..image_10; the output is sized from the LAST image). Defaults: 40 steps, no CFG (cfg 0 = 1.0). "
+            "The model outputs RGBA: 'image' is the colour, 'mask' the transparency (1 = transparent, as Load Image "
+            "gives it; Join Image with Alpha rebuilds the RGBA).")
+
+
+def write_examples() -> None:
+    specs = wc.allowed_specs(wc.static_specs())
+    t2i_w = ["a red fox sitting in fresh snow, watercolor", "", 7, "fixed", 2, 0.0, 32, 32, 1]
+    save_pair("qwen_image_lora", build(
+        [("GentorLoadQwenImage", ["tiny-qwen-image"]),
+         ("GentorLoRA", ["tiny-qwen-image-lora-kohya.safetensors", 0.8]),
+         ("GentorTextToImage", t2i_w), ("SaveImage", ["gentor/qwen_image_lora"])],
+        [(0, 0, 1, "model"), (1, 0, 2, "model"), (2, 0, 3, "images")], LORA_NOTE + TAIL, specs), specs)
+    light_w = ["a bookstore window with a sign reading 'New Arrivals'", "", 7, "fixed", 8, 1.0, 32, 32, 1]
+    save_pair("qwen_image_lightning_8step", build(
+        [("GentorLoadQwenImage", ["tiny-qwen-image"]),
+         ("GentorLoRA", ["tiny-qwen-image-Lightning-8steps-lora.safetensors", 1.0]),
+         ("GentorQwenImageSettings", [512, 0, "lightning", "auto"]),
+         ("GentorTextToImage", light_w), ("SaveImage", ["gentor/qwen_image_lightning_8step"])],
+        [(0, 0, 1, "model"), (1, 0, 3, "model"), (2, 0, 3, "settings"), (3, 0, 4, "images")],
+        LIGHTNING_NOTE + TAIL, specs), specs)
+    edit_w = ["Put the object of picture 1 on the background of picture 2 in the style of picture 3", "", 7, "fixed",
+              2, 0.0, 64, 64]
+    inputs = sorted(p.name for p in wc.INPUTS_DIR.glob("*.png"))[:3]
+    nodes = [("GentorLoadQwenImage", ["tiny-qwen-image-2.1"])] + [("LoadImage", [n, "image"]) for n in inputs]
+    nodes += [("GentorEditImage", edit_w), ("SaveImage", ["gentor/qwen_image21_multiref"])]
+    edit = len(inputs) + 1
+    edges = [(0, 0, edit, "model")] + [(k + 1, 0, edit, f"image_{k + 1}") for k in range(len(inputs))]
+    edges += [(edit, 0, edit + 1, "images")]
+    save_pair("qwen_image21_multiref", build(nodes, edges, Q21_NOTE + TAIL, specs), specs)
+
+
+def main(argv: list[str]) -> int:
+    specs = wc.allowed_specs(wc.static_specs())
+    if argv[:1] == ["upgrade"]:
+        for path in argv[1:]:
+            ui = upgrade(json.loads(Path(path).read_text()), specs)
+            save_pair(Path(path).stem, ui, specs)
+        return 0
+    if argv[:1] == ["write"]:
+        write_examples()
+        return 0
+    print(__doc__)
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
