@@ -31,7 +31,7 @@ const showGraphBeside = (page, left) => page.evaluate((x) => {
   // litegraph maps graph to screen as (pos + offset) * scale: put the graph's origin right of the panel.
   const canvas = window.comfyAPI.app.app.canvas;
   canvas.ds.scale = 0.85;
-  canvas.ds.offset = [(x + 30) / 0.85, 120];
+  canvas.ds.offset = [(x + 30) / 0.85, 190];
   canvas.setDirty(true, true);
 }, left);
 

@@ -5,7 +5,7 @@
 const SUMMARY_WIDGET = "gentor_summary";
 const TEXT_WIDGET = "gentor_text";
 const LINE_HEIGHT = 22;
-const SUMMARY_HEIGHT = 34; // the line wraps onto a second row on narrow nodes; the full text is its tooltip
+const SUMMARY_HEIGHT = 40; // the line wraps onto a second row on narrow nodes; the full text is its tooltip
 
 function addDomWidget(node, name, element, height) {
   const widget = node.addDOMWidget(name, name, element, {
