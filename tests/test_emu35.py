@@ -216,3 +216,15 @@ def test_wrong_model_folder_and_missing_tokenizer_files(emu_root):
         loader.load_handle("bare-model", IBQ)
     # a separate tokenizer folder works
     assert loader.load_handle("bare-model", IBQ, tokenizer=MODEL).path("tokenizer").endswith(MODEL)
+
+
+def test_block_offload_runs_the_same_image():
+    """One device with block offload (the degenerate placement): hooks on model.layers, same output."""
+    from gentor.loaders.placement import has_block_offload  # noqa: PLC0415
+
+    plain = t2i(seed=9)
+    blocked = sampler.run(handle(memory=MemoryOptions(offload="block")), "t2i",
+                          Request(prompt="a red fox in the snow", seed=9, width=48, height=32))
+    llm = [e for e in CACHE.entries("emu35_llm") if e.placement.startswith("block")][0]
+    assert has_block_offload(llm.value)
+    assert torch.equal(plain.image, blocked.image)
