@@ -4,7 +4,8 @@
    Linear): unfused (PEFT layers active, what Gentor runs: the shared base stays untouched and FP8-stored
    bases keep their precision) and fused (PEFT's merge into the weights, then unmerged).
 2. Switching a LoRA on/off between runs through the real sampler (tiny kit): components read from disk and
-   bytes read by the process (``/proc/self/io`` rchar) for the runs after the first.
+   bytes read by the process (``/proc/self/io`` rchar) for the runs after the first; and the FP8 error: the
+   image of an FP8-stored base (+ LoRA, factors in fp32) vs the fp32 base (+ LoRA), relative L2.
 3. VAE decode peak memory, whole vs tiled, at --vae-size (default 2048) with a random AutoencoderKLQwenImage
    (--vae-base-dim 96 = the real width); each decode in a fresh subprocess, peak RSS (CPU) or peak CUDA memory.
 
@@ -14,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -103,6 +105,7 @@ def bench_switching() -> dict:
     from gentor.loaders import lora
     from gentor.loaders import qwen_image as loader
     from gentor.loaders.cache import CACHE
+    from gentor.loaders.memory import MemoryOptions
     from gentor.samplers import qwen_image as sampler
     from gentor.samplers.common import Request
     from tests import tiny_models, tiny_qwen_lora
@@ -122,8 +125,18 @@ def bench_switching() -> dict:
         reads, chars = CACHE.disk_reads, rchar()
         for handle in (base, styled, base, styled):
             sampler.run(handle, "t2i", req)
-        out = {"component_reads_during_4_switches": CACHE.disk_reads - reads,
-               "bytes_read_during_4_switches": rchar() - chars,
+        reads_after, chars_after = CACHE.disk_reads, rchar()
+        errors = {}
+        for label, handle in (("base", base), ("with_lora", styled)):
+            images = {}
+            for weight_dtype in ("auto", "fp8_e4m3fn"):
+                mem = MemoryOptions(weight_dtype=weight_dtype, compute_dtype="fp32")
+                h = dataclasses.replace(handle, memory=mem)
+                images[weight_dtype] = sampler.run(h, "t2i", req).image
+            errors[label] = float((images["fp8_e4m3fn"] - images["auto"]).norm() / images["auto"].norm())
+        out = {"fp8_vs_fp32_relative_error": errors,
+               "component_reads_during_4_switches": reads_after - reads,
+               "bytes_read_during_4_switches": chars_after - chars,
                "base_transformer_bytes": sum(f.stat().st_size for f in (
                    Path(tmp) / "qwen_image" / tiny_models.QWEN_IMAGE_T2I / "transformer").glob("*.safetensors")),
                "lora_file_bytes": loras[name].stat().st_size}
