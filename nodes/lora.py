@@ -28,8 +28,9 @@ class GentorLoRA(io.ComfyNode):
                 io.Float.Input("strength", default=1.0, min=-MAX_STRENGTH, max=MAX_STRENGTH, step=STRENGTH_STEP,
                                tooltip="LoRA strength (scale of its delta). 0 = no-op: the file is not read."),
             ],
-            outputs=[GentorModel.Output("model", tooltip="The model with this LoRA added; connect to a task node "
-                                                         "or another Gentor LoRA.")])
+            # Output id differs from the input id: ComfyUI 0.3.64 refuses a node whose input and output share one.
+            outputs=[GentorModel.Output("model_with_lora", tooltip="The model with this LoRA added; connect to a "
+                                                                   "task node or another Gentor LoRA.")])
 
     @classmethod
     def execute(cls, model, lora_name, strength) -> io.NodeOutput:
