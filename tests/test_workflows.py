@@ -240,6 +240,17 @@ def test_check_ui_and_compare_catch_drift(specs):
     (_, t2i_api), = _by_class(api2, "GentorTextToImage")
     del t2i_api["inputs"]["settings"]
     assert any("only in UI" in e for e in wc.compare_pair(ui, api2, specs))
+    # sockets: an older save may lack appended optional sockets, but a renamed or missing required one is drift
+    renamed = copy.deepcopy(ui)
+    sockets = [i for i in _node_of(renamed, "GentorTextToImage")["inputs"] if "widget" not in i]
+    sockets[0]["name"] = "modle"
+    assert any("input sockets" in e for e in wc.check_ui(renamed, specs))
+    older = copy.deepcopy(ui)
+    node = _node_of(older, "GentorTextToImage")
+    optional = [i for i in node["inputs"] if "widget" not in i and i.get("link") is None and i.get("shape") == 7]
+    if optional:  # an unlinked optional socket the file may lack
+        node["inputs"].remove(optional[-1])
+        assert not any("input sockets" in e for e in wc.check_ui(older, specs))
     # a link whose ends disagree
     broken = copy.deepcopy(ui)
     broken["links"][0][4] = 5

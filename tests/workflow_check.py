@@ -521,6 +521,12 @@ def _ui_links(ui: dict) -> dict[int, list]:
     return {link[0]: link for link in ui.get("links", []) if isinstance(link, list) and len(link) == 6}
 
 
+def _in_order(items: list, reference: list) -> bool:
+    """``items`` appear in ``reference`` in the same relative order (a subsequence)."""
+    it = iter(reference)
+    return all(any(item == ref for ref in it) for item in items)
+
+
 def check_ui(ui: dict, specs: dict[str, NodeSpec]) -> list[str]:
     """Problems in a UI (save) format workflow, schema 0.4."""
     errs: list[str] = []
@@ -563,7 +569,11 @@ def check_ui(ui: dict, specs: dict[str, NodeSpec]) -> list[str]:
         want = [(s.name, s.type, s.optional) for s in spec.sockets()]
         got_inputs = [i for i in node["inputs"] if "widget" not in i]
         got = [(i.get("name"), i.get("type"), i.get("shape") == OPTIONAL_SHAPE) for i in got_inputs]
-        if got != want:
+        # A node saved before optional sockets were added keeps its old socket list (the frontend only adds
+        # them on "Fix node (recreate)"): the saved sockets must be the schema's, in its order, with every
+        # required one present; a renamed, retyped, reordered or missing required socket is drift.
+        required = [w for w in want if not w[2]]
+        if not _in_order(got, want) or not set(required) <= set(got):
             errs.append(f"{where}: input sockets {got} != schema {want} (name, type, optional)")
         for slot, inp in enumerate(node["inputs"]):
             lid = inp.get("link")
@@ -576,8 +586,10 @@ def check_ui(ui: dict, specs: dict[str, NodeSpec]) -> list[str]:
                 errs.append(f"{where}: link {lid} ends at node {link[3]} slot {link[4]}, not here (slot {slot})")
         want_out = [t for _, t in spec.outputs]
         got_out = [o.get("type") for o in node["outputs"]]
-        if got_out != want_out:
-            errs.append(f"{where}: output types {got_out} != schema {want_out}")
+        # A workflow saved before an output was appended lists fewer outputs; the frontend adds the new slot
+        # when it loads it, so a prefix of the schema's outputs is fine (appending keeps old files valid).
+        if got_out != want_out[:len(got_out)]:
+            errs.append(f"{where}: output types {got_out} != schema {want_out} (or a prefix of it)")
         else:
             for slot, out in enumerate(node["outputs"]):
                 if out.get("name") not in spec.output_names(slot):
