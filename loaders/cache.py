@@ -96,6 +96,9 @@ class Entry:
     patcher: Any = None
     patcher_resident: bool = False
     hooks: list[Any] = field(default_factory=list)  # placement hooks (model offload) to remove on re-plan
+    # Weightless parts (tokenizer, scheduler, processor) used in the same runs as this weighted entry: they
+    # go with it when it is unloaded, unless another live entry still uses them.
+    companions: set[tuple] = field(default_factory=set)
 
 
 def file_identity(path: str | os.PathLike, display: str = "Gentor", what: str = "model") -> tuple:
@@ -216,9 +219,12 @@ class ModelCache:
             yield session
         finally:
             with self._lock:
+                weightless = {e.key for e in session.entries if not isinstance(e.value, torch.nn.Module)}
                 for e in session.entries:
                     e.pins -= 1
                     e.last_used = time.monotonic()
+                    if isinstance(e.value, torch.nn.Module):
+                        e.companions |= weightless
                 for e in session.adapted:
                     if e.value is not None:
                         adapter_ops.deactivate(e.value)
@@ -240,6 +246,16 @@ class ModelCache:
             log.warning("Gentor cache: %.2f GB in use exceeds the budget of %.2f GB (entries in use). "
                         "Raise %s or unload models.", total / GIB, self.budget / GIB, RAM_BUDGET_ENV)
 
+    def _drop_with_companions(self, key: tuple) -> None:
+        """Drop an entry and the weightless parts that no other live entry uses."""
+        entry = self._entries.get(key)
+        companions = entry.companions if entry is not None else set()
+        self._drop(key)
+        still_used = set().union(*(e.companions for e in self._entries.values()))
+        for k in companions - still_used:
+            if k in self._entries and self._entries[k].pins == 0:
+                self._drop(k)
+
     def _drop(self, key: tuple) -> None:
         entry = self._entries.pop(key, None)
         if entry is not None:
@@ -259,8 +275,9 @@ class ModelCache:
             if entry is None or entry.pins > 0:
                 return
             if glue.torch_device().type == "cpu":
-                # On a CPU-only ComfyUI the "device" is RAM itself: unloading means freeing this entry.
-                self._drop(key)
+                # On a CPU-only ComfyUI the "device" is RAM itself: unloading means freeing this entry (and
+                # the weightless parts only it used; never its siblings by folder).
+                self._drop_with_companions(key)
             else:
                 entry.placement = "cpu"
 
@@ -270,7 +287,7 @@ class ModelCache:
             victims = [k for k, e in self._entries.items()
                        if e.pins == 0 and (key is None or key == entry_id(e) or key in e.source or key == e.kind)]
             for k in victims:
-                self._drop(k)
+                self._drop_with_companions(k)
         if victims:
             gc.collect()  # diffusers hooks form reference cycles: free the weights now, not at the next GC
             if torch.cuda.is_available():

@@ -23,7 +23,11 @@ def node_list() -> list[type[io.ComfyNode]]:
     for spec in registry.available():
         for key in spec.folder_keys:
             glue.register_model_folder(key)
-        nodes.extend(importlib.import_module(f".{spec.id}", __package__).NODES)
+        try:
+            nodes.extend(importlib.import_module(f".{spec.id}", __package__).NODES)
+        except ImportError:
+            # One broken backend must not take the whole pack (and every other backend) down with it.
+            log.exception("Gentor: %s nodes disabled: nodes/%s.py failed to import", spec.display_name, spec.id)
     return nodes
 
 

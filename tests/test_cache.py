@@ -110,6 +110,9 @@ def test_comfyui_eviction_drops_only_that_entry(monkeypatch):
     CACHE.evicted_by_comfyui(_transformer_entry().key)
     after = {e.kind for e in CACHE.entries()}
     assert before - after == {"qwen_image_transformer"}, "siblings of the same folder stay"
+    for kind in ("qwen2_5_vl", "autoencoder_kl_qwen_image"):
+        CACHE.evicted_by_comfyui(CACHE.entries(kind)[0].key)
+    assert CACHE.entries() == [], "the tokenizer and scheduler go with the last weighted entry that used them"
 
 
 def test_lru_honours_ram_budget(qwen_roots):
