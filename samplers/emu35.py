@@ -26,7 +26,7 @@ from ..loaders.memory import resolve
 from ..modeling.emu35 import image_tokens as IT, tokens as T
 from ..modeling.emu35.generate import StepInfo, generate
 from ..modeling.emu35.logits import SamplingParams
-from .common import Request, Result, Settings, check_settings, format_notes, to_rgb
+from .common import Request, Result, Settings, check_finite, check_settings, format_notes, to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -247,6 +247,7 @@ def run(handle: ModelHandle, task: str, request: Request,
              ("references", len(job.images))]
     text = format_notes(pairs, notes)
     reasoning = "\n".join(t for t in texts if t)
+    check_finite(image, DISPLAY, "try compute_dtype fp32 or bf16 in Gentor Memory Options for the vision tokenizer")
     return Result(image, text + (f"\n{reasoning}" if reasoning else ""))
 
 

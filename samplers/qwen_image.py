@@ -23,7 +23,7 @@ from ..loaders.cache import CACHE, Entry, ModelHandle, Session
 from ..loaders.memory import Plan, resolve
 from ..loaders.placement import Placement, has_block_offload, remove_block_offload
 from . import qwen_image_vae as vae_tiling
-from .common import (Request, Result, Settings, check_finite, check_settings, chw_to_image, format_notes,
+from .common import (Request, Result, Settings, check_aspect, check_finite, check_settings, chw_to_image, format_notes,
                      latent_preview, round_size, to_rgb)
 
 log = logging.getLogger(__name__)
@@ -110,6 +110,8 @@ def plan_job(task: str, handle_task: str, request: Request) -> tuple[QwenJob, li
     _check_task(task, handle_task)
     settings = request.settings or make_settings()
     images = [to_rgb(i) for i in request.images]
+    for k, img in enumerate(images, 1):
+        check_aspect(img.width, img.height, DISPLAY, f"image_{k}", min_side=1)
     if task == "edit":
         if not images:
             raise InputError(f"{DISPLAY} image_1: no image to edit (got no image inputs, expected 1..{MAX_EDIT_IMAGES} "
@@ -139,6 +141,7 @@ def plan_job(task: str, handle_task: str, request: Request) -> tuple[QwenJob, li
         auto_w, auto_h = calculate_dimensions(EDIT_TARGET_AREA, ref.width / ref.height)
         width, height = request.width or auto_w, request.height or auto_h
     width, height = round_size(width, "width", notes), round_size(height, "height", notes)
+    check_aspect(width, height, DISPLAY, "width/height")
     negative = request.negative if request.negative.strip() else EMPTY_NEGATIVE
     batch = request.batch_size
     if task == "edit" and batch != 1:

@@ -176,6 +176,13 @@ def test_memory_estimate_grows_with_the_batch(qwen_roots, monkeypatch):
         t2i(width=256, height=256, batch_size=8, settings=sampler.make_settings(vae_tiling_mode="off"))
 
 
+def test_extreme_aspect_ratio_states_the_limit():
+    with pytest.raises(InputError, match=r"Qwen-Image width/height: aspect ratio too extreme \(got 16x4096"):
+        t2i(width=16, height=4096)
+    with pytest.raises(InputError, match=r"Qwen-Image image_1: aspect ratio too extreme \(got 1x4000"):
+        edit(EDIT, [picture(1, 4000, 0)])
+
+
 def test_one_step_is_refused():
     with pytest.raises(InputError, match=r"Qwen-Image steps: too few steps \(got 1, expected at least 2"):
         t2i(steps=1)

@@ -22,7 +22,10 @@ EXPECTED_CLASS = {
     "tiny-qwen-image-edit": "QwenImageEditPipeline",
     "tiny-qwen-image-edit-2511": "QwenImageEditPlusPipeline",
     "tiny-qwen-image-sharded": "QwenImagePipeline",
+    "tiny-qwen-image-2512": "QwenImagePipeline",
 }
+# Qwen-Image 2.1 is another architecture (Qwen3-VL encoder), written by tests/tiny_qwen21.py.
+OTHER_LAYOUTS = {"tiny-qwen-image-2.1": "QwenImage21Pipeline"}
 EDIT_VARIANTS = {"tiny-qwen-image-edit", "tiny-qwen-image-edit-2511"}
 
 
@@ -47,12 +50,18 @@ def models_dir(tmp_path_factory) -> Path:
 
 
 def test_variant_names():
-    assert tm.QWEN_IMAGE_VARIANTS == tuple(EXPECTED_CLASS)
+    assert set(tm.QWEN_IMAGE_VARIANTS) == set(EXPECTED_CLASS) | set(OTHER_LAYOUTS)
 
 
 def test_cli_writes_expected_folders(models_dir):
     root = models_dir / "qwen_image"
-    assert sorted(p.name for p in root.iterdir()) == sorted(EXPECTED_CLASS)  # no temporary folders left
+    # no temporary folders left
+    assert sorted(p.name for p in root.iterdir()) == sorted(set(EXPECTED_CLASS) | set(OTHER_LAYOUTS))
+    for variant, cls in OTHER_LAYOUTS.items():
+        index = json.loads((root / variant / "model_index.json").read_text())
+        assert index["_class_name"] == cls and (root / variant / tm.COMPLETE_MARKER).is_file()
+    assert sorted(p.suffix for p in (models_dir / "loras").iterdir()) and all(
+        p.suffix == ".safetensors" for p in (models_dir / "loras").iterdir()), "tiny LoRAs in every layout"
     for variant in EXPECTED_CLASS:
         folder = root / variant
         subs = {"scheduler", "text_encoder", "tokenizer", "transformer", "vae"}
@@ -145,8 +154,9 @@ def test_tokenizer_and_token_ids(models_dir):
 def test_complete_folders_are_skipped(models_dir):
     marker = models_dir / "qwen_image" / "tiny-qwen-image" / tm.COMPLETE_MARKER
     before = marker.stat().st_mtime_ns
-    paths = tm.write_all(models_dir)
-    assert paths == {v: models_dir / "qwen_image" / v for v in tm.QWEN_IMAGE_VARIANTS}
+    paths = tm.write_all(models_dir, ["qwen_image"])
+    assert {v: paths[v] for v in tm.QWEN_IMAGE_VARIANTS} == {v: models_dir / "qwen_image" / v
+                                                             for v in tm.QWEN_IMAGE_VARIANTS}
     assert marker.stat().st_mtime_ns == before
 
 
