@@ -5,16 +5,20 @@ Two distribution forms (backend_specs.md §2.2), picked in ``GentorLoadDeepGen``
 - ``checkpoint``: the official ``model.pt`` (or a safetensors form of it) in ``models/deepgen/`` plus a
   diffusion folder (``transformer/``, ``vae/``, ``scheduler/`` of UniPic2-SD3.5M-Kontext-2B or
   SD3.5-Medium) in ``models/deepgen/``; the checkpoint's ``transformer.*`` keys replace the folder's DiT.
-- ``diffusers``: the single ``DeepGen-1.0-diffusers`` folder (its safetensors only, never its code).
+- ``diffusers``: the single ``DeepGen-1.0-diffusers`` folder (its safetensors only, never its
+  ``deepgen_pipeline.py``): ``transformer/``, ``vae/``, ``scheduler/``, ``connector/model.safetensors`` (the
+  bridge) and ``vlm/`` (DeepGen's Qwen2.5-VL-3B with its LoRA merged in, offered as ``<folder>/vlm``).
 
-plus a Qwen2.5-VL-3B-Instruct folder in ``models/vlm/``, loaded exactly as the prompt enhancer loads it
-(kind ``qwen2_5_vl``), so both share one copy. Sizes are read from tensor shapes, never from names; a
-mismatch between the parts is an error naming what was found and what is needed.
+plus the VLM: a Qwen2.5-VL-3B-Instruct folder in ``models/vlm/`` (for ``model.pt``, whose LoRA, when saved,
+is applied as an adapter) or the diffusers folder's own ``vlm/`` -- loaded exactly as the prompt enhancer
+loads a folder (kind ``qwen2_5_vl``), so the same files are one copy. Sizes are read from tensor shapes,
+never from names; a mismatch between the parts is an error naming what was found and what is needed.
 """
 from __future__ import annotations
 
 import logging
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -43,7 +47,12 @@ DIFFUSION_PARTS = ("transformer", "vae", "scheduler")
 DIT_CLASS = "SD3Transformer2DModel"
 VLM_TYPE = "qwen2_5_vl"
 LORA_ADAPTER = "deepgen_lora"
-LORA_ALPHA_PER_RANK = 2.0  # official r 64 / alpha 128; alpha is not stored in the weights
+# Official SFT LoRA: r 64, alpha 128, dropout 0.05 (training only), every Linear/Embedding of the VLM
+# (deepgenteam/deepgen configs/finetune/deepgen_joint_sft_scb.py; the model class's defaults are the same).
+# alpha is not stored in the weights: it is this constant, so scale = alpha / r = 2 at the released rank.
+LORA_ALPHA = 128
+OFFICIAL_LORA_RANK = 64
+OWN_VLM = "vlm"  # the diffusers form's VLM sub-folder
 # DiT tensors whose shapes tie it to the bridge: context_embedder [caption, joint], text embedder [inner, pooled]
 DIT_JOINT_KEY = "context_embedder.weight"
 DIT_POOLED_KEY = "time_text_embed.text_embedder.linear_1.weight"
@@ -80,6 +89,10 @@ def _is_diffusers_form(folder: Path) -> bool:
     return all((folder / p).is_dir() for p in DIFFUSION_PARTS) and bool(ckpt.bridge_files(folder))
 
 
+def _has_own_vlm(folder: Path) -> bool:
+    return _is_diffusers_form(folder) and vlm_loader.looks_like_vlm(folder / OWN_VLM)
+
+
 def _is_diffusion_folder(folder: Path) -> bool:
     return all((folder / p).is_dir() for p in DIFFUSION_PARTS) and (folder / "transformer" / "config.json").is_file()
 
@@ -102,8 +115,34 @@ def list_diffusion_folders() -> list[str]:
 
 
 def list_vlms() -> list[str]:
-    """Qwen-VL folders of models/vlm/ (a Qwen-Image pipeline's text encoder is a 7B: not offered)."""
-    return [n for n in vlm_loader.list_models() if not n.endswith("/" + vlm_loader.TEXT_ENCODER)]
+    """Qwen-VL folders of models/vlm/ (a Qwen-Image pipeline's text encoder is a 7B: not offered), then the
+    diffusers folders' own VLMs as ``<folder>/vlm``."""
+    own = [f"{n}/{OWN_VLM}" for n in list_model_folders(FOLDER_KEYS, _has_own_vlm)]
+    return [n for n in vlm_loader.list_models() if not n.endswith("/" + vlm_loader.TEXT_ENCODER)] + own
+
+
+def resolve_vlm(name: str) -> tuple[Path, bool]:
+    """A VLM dropdown value -> (folder, whether it is a DeepGen diffusers folder's own ``vlm/``)."""
+    if isinstance(name, str) and name.endswith("/" + OWN_VLM):
+        try:
+            parent = resolve_model_folder(DISPLAY, VLM_INPUT, name[: -len(OWN_VLM) - 1], FOLDER_KEYS)
+        except InputError:
+            parent = None  # not a DeepGen folder: a models/vlm/ sub-folder that happens to be called vlm
+        if parent is not None and _is_diffusers_form(parent):
+            return parent / OWN_VLM, True
+    return vlm_loader.resolve(name), False
+
+
+def check_own_vlm_files(folder: Path) -> None:
+    """The diffusers form's vlm/ must carry the tokenizer and image-processor files the sampler needs."""
+    have = [f for f in vlm_loader.TOKENIZER_FILES + vlm_loader.IMAGE_PROCESSOR_FILES if (folder / f).is_file()]
+    if not any(f in have for f in vlm_loader.TOKENIZER_FILES) or \
+            not any(f in have for f in vlm_loader.IMAGE_PROCESSOR_FILES):
+        raise _refuse(VLM_INPUT, f"{folder.parent.name}/{OWN_VLM} has no tokenizer or image-processor files",
+                      have or "only weights and config", "tokenizer.json (or vocab.json) and preprocessor_config.json",
+                      "Add the Qwen2.5-VL tokenizer files to that folder: hf download Qwen/Qwen2.5-VL-3B-Instruct "
+                      "tokenizer.json tokenizer_config.json vocab.json merges.txt preprocessor_config.json "
+                      f"chat_template.json --local-dir {folder}")
 
 
 def resolve_checkpoint(name: str) -> Path:
@@ -128,14 +167,15 @@ def inspect_checkpoint(path: Path) -> CheckpointInfo:
         missing = [p for p in DIFFUSION_PARTS if not (path / p).is_dir()]
         files = ckpt.bridge_files(path)
         if missing or not files:
-            got = f"no {', '.join(missing)}/" if missing else "no safetensors holding meta_queries / projector_1"
+            got = f"no {', '.join(missing)}/" if missing else \
+                f"no {ckpt.CONNECTOR_FOLDER}/*.safetensors holding meta_queries / projector_1"
             raise _refuse(CHECKPOINT_INPUT, f"{path.name} is not a DeepGen diffusers folder", got,
-                          "transformer/, vae/, scheduler/ and the connector weights",
+                          f"transformer/, vae/, scheduler/ and {ckpt.CONNECTOR_FOLDER}/{ckpt.CONNECTOR_FILE}",
                           "Pick the DeepGen-1.0-diffusers folder or a DeepGen model.pt")
         shapes: dict[str, tuple[int, ...]] = {}
         for f in files:
             shapes.update(ckpt.safetensors_shapes(f))
-        form, bridge_file, dit = "diffusers", files[0], False
+        form, bridge_file, dit = "diffusers", files[0], False  # its DiT is transformer/, read by the folder path
     else:
         try:
             shapes = ckpt.read_shapes(path)
@@ -233,9 +273,25 @@ def load_handle(checkpoint: str, diffusion: str, vlm: str, memory: MemoryOptions
     else:
         folder = resolve_model_folder(DISPLAY, DIFFUSION_INPUT, diffusion, FOLDER_KEYS)
     config = inspect_diffusion(folder, info)
-    vlm_folder = vlm_loader.resolve(vlm)
+    vlm_folder, own = resolve_vlm(vlm)
+    if own:
+        check_own_vlm_files(vlm_folder)
     vlm_info = vlm_loader.inspect_folder(vlm_folder)
     check_vlm(vlm_info, info.bridge)
+    if own and info.lora_rank:
+        # The diffusers vlm/ already holds the LoRA: applying the checkpoint's copy too would add it twice.
+        raise _refuse(VLM_INPUT, f"{vlm} already has DeepGen's LoRA merged in, and {path.name} carries it as well",
+                      f"rank-{info.lora_rank} LoRA tensors in the checkpoint", "the LoRA in only one of them",
+                      "Pick Qwen2.5-VL-3B-Instruct from models/vlm/ for this checkpoint, or pick the diffusers "
+                      "folder as the checkpoint")
+    vlm_source = "own" if own else "separate"
+    if info.form == "diffusers" and (path / OWN_VLM).is_dir() and not own:
+        vlm_source = "separate (the folder's vlm/ is not used)"
+        log.warning("DeepGen: %s is used instead of %s/%s, which holds DeepGen's VLM with its LoRA merged; the "
+                    "official pipeline uses the folder's own vlm/", vlm, path.name, OWN_VLM)
+    if info.lora_rank and info.lora_rank != OFFICIAL_LORA_RANK:
+        log.warning("DeepGen checkpoint %s: LoRA rank %d (the released one is %d); alpha %d is assumed as in the "
+                    "official configs", path.name, info.lora_rank, OFFICIAL_LORA_RANK, LORA_ALPHA)
     paths = [(CHECKPOINT_INPUT, str(path)), (DIFFUSION_INPUT, str(folder)), (VLM_INPUT, str(vlm_info.model_dir)),
              ("tokenizer", str(vlm_info.tokenizer_dir))]
     if vlm_info.processor_dir is not None:
@@ -246,6 +302,7 @@ def load_handle(checkpoint: str, diffusion: str, vlm: str, memory: MemoryOptions
                            ("form", info.form), ("queries", str(b.num_queries)),
                            ("connector", f"{b.hidden}x{b.num_layers}"), ("lora_rank", str(info.lora_rank)),
                            ("dit_layers", str(config["num_layers"])), ("vlm", vlm_info.variant),
+                           ("vlm_source", vlm_source),
                            ("dit", "checkpoint" if info.dit_in_checkpoint else "folder"),
                            ("bridge_file", str(info.bridge_file)), ("unused_tensors", str(info.unused))))
 
@@ -383,9 +440,14 @@ def inject_lora(module: torch.nn.Module, name: str, file: Path, rank: int) -> No
 
     lora = ckpt.split(ckpt.read_state(file)).lora
     targets = ckpt.lora_targets(lora)
-    config = LoraConfig(r=rank, lora_alpha=LORA_ALPHA_PER_RANK * rank, target_modules=targets, lora_dropout=0.0,
+    # dropout 0: the official 0.05 acts in training only (identity in eval).
+    config = LoraConfig(r=rank, lora_alpha=LORA_ALPHA, target_modules=targets, lora_dropout=0.0,
                         init_lora_weights=False)
-    inject_adapter_in_model(config, module, adapter_name=name)
+    with warnings.catch_warnings():
+        # The official LoRA has separate adapters on the tied embed_tokens and lm_head (as trained); PEFT warns
+        # about adapters on tied layers, which is intended here (the base weights are never merged).
+        warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*", category=UserWarning)
+        inject_adapter_in_model(config, module, adapter_name=name)
     state = {DEFAULT_SEGMENT.sub(lambda m: f".{name}{m.group(1)}", k): v for k, v in lora.items()}
     expected = {k for k, _ in module.named_parameters() if f".{name}." in k or k.endswith(f".{name}")}
     missing, unexpected = ckpt.key_report(expected, state)

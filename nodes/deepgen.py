@@ -18,19 +18,23 @@ class GentorLoadDeepGen(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="GentorLoadDeepGen", display_name="Gentor Load DeepGen", category=SUBCATEGORY,
-            description="Load DeepGen 1.0: its checkpoint (model.pt) with a diffusion folder, or the "
-                        "DeepGen-1.0-diffusers folder; plus Qwen2.5-VL-3B-Instruct from models/vlm/.",
+            description="Load DeepGen 1.0: its checkpoint (model.pt) with a diffusion folder and "
+                        "Qwen2.5-VL-3B-Instruct from models/vlm/, or the DeepGen-1.0-diffusers folder with its "
+                        "own vlm/.",
             inputs=[
                 io.Combo.Input("checkpoint", options=loader.list_checkpoints(),
                                tooltip="models/deepgen/: DeepGen's model.pt (or its .safetensors conversion), or the "
-                                       "DeepGen-1.0-diffusers folder. Sizes are read from the weights."),
+                                       "DeepGen-1.0-diffusers folder (transformer/, vae/, scheduler/, "
+                                       "connector/model.safetensors, vlm/). Sizes are read from the weights."),
                 io.Combo.Input("diffusion", options=loader.list_diffusion_folders(),
                                default=loader.SAME_FOLDER,
                                tooltip="models/deepgen/: the folder with transformer/, vae/, scheduler/ "
                                        "(UniPic2-SD3.5M-Kontext-2B or SD3.5-Medium). '(checkpoint folder)': the "
                                        "folder the checkpoint sits in, or the diffusers folder itself."),
                 io.Combo.Input("vlm", options=loader.list_vlms(),
-                               tooltip="models/vlm/: Qwen2.5-VL-3B-Instruct (shared with the prompt enhancer)."),
+                               tooltip="With model.pt: Qwen2.5-VL-3B-Instruct from models/vlm/ (shared with the "
+                                       "prompt enhancer). With the diffusers folder: '<that folder>/vlm', DeepGen's "
+                                       "own VLM with its LoRA merged in (what the official pipeline uses)."),
                 GentorMemory.Input("memory", optional=True,
                                    tooltip="Optional Gentor Memory Options (FP8 storage, offload)."),
             ],

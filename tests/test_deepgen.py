@@ -22,6 +22,7 @@ from tests.deepgen_helpers import deepgen_models, rel_err
 
 CKPT = f"{tiny.CHECKPOINT_FOLDER}/{tiny.CHECKPOINT_FILE}"
 LORA = f"{tiny.CHECKPOINT_FOLDER}/{tiny.LORA_CHECKPOINT_FILE}"
+OWN_VLM = f"{tiny.DIFFUSERS_FOLDER}/vlm"
 SIZE = 32
 
 
@@ -59,14 +60,16 @@ def edit(images, h=None, **kw):
 
 # ----------------------------------------------------------------------------- detection
 def test_dropdowns_and_detection_from_weights():
-    assert loader.list_checkpoints() == [tiny.CHECKPOINT_FOLDER, tiny.DIFFUSERS_FOLDER, LORA, CKPT]
+    assert loader.list_checkpoints() == [tiny.DIFFUSERS_FOLDER, LORA, CKPT]  # a diffusion folder is not one
     assert loader.list_diffusion_folders() == [loader.SAME_FOLDER, tiny.CHECKPOINT_FOLDER, tiny.DIFFUSERS_FOLDER]
-    assert loader.list_vlms() == [tiny.VLM_NAME]
+    assert loader.list_vlms() == [tiny.VLM_NAME, OWN_VLM]
     info = handle().info_dict
     assert (info["form"], info["queries"], info["connector"], info["lora_rank"]) == ("checkpoint", "8", "128x2", "0")
-    assert info["unused_tensors"] == "0"
+    assert info["unused_tensors"] == "0" and info["vlm_source"] == "separate"
     assert handle(LORA).info_dict["lora_rank"] == str(tiny.LORA_RANK)
-    assert handle(tiny.DIFFUSERS_FOLDER).info_dict["form"] == "diffusers"
+    own = handle(tiny.DIFFUSERS_FOLDER, vlm=OWN_VLM).info_dict
+    assert (own["form"], own["vlm_source"], own["lora_rank"]) == ("diffusers", "own", "0")
+    assert own["bridge_file"].endswith("connector/model.safetensors")
 
 
 # ----------------------------------------------------------------------------- generation
@@ -169,29 +172,15 @@ def test_prompt_enhancer_shares_the_vlm_copy():
     assert CACHE.entries("qwen2_5_vl") == ours and entry is ours[0]
 
 
-def test_lora_equals_merged_weights(models, tmp_path):
-    """Independent check: W + (alpha / r) * B @ A written into a copy of the VLM folder, no adapter."""
-    from safetensors.torch import load_file, save_file
-
-    from gentor.modeling.deepgen import checkpoint as ckpt
-
-    lora = ckpt.split(ckpt.read_state(models / tiny.DEEPGEN_FOLDER / tiny.CHECKPOINT_FOLDER / tiny.LORA_CHECKPOINT_FILE)).lora
-    src = models / tiny.VLM_FOLDER / tiny.VLM_NAME
-    dst = tmp_path / "vlm" / "merged"
-    shutil.copytree(src, dst)
-    weights = load_file(str(dst / "model.safetensors"))
-    scale = 2.0  # official alpha = 2 * rank
-    for key in ckpt.lora_targets(lora):
-        a, b = lora[f"{key}.lora_A.default.weight"].double(), lora[f"{key}.lora_B.default.weight"].double()
-        # the tiny folder is saved in the hub's (legacy) key layout: model.layers.*, visual.*
-        name = key.replace("model.language_model.", "model.").replace("model.visual.", "visual.") + ".weight"
-        weights[name] = (weights[name].double() + scale * b @ a).float()
-    save_file(weights, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    glue.set_fallback_roots("vlm", [models / tiny.VLM_FOLDER, tmp_path / "vlm"])
+def test_lora_equals_the_diffusers_merged_vlm(caplog):
+    """model.pt's LoRA as an adapter (alpha 128, r 64) on the base VLM == the diffusers form, whose vlm/ holds
+    W + (alpha / r) * B @ A written by the kit with plain torch (no adapter, no pack code)."""
     img = picture(64, 64, 8)
     got = edit([img], h=handle(LORA))
-    merged = edit([img], h=handle(CKPT, vlm="merged"))
+    merged = edit([img], h=handle(tiny.DIFFUSERS_FOLDER, vlm=OWN_VLM))
     assert rel_err(got.image, merged.image) < 1e-4
+    assert not torch.equal(merged.image, edit([img], h=handle(tiny.DIFFUSERS_FOLDER)).image), "vlm/ differs from base"
+    assert "is used instead of tiny-deepgen-diffusers/vlm" in caplog.text
 
 
 # ----------------------------------------------------------------------------- memory plan
@@ -224,6 +213,38 @@ def test_wrong_vlm_says_hidden_sizes(models, tmp_path):
     _vlm_7b_like(models, tmp_path)
     with pytest.raises(ModelFolderError, match=r"DeepGen vlm: .*wrong hidden size.*got hidden size 48, expected 32"):
         handle(vlm="wide-vlm")
+
+
+def test_own_vlm_with_a_lora_checkpoint_is_refused():
+    with pytest.raises(ModelFolderError, match=r"DeepGen vlm: .*already has DeepGen's LoRA merged in.*got rank-64"):
+        handle(LORA, vlm=OWN_VLM)
+
+
+def test_own_vlm_without_tokenizer_says_how_to_add_it(models):
+    copy = models / tiny.DEEPGEN_FOLDER / "no-tokenizer"
+    shutil.copytree(models / tiny.DEEPGEN_FOLDER / tiny.DIFFUSERS_FOLDER, copy)
+    for f in ("tokenizer.json", "vocab.json"):
+        (copy / "vlm" / f).unlink()
+    try:
+        with pytest.raises(ModelFolderError, match=r"no-tokenizer/vlm has no tokenizer.*hf download "
+                                                   r"Qwen/Qwen2.5-VL-3B-Instruct tokenizer.json .*--local-dir"):
+            handle("no-tokenizer", vlm="no-tokenizer/vlm")
+    finally:
+        shutil.rmtree(copy)
+
+
+def test_diffusers_folder_without_connector(models):
+    copy = models / tiny.DEEPGEN_FOLDER / "no-connector"
+    shutil.copytree(models / tiny.DEEPGEN_FOLDER / tiny.DIFFUSERS_FOLDER, copy)
+    shutil.rmtree(copy / "connector")
+    try:
+        assert "no-connector" not in loader.list_checkpoints() and "no-connector/vlm" not in loader.list_vlms()
+        with pytest.raises(ModelFolderError, match=r"not a DeepGen diffusers folder \(got no connector/\*.safetensors"
+                                                   r".*expected transformer/, vae/, scheduler/ and "
+                                                   r"connector/model.safetensors"):
+            handle("no-connector")
+    finally:
+        shutil.rmtree(copy)
 
 
 def test_checkpoint_of_another_model(models, tmp_path):

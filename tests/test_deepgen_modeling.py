@@ -75,12 +75,15 @@ def test_checkpoint_form_loads_strictly(state, folder):
 
 
 def test_lora_checkpoint_keys_and_rank(folder):
+    """The SFT LoRA layout: rank 64 on every nn.Linear / nn.Embedding of the VLM (official lora_modules='auto')."""
     shapes = ckpt.read_shapes(folder / tiny.LORA_CHECKPOINT_FILE)
-    assert ckpt.lora_rank(shapes) == tiny.LORA_RANK
+    assert ckpt.lora_rank(shapes) == tiny.LORA_RANK == 64
     parts = ckpt.split(ckpt.read_state(folder / tiny.LORA_CHECKPOINT_FILE))
-    targets = ckpt.lora_targets(parts.lora)
-    assert any(t.startswith("model.language_model.layers.0.self_attn.q_proj") for t in targets)
-    assert any(t.startswith("model.visual.blocks.") for t in targets)
+    expected = sorted(n for n, m in tiny.build_vlm().named_modules() if type(m) in (torch.nn.Linear, torch.nn.Embedding))
+    assert ckpt.lora_targets(parts.lora) == expected
+    assert {"lm_head", "model.language_model.embed_tokens", "model.visual.merger.mlp.0"} <= set(expected)
+    emb = "model.language_model.embed_tokens"
+    assert parts.lora[f"{emb}.lora_embedding_A.default"].shape[0] == 64  # PEFT's embedding names (no .weight)
 
 
 def test_lora_names_of_old_transformers_are_mapped():
@@ -93,11 +96,15 @@ def test_lora_names_of_old_transformers_are_mapped():
 def test_diffusers_form_loads_strictly_and_matches_checkpoint(models, state):
     folder = models / tiny.DEEPGEN_FOLDER / tiny.DIFFUSERS_FOLDER
     files = ckpt.bridge_files(folder)
-    assert [f.relative_to(folder).as_posix() for f in files] == ["connector/diffusion_pytorch_model.safetensors"]
+    assert [f.relative_to(folder).as_posix() for f in files] == [tiny.CONNECTOR_FILE] == ["connector/model.safetensors"]
     assert not list(folder.rglob("*.pt")) and not list(folder.rglob("*.bin"))
+    assert sorted(p.name for p in (folder / "vlm").glob("*.safetensors*")) == [
+        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json"]
     from safetensors.torch import load_file
 
     bridge_state = load_file(str(files[0]))
+    assert len(bridge_state) == 7 + 16 * 2 and all(v.dtype == torch.float32 for v in bridge_state.values())
+    assert not any("lora" in k for k in bridge_state)
     cfg = ckpt.bridge_config({k: v.shape for k, v in bridge_state.items()})
     DeepGenBridge(cfg).load_state_dict(bridge_state, strict=True)
     dit = load_file(str(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
@@ -106,6 +113,23 @@ def test_diffusers_form_loads_strictly_and_matches_checkpoint(models, state):
     parts = ckpt.split(state)
     assert all(torch.equal(dit[k], parts.transformer[k]) for k in dit)
     assert all(torch.equal(bridge_state[k], parts.bridge[k]) for k in bridge_state)
+
+
+def test_released_component_sizes():
+    """The released diffusers files' header counts (103 tensors / 432,449,532 values in connector/, 909 /
+    2,469,663,936 in transformer/) are exactly our bridge and DiT modules at the released sizes."""
+    from gentor.modeling.deepgen.bridge import BridgeConfig
+
+    with torch.device("meta"):
+        bridge = DeepGenBridge(BridgeConfig(llm_hidden=2048, num_queries=128, hidden=2048, intermediate=11946,
+                                            num_layers=6, num_heads=32, pooled_dim=2048, joint_dim=4096))
+        dit = DeepGenTransformer(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+                                 attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+                                 caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
+                                 dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
+    for module, tensors, values in ((bridge, 103, 432_449_532), (dit, 909, 2_469_663_936)):
+        sd = module.state_dict()
+        assert (len(sd), sum(v.numel() for v in sd.values())) == (tensors, values)
 
 
 # ----------------------------------------------------------------------------- DiT

@@ -6,12 +6,23 @@
   diffusers ``save_pretrained`` writes them, plus ``model_index.json``), the official-style checkpoint
   ``model.pt`` (a flat torch state dict: ``connector.*``, ``projector_{1,2,3}.*``, ``meta_queries``,
   ``transformer.*`` -- its DiT differs from the folder's, as the trained DiT does) and
-  ``model-lora.safetensors`` (the same plus PEFT LoRA keys ``lmm.*lora*`` for the VLM);
-- ``out_dir/deepgen/tiny-deepgen-diffusers/``: the single diffusers-form folder (safetensors only):
-  ``model_index.json``, ``transformer/`` (the checkpoint's DiT), ``vae/``, ``scheduler/``, ``connector/``
-  (bridge tensors, official names);
+  ``model-lora.safetensors`` (the same plus the SFT LoRA of the VLM under ``lmm.``: rank 64 on every
+  ``nn.Linear`` and ``nn.Embedding`` of the Qwen2.5-VL, as the official ``lora_modules='auto'`` picks them);
+- ``out_dir/deepgen/tiny-deepgen-diffusers/``: the ``deepgenteam/DeepGen-1.0-diffusers`` layout (safetensors
+  only; its ``deepgen_pipeline.py`` is never written nor run): ``model_index.json``, ``transformer/`` (the
+  checkpoint's DiT), ``vae/``, ``scheduler/``, ``connector/model.safetensors`` (the 7 + 16 x layers bridge
+  tensors under their official names, float32) and ``vlm/`` (a Qwen2.5-VL folder, two shards + index, whose
+  weights are the base VLM with the LoRA above merged in: W + (alpha / r) B A, alpha 128, r 64);
 - ``out_dir/vlm/tiny-qwen2.5-vl-36l/``: a Qwen2.5-VL with 36 text layers (so six hidden states are
   selected), text hidden 32, with the tiny Qwen tokenizer and processor files.
+
+Facts behind the layout (sources in the DeepGen section of the README and the helper's report): the released
+diffusers folder holds ``connector/model.safetensors`` (103 tensors), ``transformer/`` and ``vae/``
+(``diffusion_pytorch_model.safetensors``), ``scheduler/``, ``vlm/`` (``model-0000{1,2}-of-00002.safetensors``
++ index, DeepGen's VLM with its LoRA merged), ``model_index.json`` and ``deepgen_pipeline.py``. Whether its
+``vlm/`` also ships tokenizer files, and the component entries of its ``model_index.json``, are not known:
+the kit writes tokenizer files into ``vlm/`` and only ``_class_name`` in the index (the loader reads
+neither the index nor the pipeline script).
 
 Weights are random but deterministic. Folders are written to a temporary sibling and renamed into place
 (with a ``.complete`` marker); complete folders are skipped.
@@ -21,6 +32,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -53,8 +65,12 @@ SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0}
 # Bridge: llm hidden 32 (= VLM), 8 queries, connector 128 wide (2 heads of 64), MLP 96, 2 layers.
 BRIDGE = {"llm_hidden": 32, "num_queries": 8, "hidden": 128, "intermediate": 96, "num_layers": 2,
           "num_heads": 2, "pooled_dim": 24, "joint_dim": 32}
-LORA_RANK = 4
-LORA_TARGETS = ("q_proj", "v_proj", "qkv")  # language q/v projections and the vision blocks' qkv
+CONNECTOR_FILE = "connector/model.safetensors"
+VLM_SUBFOLDER = "vlm"
+LORA_RANK = 64  # official SFT config: lora_rank 64, lora_alpha 128 (configs/finetune/deepgen_joint_sft_scb.py)
+LORA_ALPHA = 128
+LORA_STD = 0.03  # spread of the random LoRA factors: a visible but moderate change of the VLM
+VLM_SHARD_SIZE = "200KB"  # forces two shards + index, as the released vlm/ has
 
 
 def _atomic(final: Path, fill: Callable[[Path], None], force: bool = False) -> Path:
@@ -153,24 +169,68 @@ def bridge_state(seed: int = 21) -> dict:
     return state
 
 
-def lora_state(seed: int = 31) -> dict:
-    """PEFT LoRA tensors for the tiny VLM under the official ``lmm.`` prefix (B non-zero, so it matters)."""
+def lora_targets(vlm) -> list[str]:
+    """Every ``nn.Linear`` and ``nn.Embedding`` of the VLM by full name: the official ``lora_modules='auto'``."""
     import torch
-    from peft import LoraConfig
+
+    return [n for n, m in vlm.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))]
+
+
+def lora_state(seed: int = 31) -> dict:
+    """PEFT LoRA tensors (PEFT's own names) for the tiny VLM under the official ``lmm.`` prefix, B non-zero."""
+    import torch
+    from peft import LoraConfig, inject_adapter_in_model
 
     vlm = build_vlm()
-    vlm.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules=list(LORA_TARGETS),
-                               init_lora_weights="gaussian"))
-    torch.manual_seed(seed)
+    with warnings.catch_warnings():  # adapters on the tied embed_tokens / lm_head are intended (as trained)
+        warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*", category=UserWarning)
+        inject_adapter_in_model(LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=lora_targets(vlm),
+                                           init_lora_weights="gaussian"), vlm)
+    g = torch.Generator().manual_seed(seed)
     out = {}
     for name, p in vlm.named_parameters():
         if "lora_" in name:
-            with torch.no_grad():
-                p.normal_(0.0, 0.2)
-            out["lmm." + name] = p.detach().clone().contiguous()
+            out["lmm." + name] = (torch.randn(p.shape, generator=g) * LORA_STD).contiguous()
     if not out:
         raise RuntimeError("tiny DeepGen: no LoRA tensors were created")
     return out
+
+
+def merged_vlm(lora: dict):
+    """The base tiny VLM with the LoRA folded in by the plain formula W + (alpha / r) * B @ A.
+
+    An embedding's delta is (B @ A)^T ([vocab, hidden]). The lm_head delta is left out: the tiny VLM ties
+    lm_head to the embedding (as Qwen2.5-VL-3B does, and the released vlm/ keeps one tensor for both), and
+    DeepGen reads hidden states only, never logits.
+    """
+    import torch
+
+    vlm = build_vlm()
+    params = dict(vlm.named_parameters())
+    scale = LORA_ALPHA / LORA_RANK
+    names = {k[len("lmm."):].split(".lora_")[0] for k in lora}
+    with torch.no_grad():
+        for name in sorted(names):
+            if name == "lm_head":
+                continue
+            pre = f"lmm.{name}."
+            if pre + "lora_A.default.weight" in lora:
+                delta = lora[pre + "lora_B.default.weight"] @ lora[pre + "lora_A.default.weight"]
+            else:
+                delta = (lora[pre + "lora_embedding_B.default"] @ lora[pre + "lora_embedding_A.default"]).T
+            params[name + ".weight"].add_(scale * delta)
+    return vlm
+
+
+def write_merged_vlm(folder: Path, lora: dict) -> None:
+    """``vlm/`` of the diffusers form: config + two safetensors shards + index, tokenizer and processor files."""
+    from tests.tiny_models import _write_legacy_tokenizer_files, build_qwen_processor, build_qwen_tokenizer
+
+    vlm = merged_vlm(lora)
+    total = sum(p.numel() * p.element_size() for p in vlm.parameters())
+    vlm.save_pretrained(folder, safe_serialization=True, max_shard_size=int(total * 0.6))
+    build_qwen_processor(build_qwen_tokenizer()).save_pretrained(folder)
+    _write_legacy_tokenizer_files(folder)
 
 
 def _scheduler_and_vae(tmp: Path) -> None:
@@ -221,11 +281,12 @@ def write(out_dir: Path, force: bool = False) -> dict[str, Path]:
         transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
         _scheduler_and_vae(tmp)
         (tmp / "connector").mkdir()
-        save_file({k: v for k, v in state.items() if not k.startswith("transformer.")},
-                  str(tmp / "connector" / "diffusion_pytorch_model.safetensors"))
-        (tmp / "connector" / "config.json").write_text(json.dumps(dict(BRIDGE), indent=2))
+        save_file({k: v.float() for k, v in state.items() if not k.startswith("transformer.")},
+                  str(tmp / CONNECTOR_FILE), metadata={"format": "pt"})
+        write_merged_vlm(tmp / VLM_SUBFOLDER, lora_state())
+        # Only the pipeline class is known of the released index; Gentor reads none of it.
         (tmp / "model_index.json").write_text(json.dumps(
-            dict(index, _class_name="DeepGenPipeline", connector=["deepgen_pipeline", "DeepGenConnector"]), indent=2))
+            {"_class_name": "DeepGenPipeline", "_diffusers_version": index["_diffusers_version"]}, indent=2))
 
     return {
         CHECKPOINT_FOLDER: _atomic(deepgen / CHECKPOINT_FOLDER, fill_checkpoint, force),

@@ -3,8 +3,11 @@
 - Checkpoint form: one flat state dict (``model.pt`` or a ``.safetensors`` of it) with the official
   keys: ``connector.*``, ``projector_{1,2,3}.*``, ``meta_queries`` (the bridge), ``transformer.*`` (the
   trained DiT, diffusers key names), and only when LoRA was saved, ``lmm.*lora*``.
-- Diffusers form: a folder with ``transformer/`` (the trained DiT), ``vae/``, ``scheduler/`` and the bridge
-  tensors in safetensors elsewhere in the folder (``connector/`` in the released layout).
+- Diffusers form (``deepgenteam/DeepGen-1.0-diffusers``): ``transformer/`` (the trained DiT, diffusers
+  names), ``vae/``, ``scheduler/``, ``connector/model.safetensors`` (the bridge tensors under the official
+  names, float32, no LoRA: 103 tensors / 432,449,532 values = exactly meta_queries + projectors + six
+  connector layers), ``vlm/`` (DeepGen's Qwen2.5-VL-3B, its LoRA merged, two shards + index),
+  ``model_index.json`` and ``deepgen_pipeline.py`` (remote code, never run).
 
 Sizes (queries, connector width/depth/MLP, LoRA rank) are read from tensor shapes, never from names.
 """
@@ -28,6 +31,8 @@ IGNORED_PREFIXES = ("ema.", "vae.")
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 SAFETENSORS_SUFFIX = ".safetensors"
 HEADER_LIMIT = 100 * 1024 * 1024
+CONNECTOR_FOLDER = "connector"  # diffusers form: connector/model.safetensors
+CONNECTOR_FILE = "model.safetensors"
 # LoRA key names by transformers version of the training code -> this transformers' module names.
 LORA_RENAMES = (("model.layers.", "model.language_model.layers."),
                 ("model.embed_tokens.", "model.language_model.embed_tokens."), ("visual.", "model.visual."))
@@ -135,17 +140,20 @@ def key_report(expected: Iterable[str], found: Iterable[str], limit: int = 4) ->
 
 
 def bridge_files(folder: Path) -> list[Path]:
-    """Safetensors files of a diffusers-form folder that hold the bridge (found by their keys)."""
+    """Safetensors in a diffusers-form folder's ``connector/`` that hold bridge tensors (found by their keys;
+    the released file is ``connector/model.safetensors``)."""
     out = []
-    for path in sorted(folder.rglob("*" + SAFETENSORS_SUFFIX)):
-        rel = path.relative_to(folder).parts
-        if rel and rel[0] in ("transformer", "vae", "text_encoder"):
-            continue
-        if QUERIES_KEY in safetensors_shapes(path) or any(is_bridge_key(k) for k in safetensors_shapes(path)):
+    for path in sorted((folder / CONNECTOR_FOLDER).glob("*" + SAFETENSORS_SUFFIX)):
+        try:
+            shapes = safetensors_shapes(path)
+        except (OSError, ValueError):
+            continue  # unreadable: not a bridge file; the loader says what it expected
+        if any(is_bridge_key(k) for k in shapes):
             out.append(path)
     return out
 
 
 __all__ = ["ConversionRefused", "Parts", "bridge_config", "bridge_files", "is_bridge_key", "is_lora_key",
            "key_report", "lora_module_key", "lora_rank", "lora_targets", "read_shapes", "read_state",
-           "safetensors_shapes", "split", "PICKLE_SUFFIXES", "SAFETENSORS_SUFFIX", "TRANSFORMER_PREFIX"]
+           "safetensors_shapes", "split", "CONNECTOR_FILE", "CONNECTOR_FOLDER", "PICKLE_SUFFIXES",
+           "SAFETENSORS_SUFFIX", "TRANSFORMER_PREFIX"]
