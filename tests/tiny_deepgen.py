@@ -16,13 +16,17 @@
 - ``out_dir/vlm/tiny-qwen2.5-vl-36l/``: a Qwen2.5-VL with 36 text layers (so six hidden states are
   selected), text hidden 32, with the tiny Qwen tokenizer and processor files.
 
-Facts behind the layout (sources in the DeepGen section of the README and the helper's report): the released
-diffusers folder holds ``connector/model.safetensors`` (103 tensors), ``transformer/`` and ``vae/``
-(``diffusion_pytorch_model.safetensors``), ``scheduler/``, ``vlm/`` (``model-0000{1,2}-of-00002.safetensors``
-+ index, DeepGen's VLM with its LoRA merged), ``model_index.json`` and ``deepgen_pipeline.py``. Whether its
-``vlm/`` also ships tokenizer files, and the component entries of its ``model_index.json``, are not known:
-the kit writes tokenizer files into ``vlm/`` and only ``_class_name`` in the index (the loader reads
-neither the index nor the pipeline script).
+Facts behind the layout. The released diffusers folder (hub revision 85c2ed25, as public scripts that download
+and audit it record) holds ``connector/model.safetensors`` (103 tensors, 432,449,532 values: our bridge at
+the released sizes, checked in test_deepgen_modeling), ``transformer/`` and ``vae/``
+(``diffusion_pytorch_model.safetensors``: 909 and 244 tensors), ``scheduler/``, ``vlm/``
+(``model-0000{1,2}-of-00002.safetensors`` + index: 824 tensors / 3,754,622,976 values = Qwen2.5-VL-3B with
+tied embeddings, re-sharded; DeepGen's VLM with its LoRA merged, per a public audit of
+``deepgen_pipeline.py``), ``model_index.json`` (pipeline class ``DeepGenPipeline``) and ``deepgen_pipeline.py``.
+The LoRA settings are deepgenteam/deepgen's (e6cb0c2) ``configs/finetune/deepgen_joint_sft_scb.py``: r 64,
+alpha 128, targets = every Linear / Embedding of the VLM. Not known: whether ``vlm/`` also ships tokenizer
+files and the component entries of ``model_index.json``; the kit writes tokenizer files into ``vlm/`` and
+only ``_class_name`` in the index (the loader reads neither the index nor the pipeline script).
 
 Weights are random but deterministic. Folders are written to a temporary sibling and renamed into place
 (with a ``.complete`` marker); complete folders are skipped.
