@@ -51,13 +51,20 @@ def run_api(api: dict):
     return sampler.run(handle, "edit" if images else "t2i", req), images
 
 
+# Both distribution forms: the diffusers folder with its own vlm/ (T2I, two references), model.pt with a
+# diffusion folder and models/vlm/ (one reference).
+DIFFUSERS = (tiny.DIFFUSERS_FOLDER, loader.SAME_FOLDER, f"{tiny.DIFFUSERS_FOLDER}/vlm")
+LOADERS = {"deepgen_t2i": DIFFUSERS, "deepgen_edit_2refs": DIFFUSERS,
+           "deepgen_edit": (f"{tiny.CHECKPOINT_FOLDER}/{tiny.CHECKPOINT_FILE}", tiny.CHECKPOINT_FOLDER, tiny.VLM_NAME)}
+
+
 def test_examples_present_and_name_the_tiny_models():
     assert set(EXAMPLES) <= set(wc.workflow_names())
     for name in EXAMPLES:
         _, api = wc.load_pair(name)
         (_, load), = _by_class(api, "GentorLoadDeepGen")
-        assert load["inputs"]["vlm"] == tiny.VLM_NAME
-        assert load["inputs"]["checkpoint"].startswith(tiny.CHECKPOINT_FOLDER)
+        li = load["inputs"]
+        assert (li["checkpoint"], li["diffusion"], li["vlm"]) == LOADERS[name]
 
 
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
