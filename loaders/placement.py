@@ -158,11 +158,14 @@ class Placement:
     """Applies a plan to a backend's components (role -> cache entry); see the module docstring."""
 
     def __init__(self, components: Mapping[str, Entry], blocks: Mapping[str, tuple[str, ...]], plan: Plan,
-                 display: str) -> None:
+                 display: str, mover: str = "") -> None:
         self.components = {r: e for r, e in components.items() if isinstance(e.value, torch.nn.Module)}
         self.blocks = dict(blocks)
         self.plan = plan
         self.display = display
+        # A named engine that moves the weights itself under model/block offload (DiffSynth's VRAM management):
+        # the weights rest on the CPU with no hooks of ours; ComfyUI still sees them and can free them.
+        self.mover = mover
         self.notes: list[str] = []
 
     # -- planning
@@ -200,13 +203,16 @@ class Placement:
         """Put every component where the plan says; re-plans without reading the disk."""
         plan = self._with_budget()
         self.plan = plan
-        want = f"{plan.offload}@{plan.device}"
+        external = bool(self.mover) and plan.offload != "none"
+        want = f"{self.mover + '-' if external else ''}{plan.offload}@{plan.device}"
         for role, entry in self.components.items():
             if entry.placement == want:
                 continue  # hooks live on the cached module and survive between runs
             self._clear(entry)
             module = entry.value
-            if plan.offload == "block" and self.blocks.get(role):
+            if external:
+                module.to("cpu")
+            elif plan.offload == "block" and self.blocks.get(role):
                 apply_block_offload(module, self.blocks[role], plan.device, self.display, role)
             elif plan.offload in ("model", "block"):
                 # model offload, or a component without declared blocks under block offload: moved whole.
@@ -272,6 +278,9 @@ class Placement:
         """After an error or Cancel: no weights stranded on the device by model offload."""
         if self.plan.offload in ("model", "block"):
             deactivate_all(self.plan.device)
+            if self.mover and self.plan.device.type != "cpu":
+                for entry in self.components.values():
+                    entry.value.to("cpu")
 
     @contextlib.contextmanager
     def running(self) -> Iterator[Plan]:

@@ -144,13 +144,18 @@ def _card_variant(path: Path, task: str) -> str | None:
     return None
 
 
-def load_handle(model_name: str, memory: MemoryOptions | None) -> ModelHandle:
-    """What GentorLoadQwenImage does: resolve, validate, detect; weights load lazily at first use."""
+def load_handle(model_name: str, memory: MemoryOptions | None, engine: str = "diffusers") -> ModelHandle:
+    """What GentorLoadQwenImage does: resolve, validate, detect; weights load lazily at first use. The engine
+    (diffusers / diffsynth / diffsynth-or-diffusers) is checked when a run starts, where it can fall back."""
+    from .qwen_image_diffsynth import check_engine  # noqa: PLC0415
+
+    check_engine(engine)
     path = resolve_model_folder(BACKEND, "model_name", model_name, FOLDER_KEYS)
     info = inspect_folder(path)
     return ModelHandle("qwen_image", info.variant, (("pipeline", str(path)),), memory or MemoryOptions(),
                        (("task", info.task), ("layers", str(info.num_layers)),
-                        ("inner_dim", str(info.inner_dim)), ("zero_cond_t", str(info.zero_cond_t).lower())))
+                        ("inner_dim", str(info.inner_dim)), ("zero_cond_t", str(info.zero_cond_t).lower()),
+                        ("engine", engine)))
 
 
 def _module_loader(cls: Any, folder: Path, skip: tuple[str, ...], component: str) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 from comfy_api.v0_0_2 import io
 
 from ..loaders import qwen_image as loader
+from ..loaders import qwen_image_diffsynth as engines
 from ..samplers import qwen_image as sampler
 from ..samplers import qwen_image_vae
 from ..samplers.common import library_errors
@@ -26,14 +27,20 @@ class GentorLoadQwenImage(io.ComfyNode):
                                        "models/diffusers/). The variant is detected from its files."),
                 GentorMemory.Input("memory", optional=True,
                                    tooltip="Optional Gentor Memory Options (FP8 storage, offload)."),
+                io.Combo.Input("engine", options=list(engines.ENGINES), default=engines.DEFAULT_ENGINE,
+                               optional=True,
+                               tooltip="diffusers (default) or DiffSynth-Studio's Qwen-Image pipeline (needs "
+                                       f"`{engines.PIP_COMMAND}`; same weights in memory, its own numerics and "
+                                       "VRAM management). diffsynth-or-diffusers falls back to diffusers where "
+                                       "DiffSynth cannot run the model or is not installed."),
             ],
             outputs=[GentorModel.Output("model", tooltip="Connect to Gentor Text to Image or Gentor Edit Image.")])
 
     @classmethod
-    def execute(cls, model_name, memory=None) -> io.NodeOutput:
+    def execute(cls, model_name, memory=None, engine=engines.DEFAULT_ENGINE) -> io.NodeOutput:
         with library_errors("Qwen-Image", "model_name", "a readable diffusers-format Qwen-Image folder",
                             "Check the folder's files and permissions, or download the model again."):
-            return io.NodeOutput(loader.load_handle(model_name, memory))
+            return io.NodeOutput(loader.load_handle(model_name, memory, engine))
 
 
 class GentorQwenImageSettings(io.ComfyNode):

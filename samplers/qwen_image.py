@@ -2,10 +2,12 @@
 
 Policies (owned here, engine-neutral): defaults, output-size rules per variant (backend_specs.md
 §4.4), sizes on a 16-pixel grid, negative " " when empty so true CFG really runs, seeds, memory
-estimate. The engine seam (``QwenImageEngine``) lets DiffSynth join diffusers later.
+estimate. Engines (``QwenImageEngine``): diffusers (default, below) and DiffSynth-Studio
+(``qwen_image_diffsynth.py``, optional package), chosen on the loader.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
@@ -16,9 +18,10 @@ import torch
 from PIL import Image
 
 from .. import glue, registry
-from ..errors import InputError, MemoryEstimateError
+from ..errors import InputError, MemoryEstimateError, MissingDependencyError
 from ..loaders import lora as lora_files
 from ..loaders import qwen_image as qwen_loader
+from ..loaders import qwen_image_diffsynth as ds_views
 from ..loaders.cache import CACHE, Entry, ModelHandle, Session
 from ..loaders.memory import Plan, resolve
 from ..loaders.placement import Placement, has_block_offload, remove_block_offload
@@ -79,9 +82,14 @@ class QwenJob:
 
 
 class QwenImageEngine(Protocol):
-    """Runs a resolved job; ``on_step(done, latent_preview_or_None)`` after every step."""
+    """Runs a resolved job; ``on_step(done, latent_preview_or_None)`` after every step (``done`` counts up to
+    ``total_steps(job)``)."""
 
     name: str
+
+    def total_steps(self, job: QwenJob) -> int: ...
+
+    def notes(self) -> list[str]: ...
 
     def generate(self, job: QwenJob, on_step: Callable[[int, Image.Image | None], None]) -> torch.Tensor: ...
 
@@ -250,8 +258,15 @@ class DiffusersEngine:
         self.pipe = cls(**modules)
         self.pipe.set_progress_bar_config(disable=True)
 
+    def total_steps(self, job: QwenJob) -> int:
+        return job.steps  # the whole batch goes through each step at once
+
+    def notes(self) -> list[str]:
+        return []
+
     def generate(self, job: QwenJob, on_step: Callable[[int, Image.Image | None], None]) -> torch.Tensor:
         pipe = self.pipe
+
         def callback(_pipe: Any, i: int, _t: Any, kwargs: dict) -> dict:
             preview = None
             if job.preview_every > 0 and (i + 1) % job.preview_every == 0 and i + 1 < job.steps:
@@ -278,7 +293,37 @@ class DiffusersEngine:
         return latent_preview(lat[0, :, 0], LATENT_RGB_FACTORS, LATENT_RGB_BIAS)
 
 
-ENGINES: dict[str, type] = {"diffusers": DiffusersEngine}
+def choose_engine(handle: ModelHandle, handle_task: str, schedule: str) -> tuple[str, list[str]]:
+    """The engine the handle asks for, checked: DiffSynth installed (else the pip command), the model and job
+    supported (else an error, or diffusers when the user allowed a fallback)."""
+    wanted = handle.info_dict.get("engine", ds_views.DEFAULT_ENGINE)
+    ds_views.check_engine(wanted)
+    if wanted == "diffusers":
+        return "diffusers", []
+    fallback = wanted == "diffsynth-or-diffusers"
+    reason = ds_views.unsupported_reason(handle_task, handle.variant, schedule)
+    if reason is None:
+        try:
+            return "diffsynth", ds_views.require()
+        except MissingDependencyError as exc:
+            if not fallback:
+                raise
+            reason = f"diffsynth is not installed ({ds_views.PIP_COMMAND})"
+            log.warning("Gentor: %s", exc)
+    if not fallback:
+        raise InputError(f"{DISPLAY} engine: the DiffSynth engine does not support {reason} (got engine=diffsynth, "
+                         "expected a model and settings it runs). Set engine to diffusers, or to "
+                         "diffsynth-or-diffusers to fall back automatically.")
+    return "diffusers", [f"engine: fell back to diffusers because DiffSynth does not support {reason}"]
+
+
+def make_engine(name: str, components: dict, task: str, schedule: str, plan: Plan) -> QwenImageEngine:
+    if name == "diffsynth":
+        from . import qwen_image_diffsynth  # noqa: PLC0415
+
+        preview = qwen_image_diffsynth.preview_from(LATENT_RGB_FACTORS, LATENT_RGB_BIAS)
+        return qwen_image_diffsynth.DiffSynthEngine(components, task, schedule, plan, preview)
+    return DiffusersEngine(components, task, schedule)
 
 
 # ----------------------------------------------------------------------------- entry points
@@ -295,29 +340,35 @@ def use_loras(session: Session, transformer: Entry, handle: ModelHandle, plan: P
 
 
 def run(handle: ModelHandle, task: str, request: Request,
-        listener: Callable[[int, int, Any], None] | None = None, engine: str = "diffusers") -> Result:
-    """Generate with a Qwen-Image handle; ``task`` is "t2i" or "edit"."""
+        listener: Callable[[int, int, Any], None] | None = None) -> Result:
+    """Generate with a Qwen-Image handle; ``task`` is "t2i" or "edit"; the engine is the handle's."""
     handle.check_exists(DISPLAY)
     handle_task = handle.info_dict["task"]
     if handle_task == qwen_loader.TASK_21:
         from . import qwen_image21  # noqa: PLC0415
 
-        return qwen_image21.run(handle, task, request, listener)
+        _, fell_back = choose_engine(handle, handle_task, "model")  # DiffSynth's 2.1 pipeline is not wired
+        result = qwen_image21.run(handle, task, request, listener)
+        return dataclasses.replace(result, text=result.text + "".join(f"\n- {n}" for n in fell_back))
     job, notes = plan_job(task, handle_task, request)
+    engine, engine_notes = choose_engine(handle, handle_task, job.schedule)
+    notes.extend(engine_notes)
     plan = resolve(handle.memory, glue.torch_device())
     notes.extend(plan.notes)
     path = Path(handle.path())
     notes.extend(check_memory(job, path, plan))
     notes.extend(lora_files.lightning_notes(handle, job.steps, job.true_cfg, job.schedule))
-    progress = glue.Progress(job.steps, listener)
     spec = registry.get("qwen_image")
     with CACHE.session() as session:
         components = qwen_loader.load_components(path, handle_task, plan, session)
         notes.extend(use_loras(session, components["transformer"], handle, plan))
-        placement = Placement(components, dict(spec.blocks), plan, DISPLAY)
-        with placement.running():
-            runner = ENGINES[engine](components, handle_task, job.schedule)
+        placement = Placement(components, dict(spec.blocks), plan, DISPLAY,
+                              mover="diffsynth" if engine == "diffsynth" else "")
+        with placement.running() as placed:
+            runner = make_engine(engine, components, handle_task, job.schedule, placed)
+            progress = glue.Progress(runner.total_steps(job), listener)
             image = runner.generate(job, lambda i, preview: progress.update(i, preview))
+            notes.extend(runner.notes())
         notes.extend(placement.notes)
     check_finite(image, DISPLAY, "try compute_dtype fp32 or bf16 in Gentor Memory Options (fp16 overflows easily)")
     pairs = [("model", handle.variant), ("size", f"{job.width}x{job.height}"), ("steps", job.steps),

@@ -1,0 +1,171 @@
+"""Qwen-Image's DiffSynth engine: DiffSynth-Studio's own pipeline and model code on the cached weights.
+
+The backend's policies (defaults, sizes, negative " ", seeds, memory estimate, VAE tiling choice) are applied
+by ``samplers/qwen_image.py`` before a job reaches an engine; this engine then runs DiffSynth's
+``QwenImagePipeline`` — its prompt encoding, its DiT forward (sigmoid-GELU), its CFG (no norm rescale), its
+scheduler, its VAE and its VRAM management — on modules that share the cached weights
+(``loaders/qwen_image_diffsynth.py``). What differs from the diffusers engine is DiffSynth's own numerics.
+
+Run-time adapters (on our pipeline subclass, never on the installed package):
+- noise: drawn exactly as the diffusers engine draws it (one CPU generator, [B,1,16,H/8,W/8] in the compute
+  dtype), one slice per image, so a seed means the same starting point in both engines;
+- ``step``: per-step progress, interrupt (Cancel) and latent previews;
+- ``vae_output_to_image``: the decoded floats instead of an 8-bit PIL image;
+- ``load_models_to_device``: DiffSynth empties the device cache through ``torch.<device>.empty_cache``,
+  which a CPU torch does not have.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import torch
+from PIL import Image
+
+from ..loaders import qwen_image_diffsynth as views
+from ..loaders.memory import Plan
+from .common import chw_to_image, latent_preview
+
+LATENT_CHANNELS = 16
+VAE_SCALE = 8
+LIGHTNING_TEMPLATE = "Qwen-Image-Lightning"
+NO_CFG = 1.0  # DiffSynth runs the negative branch whenever cfg_scale != 1
+
+
+@functools.lru_cache(maxsize=1)
+def _pipeline_class() -> type:
+    from diffsynth.pipelines.qwen_image import QwenImagePipeline  # noqa: PLC0415
+
+    class GentorDiffSynthPipeline(QwenImagePipeline):
+        """DiffSynth's Qwen-Image pipeline with our noise, progress and output adapters."""
+
+        noise: torch.Tensor | None = None
+        on_latents: Callable[[int, torch.Tensor], None] | None = None
+
+        def generate_noise(self, shape, seed=None, rand_device="cpu", rand_torch_dtype=torch.float32,  # noqa: ANN001
+                           device=None, torch_dtype=None) -> torch.Tensor:
+            if self.noise is None or tuple(self.noise.shape) != tuple(shape):
+                raise RuntimeError(f"DiffSynth asked for noise of shape {tuple(shape)}, prepared "
+                                   f"{None if self.noise is None else tuple(self.noise.shape)}")
+            return self.noise.to(dtype=torch_dtype or self.torch_dtype, device=device or self.device)
+
+        def step(self, scheduler, latents, progress_id, noise_pred, **kwargs):  # noqa: ANN001, ANN003
+            out = super().step(scheduler, latents=latents, progress_id=progress_id, noise_pred=noise_pred, **kwargs)
+            if self.on_latents is not None:
+                self.on_latents(progress_id + 1, out)
+            return out
+
+        def vae_output_to_image(self, vae_output, pattern="B C H W", min_value=-1, max_value=1):  # noqa: ANN001
+            return ((vae_output.float().clamp(min_value, max_value) - min_value) / (max_value - min_value)).cpu()
+
+        def load_models_to_device(self, model_names) -> None:  # noqa: ANN001
+            if not self.vram_management_enabled:
+                return
+            managed = [(n, m) for n, m in self.named_children() if getattr(m, "vram_management_enabled", False)]
+            for name, model in managed:
+                if name not in model_names:
+                    _each(model, "offload")
+            if self.device_type == "cuda":
+                torch.cuda.empty_cache()
+            for name, model in managed:
+                if name in model_names:
+                    _each(model, "onload")
+
+    return GentorDiffSynthPipeline
+
+
+def _each(model: torch.nn.Module, method: str) -> None:
+    if hasattr(model, method):
+        getattr(model, method)()
+        return
+    for module in model.modules():
+        if hasattr(module, method):
+            getattr(module, method)()
+
+
+def _quiet(iterable: Any) -> Any:
+    return iterable
+
+
+class DiffSynthEngine:
+    """Runs resolved Qwen-Image jobs on DiffSynth's pipeline (see the module docstring)."""
+
+    name = "diffsynth"
+
+    def __init__(self, components: dict, task: str, schedule: str, plan: Plan,
+                 preview: Callable[[torch.Tensor], Image.Image]) -> None:
+        from diffsynth.diffusion import FlowMatchScheduler  # noqa: PLC0415
+
+        self.task = task
+        self.plan = plan
+        self.preview = preview
+        self.setup = views.vram_config(plan)
+        transformer = components["transformer"].value
+        self.zero_cond_t = bool(getattr(transformer.config, "zero_cond_t", False))
+        from ..loaders.lora import base_view  # noqa: PLC0415
+
+        dit = views.build_dit(transformer, base_view(transformer))
+        vae = views.build_vae(components["vae"].value)
+        text_encoder = views.build_text_encoder(components["text_encoder"].value)
+        pipe = _pipeline_class()(device=plan.device, torch_dtype=plan.compute)
+        pipe.dit = views.enable_vram(dit, views.DIT_MAP, self.setup)
+        pipe.vae = views.enable_vram(vae, views.VAE_MAP, self.setup)
+        pipe.text_encoder = views.enable_vram(text_encoder, views.TEXT_ENCODER_MAP, self.setup)
+        pipe.blockwise_controlnet = None
+        pipe.tokenizer = components["tokenizer"].value
+        pipe.processor = components["processor"].value if "processor" in components else None
+        pipe.vram_management_enabled = True
+        if schedule == "lightning":
+            pipe.scheduler = FlowMatchScheduler(LIGHTNING_TEMPLATE)
+        self.lora_layers = views.copy_loras(transformer, pipe.dit)
+        self.pipe = pipe
+
+    def total_steps(self, job: Any) -> int:
+        return job.steps * job.batch_size  # DiffSynth's pipeline makes one image per call
+
+    def notes(self) -> list[str]:
+        out = [f"DiffSynth VRAM management: {self.setup.describe}"]
+        if self.lora_layers:
+            out.append(f"LoRA through DiffSynth's hot-loaded (unfused) path on {self.lora_layers} layers")
+        return out
+
+    def generate(self, job: Any, on_step: Callable[[int, Image.Image | None], None]) -> torch.Tensor:
+        pipe = self.pipe
+        h8, w8 = job.height // VAE_SCALE, job.width // VAE_SCALE
+        # The diffusers engine's draw (prepare_latents: [B,1,C,H/8,W/8] from one CPU generator, compute dtype).
+        noise = torch.randn((job.batch_size, 1, LATENT_CHANNELS, h8, w8),
+                            generator=torch.Generator("cpu").manual_seed(job.seed), dtype=self.plan.compute)
+        args: dict[str, Any] = dict(
+            prompt=job.prompt, negative_prompt=job.negative,
+            # diffusers runs true CFG only above 1; DiffSynth whenever the scale is not 1.
+            cfg_scale=job.true_cfg if job.true_cfg > NO_CFG else NO_CFG,
+            height=job.height, width=job.width, seed=job.seed, num_inference_steps=job.steps,
+            tiled=job.tiled_vae, progress_bar_cmd=_quiet)
+        if job.task != "t2i":
+            args.update(edit_image=job.images[0] if job.task == "edit" else list(job.images),
+                        edit_image_auto_resize=True, zero_cond_t=self.zero_cond_t)
+        images = []
+        try:
+            for index in range(job.batch_size):
+                pipe.noise = noise[index]
+                pipe.on_latents = functools.partial(self._tick, job, on_step, index * job.steps)
+                with torch.inference_mode():
+                    images.append(pipe(**args))
+        finally:
+            pipe.noise = pipe.on_latents = None
+            # Weights back to where the plan keeps them between runs (also after Cancel or an error).
+            pipe.load_models_to_device([])
+        return chw_to_image(torch.cat(images))
+
+    def _tick(self, job: Any, on_step: Callable[[int, Image.Image | None], None], offset: int, done: int,
+              latents: torch.Tensor) -> None:
+        preview = None
+        if job.preview_every > 0 and done % job.preview_every == 0 and done < job.steps:
+            preview = self.preview(latents[0])
+        on_step(offset + done, preview)
+
+
+def preview_from(factors: torch.Tensor, bias: torch.Tensor) -> Callable[[torch.Tensor], Image.Image]:
+    """DiffSynth's latents are already unpacked [C,H,W]: the same linear preview as the diffusers engine."""
+    return lambda latent: latent_preview(latent, factors, bias)
+
