@@ -33,6 +33,7 @@ Weights are random but deterministic. Folders are written to a temporary sibling
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -180,6 +181,7 @@ def lora_targets(vlm) -> list[str]:
     return [n for n, m in vlm.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))]
 
 
+@functools.lru_cache(maxsize=2)  # both folders use it; callers only read the tensors
 def lora_state(seed: int = 31) -> dict:
     """PEFT LoRA tensors (PEFT's own names) for the tiny VLM under the official ``lmm.`` prefix, B non-zero."""
     import torch
