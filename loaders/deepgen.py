@@ -360,7 +360,7 @@ def load_components(handle: ModelHandle, plan: Plan, session: Session) -> dict[s
 
     spec = registry.get(BACKEND)
     info = handle.info_dict
-    form, file = info["form"], Path(handle.path(CHECKPOINT_INPUT))
+    file = Path(handle.path(CHECKPOINT_INPUT))
     folder, bridge_file = Path(handle.path(DIFFUSION_INPUT)), Path(info["bridge_file"])
     precision = plan.precision
     full = Precision(precision.base, precision.base)

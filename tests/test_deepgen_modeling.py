@@ -79,7 +79,8 @@ def test_lora_checkpoint_keys_and_rank(folder):
     shapes = ckpt.read_shapes(folder / tiny.LORA_CHECKPOINT_FILE)
     assert ckpt.lora_rank(shapes) == tiny.LORA_RANK == 64
     parts = ckpt.split(ckpt.read_state(folder / tiny.LORA_CHECKPOINT_FILE))
-    expected = sorted(n for n, m in tiny.build_vlm().named_modules() if type(m) in (torch.nn.Linear, torch.nn.Embedding))
+    kinds = (torch.nn.Linear, torch.nn.Embedding)
+    expected = sorted(n for n, m in tiny.build_vlm().named_modules() if type(m) in kinds)
     assert ckpt.lora_targets(parts.lora) == expected
     assert {"lm_head", "model.language_model.embed_tokens", "model.visual.merger.mlp.0"} <= set(expected)
     emb = "model.language_model.embed_tokens"
