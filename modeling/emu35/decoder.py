@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+import torch
+from torch import nn
+
 from ...errors import ModelFolderError
 
 DISPLAY = "Emu3.5"
@@ -48,9 +51,32 @@ def qwen3_config(emu: Mapping[str, Any]) -> Any:
         bos_token_id=emu.get("bos_token_id"), eos_token_id=emu.get("eos_token_id"))
 
 
+class VocabHead(nn.Linear):
+    """The LM head (282,926 x hidden, bias-free): ``x @ W^T``, on the CPU computed as ``(W @ x^T)^T``.
+
+    Same product, same fp32 accumulation. Why: for a few rows (the two CFG branches of one decode step)
+    MKL runs ``x @ W^T`` with x of 2 rows at about twice the 1-row time (it streams the 1.4 GB fp32
+    weight once per row), while ``W @ x^T`` streams it once for both (measured in
+    benchmarks/bench_emu35.py). For one row both forms give bit-identical logits on the CPU. Other devices
+    and dtypes keep ``F.linear`` (cuBLAS reads the weight once for any small row count).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or x.dtype != torch.float32 or self.weight.dtype != torch.float32:
+            return super().forward(x)
+        flat = x.reshape(-1, x.shape[-1])
+        return torch.mm(self.weight, flat.T).T.reshape(*x.shape[:-1], self.out_features)
+
+
 def build_decoder(config: Any) -> Any:
-    """An empty ``Qwen3ForCausalLM`` (call inside ``torch.device('meta')`` to allocate nothing); SDPA attention."""
+    """An empty ``Qwen3ForCausalLM`` (call inside ``torch.device('meta')`` to allocate nothing); SDPA attention.
+
+    Its head is a :class:`VocabHead` (an ``nn.Linear`` with the same key, shape and hooks)."""
     from transformers import Qwen3ForCausalLM  # noqa: PLC0415
 
     config._attn_implementation = "sdpa"
-    return Qwen3ForCausalLM(config)
+    model = Qwen3ForCausalLM(config)
+    head = VocabHead(model.lm_head.in_features, model.lm_head.out_features, bias=False, device="meta")
+    head.weight = model.lm_head.weight  # the same parameter: its initialisation and placement are kept
+    model.lm_head = head
+    return model
