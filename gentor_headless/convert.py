@@ -79,7 +79,12 @@ def _widget_values(node: dict[str, Any], info: dict[str, Any], label: str) -> di
             pos += 1
         if upload and pos < len(values) and values[pos] in ("image", "video", "audio", None, ""):
             pos += 1
-    if len(out) != len(layout) or pos != len(values):
+    # A workflow saved before a node gained optional widgets (appended at the end) stores fewer values: the
+    # editor fills those widgets with their defaults, and the server does the same for a missing optional input.
+    missing = [name for name, _, _ in layout if name not in out]
+    optional = set((info.get("input") or {}).get("optional") or {})
+    appended = pos == len(values) and all(name in optional for name in missing)
+    if (len(out) != len(layout) and not appended) or pos != len(values):
         names = ", ".join(n for n, _, _ in layout) or "(none)"
         raise ConversionError(
             f"node {label}: the workflow stores {len(values)} widget values {values!r}, but the server's "

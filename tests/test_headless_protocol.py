@@ -204,6 +204,16 @@ def test_ui_conversion_refuses_mismatched_widgets():
         ui_to_api(ui, FAKE_OBJECT_INFO)
 
 
+def test_ui_workflow_saved_before_an_optional_widget_was_appended_still_converts():
+    ui = ui_workflow()
+    ui["nodes"][2]["widgets_values"] = [42, "randomize", 9, "hello", "b"]  # no "strength" yet
+    api = ui_to_api(ui, FAKE_OBJECT_INFO)
+    assert "strength" not in api["3"]["inputs"] and api["3"]["inputs"]["mode"] == "b"  # the server's default
+    ui["nodes"][2]["widgets_values"] = [42, "randomize", 9, "hello"]  # a REQUIRED widget missing: refused
+    with pytest.raises(ConversionError, match="the workflow stores 4 widget values"):
+        ui_to_api(ui, FAKE_OBJECT_INFO)
+
+
 # ----------------------------------------------------------------------------- `run` command
 def test_cli_run_downloads_outputs(fake, tmp_path, capsys):
     wf = tmp_path / "wf.json"

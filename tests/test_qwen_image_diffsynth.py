@@ -208,3 +208,21 @@ def test_cancel_stops_between_steps():
     with pytest.raises(GentorInterrupted):
         sampler.run(handle, "t2i", Request(prompt="a fox", seed=1, steps=4, width=SIZE, height=SIZE), listener=cancel)
     assert "engine=diffsynth" in run(T2I, "t2i", "diffsynth").text  # the next run works
+
+
+@needs_diffsynth
+def test_lora_runs_through_diffsynths_hot_load_and_matches_the_diffusers_engine(model_roots):
+    from gentor.loaders import lora
+    from tests import tiny_qwen_lora as kit
+
+    def with_lora(engine: str):
+        return lora.with_lora(loader.load_handle(T2I, None, engine), kit.file_name("diffusers"), 0.8)
+    request = Request(prompt="a red fox sitting in fresh snow", seed=7, steps=STEPS, width=SIZE, height=SIZE, cfg=1.0)
+    ours = sampler.run(with_lora("diffsynth"), "t2i", request)
+    ref = sampler.run(with_lora("diffusers"), "t2i", request)
+    base = run(T2I, "t2i", "diffsynth", cfg=1.0)
+    assert "hot-loaded" in ours.text
+    assert rel_err(ours.image, base.image) > 10 * TOL_NO_CFG, "the LoRA must change the image"
+    assert rel_err(ours.image, ref.image) < TOL_NO_CFG
+    # switched off again for the next run: the base image comes back exactly
+    assert torch.equal(run(T2I, "t2i", "diffsynth", cfg=1.0).image, base.image)

@@ -68,3 +68,10 @@ def test_t2i_example_note_explains_the_defaults():
     ui, _ = wc.load_pair("qwen_image_t2i")
     notes = [n for n in ui["nodes"] if n["type"] in wc.UI_ONLY_TYPES]
     assert notes and all("0 = " in n["widgets_values"][0] or "defaults" in n["widgets_values"][0] for n in notes)
+
+
+def test_diffsynth_example_asks_for_the_engine_with_fallback():
+    _, api = wc.load_pair("qwen_image_t2i_diffsynth")
+    (mid, mem), = _by_class(api, "GentorMemoryOptions")
+    (_, loader), = _by_class(api, "GentorLoadQwenImage")
+    assert loader["inputs"]["engine"] == "diffsynth-or-diffusers" and loader["inputs"]["memory"] == [mid, 0]
