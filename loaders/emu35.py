@@ -6,6 +6,14 @@ Layouts (backend_specs.md §3.2): the model is an HF causal-LM folder (``config.
 ``model.safetensors`` beside or instead of it is preferred); the text tokenizer's data files
 (``emu3.tiktoken``, ``emu3_vision_tokens.txt``) sit in the model folder or in a separate folder.
 Sizes, the codebook and the variant are read from the files, never from folder names.
+
+Variant (Emu3.5-Image vs the general Emu3.5): the released ``config.json`` files do not tell them apart
+(BAAI/Emu3.5 commit c48ad67 has ``image_area: 518400``; BAAI/Emu3.5-Image's config.json has the same
+930-byte size, and the official inference code never reads ``image_area`` from it: each task's Python
+config sets it). What differs in the released folders is the model card's ``pipeline_tag``
+(``text-to-image`` on Emu3.5-Image, ``any-to-any`` on Emu3.5). Order: the loader's explicit ``variant``,
+then the card, then a config carrying Emu3.5-Image's 1048576 area; otherwise Emu3.5-Image is assumed
+(the official recommendation for T2I/X2I, the only tasks here) and the run's notes say so.
 """
 from __future__ import annotations
 
@@ -39,8 +47,18 @@ FROM_MODEL_FOLDER = "(model folder)"
 PLACEMENTS = ("auto", "single device")
 VQ_DEVICES = ("auto", "cpu")
 VQ_TYPES = ("ibq", "dcae")
-# Emu3.5-Image's config carries the 1024x1024 image area; the general model's 720x720 (variant rule).
+IMAGE_VARIANT = "emu3.5-image"
+GENERAL_VARIANT = "emu3.5"
+# Loader choices -> variant ("auto" detects from the files).
+VARIANTS = ("auto", "Emu3.5-Image", "Emu3.5")
+VARIANT_CHOICES = dict(zip(VARIANTS, (None, IMAGE_VARIANT, GENERAL_VARIANT)))
+MODEL_CARD = "README.md"
+MODEL_CARD_BYTES = 4096  # the YAML front matter sits at the top of the card
+# The hub's pipeline_tag of each release's model card (BAAI/Emu3.5-Image discussion #2, BAAI/Emu3.5 commit f06c4cf).
+CARD_PIPELINE_TAGS = {"text-to-image": IMAGE_VARIANT, "any-to-any": GENERAL_VARIANT}
+# A config.json with Emu3.5-Image's own image area (the released configs both carry 518400, see above).
 IMAGE_VARIANT_AREA = T.IMAGE_AREA
+ASSUMED = "assumed"
 EMBED_KEY = "model.embed_tokens.weight"
 HEAD_KEY = "lm_head.weight"
 
@@ -53,6 +71,7 @@ class Emu35Info:
     layers: int
     n_codes: int  # visual tokens the vocabulary holds
     config: dict
+    variant_source: str = ASSUMED  # what decided the variant: "model card ...", "config.json ...", "loader input"
 
 
 def looks_like_model(path: Path) -> bool:
@@ -107,8 +126,50 @@ def inspect_model(path: Path) -> Emu35Info:
         raise ModelFolderError(f"{BACKEND} model weights: the vocabulary has no visual tokens (got {vocab}, "
                                f"expected more than {T.BOV}). This is not an Emu3.5 image model.")
     layers = len({k.split(".")[2] for k in shapes if k.startswith("model.layers.")})
-    variant = "emu3.5-image" if cfg.get("image_area") == IMAGE_VARIANT_AREA else "emu3.5"
-    return Emu35Info(variant, vocab, hidden, layers, vocab - T.BOV, cfg)
+    variant, source = detect_variant(path, cfg)
+    return Emu35Info(variant, vocab, hidden, layers, vocab - T.BOV, cfg, source)
+
+
+def card_pipeline_tag(path: Path) -> str | None:
+    """The ``pipeline_tag`` of the folder's model card front matter (README.md), or None."""
+    import yaml  # noqa: PLC0415 - PyYAML comes with accelerate/transformers
+
+    card = path / MODEL_CARD
+    if not card.is_file():
+        return None
+    with card.open("rb") as f:
+        head = f.read(MODEL_CARD_BYTES).decode("utf-8", errors="replace")
+    lines = head.splitlines()
+    if not lines or lines[0].strip() != "---":
+        return None
+    end = next((i for i, line in enumerate(lines[1:], 1) if line.strip() == "---"), None)
+    if end is None:
+        return None
+    try:
+        meta = yaml.safe_load("\n".join(lines[1:end]))
+    except yaml.YAMLError:  # a card with broken metadata decides nothing; the other rules apply
+        return None
+    tag = meta.get("pipeline_tag") if isinstance(meta, dict) else None
+    return str(tag) if tag else None
+
+
+def detect_variant(path: Path, cfg: dict) -> tuple[str, str]:
+    """(variant, what decided it) from the folder's files; see the module docstring for the evidence."""
+    tag = card_pipeline_tag(path)
+    if tag in CARD_PIPELINE_TAGS:
+        return CARD_PIPELINE_TAGS[tag], f"model card pipeline_tag {tag}"
+    if cfg.get("image_area") == IMAGE_VARIANT_AREA:
+        return IMAGE_VARIANT, f"config.json image_area {IMAGE_VARIANT_AREA}"
+    return IMAGE_VARIANT, ASSUMED
+
+
+def resolve_variant(info: Emu35Info, choice: str) -> tuple[str, str]:
+    """The loader's ``variant`` input over the detected one."""
+    if choice not in VARIANT_CHOICES:
+        raise InputError(f"{BACKEND} variant: unknown value (got {choice!r}, expected one of "
+                         f"{', '.join(VARIANTS)}). Pick one of the listed values.")
+    forced = VARIANT_CHOICES[choice]
+    return (forced, "loader input") if forced else (info.variant, info.variant_source)
 
 
 def _headers(path: Path) -> dict:
@@ -207,7 +268,7 @@ def vq_folder(name: str) -> Path:
 
 def load_handle(model_name: str, vision_tokenizer: str, tokenizer: str = FROM_MODEL_FOLDER,
                 placement: str = "auto", device_budgets: str = "", vq_device: str = "auto", vq_type: str = "ibq",
-                memory: MemoryOptions | None = None) -> ModelHandle:
+                memory: MemoryOptions | None = None, variant: str = "auto") -> ModelHandle:
     """What GentorLoadEmu35 does: resolve, validate, detect; weights load at first use."""
     if vq_type != "ibq":
         raise InputError(f"{BACKEND} vq_type: {vq_type!r} is not supported (got {vq_type!r}, expected 'ibq'). "
@@ -229,14 +290,16 @@ def load_handle(model_name: str, vision_tokenizer: str, tokenizer: str = FROM_MO
                              "'cuda:0=70, cuda:1=75' in GB). Fix the text or leave it empty.") from exc
     path = resolve_model_folder(BACKEND, "model_name", model_name, FOLDER_KEYS)
     info = inspect_model(path)
+    chosen, source = resolve_variant(info, variant)
     vq = vq_folder(vision_tokenizer)
     read_vq_config(vq, info.n_codes)
     tok = tokenizer_folder(path, tokenizer)
     return ModelHandle(
-        "emu35", info.variant, (("model", str(path)), ("vision_tokenizer", str(vq)), ("tokenizer", str(tok))),
+        "emu35", chosen, (("model", str(path)), ("vision_tokenizer", str(vq)), ("tokenizer", str(tok))),
         memory or MemoryOptions(),
         (("layers", str(info.layers)), ("hidden", str(info.hidden)), ("codes", str(info.n_codes)),
-         ("placement", placement), ("device_budgets", device_budgets.strip()), ("vq_device", vq_device)))
+         ("placement", placement), ("device_budgets", device_budgets.strip()), ("vq_device", vq_device),
+         ("variant_source", source)))
 
 
 # ----------------------------------------------------------------------------- components through the cache

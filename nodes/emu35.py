@@ -38,16 +38,22 @@ class GentorLoadEmu35(io.ComfyNode):
                                tooltip="Where the vision tokenizer runs: auto = the compute device, or cpu."),
                 GentorMemory.Input("memory", optional=True,
                                    tooltip="Optional Gentor Memory Options (FP8 storage, offload)."),
+                io.Combo.Input("variant", options=list(loader.VARIANTS), default="auto", optional=True,
+                               tooltip="Which release this is; it only sets defaults (cfg 5.0 T2I / 3.0 edit, "
+                                       "1 MP, image top-k 5120 for Emu3.5-Image; cfg 2.0, 0.5 MP, top-k 10240, "
+                                       "auto size for Emu3.5). auto: the model card's pipeline_tag decides "
+                                       "(both releases ship the same config.json); without one, Emu3.5-Image "
+                                       "is assumed and the text output says so."),
             ],
             outputs=[GentorModel.Output("model", tooltip="Connect to Gentor Text to Image or Gentor Edit Image.")])
 
     @classmethod
     def execute(cls, model_name, vision_tokenizer, tokenizer, placement, device_budgets, vq_device,
-                memory=None) -> io.NodeOutput:
+                memory=None, variant="auto") -> io.NodeOutput:
         with library_errors("Emu3.5", "model_name", "readable Emu3.5 model and vision tokenizer folders",
                             "Check the folders' files and permissions, or download them again."):
             return io.NodeOutput(loader.load_handle(model_name, vision_tokenizer, tokenizer, placement,
-                                                    device_budgets, vq_device, "ibq", memory))
+                                                    device_budgets, vq_device, "ibq", memory, variant))
 
 
 class GentorEmu35Settings(io.ComfyNode):

@@ -215,6 +215,10 @@ def run(handle: ModelHandle, task: str, request: Request,
 
     handle.check_exists(DISPLAY)
     job, notes = plan_job(task, handle.variant, request)
+    if handle.info_dict.get("variant_source") == emu_loader.ASSUMED:
+        notes.append("variant: Emu3.5-Image assumed (both releases ship the same config.json and this folder has no "
+                     "model card with a pipeline_tag): its defaults apply; set variant on Gentor Load Emu3.5 if this "
+                     "is the general Emu3.5")
     spec = registry.get("emu35")
     plan = resolve(handle.memory, glue.torch_device())
     notes.extend(plan.notes)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 from pathlib import Path
 
@@ -62,9 +63,56 @@ def t2i(**kw):
 def test_detected_from_files():
     h = handle()
     assert h.backend == "emu35" and h.variant == "emu3.5-image"
+    assert h.info_dict["variant_source"] == "model card pipeline_tag text-to-image"
     assert h.info_dict["codes"] == "64" and h.info_dict["layers"] == "2"
     assert MODEL in loader.list_models() and IBQ not in loader.list_models()
     assert IBQ in loader.list_vision_tokenizers() and MODEL not in loader.list_vision_tokenizers()
+
+
+def _variant_folder(emu_root: Path, name: str, card: str | None, image_area: int) -> Path:
+    """The tiny model's files with another model card / config image_area (weights linked, not copied)."""
+    src, folder = emu_root / MODEL, emu_root / name
+    folder.mkdir(exist_ok=True)
+    for f in ("model.safetensors", "emu3.tiktoken", "emu3_vision_tokens.txt"):
+        if not (folder / f).exists():
+            (folder / f).symlink_to(src / f)
+    (folder / "config.json").write_text(json.dumps(dict(tiny_emu35.emu3_config(), image_area=image_area)))
+    (folder / "README.md").unlink(missing_ok=True)
+    if card is not None:
+        (folder / "README.md").write_text(card, encoding="utf-8")
+    return folder
+
+
+@pytest.mark.parametrize("card,area,variant,source", [
+    (tiny_emu35.model_card("text-to-image"), 518400, "emu3.5-image", "model card pipeline_tag text-to-image"),
+    (tiny_emu35.model_card("any-to-any"), 518400, "emu3.5", "model card pipeline_tag any-to-any"),
+    (tiny_emu35.model_card("any-to-any"), 1048576, "emu3.5", "model card pipeline_tag any-to-any"),  # card wins
+    (None, 1048576, "emu3.5-image", "config.json image_area 1048576"),
+    (None, 518400, "emu3.5-image", "assumed"),  # both releases' config.json: nothing tells them apart
+    ("# Emu3.5-Image\nno front matter\n", 518400, "emu3.5-image", "assumed"),
+    ("---\npipeline_tag: [unclosed\n---\n", 518400, "emu3.5-image", "assumed"),  # broken metadata
+])
+def test_variant_from_model_card_then_config(emu_root, card, area, variant, source):
+    folder = _variant_folder(emu_root, "variant-probe", card, area)
+    info = loader.inspect_model(folder)
+    assert (info.variant, info.variant_source) == (variant, source)
+
+
+def test_variant_override_and_assumed_note(emu_root):
+    _variant_folder(emu_root, "no-card", None, 518400)
+    h = loader.load_handle("no-card", IBQ)
+    assert (h.variant, h.info_dict["variant_source"]) == ("emu3.5-image", "assumed")
+    forced = loader.load_handle("no-card", IBQ, variant="Emu3.5")
+    assert (forced.variant, forced.info_dict["variant_source"]) == ("emu3.5", "loader input")
+    assert loader.load_handle(MODEL, IBQ, variant="Emu3.5").variant == "emu3.5"  # over the card too
+    with pytest.raises(InputError, match=r"variant: unknown value \(got 'Emu3\.6'"):
+        loader.load_handle(MODEL, IBQ, variant="Emu3.6")
+    req = dict(prompt="a red fox", seed=3, width=32, height=32)
+    assumed = sampler.run(h, "t2i", Request(**req))
+    assert "Emu3.5-Image assumed" in assumed.text and assumed.text.startswith("model=emu3.5-image,")
+    assert "cfg=5.0" in assumed.text
+    general = sampler.run(forced, "t2i", Request(**req))
+    assert "assumed" not in general.text and "cfg=2.0" in general.text and general.text.startswith("model=emu3.5,")
 
 
 # ----------------------------------------------------------------------------- generation

@@ -2,8 +2,10 @@
 
 ``write(out_dir)`` writes, under ``out_dir/emu35/``:
 
-- ``tiny-emu35-image/``: an HF causal-LM folder (``config.json`` with ``model_type: Emu3``,
-  ``model.safetensors`` with the reference key names, bf16) holding the tokenizer data files too:
+- ``tiny-emu35-image/``: an HF causal-LM folder (``config.json`` with ``model_type: Emu3`` and the
+  released file's fields, ``image_area`` 518400 as in both releases; ``README.md`` with the hub card's
+  front matter, ``pipeline_tag: text-to-image`` as on BAAI/Emu3.5-Image; ``model.safetensors`` with the
+  reference key names, bf16) holding the tokenizer data files too:
   ``emu3.tiktoken`` with 151,643 GENERATED ranks (the 256 single bytes in the real file's order, so
   digits are ids 15..24 and '*' is 9, then distinct letter strings) and ``emu3_vision_tokens.txt``
   (3 markers + ``N_CODES`` visual tokens), so every control id is the real one. Vocab 151854 + N_CODES.
@@ -39,6 +41,7 @@ IBQ_DDCONFIG = dict(double_z=False, z_channels=16, resolution=256, in_channels=3
 CODE_DIM = 256
 SEED = 35
 WEIGHT_STD = 0.2  # large enough that greedy choices differ between prompts
+IMAGE_PIPELINE_TAG = "text-to-image"  # BAAI/Emu3.5-Image's card; BAAI/Emu3.5's says "any-to-any"
 
 
 def byte_order() -> list[int]:
@@ -67,14 +70,23 @@ def write_tokenizer(folder: Path, n_codes: int = N_CODES) -> None:
 
 
 def emu3_config(n_codes: int = N_CODES, **shape: int) -> dict:
+    """The fields of the released config.json (BAAI/Emu3.5 commit c48ad67) with tiny shapes."""
     cfg = dict(LLM_SHAPE, **shape)
     return {
-        "architectures": ["Emu3ForCausalLM"], "model_type": "Emu3", "vocab_size": FIRST_VISUAL + n_codes,
-        "hidden_act": "silu", "max_position_embeddings": 9216, "rms_norm_eps": 1e-5, "rope_theta": 1000000.0,
-        "rope_scaling": None, "tie_word_embeddings": False, "attention_dropout": 0.1, "pad_token_id": 151643,
-        "bos_token_id": 151849, "eos_token_id": 151850, "img_token_id": 151851, "boi_token_id": 151852,
-        "eoi_token_id": 151853, "eol_token_id": 151846, "eof_token_id": 151847, "image_area": 1048576,
-        "torch_dtype": "bfloat16", **cfg}
+        "architectures": ["Emu3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "boi_token_id": 151852, "bos_token_id": 151849, "eof_token_id": 151847, "eoi_token_id": 151853,
+        "eol_token_id": 151846, "eos_token_id": 151850, "hidden_act": "silu", "image_area": 518400,
+        "img_token_id": 151851, "initializer_range": 0.02, "max_position_embeddings": 32768,
+        "max_window_layers": 28, "model_type": "Emu3", "pad_token_id": 151643, "pretraining_tp": 1,
+        "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000, "sliding_window": 4096,
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "4.52.0",
+        "use_cache": True, "vocab_size": FIRST_VISUAL + n_codes, **cfg}
+
+
+def model_card(pipeline_tag: str) -> str:
+    """A README.md with the hub card's front matter (the card's body is left out)."""
+    return (f"---\nlicense: apache-2.0\npipeline_tag: {pipeline_tag}\nlibrary_name: transformers\n---\n\n"
+            "<div align='center'>\n<h1>Emu3.5: Native Multimodal Models are World Learners</h1>\n</div>\n")
 
 
 def llm_shapes(config: dict) -> dict[str, tuple[int, ...]]:
@@ -159,6 +171,7 @@ def write_model(folder: Path, n_codes: int = N_CODES, **shape: int) -> None:
 
     config = emu3_config(n_codes, **shape)
     (folder / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    (folder / "README.md").write_text(model_card(IMAGE_PIPELINE_TAG), encoding="utf-8")
     sd = {k: v.to(torch.bfloat16) for k, v in llm_state_dict(config).items()}
     save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
     write_tokenizer(folder, n_codes)
