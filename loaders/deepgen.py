@@ -118,7 +118,8 @@ def list_vlms() -> list[str]:
     """Qwen-VL folders of models/vlm/ (a Qwen-Image pipeline's text encoder is a 7B: not offered), then the
     diffusers folders' own VLMs as ``<folder>/vlm``."""
     own = [f"{n}/{OWN_VLM}" for n in list_model_folders(FOLDER_KEYS, _has_own_vlm)]
-    return [n for n in vlm_loader.list_models() if not n.endswith("/" + vlm_loader.TEXT_ENCODER)] + own
+    shared = [n for n in vlm_loader.list_models() if not n.endswith("/" + vlm_loader.TEXT_ENCODER)]
+    return list(dict.fromkeys(shared + own))  # the enhancer's list already names these folders' vlm/
 
 
 def resolve_vlm(name: str) -> tuple[Path, bool]:

@@ -29,6 +29,9 @@ INPUT = "model_name"
 FOLDER_KEYS = ("vlm",)
 PIPELINE_FOLDER_KEYS = ("qwen_image", "diffusers")  # Qwen-Image pipelines whose text encoder is a Qwen2.5-VL
 TEXT_ENCODER = "text_encoder"
+# VLMs inside other backends' folders, offered as '<folder>/<sub-folder>' so the enhancer can share one copy with
+# that backend: Qwen-Image pipelines' text encoders, DeepGen-1.0-diffusers' own vlm/ (Qwen2.5-VL-3B).
+NESTED = ((PIPELINE_FOLDER_KEYS, TEXT_ENCODER), (("deepgen",), "vlm"))
 
 
 @dataclass(frozen=True)
@@ -105,29 +108,33 @@ def looks_like_vlm(folder: Path) -> bool:
     return _model_type(folder) in ARCHITECTURES
 
 
-def _pipeline_text_encoder(folder: Path) -> bool:
-    return (folder / "model_index.json").is_file() and looks_like_vlm(folder / TEXT_ENCODER)
+def _nested_filter(sub: str):
+    def ok(folder: Path) -> bool:
+        return (folder / "model_index.json").is_file() and looks_like_vlm(folder / sub)
+    return ok
 
 
 def list_models() -> list[str]:
-    """Qwen-VL folders in models/vlm/, then Qwen-Image pipelines' text encoders as '<pipeline>/text_encoder'."""
+    """Qwen-VL folders in models/vlm/, then VLMs inside other backends' folders as '<folder>/<sub-folder>'
+    (Qwen-Image pipelines' text encoders, DeepGen diffusers folders' vlm/)."""
     own = list_model_folders(FOLDER_KEYS, looks_like_vlm)
-    pipelines = [f"{n}/{TEXT_ENCODER}" for n in list_model_folders(PIPELINE_FOLDER_KEYS, _pipeline_text_encoder)]
-    return own + [n for n in pipelines if n not in own]
+    nested = [f"{n}/{sub}" for keys, sub in NESTED for n in list_model_folders(keys, _nested_filter(sub))]
+    return own + [n for n in dict.fromkeys(nested) if n not in own]
 
 
 def resolve(name: str) -> Path:
-    """A dropdown value -> folder inside the registered roots (vlm first, then pipelines' text encoders)."""
+    """A dropdown value -> folder inside the registered roots (vlm first, then the nested VLMs)."""
     try:
         return resolve_model_folder(DISPLAY, INPUT, name, FOLDER_KEYS)
     except InputError:
-        # Not under models/vlm/: it may be '<Qwen-Image pipeline>/text_encoder' (same confinement rules).
-        if not isinstance(name, str) or not name.endswith("/" + TEXT_ENCODER):
-            raise
-        try:
-            return resolve_model_folder(DISPLAY, INPUT, name, PIPELINE_FOLDER_KEYS)
-        except InputError:
-            return resolve_model_folder(DISPLAY, INPUT, name, FOLDER_KEYS)  # the message about models/vlm/
+        # Not under models/vlm/: it may be '<pipeline>/text_encoder' or '<DeepGen folder>/vlm' (same confinement).
+        for keys, sub in NESTED:
+            if isinstance(name, str) and name.endswith("/" + sub):
+                try:
+                    return resolve_model_folder(DISPLAY, INPUT, name, keys)
+                except InputError:
+                    continue
+        return resolve_model_folder(DISPLAY, INPUT, name, FOLDER_KEYS)  # the message about models/vlm/
 
 
 def _variant(model_type: str, arch: Architecture, hidden: int, layers: int, params: int) -> str:

@@ -40,6 +40,7 @@ def roots(vlm_root: Path, tiny_root: Path):
     glue.set_fallback_roots("vlm", [vlm_root])
     glue.set_fallback_roots("qwen_image", [tiny_root / "qwen_image"])
     glue.set_fallback_roots("diffusers", [])
+    glue.set_fallback_roots("deepgen", [tiny_root / "deepgen"])
     yield vlm_root
 
 
@@ -81,6 +82,9 @@ def test_dropdown_lists_vlms_and_pipeline_text_encoders():
     names = loader.list_models()
     assert set(NAMES) <= set(names)
     assert "tiny-qwen-image-edit/text_encoder" in names and "tiny-qwen-image/text_encoder" in names
+    # DeepGen-1.0-diffusers ships its own Qwen2.5-VL-3B in vlm/: offered, so both can share one copy
+    assert "tiny-deepgen-diffusers/vlm" in names
+    assert loader.resolve("tiny-deepgen-diffusers/vlm").parent.name == "tiny-deepgen-diffusers"
 
 
 @pytest.mark.parametrize("name,arch", [(tiny_vlm.QWEN2_VL, "qwen2_vl"), (tiny_vlm.QWEN2_5_VL, "qwen2_5_vl"),
