@@ -100,9 +100,9 @@ def test_variant_from_model_card_then_config(emu_root, card, area, variant, sour
 
 def test_variant_override_and_assumed_note(emu_root):
     _variant_folder(emu_root, "no-card", None, 518400)
-    h = loader.load_handle("no-card", IBQ)
+    h = loader.load_handle("no-card", IBQ, MODEL)  # the tiny model's tokenizer files: one cached tokenizer
     assert (h.variant, h.info_dict["variant_source"]) == ("emu3.5-image", "assumed")
-    forced = loader.load_handle("no-card", IBQ, variant="Emu3.5")
+    forced = loader.load_handle("no-card", IBQ, MODEL, variant="Emu3.5")
     assert (forced.variant, forced.info_dict["variant_source"]) == ("emu3.5", "loader input")
     assert loader.load_handle(MODEL, IBQ, variant="Emu3.5").variant == "emu3.5"  # over the card too
     with pytest.raises(InputError, match=r"variant: unknown value \(got 'Emu3\.6'"):
