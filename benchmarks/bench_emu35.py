@@ -10,6 +10,10 @@ the logits processing cost what they cost), a fixed image of ``--rows x --cols``
   ``separate`` (two cached forwards), ``uncached`` (full recomputation), HF ``generate`` with the same
   processing in a LogitsProcessor whose unconditional branch keeps its own cache (as the official
   code does), and a single branch (no CFG) for the CFG cost ratio (target <= 1.3x when batched);
+  ``linearhead`` repeats batched and single with the LM head as a plain ``F.linear`` (the form before
+  ``VocabHead``) in the same process, so the ratio before/after is measured on one machine state;
+- parts: milliseconds per decode step of the decoder layers, the head (both forms) and the logits
+  processing for 1 row vs 2 rows, i.e. where the second branch costs what it costs;
 - quantiser: peak RSS of the naive ``einsum`` + argmax ([B, n_codes, h, w] scores) vs our chunked
   argmax at ``--latent`` x ``--latent`` with 131,072 codes (each in a fresh process);
 - load: peak RSS above the baseline while streaming a random checkpoint into bf16 / FP8 vs its
@@ -133,21 +137,86 @@ def bench_decode(a) -> dict:
     fns = {"batched": ours("batched"), "separate": ours("separate"), "single branch": single, "hf generate": hf,
            "uncached": ours("uncached")}
     fns = {k: v for k, v in fns.items() if k.split()[0] in a.modes}
+    if "linearhead" in a.modes:  # the head as it was before VocabHead: plain F.linear (same process, same weights)
+        fns["batched, F.linear head"] = plain_head(model, ours("batched"))
+        fns["single branch, F.linear head"] = plain_head(model, single)
     times = {k: [] for k in fns}
+    tokens = {}
     with torch.no_grad():
         for k in fns if a.warmup else ():  # first-call overheads out of the timings
             fns[k]()
-        for _ in range(a.repeats):
+        for _ in range(a.repeats):  # interleaved, so that a busy machine slows every mode alike
             for k, fn in fns.items():
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 t = time.perf_counter()
-                fn()
+                tokens[k] = fn()
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 times[k].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {"tokens": n, "seconds": med, "tokens_per_s": {k: n / v for k, v in med.items()}}
+    out = {"tokens": n, "seconds": med, "tokens_per_s": {k: n / v for k, v in med.items()}}
+    if "batched, F.linear head" in tokens and "batched" in tokens:
+        out["same_tokens_with_either_head"] = tokens["batched"] == tokens["batched, F.linear head"]
+    return out
+
+
+def plain_head(model, fn):
+    """``fn`` run with the LM head computed by ``nn.Linear.forward`` (the form before VocabHead)."""
+    from gentor.modeling.emu35.decoder import VocabHead
+
+    def run():
+        model.lm_head.__class__ = torch.nn.Linear
+        try:
+            return fn()
+        finally:
+            model.lm_head.__class__ = VocabHead
+
+    return run
+
+
+def bench_parts(a) -> dict:
+    """Milliseconds per decode step of each part, for 1 row (no CFG) and 2 rows (both CFG branches batched)."""
+    from transformers import DynamicCache
+
+    from gentor.modeling.emu35 import tokens as T
+    from gentor.modeling.emu35.logits import VISUAL, SamplingParams, process
+
+    device = torch.device(a.device)
+    model = build_model(a, device, {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype])
+    gen = torch.Generator().manual_seed(2)
+    prompt = torch.randint(0, 150000, (2, PROMPT_TOKENS), generator=gen).to(device)
+    steps = a.rows * (a.cols + 1)
+    params = SamplingParams(cfg=5.0)
+    parts: dict[str, dict[str, float]] = {}
+
+    def clock(fn) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    with torch.no_grad():
+        for rows in (1, 2):
+            cache = DynamicCache(config=model.config)
+            model.model(input_ids=prompt[:rows], past_key_values=cache, use_cache=True)
+            acc = {"layers": [], "head (VocabHead)": [], "head (F.linear)": [], "logits processing": []}
+            token = torch.full((rows, 1), T.BOV + 1, device=device)
+            for _ in range(steps):
+                box = {}
+                acc["layers"].append(clock(lambda: box.update(h=model.model(
+                    input_ids=token, past_key_values=cache, use_cache=True).last_hidden_state)))
+                acc["head (VocabHead)"].append(clock(lambda: box.update(logits=model.lm_head(box["h"])[:, -1].float())))
+                acc["head (F.linear)"].append(clock(lambda: torch.nn.functional.linear(box["h"], model.lm_head.weight)))
+                acc["logits processing"].append(clock(lambda: process(
+                    (VISUAL, None), box["logits"][0], box["logits"][1] if rows == 2 else None, params)))
+            parts[f"{rows} row{'s' if rows > 1 else ''}"] = {k: 1000 * statistics.median(v) for k, v in acc.items()}
+    one, two = parts["1 row"], parts["2 rows"]
+    parts["2 rows / 1 row"] = {k: two[k] / one[k] for k in one}
+    return parts
 
 
 QUANT_CHILD = """
@@ -246,19 +315,21 @@ def main(argv=None) -> int:
     p.add_argument("--cols", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--latent", type=int, default=32, help="quantiser test: latent side (tokens)")
-    p.add_argument("--modes", default="batched,separate,single,hf,uncached",
-                   help="comma-separated subset of batched, separate, single, hf, uncached")
+    p.add_argument("--modes", default="batched,separate,single,linearhead,hf,uncached",
+                   help="comma-separated subset of batched, separate, single, linearhead (batched and single with "
+                        "the head as a plain F.linear: the form before VocabHead), hf, uncached")
     p.add_argument("--warmup", type=int, default=1, help="0: no warm-up run")
-    p.add_argument("--only", choices=("decode", "quantiser", "load"), action="append")
+    p.add_argument("--only", choices=("decode", "parts", "quantiser", "load"), action="append")
     a = p.parse_args(argv)
     a.modes = a.modes.split(",")
     if a.preset == "34b":
         for k, v in PRESET_34B.items():
             setattr(a, k, v)
     import_pack()
-    parts = a.only or ["decode", "quantiser", "load"]
+    parts = a.only or ["decode", "parts", "quantiser", "load"]
     report = {"shape": {k: getattr(a, k) for k in ("layers", "hidden", "heads", "kv_heads", "inter", "head_dim")},
-              "device": a.device, "dtype": a.dtype}
+              "device": a.device, "dtype": a.dtype, "torch_threads": torch.get_num_threads(),
+              "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "(unset)")}
     if "decode" in parts:
         d = bench_decode(a)
         report["decode"] = d
@@ -268,7 +339,13 @@ def main(argv=None) -> int:
                                ("hf_generate_vs_batched", "hf generate"), ("separate_vs_batched", "separate")):
                 if other in s:
                     report[key] = (s["batched"] / s[other]) if key.startswith("cfg") else s[other] / s["batched"]
+        if "batched, F.linear head" in s:
+            report["cfg_cost_batched_vs_single_with_F.linear_head"] = (s["batched, F.linear head"]
+                                                                       / s["single branch, F.linear head"])
         print(json.dumps({"decode": report["decode"]}), flush=True)  # each part as soon as it is done
+    if "parts" in parts:
+        report["parts_ms_per_step"] = bench_parts(a)
+        print(json.dumps({"parts_ms_per_step": report["parts_ms_per_step"]}), flush=True)
     if "quantiser" in parts:
         report["quantiser"] = bench_quantiser(a)
         print(json.dumps({"quantiser": report["quantiser"]}), flush=True)
