@@ -2,6 +2,7 @@
 model classes (skipped with the reason when the diffsynth package is not installed)."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import logging
 
@@ -226,3 +227,41 @@ def test_lora_runs_through_diffsynths_hot_load_and_matches_the_diffusers_engine(
     assert rel_err(ours.image, ref.image) < TOL_NO_CFG
     # switched off again for the next run: the base image comes back exactly
     assert torch.equal(run(T2I, "t2i", "diffsynth", cfg=1.0).image, base.image)
+
+
+@needs_diffsynth
+def test_every_weight_is_under_a_diffsynth_wrapper():
+    """On a GPU a weight outside DiffSynth's wrappers would stay on the CPU: every one must be managed, which
+    needs the transformers class renames resolved (DiffSynth's maps name the old classes)."""
+    from diffsynth.core.vram.layers import AutoTorchModule
+
+    from gentor.loaders.memory import Plan, Precision
+
+    run(T2I, "t2i", "diffsynth", cfg=1.0)
+    setup = views.vram_config(Plan(Precision(torch.float32, torch.float32), "model", torch.device("cpu"), 0))
+    for kind, build, key in [("qwen_image_transformer", lambda m: views.build_dit(m, m), views.DIT_MAP),
+                             ("autoencoder_kl_qwen_image", views.build_vae, views.VAE_MAP),
+                             ("qwen2_5_vl", views.build_text_encoder, views.TEXT_ENCODER_MAP)]:
+        view = views.enable_vram(build(CACHE.entries(kind)[0].value), key, setup)
+        managed = {id(p) for m in view.modules() if isinstance(m, AutoTorchModule) for p in m.parameters()}
+        left = [n for n, p in view.named_parameters() if id(p) not in managed]
+        assert not left, f"{kind}: weights outside DiffSynth's VRAM management: {left[:5]}"
+
+
+@pytest.mark.parametrize("offload,budget,expect", [
+    ("none", 0, ("cuda", "cuda", "cuda", None)),
+    ("model", 0, ("cpu", "cuda", "cuda", None)),
+    ("block", 0, ("cpu", "cpu", "cuda", 0.0)),
+    ("block", 6 * 2**30, ("cpu", "cpu", "cuda", 6.0)),
+])
+def test_memory_plan_maps_onto_diffsynths_states(offload, budget, expect):
+    from gentor.loaders.memory import Plan, Precision
+
+    plan = Plan(Precision(torch.float8_e4m3fn, torch.bfloat16), offload, torch.device("cuda"), budget)
+    setup = views.vram_config(plan)
+    c = setup.config
+    got = (c["offload_device"].type, c["onload_device"].type, c["preparing_device"].type, setup.limit_gb)
+    assert got == expect
+    assert c["computation_device"].type == "cuda" and c["computation_dtype"] == torch.bfloat16
+    cpu = views.vram_config(dataclasses.replace(plan, device=torch.device("cpu")))
+    assert {v.type for k, v in cpu.config.items() if k.endswith("device")} == {"cpu"} and cpu.limit_gb is None
