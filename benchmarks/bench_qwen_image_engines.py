@@ -5,8 +5,8 @@ same prompt, seed, size, steps and true-CFG 4 (both run the negative branch as a
 (ours, DiffSynth, ours, ...) so machine noise hits both alike. Modes: bf16 (fp32 with ``--fp32``), FP8 storage
 (e4m3 + bf16 compute), FP8 + offload (block on ours; DiffSynth's layer-level vram_limit). Prints seconds per
 step (median of the whole run / steps, text encoding and VAE included), the ratio ours / DiffSynth (target
-<= 1.0) and the peak memory above the pre-run level: device memory on a GPU (``max_memory_allocated``), the
-process RSS on a CPU (sampled every 5 ms; the weights are resident before the run, so this is activations).
+<= 1.0) and the peak memory a run adds above the loaded weights, each engine in a fresh process: device
+memory on a GPU (``max_memory_allocated``), process RSS on a CPU (sampled every 2 ms).
 
     python benchmarks/bench_qwen_image_engines.py [--layers 6] [--heads 6] [--size 256] [--steps 4]
 
@@ -20,6 +20,7 @@ import argparse
 import shutil
 import sys
 import tempfile
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -34,43 +35,63 @@ MODES = {  # name -> MemoryOptions kwargs
     "fp8": dict(weight_dtype="fp8_e4m3fn", compute_dtype="bf16"),
     "fp8+offload": dict(weight_dtype="fp8_e4m3fn", compute_dtype="bf16", offload="block"),
 }
-SAMPLE_S = 0.005
+PROMPT = "a lighthouse on a cliff at dusk, cinematic"
+WARM_SIZE = 32
+SAMPLE_S = 0.002
 
 
-class Peak:
-    """Peak memory above the level at entry: CUDA allocator on a GPU, process RSS (sampled) on a CPU."""
+def peak_child(root: Path, mode: str, engine: str, args: argparse.Namespace) -> float:
+    """Peak memory one run (2 steps) of one engine adds above the loaded weights, in a fresh process: MiB of
+    device memory on a GPU (``max_memory_allocated``), of process RSS on a CPU (sampled every 2 ms)."""
+    cmd = [sys.executable, __file__, "--child", str(root), "--modes", mode, "--engine", engine,
+           "--size", str(args.size)] + (["--fp32"] if args.fp32 else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return float(out.strip().splitlines()[-1])
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.peak = 0
 
-    def __enter__(self) -> "Peak":
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.start = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-            return self
-        import psutil
+def child(args: argparse.Namespace) -> None:
+    base.import_pack()
+    import psutil
 
-        self.proc = psutil.Process()
-        self.start = self.proc.memory_info().rss
-        self.stop = threading.Event()
+    from gentor import glue
+    from gentor.loaders import qwen_image as loader
+    from gentor.loaders.memory import MemoryOptions
+    from gentor.samplers import qwen_image as sampler
+    from gentor.samplers.common import Request
 
-        def sample() -> None:
-            while not self.stop.is_set():
-                self.peak = max(self.peak, self.proc.memory_info().rss - self.start)
-                time.sleep(SAMPLE_S)
-        self.thread = threading.Thread(target=sample, daemon=True)
-        self.thread.start()
-        return self
+    glue.set_fallback_roots("qwen_image", [Path(args.child)])
+    handle = loader.load_handle("mid-qwen-image", MemoryOptions(**options(args.modes, args.fp32)), args.engine)
 
-    def __exit__(self, *exc: object) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated() - self.start
-        else:
-            self.stop.set()
-            self.thread.join()
+    def run(size: int) -> None:
+        sampler.run(handle, "t2i", Request(PROMPT, seed=5, steps=2, width=size, height=size, cfg=4.0,
+                                           settings=sampler.make_settings(preview_every=0)))
+    run(WARM_SIZE)  # loads the weights with small activations
+    if glue.torch_device().type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        run(args.size)
+        print((torch.cuda.max_memory_allocated() - start) / 2**20)
+        return
+    proc, peak, stop = psutil.Process(), [0], threading.Event()
+    start = proc.memory_info().rss
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss - start)
+            time.sleep(SAMPLE_S)
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    run(args.size)
+    stop.set()
+    thread.join()
+    print(peak[0] / 2**20)
+
+
+def options(mode: str, fp32: bool) -> dict:
+    out = dict(MODES[mode])
+    if mode == "bf16" and fp32:
+        out.update(weight_dtype="fp32", compute_dtype="fp32")
+    return out
 
 
 def main() -> None:
@@ -82,7 +103,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--fp32", action="store_true", help="fp32 instead of bf16 in the first mode")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--engine", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
 
     base.import_pack()
     from gentor import glue
@@ -97,7 +123,7 @@ def main() -> None:
     root = base.mid_models(tmp, args.layers, torch.float32)
     glue.set_fallback_roots("qwen_image", [root])
     device = glue.torch_device()
-    req = Request("a lighthouse on a cliff at dusk, cinematic", seed=5, steps=args.steps, width=args.size,
+    req = Request(PROMPT, seed=5, steps=args.steps, width=args.size,
                   height=args.size, cfg=4.0, settings=sampler.make_settings(preview_every=0))
     import diffsynth  # noqa: F401  (fail early, with the import error, when it is missing)
     from gentor.loaders.qwen_image_diffsynth import installed_version
@@ -106,29 +132,20 @@ def main() -> None:
           f"steps, true-CFG 4, diffsynth {installed_version()}, torch threads {torch.get_num_threads()}")
     try:
         for mode in args.modes.split(","):
-            options = dict(MODES[mode])
-            if mode == "bf16" and args.fp32:
-                options.update(weight_dtype="fp32", compute_dtype="fp32")
-            handles = {e: loader.load_handle("mid-qwen-image", MemoryOptions(**options), e)
+            handles = {e: loader.load_handle("mid-qwen-image", MemoryOptions(**options(mode, args.fp32)), e)
                        for e in ("diffusers", "diffsynth")}
-            peaks = {e: 0 for e in handles}
 
             def runner(engine: str):
-                def run() -> torch.Tensor:
-                    with Peak(device) as peak:
-                        image = sampler.run(handles[engine], "t2i", req).image
-                    peaks[engine] = max(peaks[engine], peak.peak)
-                    return image
-                return run
+                return lambda: sampler.run(handles[engine], "t2i", req).image
             runner("diffusers")()  # load the weights once (shared by both engines)
             runner("diffsynth")()
-            peaks = {e: 0 for e in handles}
             t_ours, t_ds, ours, theirs = base.timed_pair(runner("diffusers"), runner("diffsynth"), args.repeats)
             diff = float((ours - theirs).norm() / theirs.norm())
-            print(f"{mode:12s} ours {t_ours / args.steps:7.3f} s/step  DiffSynth {t_ds / args.steps:7.3f} s/step  "
-                  f"ratio {t_ours / t_ds:5.3f}  peak ours {peaks['diffusers'] / 2**20:8.1f} MiB  DiffSynth "
-                  f"{peaks['diffsynth'] / 2**20:8.1f} MiB  images rel diff {diff:.1e}")
             CACHE.unload()
+            peaks = {e: peak_child(root, mode, e, args) for e in handles}
+            print(f"{mode:12s} ours {t_ours / args.steps:7.3f} s/step  DiffSynth {t_ds / args.steps:7.3f} s/step  "
+                  f"ratio {t_ours / t_ds:5.3f}  peak ours {peaks['diffusers']:8.1f} MiB  DiffSynth "
+                  f"{peaks['diffsynth']:8.1f} MiB  images rel diff {diff:.1e}", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
