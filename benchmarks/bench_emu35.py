@@ -14,6 +14,8 @@ the logits processing cost what they cost), a fixed image of ``--rows x --cols``
   ``VocabHead``) in the same process, so the ratio before/after is measured on one machine state;
 - parts: milliseconds per decode step of the decoder layers, the head (both forms) and the logits
   processing for 1 row vs 2 rows, i.e. where the second branch costs what it costs;
+- cache: appending one position to one layer's K/V of both rows at the released KV shape after
+  ``--cache-lengths`` positions, transformers' ``DynamicLayer`` (``torch.cat``) vs our ``AppendLayer``;
 - quantiser: peak RSS of the naive ``einsum`` + argmax ([B, n_codes, h, w] scores) vs our chunked
   argmax at ``--latent`` x ``--latent`` with 131,072 codes (each in a fresh process);
 - load: peak RSS above the baseline while streaming a random checkpoint into bf16 / FP8 vs its
@@ -219,6 +221,39 @@ def bench_parts(a) -> dict:
     return parts
 
 
+def bench_cache(a) -> dict:
+    """Milliseconds per decode step to append one position to one layer's K/V at the released KV shape
+    (8 heads x 128, 2 rows = both CFG branches) after L positions: transformers' DynamicLayer (torch.cat,
+    copies the whole cache) vs AppendLayer (in place); x64 layers is the per-token cost."""
+    from transformers.cache_utils import DynamicLayer
+
+    from gentor.modeling.emu35.kv_cache import append_layer
+
+    device = torch.device(a.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
+    out = {}
+    for length in a.cache_lengths:
+        kv = [torch.randn(2, PRESET_34B["kv_heads"], length, PRESET_34B["head_dim"], device=device, dtype=dtype)
+              for _ in range(2)]
+        new = [torch.randn(2, PRESET_34B["kv_heads"], 1, PRESET_34B["head_dim"], device=device, dtype=dtype)
+               for _ in range(2)]
+        row = {}
+        for name, layer in (("DynamicLayer (cat)", DynamicLayer()), ("AppendLayer", append_layer(length + 64))):
+            layer.update(*kv)
+            times = []
+            for _ in range(32):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t = time.perf_counter()
+                layer.update(*new)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t)
+            row[name] = 1000 * statistics.median(times)
+        out[f"L={length}"] = row
+    return out
+
+
 QUANT_CHILD = """
 import resource, sys, torch, importlib.util
 from pathlib import Path
@@ -319,14 +354,17 @@ def main(argv=None) -> int:
                    help="comma-separated subset of batched, separate, single, linearhead (batched and single with "
                         "the head as a plain F.linear: the form before VocabHead), hf, uncached")
     p.add_argument("--warmup", type=int, default=1, help="0: no warm-up run")
-    p.add_argument("--only", choices=("decode", "parts", "quantiser", "load"), action="append")
+    p.add_argument("--cache-lengths", dest="cache_lengths", default="4096,16384",
+                   help="cache part: positions already cached (comma-separated)")
+    p.add_argument("--only", choices=("decode", "parts", "cache", "quantiser", "load"), action="append")
     a = p.parse_args(argv)
     a.modes = a.modes.split(",")
+    a.cache_lengths = [int(x) for x in a.cache_lengths.split(",")]
     if a.preset == "34b":
         for k, v in PRESET_34B.items():
             setattr(a, k, v)
     import_pack()
-    parts = a.only or ["decode", "parts", "quantiser", "load"]
+    parts = a.only or ["decode", "parts", "cache", "quantiser", "load"]
     report = {"shape": {k: getattr(a, k) for k in ("layers", "hidden", "heads", "kv_heads", "inter", "head_dim")},
               "device": a.device, "dtype": a.dtype, "torch_threads": torch.get_num_threads(),
               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "(unset)")}
@@ -346,6 +384,9 @@ def main(argv=None) -> int:
     if "parts" in parts:
         report["parts_ms_per_step"] = bench_parts(a)
         print(json.dumps({"parts_ms_per_step": report["parts_ms_per_step"]}), flush=True)
+    if "cache" in parts:
+        report["kv_append_ms_per_layer_and_step"] = bench_cache(a)
+        print(json.dumps({"kv_append_ms_per_layer_and_step": report["kv_append_ms_per_layer_and_step"]}), flush=True)
     if "quantiser" in parts:
         report["quantiser"] = bench_quantiser(a)
         print(json.dumps({"quantiser": report["quantiser"]}), flush=True)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 pytest.importorskip("tiktoken", reason="the Emu3.5 tokenizer needs tiktoken (pip install tiktoken)")
 
 from gentor.errors import MemoryEstimateError  # noqa: E402
-from gentor.modeling.emu35 import decoder, image_tokens as IT, logits as L, tokens as T  # noqa: E402
+from gentor.modeling.emu35 import decoder, image_tokens as IT, kv_cache, logits as L, tokens as T  # noqa: E402
 from gentor.modeling.emu35.generate import MODES, Branches, generate  # noqa: E402
 from gentor.modeling.emu35.ibq import IBQ, IBQConfig  # noqa: E402
 from gentor.modeling.emu35.placement import ModelSizes, parse_budgets, plan_devices  # noqa: E402
@@ -293,6 +293,41 @@ def test_cached_branches_equal_uncached_recomputation(tok, model):
     # the uncond branch saw its prompt + BOI... only (no text): compare with a direct forward
     direct = model(torch.tensor([unc + [s[0] for s in script[1:]]])).logits[0, -1]
     assert torch.allclose(results["uncached"][-1][1], direct, atol=1e-4)
+
+
+def test_append_cache_holds_what_concatenation_holds():
+    """AppendLayer (in-place buffers) against transformers' DynamicLayer (torch.cat), growth included."""
+    from transformers.cache_utils import DynamicLayer
+
+    ref, ours = DynamicLayer(), kv_cache.append_layer(3)
+    g = torch.Generator().manual_seed(0)
+    for n in (5, 1, 1, 4, 1, 1):  # a prefill longer than the buffer, then steps: two growths
+        k, v = torch.randn(2, 1, n, 4, generator=g), torch.randn(2, 1, n, 4, generator=g)
+        (rk, rv), (ok, ov) = ref.update(k, v), ours.update(k, v)
+        assert torch.equal(rk, ok) and torch.equal(rv, ov)
+        assert ours.get_seq_length() == ref.get_seq_length() and ours.get_mask_sizes(1) == ref.get_mask_sizes(1)
+    assert ours.capacity == 3 and ours._k.shape[-2] >= 13
+
+
+def test_append_cache_gives_the_dynamic_cache_logits(tok, model, monkeypatch):
+    """The same batched branch logits with transformers' DynamicCache and with the in-place cache."""
+    from transformers import DynamicCache
+
+    import gentor.modeling.emu35.generate as G
+
+    cond = tok.encode(T.T2I_TEMPLATE.format(question="a dog"))
+    unc = tok.encode(T.T2I_UNCOND)
+    script = [(500, False), (T.BOI, True), (18, True), (9, True), (19, True), (T.IMG, True), (T.BOV + 3, True)]
+
+    def run():
+        b = Branches(model, cond, unc, "batched", torch.device("cpu"), new_tokens=4)
+        return [b.prefill(feed_u=False)[0]] + [b.step(token, feed)[0] for token, feed in script]
+
+    ours = run()
+    monkeypatch.setattr(G, "new_cache", lambda config, capacity: DynamicCache(config=config))
+    theirs = run()
+    for a, b in zip(ours, theirs):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-6 * b.abs().max().item())
 
 
 def test_seeded_sampling_is_deterministic_and_modes_agree(tok, model):

@@ -11,6 +11,9 @@ the same logits:
 - ``uncached``: every step re-runs both full sequences (the slow reference the tests and the
   benchmark compare against).
 
+The caches are transformers' ``DynamicCache`` with layers that append in place into buffers sized for
+the run (``kv_cache``), instead of re-concatenating every layer's K/V on every token.
+
 Sampling: each new token consumes one uniform draw from a CPU ``torch.Generator`` seeded with the
 run's seed (inverse-CDF sampling over the processed distribution), so the random stream does not
 depend on the device; the same seed and inputs give the same tokens on the same machine.
@@ -24,9 +27,12 @@ import torch
 
 from ...errors import GentorError
 from . import tokens as T
+from .kv_cache import new_cache
 from .logits import VISUAL, SamplingParams, Structure, process, sample
 
 MODES = ("batched", "separate", "uncached")
+TEXT_RESERVE = 64  # KV room for a header and some text around a known grid
+UNKNOWN_GRID_RESERVE = 4096  # KV room before growing when the model chooses the size (auto)
 
 
 @dataclass
@@ -52,11 +58,13 @@ class StepInfo:
 class Branches:
     """Next-token logits of both branches; the uncond branch advances only when told to."""
 
-    def __init__(self, model: Any, cond: list[int], uncond: list[int], mode: str, device: torch.device) -> None:
+    def __init__(self, model: Any, cond: list[int], uncond: list[int], mode: str, device: torch.device,
+                 new_tokens: int = 0) -> None:
         if mode not in MODES:
             raise GentorError(f"Emu3.5 generation mode: unknown mode (got {mode!r}, expected one of {MODES}). "
                               "Report this as a bug.")
         self.model, self.mode, self.device = model, mode, device
+        self.new_tokens = new_tokens  # expected tokens after the prompts: the KV buffers' room (they grow beyond)
         self.cond, self.uncond = list(cond), list(uncond)
         self.cache: Any = None
         self.ucache: Any = None
@@ -68,10 +76,8 @@ class Branches:
                          use_cache=cache is not None, logits_to_keep=1, **kw)
         return out.logits[:, -1].float()
 
-    def _new_cache(self) -> Any:
-        from transformers import DynamicCache  # noqa: PLC0415
-
-        return DynamicCache(config=self.model.config)
+    def _new_cache(self, prompt: int) -> Any:
+        return new_cache(self.model.config, prompt + self.new_tokens + 1)
 
     def prefill(self, feed_u: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run the prompts; ``feed_u``: the prompt's last token already belongs to the image (BOI)."""
@@ -83,13 +89,13 @@ class Branches:
             self.mask = torch.tensor([[0] * (n - len(s)) + [1] * len(s) for s in (self.cond, self.uncond)],
                                      device=self.device)
             self.pos = [len(self.cond), len(self.uncond)]
-            self.cache = self._new_cache()
+            self.cache = self._new_cache(n)
             rows = [[T.PAD] * (n - len(s)) + s for s in (self.cond, self.uncond)]
             pos = (self.mask.cumsum(1) - 1).clamp(min=0)  # each row counts from its first real token
             out = self._run(rows, self.cache, attention_mask=self.mask, position_ids=pos)
             return out[0], out[1] if feed_u else None
         if self.mode == "separate":
-            self.cache = self._new_cache()
+            self.cache = self._new_cache(len(self.cond))
         c = self._run([self.cond], self.cache)[0]
         return c, self._uncond() if feed_u else None
 
@@ -97,7 +103,7 @@ class Branches:
         if self.mode == "uncached":
             return self._run([self.uncond], None)[0]
         if self.ucache is None:  # first image-mode token: prefill the unconditional prompt + it
-            self.ucache = self._new_cache()
+            self.ucache = self._new_cache(len(self.uncond))
             return self._run([self.uncond], self.ucache)[0]
         return self._run([[self.uncond[-1]]], self.ucache)[0]
 
@@ -123,6 +129,13 @@ class Branches:
         return c, self._uncond() if feed_u else None
 
 
+def expected_tokens(grid: tuple[int, int] | None, max_new_tokens: int) -> int:
+    """Room to reserve in the KV buffers: the image's tokens plus some text when the grid is known."""
+    if grid is None:
+        return min(max_new_tokens, UNKNOWN_GRID_RESERVE)
+    return min(max_new_tokens, grid[0] * (grid[1] + 1) + TEXT_RESERVE)
+
+
 def uniform_draws(seed: int) -> Callable[[], float]:
     """One U[0,1) number per call from a CPU generator seeded with ``seed``."""
     gen = torch.Generator("cpu").manual_seed(int(seed))
@@ -143,7 +156,8 @@ def generate(model: Any, cond: list[int], uncond: list[int] | None, params: Samp
     guided = uncond is not None  # None: no guidance branch at all (a single-branch baseline)
     state = Structure(grid)
     state.advance(cond[-1])
-    branches = Branches(model, cond, uncond or [], mode if guided else "separate", device)
+    branches = Branches(model, cond, uncond or [], mode if guided else "separate", device,
+                        expected_tokens(grid, max_new_tokens))
     logits_c, logits_u = branches.prefill(feed_u=state.image_mode and guided)
     draw = uniform_draws(seed)
     out: list[int] = []
