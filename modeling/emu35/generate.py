@@ -12,7 +12,8 @@ the same logits:
   benchmark compare against).
 
 The caches are transformers' ``DynamicCache`` with layers that append in place into buffers sized for
-the run (``kv_cache``), instead of re-concatenating every layer's K/V on every token.
+the prompt + ``max_new_tokens`` (``kv_cache``), instead of re-concatenating every layer's K/V on every
+token.
 
 Sampling: each new token consumes one uniform draw from a CPU ``torch.Generator`` seeded with the
 run's seed (inverse-CDF sampling over the processed distribution), so the random stream does not
@@ -31,8 +32,6 @@ from .kv_cache import new_cache
 from .logits import VISUAL, SamplingParams, Structure, process, sample
 
 MODES = ("batched", "separate", "uncached")
-TEXT_RESERVE = 64  # KV room for a header and some text around a known grid
-UNKNOWN_GRID_RESERVE = 4096  # KV room before growing when the model chooses the size (auto)
 
 
 @dataclass
@@ -64,7 +63,7 @@ class Branches:
             raise GentorError(f"Emu3.5 generation mode: unknown mode (got {mode!r}, expected one of {MODES}). "
                               "Report this as a bug.")
         self.model, self.mode, self.device = model, mode, device
-        self.new_tokens = new_tokens  # expected tokens after the prompts: the KV buffers' room (they grow beyond)
+        self.new_tokens = new_tokens  # tokens after the prompts the KV buffers have room for (they grow beyond)
         self.cond, self.uncond = list(cond), list(uncond)
         self.cache: Any = None
         self.ucache: Any = None
@@ -129,13 +128,6 @@ class Branches:
         return c, self._uncond() if feed_u else None
 
 
-def expected_tokens(grid: tuple[int, int] | None, max_new_tokens: int) -> int:
-    """Room to reserve in the KV buffers: the image's tokens plus some text when the grid is known."""
-    if grid is None:
-        return min(max_new_tokens, UNKNOWN_GRID_RESERVE)
-    return min(max_new_tokens, grid[0] * (grid[1] + 1) + TEXT_RESERVE)
-
-
 def uniform_draws(seed: int) -> Callable[[], float]:
     """One U[0,1) number per call from a CPU generator seeded with ``seed``."""
     gen = torch.Generator("cpu").manual_seed(int(seed))
@@ -156,8 +148,8 @@ def generate(model: Any, cond: list[int], uncond: list[int] | None, params: Samp
     guided = uncond is not None  # None: no guidance branch at all (a single-branch baseline)
     state = Structure(grid)
     state.advance(cond[-1])
-    branches = Branches(model, cond, uncond or [], mode if guided else "separate", device,
-                        expected_tokens(grid, max_new_tokens))
+    # KV buffers sized for the run's limit (what the sampler's memory check reserved): they never grow here.
+    branches = Branches(model, cond, uncond or [], mode if guided else "separate", device, max_new_tokens)
     logits_c, logits_u = branches.prefill(feed_u=state.image_mode and guided)
     draw = uniform_draws(seed)
     out: list[int] = []

@@ -3,10 +3,12 @@
 transformers' ``DynamicLayer`` appends a token with ``torch.cat``, which copies the whole cached K and V
 of every layer on every step: per row and token, reading and writing the cache once more on top of the
 attention's own read. For Emu3.5 (64 layers x 8 KV heads x 128 x K+V = 256 KiB per position in bf16)
-that is ~1 GB per row and token at 4,000 positions and ~4 GB at the ~16,000 positions of a
-three-reference edit, i.e. 2-12 % of the 65 GB of weights a decode step reads. ``AppendLayer`` writes
-new positions into a buffer sized for the run and hands out views of the filled part: the same
-values, no per-step copy. A run longer than the buffer grows it by half (one copy, rare).
+that copies ~1 GB (read, then written) per row and token at 4,000 positions and ~4 GB at the ~16,000
+positions of a three-reference edit: 3-13 % more memory traffic per row than the 65 GB of bf16
+weights a decode step reads. ``AppendLayer`` writes
+new positions into a buffer sized for the run (prompt + ``max_new_tokens``: the size the sampler's
+memory check reserves) and hands out views of the filled part: the same values, no per-step copy. A
+caller that outruns the buffer grows it by half (one copy).
 """
 from __future__ import annotations
 
