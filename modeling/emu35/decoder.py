@@ -52,13 +52,14 @@ def qwen3_config(emu: Mapping[str, Any]) -> Any:
 
 
 class VocabHead(nn.Linear):
-    """The LM head (282,926 x hidden, bias-free): ``x @ W^T``, on the CPU computed as ``(W @ x^T)^T``.
+    """The LM head (282,926 x hidden, bias-free): ``x @ W^T``, on the CPU in fp32 computed as ``(W @ x^T)^T``.
 
-    Same product, same fp32 accumulation. Why: for a few rows (the two CFG branches of one decode step)
-    MKL runs ``x @ W^T`` with x of 2 rows at about twice the 1-row time (it streams the 1.4 GB fp32
-    weight once per row), while ``W @ x^T`` streams it once for both (measured in
-    benchmarks/bench_emu35.py). For one row both forms give bit-identical logits on the CPU. Other devices
-    and dtypes keep ``F.linear`` (cuBLAS reads the weight once for any small row count).
+    Same product and accumulation dtype; one row gives bit-identical logits. Why: with MKL on the test
+    machine's AMD EPYC, ``F.linear`` on the 2 rows of a CFG decode step takes 2.2x the 1-row time for a
+    hidden size of 512, ``W @ x^T`` ~1.0x (benchmarks/bench_emu35.py, part "parts"). From hidden ~1024 up
+    (the released model has 5120) both forms take ~1.8-2x on that CPU: MKL's 2-row fp32 GEMM runs there at
+    a few GFLOP/s instead of streaming the weight once. Other devices and dtypes keep ``F.linear`` (cuBLAS
+    reads the weight once for a few rows).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
