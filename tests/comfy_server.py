@@ -340,6 +340,11 @@ class ComfyServer:
         raise TimeoutError(f"prompt {prompt_id} not finished within {timeout:.0f} s (queue: "
                            f"{json.dumps(self.get_json('/queue'))[:500]}); log tail:\n{self.log_tail()}")
 
+    def python_has(self, module: str) -> bool:
+        """Whether ComfyUI's Python can import ``module`` (e.g. an optional engine's package)."""
+        code = f"import importlib.util, sys; sys.exit(importlib.util.find_spec({module!r}) is None)"
+        return subprocess.run([self.python, "-c", code], capture_output=True, timeout=120).returncode == 0
+
     def run(self, prompt: dict, timeout: float = 120.0) -> dict:
         return self.wait(self.queue(prompt), timeout)
 

@@ -92,3 +92,21 @@ def test_progress_and_previews_over_websocket(server):
     # Steps 1-3 carry a latent preview (none on the last step); each frame holds a JPEG.
     assert len(previews) >= PREVIEW_STEPS - 1 and all(b"\xff\xd8" in p[:64] for p in previews), \
         [p[:16] for p in previews]
+
+
+def test_diffsynth_engine_runs_in_comfyui_or_says_why_not(server):
+    """The DiffSynth example in a real ComfyUI: DiffSynth runs when ComfyUI's Python has diffsynth, otherwise
+    the run falls back (engine diffsynth-or-diffusers) and the text output says so; engine = diffsynth without
+    the package fails naming the input and the pip command."""
+    api = api_workflow("qwen_image_t2i_diffsynth")
+    t2i_id, _ = node_of(api, "GentorTextToImage")
+    entry = server.run(api, RUN_TIMEOUT_S)
+    assert entry.get("status", {}).get("status_str") == "success", entry.get("status")
+    text = "\n".join(entry["outputs"][t2i_id]["text"])
+    installed = server.python_has("diffsynth")
+    assert ("engine=diffsynth" in text) if installed else ("fell back to diffusers" in text), text
+    if not installed:
+        _, loader = node_of(api, LOADER)
+        loader["inputs"]["engine"] = "diffsynth"
+        how, node_id, message = refusal(server, api, RUN_TIMEOUT_S)
+        assert "engine" in message and "pip install" in message, (how, message)
