@@ -11,6 +11,7 @@ Run-time adapters (on our pipeline subclass, never on the installed package):
   dtype), one slice per image, so a seed means the same starting point in both engines;
 - ``step``: per-step progress, interrupt (Cancel) and latent previews;
 - ``vae_output_to_image``: the decoded floats instead of an 8-bit PIL image;
+- the prompt unit: embeddings cut to the job's ``max_sequence_length``, as the diffusers engine cuts them;
 - ``load_models_to_device``: DiffSynth empties the device cache through ``torch.<device>.empty_cache``,
   which a CPU torch does not have.
 """
@@ -33,14 +34,39 @@ NO_CFG = 1.0  # DiffSynth runs the negative branch whenever cfg_scale != 1
 
 
 @functools.lru_cache(maxsize=1)
+def _prompt_unit_class() -> type:
+    from diffsynth.pipelines.qwen_image import QwenImageUnit_PromptEmbedder  # noqa: PLC0415
+
+    class LimitedPromptEmbedder(QwenImageUnit_PromptEmbedder):
+        """DiffSynth's prompt unit, cut to the job's max_sequence_length as the diffusers engine cuts it."""
+
+        max_tokens: int | None = None
+
+        def process(self, pipe, prompt, edit_image=None) -> dict:  # noqa: ANN001
+            out = super().process(pipe, prompt, edit_image)
+            if self.max_tokens and "prompt_emb" in out:
+                out = {"prompt_emb": out["prompt_emb"][:, :self.max_tokens],
+                       "prompt_emb_mask": out["prompt_emb_mask"][:, :self.max_tokens]}
+            return out
+
+    return LimitedPromptEmbedder
+
+
+@functools.lru_cache(maxsize=1)
 def _pipeline_class() -> type:
-    from diffsynth.pipelines.qwen_image import QwenImagePipeline  # noqa: PLC0415
+    from diffsynth.pipelines.qwen_image import QwenImagePipeline, QwenImageUnit_PromptEmbedder  # noqa: PLC0415
 
     class GentorDiffSynthPipeline(QwenImagePipeline):
         """DiffSynth's Qwen-Image pipeline with our noise, progress and output adapters."""
 
         noise: torch.Tensor | None = None
         on_latents: Callable[[int, torch.Tensor], None] | None = None
+
+        def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+            super().__init__(*args, **kwargs)
+            limited = _prompt_unit_class()
+            self.units = [limited() if type(u) is QwenImageUnit_PromptEmbedder else u for u in self.units]
+            self.prompt_unit = next(u for u in self.units if isinstance(u, limited))
 
         def generate_noise(self, shape, seed=None, rand_device="cpu", rand_torch_dtype=torch.float32,  # noqa: ANN001
                            device=None, torch_dtype=None) -> torch.Tensor:
@@ -144,6 +170,7 @@ class DiffSynthEngine:
         if job.task != "t2i":
             args.update(edit_image=job.images[0] if job.task == "edit" else list(job.images),
                         edit_image_auto_resize=True, zero_cond_t=self.zero_cond_t)
+        pipe.prompt_unit.max_tokens = job.max_sequence_length
         images = []
         try:
             for index in range(job.batch_size):

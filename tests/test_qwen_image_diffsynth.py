@@ -265,3 +265,12 @@ def test_memory_plan_maps_onto_diffsynths_states(offload, budget, expect):
     assert c["computation_device"].type == "cuda" and c["computation_dtype"] == torch.bfloat16
     cpu = views.vram_config(dataclasses.replace(plan, device=torch.device("cpu")))
     assert {v.type for k, v in cpu.config.items() if k.endswith("device")} == {"cpu"} and cpu.limit_gb is None
+
+
+@needs_diffsynth
+def test_max_sequence_length_cuts_the_prompt_like_the_diffusers_engine():
+    long = "a red fox sitting in fresh snow under tall pines, " * 6
+    cut = sampler.make_settings(max_sequence_length=8)
+    ours = run(T2I, "t2i", "diffsynth", cfg=1.0, prompt=long, settings=cut)
+    assert not torch.equal(ours.image, run(T2I, "t2i", "diffsynth", cfg=1.0, prompt=long).image)
+    assert rel_err(ours.image, run(T2I, "t2i", "diffusers", cfg=1.0, prompt=long, settings=cut).image) < TOL_NO_CFG
