@@ -9,8 +9,8 @@ Sizes, the codebook and the variant are read from the files, never from folder n
 
 Variant (Emu3.5-Image vs the general Emu3.5): the released ``config.json`` files do not tell them apart
 (BAAI/Emu3.5 commit c48ad67 has ``image_area: 518400``; BAAI/Emu3.5-Image's config.json has the same
-930-byte size, and the official inference code never reads ``image_area`` from it: each task's Python
-config sets it). What differs in the released folders is the model card's ``pipeline_tag``
+930-byte size, so almost certainly the same value; the official inference code never reads
+``image_area`` from it: each task's Python config sets it). What differs in the released folders is the model card's ``pipeline_tag``
 (``text-to-image`` on Emu3.5-Image, ``any-to-any`` on Emu3.5). Order: the loader's explicit ``variant``,
 then the card, then a config carrying Emu3.5-Image's 1048576 area; otherwise Emu3.5-Image is assumed
 (the official recommendation for T2I/X2I, the only tasks here) and the run's notes say so.
@@ -56,7 +56,7 @@ MODEL_CARD = "README.md"
 MODEL_CARD_BYTES = 4096  # the YAML front matter sits at the top of the card
 # The hub's pipeline_tag of each release's model card (BAAI/Emu3.5-Image discussion #2, BAAI/Emu3.5 commit f06c4cf).
 CARD_PIPELINE_TAGS = {"text-to-image": IMAGE_VARIANT, "any-to-any": GENERAL_VARIANT}
-# A config.json with Emu3.5-Image's own image area (the released configs both carry 518400, see above).
+# A config.json with Emu3.5-Image's own image area (not what the released files carry, see above).
 IMAGE_VARIANT_AREA = T.IMAGE_AREA
 ASSUMED = "assumed"
 EMBED_KEY = "model.embed_tokens.weight"
