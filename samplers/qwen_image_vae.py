@@ -3,7 +3,8 @@
 diffusers' Qwen-Image VAEs (``AutoencoderKLQwenImage``, ``AutoencoderKLQwenImage21``) implement tiling (the
 latent is decoded in overlapping tiles blended linearly at the seams) and slicing (a batch decoded one image
 at a time). Tiling bounds the decode's activations by the tile size instead of the image size; the output
-differs from a whole decode only near the seams (tests/test_qwen_lora.py measures it).
+differs from a whole decode only near the seams (tests/test_qwen_image_vae.py states the tolerance).
+Measured peaks (CPU RSS and counted allocations, 1024..2048 px): benchmarks/bench_qwen_image_vae.py and the README.
 """
 from __future__ import annotations
 
@@ -13,9 +14,19 @@ VAE_TILING_MODES = ("auto", "on", "off")
 DEFAULT_VAE_TILING = "auto"
 # diffusers' default tile of these VAEs: 256 px tiles, 192 px stride (64 px blended overlap).
 TILE_PX = 256
-# Rough bytes per pixel per VAE base channel held during a decode (upsampling stages, causal caches).
-VAE_DECODE_FACTOR = 12
-OUTPUT_CHANNELS = 4  # RGB(A) float output kept whole while tiles are blended
+# Bytes per output pixel per VAE base channel (x itemsize) a whole decode holds at its peak. Counted exactly on the
+# real Qwen-Image VAE (benchmarks/bench_qwen_image_vae.py --simulate, every size 256..2048 px): 18 -- the
+# full-resolution stage keeps each causal conv's input frames cached next to its activations. A CPU decode's RSS
+# grows by 21 per pixel and channel (measured 256 / 512 px): oneDNN holds one more reordered copy of the widest conv input. 21 covers
+# both (the old 12 was 35-45% low: 2048 px fp32 whole is 29 GB allocated, 12 said 19 GB).
+VAE_DECODE_FACTOR = 21
+# CPU scratch per decode whatever the size (oneDNN weight reorders; the RSS intercept, measured ~0.2 GB). Counted in
+# the tiled estimate only, where it is a third of the total; the whole estimate stays linear in the batch, and from
+# 512 px on its per-pixel part dwarfs this.
+DECODE_SCRATCH_BYTES = 200 * 10**6
+# Floats per pixel held besides the current tile: diffusers keeps every decoded tile until it blends them; the tiles
+# overlap, so they cover up to ~1.8x the image in RGB (counted: 5.1 floats/px at 1024 px); 8 also covers RGBA.
+TILED_HELD_FLOATS = 8
 
 
 def decode_bytes(width: int, height: int, batch: int, base_dim: int, itemsize: int, tiled: bool) -> int:
@@ -23,8 +34,8 @@ def decode_bytes(width: int, height: int, batch: int, base_dim: int, itemsize: i
     if not tiled:
         return width * height * base_dim * itemsize * VAE_DECODE_FACTOR * batch
     tile = min(width, TILE_PX) * min(height, TILE_PX) * base_dim * itemsize * VAE_DECODE_FACTOR
-    # the blended output image stays whole; slicing decodes one batch item at a time
-    return tile + width * height * OUTPUT_CHANNELS * itemsize * 2 * batch
+    # the decoded tiles and the blended output stay whole; slicing decodes one batch item at a time
+    return tile + width * height * TILED_HELD_FLOATS * itemsize * batch + DECODE_SCRATCH_BYTES
 
 
 def choose(mode: str, untiled_fits: bool) -> tuple[bool, str]:

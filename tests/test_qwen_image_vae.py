@@ -1,0 +1,123 @@
+"""Qwen-Image VAE tiling (samplers/qwen_image_vae.py): a tiled decode is the tiles' whole decodes blended linearly
+over the seam (computed here independently), tiled and whole decodes agree within a stated tolerance at a size
+that needs two tiles, and the memory estimate covers what a decode of the real-width VAE allocates (counted on the
+meta device, nothing computed)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks.bench_qwen_image_vae import REAL_VAE_CONFIG, live_bytes_tracker
+from gentor.samplers import qwen_image_vae
+from tests import tiny_models
+
+SPATIAL = 8  # the VAE's spatial compression
+STRIDE_PX = 192  # diffusers' tile stride: 256 px tiles overlap by 64 px
+SEAM_PX = qwen_image_vae.TILE_PX - STRIDE_PX
+# 192 x 384 px: one tile row, two tiles across (x 0..256 and 192..384), one 64 px seam.
+TWO_TILES_LATENT = (24, 48)
+EXACT = 1e-5  # fp32, the same convolutions on the same latents in another order
+# Tiled vs whole at two tiles, relative to the whole decode's largest |pixel| (random tiny VAE; measured here: mean
+# 0.44%, max 17% inside the 64 px seam, up to 9% elsewhere). Each tile sees zero padding where the whole decode sees
+# the neighbouring latents, and the random decoder's receptive field spans most of a tile.
+TILED_MEAN_TOLERANCE = 0.01
+TILED_MAX_TOLERANCE = 0.3
+# The estimate may exceed what a decode allocates (CPU RSS adds a oneDNN copy on top, see the
+# benchmark), but by less than this, or "auto" would tile decodes that fit.
+ESTIMATE_SLACK = 1.3
+REAL_BASE_DIM = REAL_VAE_CONFIG["base_dim"]
+OUTPUT_SCALE = 0.25
+
+
+@pytest.fixture(scope="module")
+def vae():
+    vae = tiny_models.build_qwen_vae(torch)
+    # diffusers clamps a whole decode to -1..1 but not the blended tiles (the pipeline's post-processing clamps
+    # both); scale the random output layer so no pixel saturates and the clamp plays no part in the comparisons.
+    with torch.no_grad():
+        vae.decoder.conv_out.weight.mul_(OUTPUT_SCALE)
+        vae.decoder.conv_out.bias.mul_(OUTPUT_SCALE)
+    return vae
+
+
+def two_tile_latents() -> torch.Tensor:
+    return torch.randn(1, 16, 1, *TWO_TILES_LATENT, generator=torch.Generator().manual_seed(0))
+
+
+def decode(vae, z: torch.Tensor, tiled: bool) -> torch.Tensor:
+    qwen_image_vae.apply(vae, tiled)
+    with torch.inference_mode():
+        return vae.decode(z).sample[:, :, 0]
+
+
+def test_vae_tiled_decode_is_two_whole_tile_decodes_blended_over_the_seam(vae):
+    z = two_tile_latents()
+    tiled = decode(vae, z, tiled=True)
+    left_cols = qwen_image_vae.TILE_PX // SPATIAL
+    left = decode(vae, z[..., :left_cols], tiled=False)  # x 0..256
+    right = decode(vae, z[..., STRIDE_PX // SPATIAL:], tiled=False)  # x 192..384
+    ramp = torch.arange(SEAM_PX, dtype=torch.float32) / SEAM_PX  # weight of the right tile across the seam
+    seam = left[..., STRIDE_PX:] * (1 - ramp) + right[..., :SEAM_PX] * ramp
+    expected = torch.cat([left[..., :STRIDE_PX], seam, right[..., SEAM_PX:]], dim=-1)
+    assert tiled.shape == expected.shape == (1, 3, 192, 384)
+    assert max(left.abs().max(), right.abs().max()) < 1, "no pixel clamped (else the blend of clamps differs)"
+    torch.testing.assert_close(tiled, expected, rtol=EXACT, atol=EXACT)
+
+
+def test_vae_tiled_and_whole_decodes_agree_within_tolerance_at_two_tiles(vae):
+    z = two_tile_latents()
+    whole = decode(vae, z, tiled=False)
+    assert not vae.use_tiling and not vae.use_slicing
+    tiled = decode(vae, z, tiled=True)
+    assert vae.use_tiling and vae.use_slicing
+    scale = float(whole.abs().max())
+    assert scale < 1, "no pixel clamped"
+    diff = (whole - tiled).abs() / scale
+    assert diff.max() > 0, "the tiled path really ran (else the comparison is blind)"
+    assert float(diff.mean()) < TILED_MEAN_TOLERANCE, f"mean |tiled - whole| = {float(diff.mean()):.2%} of the range"
+    assert float(diff.max()) < TILED_MAX_TOLERANCE, f"max |tiled - whole| = {float(diff.max()):.2%} of the range"
+
+
+def test_vae_choose_modes():
+    assert qwen_image_vae.choose("on", untiled_fits=True)[0] is True
+    assert qwen_image_vae.choose("off", untiled_fits=False) == (False, "")
+    assert qwen_image_vae.choose("auto", untiled_fits=True) == (False, "")
+    tiled, note = qwen_image_vae.choose("auto", untiled_fits=False)
+    assert tiled and "would not fit" in note
+
+
+# ----------------------------------------------------------------------------- the estimate vs allocations
+# Counted on the meta device (nothing computed): the bytes of live tensor storages after every op, as an allocator
+# without caching would hold them.
+def test_vae_live_bytes_counter_counts_a_known_sequence():
+    counter = live_bytes_tracker()  # the benchmark's instrument, checked here
+    with counter:
+        a = torch.ones(256, device="meta")  # 1 KiB
+        b = a * 2  # 2 KiB live
+        del a
+        c = b.view(16, 16) + 1  # a view adds nothing: b + c = 2 KiB
+        del b, c
+        torch.empty(1024, device="meta")  # 4 KiB alone
+    assert counter.peak == 4096
+
+
+def allocated_peak(width: int, height: int, tiled: bool) -> int:
+    from diffusers import AutoencoderKLQwenImage
+
+    with torch.device("meta"):
+        vae = AutoencoderKLQwenImage(**REAL_VAE_CONFIG).eval()
+    qwen_image_vae.apply(vae, tiled)
+    z = torch.empty(1, 16, 1, height // SPATIAL, width // SPATIAL, device="meta")
+    counter = live_bytes_tracker()
+    with torch.inference_mode(), counter:
+        vae.decode(z)
+    return counter.peak
+
+
+@pytest.mark.parametrize(("width", "height", "tiled"), [(256, 256, False), (384, 192, True)])
+def test_vae_decode_estimate_covers_the_allocations_of_the_real_width_vae(width, height, tiled):
+    counted = allocated_peak(width, height, tiled)
+    estimate = qwen_image_vae.decode_bytes(width, height, 1, REAL_BASE_DIM, 4, tiled)
+    scratch = qwen_image_vae.DECODE_SCRATCH_BYTES if tiled else 0  # CPU scratch: no tensor of the decode
+    assert counted <= estimate <= counted * ESTIMATE_SLACK + scratch, (
+        f"estimate {estimate / 1e9:.3f} GB, counted {counted / 1e9:.3f} GB")
