@@ -25,8 +25,12 @@ def roots(qwen_roots):
 
 # ----------------------------------------------------------------------------- detection / listing
 def test_dropdown_lists_only_pipelines(qwen_roots, tmp_path):
-    (qwen_roots / "not-a-model").mkdir(exist_ok=True)
-    names = loader.list_models()
+    stray = qwen_roots / "not-a-model"
+    stray.mkdir(exist_ok=True)
+    try:
+        names = loader.list_models()
+    finally:
+        stray.rmdir()  # the tiny models folder is shared by the whole session (e.g. test_inspect walks it)
     assert set(names) == {T2I, EDIT, EDIT_PLUS, SHARDED, "tiny-qwen-image-2512", "tiny-qwen-image-2.1"}
 
 
