@@ -20,11 +20,11 @@ Measured 2026-11-30 on a 2-core AMD EPYC VM (23 GiB RAM, shared with other jobs:
 diffusers 0.42.1, fp32 (bf16 conv3d on this CPU runs > 40x slower than fp32, so it is no option here). GB = 1e9 B.
 
     size   whole: counted  CPU RSS      tiled: counted  CPU RSS     estimate whole / tiled (decode_bytes)
-     256            0.45     0.73               0.45     0.71          0.53 / 0.73
-     512            1.82     2.31               0.46     0.78          2.11 / 0.74
-    1024            7.26      -                 0.48      -            8.46 / 0.76
-    1328           12.20      -                 0.49      -           14.22 / 0.78
-    2048           29.01      -                 -         -           33.82 / 0.86
+     256            0.45     0.73               0.45     0.71          0.60 / 0.81
+     512            1.82     2.31               0.46     0.78          2.42 / 0.81
+    1024            7.26      -                 0.48      -            9.66 / 0.84
+    1328           12.20      -                 0.49      -           16.25 / 0.86
+    2048           29.01      -                 0.54      -           38.65 / 0.94
 
 "counted" = --simulate (allocations, fp32; bf16 halves them: 2048 px whole 14.51 GB); "CPU RSS" = VmHWM above the
 post-load RSS, 1 thread. A whole fp32 decode at 2048 px does not fit this machine (29 GB allocated + CPU copies).

@@ -14,12 +14,13 @@ VAE_TILING_MODES = ("auto", "on", "off")
 DEFAULT_VAE_TILING = "auto"
 # diffusers' default tile of these VAEs: 256 px tiles, 192 px stride (64 px blended overlap).
 TILE_PX = 256
-# Bytes per output pixel per VAE base channel (x itemsize) a whole decode holds at its peak. Counted exactly on the
-# real Qwen-Image VAE (benchmarks/bench_qwen_image_vae.py --simulate, every size 256..2048 px): 18 -- the
-# full-resolution stage keeps each causal conv's input frames cached next to its activations. A CPU decode's RSS
-# grows by 21 per pixel and channel (measured 256 / 512 px): oneDNN holds one more reordered copy of the widest conv input. 21 covers
-# both (the old 12 was 35-45% low: 2048 px fp32 whole is 29 GB allocated, 12 said 19 GB).
-VAE_DECODE_FACTOR = 21
+# Bytes per output pixel per VAE (decoder) base channel, x itemsize, that a whole decode holds at its peak. Counted
+# on the real-size VAEs (benchmarks/bench_qwen_image_vae.py --simulate; 256..2048 px, the same at every size):
+# Qwen-Image 18 (its full-resolution stage keeps each causal conv's input frames cached next to the activations),
+# Qwen-Image 2.1 21.3 (diffusers' default config: decoder_base_dim 144; counted at 512 / 1024 px). A CPU decode's RSS adds ~3 (measured on Qwen-Image, 256 / 512 px:
+# oneDNN holds one more reordered copy of the widest conv input). 24 covers both VAEs; the old 12 was 35-45% low
+# (2048 px fp32 whole: 29 GB allocated, 12 said 19 GB).
+VAE_DECODE_FACTOR = 24
 # CPU scratch per decode whatever the size (oneDNN weight reorders; the RSS intercept, measured ~0.2 GB). Counted in
 # the tiled estimate only, where it is a third of the total; the whole estimate stays linear in the batch, and from
 # 512 px on its per-pixel part dwarfs this.
