@@ -24,10 +24,12 @@ diffusers 0.42.1, fp32 (bf16 conv3d on this CPU runs > 40x slower than fp32, so 
      512            1.82     2.31               0.46     0.78          2.42 / 0.81
     1024            7.26      -                 0.48      -            9.66 / 0.84
     1328           12.20      -                 0.49      -           16.25 / 0.86
-    2048           29.01      -                 0.54      -           38.65 / 0.94
+    2048           29.01   not run              0.54     0.87          38.65 / 0.94
 
 "counted" = --simulate (allocations, fp32; bf16 halves them: 2048 px whole 14.51 GB); "CPU RSS" = VmHWM above the
-post-load RSS, 1 thread. A whole fp32 decode at 2048 px does not fit this machine (29 GB allocated + CPU copies).
+post-load RSS (the 5 ms sampler agreed within 0.3 MB). Wall time (contended, so only a rough guide): 256 px whole
+58 s / tiled 68 s and 512 px 246 s / 323 s with 1 thread; 2048 px tiled 4737 s with 2 threads (121 tiles). A whole
+fp32 decode at 2048 px was not run: 29 GB allocated + the CPU copies exceed this machine's 23 GiB.
 """
 from __future__ import annotations
 
@@ -203,8 +205,8 @@ def run_one(size: int, mode: str, args: argparse.Namespace) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
-        return {"size": size, "mode": mode, "error": (proc.stderr.strip().splitlines() or [f"rc {proc.returncode}"])[-1],
-                "returncode": proc.returncode}
+        last = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+        return {"size": size, "mode": mode, "error": last, "returncode": proc.returncode}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
