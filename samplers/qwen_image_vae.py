@@ -18,7 +18,7 @@ TILE_PX = 256
 # on the real-size VAEs (benchmarks/bench_qwen_image_vae.py --simulate; 256..2048 px, the same at every size):
 # Qwen-Image 18 (its full-resolution stage keeps each causal conv's input frames cached next to the activations),
 # Qwen-Image 2.1 21.3 (diffusers' default config: decoder_base_dim 144; counted at 512 / 1024 px). A CPU decode's
-# RSS adds ~3 (measured on Qwen-Image at 256 / 512 px: oneDNN holds one more reordered copy of the widest conv
+# RSS adds ~3 (measured on Qwen-Image, 256..1024 px: oneDNN holds one more reordered copy of the widest conv
 # input). 24 covers both VAEs; the old 12 was 35-45% low (2048 px fp32 whole: 29 GB allocated, 12 said 19 GB).
 VAE_DECODE_FACTOR = 24
 # CPU scratch per decode whatever the size (oneDNN weight reorders; the RSS intercept, measured ~0.2 GB). Counted in
