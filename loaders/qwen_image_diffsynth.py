@@ -106,9 +106,12 @@ def _share(view: torch.nn.Module, source: Any, what: str) -> torch.nn.Module:
     return view
 
 
-def build_dit(transformer: torch.nn.Module, source: Any) -> torch.nn.Module:
-    """DiffSynth's ``QwenImageDiT`` with the cached transformer's sizes and weights (``source``: base view)."""
-    return _share(empty_dit(transformer.config), source, "transformer")
+def build_dit(transformer: torch.nn.Module) -> torch.nn.Module:
+    """DiffSynth's ``QwenImageDiT`` with the cached transformer's sizes and base weights (without the LoRA layers
+    PEFT may have injected: those are handed over separately, see ``copy_loras``)."""
+    from .lora import base_view  # noqa: PLC0415
+
+    return _share(empty_dit(transformer.config), base_view(transformer), "transformer")
 
 
 def empty_dit(cfg: Any) -> torch.nn.Module:

@@ -31,7 +31,7 @@ PIPELINE_FOLDER_KEYS = ("qwen_image", "diffusers")  # Qwen-Image pipelines whose
 TEXT_ENCODER = "text_encoder"
 # VLMs inside other backends' folders, offered as '<folder>/<sub-folder>' so the enhancer can share one copy with
 # that backend: Qwen-Image pipelines' text encoders, DeepGen-1.0-diffusers' own vlm/ (Qwen2.5-VL-3B).
-NESTED = ((PIPELINE_FOLDER_KEYS, TEXT_ENCODER), (("deepgen",), "vlm"))
+NESTED = ((PIPELINE_FOLDER_KEYS, TEXT_ENCODER, ()), (("deepgen",), "vlm", ("connector",)))
 
 
 @dataclass(frozen=True)
@@ -108,9 +108,11 @@ def looks_like_vlm(folder: Path) -> bool:
     return _model_type(folder) in ARCHITECTURES
 
 
-def _nested_filter(sub: str):
+def _nested_filter(sub: str, markers: tuple[str, ...]):
+    """A pipeline folder (model_index.json + the backend's marker folders) whose ``sub`` folder is a Qwen-VL."""
     def ok(folder: Path) -> bool:
-        return (folder / "model_index.json").is_file() and looks_like_vlm(folder / sub)
+        return ((folder / "model_index.json").is_file() and all((folder / m).is_dir() for m in markers)
+                and looks_like_vlm(folder / sub))
     return ok
 
 
@@ -118,7 +120,8 @@ def list_models() -> list[str]:
     """Qwen-VL folders in models/vlm/, then VLMs inside other backends' folders as '<folder>/<sub-folder>'
     (Qwen-Image pipelines' text encoders, DeepGen diffusers folders' vlm/)."""
     own = list_model_folders(FOLDER_KEYS, looks_like_vlm)
-    nested = [f"{n}/{sub}" for keys, sub in NESTED for n in list_model_folders(keys, _nested_filter(sub))]
+    nested = [f"{n}/{sub}" for keys, sub, markers in NESTED
+              for n in list_model_folders(keys, _nested_filter(sub, markers))]
     return own + [n for n in dict.fromkeys(nested) if n not in own]
 
 
@@ -128,7 +131,7 @@ def resolve(name: str) -> Path:
         return resolve_model_folder(DISPLAY, INPUT, name, FOLDER_KEYS)
     except InputError:
         # Not under models/vlm/: it may be '<pipeline>/text_encoder' or '<DeepGen folder>/vlm' (same confinement).
-        for keys, sub in NESTED:
+        for keys, sub, _ in NESTED:
             if isinstance(name, str) and name.endswith("/" + sub):
                 try:
                     return resolve_model_folder(DISPLAY, INPUT, name, keys)

@@ -128,9 +128,7 @@ class DiffSynthEngine:
         self.setup = views.vram_config(plan)
         transformer = components["transformer"].value
         self.zero_cond_t = bool(getattr(transformer.config, "zero_cond_t", False))
-        from ..loaders.lora import base_view  # noqa: PLC0415
-
-        dit = views.build_dit(transformer, base_view(transformer))
+        dit = views.build_dit(transformer)
         vae = views.build_vae(components["vae"].value)
         text_encoder = views.build_text_encoder(components["text_encoder"].value)
         pipe = _pipeline_class()(device=plan.device, torch_dtype=plan.compute)
