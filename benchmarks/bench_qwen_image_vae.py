@@ -23,14 +23,14 @@ diffusers 0.42.1, fp32 (bf16 conv3d on this CPU runs > 40x slower than fp32, so 
      256            0.45     0.73               0.45     0.71          0.60 / 0.81
      512            1.82     2.31               0.46     0.78          2.42 / 0.81
     1024            7.26     8.66               0.48      -            9.66 / 0.84
-    1328           12.20      -                 0.49      -           16.25 / 0.86
+    1328           12.20    14.29               0.49      -           16.25 / 0.86
     2048           29.01   not run              0.54     0.87          38.65 / 0.94
 
 "counted" = --simulate (allocations, fp32; bf16 halves them: 2048 px whole 14.51 GB); "CPU RSS" = VmHWM above the
 post-load RSS (the 5 ms sampler agreed within 0.3 MB). Wall time (contended, so only a rough guide): 256 px whole
-58 s / tiled 68 s and 512 px 246 s / 323 s with 1 thread; 1024 px whole 370 s and 2048 px tiled 4737 s (121
-tiles) with 2 threads. A whole fp32 decode at 2048 px was not run: 29 GB allocated + the CPU copies (RSS grows
-8.07 kB per pixel from 512 to 1024 px, so ~34 GB) exceed this machine's 23 GiB.
+58 s / tiled 68 s and 512 px 246 s / 323 s with 1 thread; 1024 / 1328 px whole 370 s / 648 s and 2048 px
+tiled 4737 s (121 tiles) with 2 threads. A whole fp32 decode at 2048 px was not run: 29 GB allocated + the CPU
+copies (RSS grows 8.07 kB per pixel from 512 to 1328 px, so ~34 GB) exceed this machine's 23 GiB.
 """
 from __future__ import annotations
 
