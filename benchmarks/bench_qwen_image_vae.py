@@ -30,7 +30,7 @@ diffusers 0.42.1, fp32 (bf16 conv3d on this CPU runs > 40x slower than fp32, so 
 post-load RSS (the 5 ms sampler agreed within 0.3 MB). Wall time (contended, so only a rough guide): 256 px whole
 58 s / tiled 68 s and 512 px 246 s / 323 s with 1 thread; 1024 / 1328 px whole 370 s / 648 s and 2048 px
 tiled 4737 s (121 tiles) with 2 threads. A whole fp32 decode at 2048 px was not run: 29 GB allocated + the CPU
-copies (RSS grows 8.07 kB per pixel from 512 to 1328 px, so ~34 GB) exceed this machine's 23 GiB.
+copies (RSS grows ~8 kB per pixel from 512 to 1328 px, so ~34 GB) exceed this machine's 23 GiB.
 """
 from __future__ import annotations
 
