@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 from gentor import glue, registry
 from gentor.loaders import bagel as loader
@@ -14,6 +13,7 @@ from gentor.samplers import bagel as sampler
 from gentor.samplers.common import Request, tensor_to_pils
 from tests import tiny_bagel
 from tests import workflow_check as wc
+from tests.workflow_runs import task_request
 
 EXAMPLES = ("bagel_t2i", "bagel_edit", "bagel_edit_2refs", "bagel_think", "bagel_understand")
 SETTINGS_KEYS = ("cfg_img_scale", "cfg_interval_start", "cfg_interval_end", "cfg_renorm_type", "cfg_renorm_min",
@@ -38,18 +38,9 @@ def run_api(api: dict):
     handle = loader.load_handle(load["inputs"]["model_name"], None)
     (_, settings), = _by_class(api, "GentorBagelSettings")
     s = sampler.make_settings(**{k: settings["inputs"][k] for k in SETTINGS_KEYS})
-    task_id, task = wc.sampler_of(api)
-    inputs = task["inputs"]
-    images = []
-    for k in range(1, 5):
-        link = inputs.get(f"image_{k}")
-        if link is not None:
-            with Image.open(wc.INPUTS_DIR / api[link[0]]["inputs"]["image"]) as img:
-                images.append(img.convert("RGB"))
-    req = Request(prompt=inputs["prompt"], negative=inputs["negative"], seed=inputs["seed"], steps=inputs["steps"],
-                  cfg=inputs["cfg"], width=inputs["width"], height=inputs["height"],
-                  batch_size=inputs.get("batch_size", 1), images=images, settings=s)
-    out = sampler.run(handle, "edit" if images else "t2i", req)
+    task_id, _ = wc.sampler_of(api)
+    task, req = task_request(api, s)
+    out = sampler.run(handle, task, req)
     answers = []
     for _, describe in _by_class(api, "GentorDescribeImage"):
         d = describe["inputs"]

@@ -5,14 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
 from gentor import glue
 from gentor.loaders import deepgen as loader
 from gentor.samplers import deepgen as sampler
-from gentor.samplers.common import Request
 from tests import tiny_deepgen as tiny
 from tests import workflow_check as wc
+from tests.workflow_runs import task_request
 from tests.deepgen_helpers import deepgen_models
 
 EXAMPLES = {"deepgen_t2i": 0, "deepgen_edit": 1, "deepgen_edit_2refs": 2}
@@ -37,18 +36,8 @@ def run_api(api: dict):
     handle = loader.load_handle(li["checkpoint"], li["diffusion"], li["vlm"], None)
     (_, settings), = _by_class(api, "GentorDeepGenSettings")
     s = sampler.make_settings(**{k: settings["inputs"][k] for k in SETTINGS_KEYS})
-    _, task = wc.sampler_of(api)
-    inputs = task["inputs"]
-    images = []
-    for k in range(1, 5):
-        link = inputs.get(f"image_{k}")
-        if link is not None:
-            with Image.open(wc.INPUTS_DIR / api[link[0]]["inputs"]["image"]) as img:
-                images.append(img.convert("RGBA"))
-    req = Request(prompt=inputs["prompt"], negative=inputs["negative"], seed=inputs["seed"], steps=inputs["steps"],
-                  cfg=inputs["cfg"], width=inputs["width"], height=inputs["height"],
-                  batch_size=inputs.get("batch_size", 1), images=images, settings=s)
-    return sampler.run(handle, "edit" if images else "t2i", req), images
+    task, req = task_request(api, s, image_mode="RGBA")
+    return sampler.run(handle, task, req), req.images
 
 
 # Both distribution forms: the diffusers folder with its own vlm/ (T2I, two references), model.pt with a

@@ -13,9 +13,9 @@ pytest.importorskip("tiktoken", reason="the Emu3.5 tokenizer needs tiktoken (pip
 from gentor import glue  # noqa: E402
 from gentor.loaders import emu35 as loader  # noqa: E402
 from gentor.samplers import emu35 as sampler  # noqa: E402
-from gentor.samplers.common import Request  # noqa: E402
 from tests import tiny_emu35  # noqa: E402
 from tests import workflow_check as wc  # noqa: E402
+from tests.workflow_runs import task_request  # noqa: E402
 
 EXAMPLES = ("emu35_t2i", "emu35_edit", "emu35_edit_3refs")
 SETTINGS_KEYS = ("max_new_tokens", "image_area", "image_top_k", "text_top_k", "text_top_p", "aspect", "vq_type")
@@ -40,18 +40,9 @@ def run_api(api: dict):
     (_, settings), = _by_class(api, "GentorEmu35Settings")
     s = sampler.make_settings(**{k: settings["inputs"][k] for k in SETTINGS_KEYS})
     tasks = _by_class(api, "GentorTextToImage") + _by_class(api, "GentorEditImage")
-    (_, task), = tasks
-    inputs = task["inputs"]
-    images = []
-    for k in range(1, 5):
-        link = inputs.get(f"image_{k}")
-        if link is not None:
-            with Image.open(wc.INPUTS_DIR / api[link[0]]["inputs"]["image"]) as img:
-                images.append(img.convert("RGB"))
-    req = Request(prompt=inputs["prompt"], negative=inputs["negative"], seed=inputs["seed"], steps=inputs["steps"],
-                  cfg=inputs["cfg"], width=inputs["width"], height=inputs["height"],
-                  batch_size=inputs.get("batch_size", 1), images=images, settings=s)
-    return sampler.run(handle, "edit" if images else "t2i", req)
+    assert len(tasks) == 1, tasks
+    task, req = task_request(api, s)
+    return sampler.run(handle, task, req)
 
 
 def test_examples_present_and_name_the_tiny_models():
