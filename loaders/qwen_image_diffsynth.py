@@ -83,12 +83,10 @@ def require() -> list[str]:
     return []
 
 
-def unsupported_reason(task: str, variant: str, schedule: str) -> str | None:
-    """Why our DiffSynth engine cannot run this model/job, or None."""
+def unsupported_reason(task: str, variant: str) -> str | None:
+    """Why our DiffSynth engine cannot run this model, or None (both schedules map onto its templates)."""
     if task not in ("t2i", "edit", "edit_plus"):
         return f"{variant} (DiffSynth's Qwen-Image pipeline runs Qwen-Image, -2512, Edit, Edit-2509 and Edit-2511)"
-    if schedule not in ("model", "lightning"):
-        return f"the {schedule!r} schedule"
     return None
 
 

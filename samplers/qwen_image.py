@@ -293,7 +293,7 @@ class DiffusersEngine:
         return latent_preview(lat[0, :, 0], LATENT_RGB_FACTORS, LATENT_RGB_BIAS)
 
 
-def choose_engine(handle: ModelHandle, handle_task: str, schedule: str) -> tuple[str, list[str]]:
+def choose_engine(handle: ModelHandle, handle_task: str) -> tuple[str, list[str]]:
     """The engine the handle asks for, checked: DiffSynth installed (else the pip command), the model and job
     supported (else an error, or diffusers when the user allowed a fallback)."""
     wanted = handle.info_dict.get("engine", ds_views.DEFAULT_ENGINE)
@@ -301,7 +301,7 @@ def choose_engine(handle: ModelHandle, handle_task: str, schedule: str) -> tuple
     if wanted == "diffusers":
         return "diffusers", []
     fallback = wanted == "diffsynth-or-diffusers"
-    reason = ds_views.unsupported_reason(handle_task, handle.variant, schedule)
+    reason = ds_views.unsupported_reason(handle_task, handle.variant)
     if reason is None:
         try:
             return "diffsynth", ds_views.require()
@@ -347,11 +347,11 @@ def run(handle: ModelHandle, task: str, request: Request,
     if handle_task == qwen_loader.TASK_21:
         from . import qwen_image21  # noqa: PLC0415
 
-        _, fell_back = choose_engine(handle, handle_task, "model")  # DiffSynth's 2.1 pipeline is not wired
+        _, fell_back = choose_engine(handle, handle_task)  # DiffSynth's 2.1 pipeline is not wired
         result = qwen_image21.run(handle, task, request, listener)
         return dataclasses.replace(result, text=result.text + "".join(f"\n- {n}" for n in fell_back))
     job, notes = plan_job(task, handle_task, request)
-    engine, engine_notes = choose_engine(handle, handle_task, job.schedule)
+    engine, engine_notes = choose_engine(handle, handle_task)
     notes.extend(engine_notes)
     plan = resolve(handle.memory, glue.torch_device())
     notes.extend(plan.notes)
