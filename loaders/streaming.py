@@ -26,7 +26,7 @@ from torch import nn
 
 from ..errors import GentorError, ModelFolderError, fmt
 from .files import read_json, safetensors_header, weight_files
-from .memory import FP8, Precision
+from .memory import FP8, Precision, apply_layerwise_storage
 
 # How many keys an error message names before "...".
 KEYS_SHOWN = 4
@@ -242,15 +242,12 @@ def _set_resting_dtypes(module: nn.Module, precision: Precision | None, skip: tu
             # Tied parameters stay one object, so they keep sharing one tensor once filled.
             sub._parameters[name] = replaced[id(param)]
     if precision.cast:
-        from diffusers.hooks import apply_layerwise_casting  # noqa: PLC0415
-
         # The hooks' initialisation casts each hooked layer to the storage dtype: on meta, that decides
         # which parameters rest in FP8 exactly as it would on a loaded model. Layers the model class itself
         # keeps out of casting are added, as diffusers' enable_layerwise_casting does.
         patterns = tuple(skip) + tuple(getattr(module, "_keep_in_fp32_modules", None) or ()) + tuple(
             getattr(module, "_skip_layerwise_casting_patterns", None) or ())
-        apply_layerwise_casting(module, storage_dtype=precision.storage, compute_dtype=precision.base,
-                                skip_modules_pattern=patterns)
+        apply_layerwise_storage(module, precision, patterns)
 
 
 def _keep_fp32(module: nn.Module, base: torch.dtype) -> Callable[[str], bool]:

@@ -131,3 +131,37 @@ def test_vram_budget_below_the_largest_block_is_refused():
     with pytest.raises(MemoryEstimateError, match=r"vram_budget_gb: the budget is smaller than the largest block .*"
                                                   r"got 0\.00 GB, expected at least"):
         t2i(memory=MemoryOptions(weight_dtype="fp32", vram_budget_gb=0.000001))
+
+
+def test_layerwise_storage_restores_the_stored_tensors_instead_of_recasting():
+    """Our FP8 hooks compute exactly what diffusers' layerwise casting computes, and after each forward the layer
+    holds the very FP8 tensors it held before (no down-cast pass); a forward that raised is mended by the next."""
+    from diffusers.hooks import apply_layerwise_casting
+
+    from gentor.loaders.memory import apply_layerwise_storage
+
+    def model() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8),
+                                   torch.nn.LayerNorm(8)).to(torch.bfloat16)
+
+    ours, theirs = model(), model()
+    fp8, skip = torch.float8_e4m3fn, ("3",)  # the LayerNorm (index 3) stays in bf16
+    apply_layerwise_storage(ours, Precision(fp8, torch.bfloat16), skip)
+    apply_layerwise_casting(theirs, storage_dtype=fp8, compute_dtype=torch.bfloat16, skip_modules_pattern=skip)
+    assert {n: p.dtype for n, p in ours.named_parameters()} == {n: p.dtype for n, p in theirs.named_parameters()}
+    assert ours[0].weight.dtype == fp8 and ours[3].weight.dtype == torch.bfloat16
+    before = {n: p.data.data_ptr() for n, p in ours.named_parameters()}
+    x = torch.randn(4, 16, dtype=torch.bfloat16)
+    for _ in range(2):
+        assert torch.equal(ours(x), theirs(x))
+        assert {n: p.data.data_ptr() for n, p in ours.named_parameters()} == before
+        assert ours[2].weight.dtype == fp8
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        assert torch.equal(a.float(), b.float())
+
+    with pytest.raises(RuntimeError):
+        ours[0](torch.randn(4, 15, dtype=torch.bfloat16))  # raises inside the forward: post_forward never runs
+    assert ours[0].weight.dtype == torch.bfloat16  # left up-cast ...
+    assert torch.equal(ours(x), theirs(x))
+    assert ours[0].weight.dtype == fp8 and ours[0].weight.data.data_ptr() == before["0.weight"]  # ... and mended
