@@ -3,7 +3,10 @@
 Layouts (backend_specs.md §3.2): the model is an HF causal-LM folder (``config.json`` with
 ``model_type: Emu3``, safetensors, optionally sharded); the vision tokenizer a folder with
 ``config.yaml`` + ``model.ckpt`` (a torch state dict, loaded with ``weights_only=True`` only; a
-``model.safetensors`` beside or instead of it is preferred); the text tokenizer's data files
+``model.safetensors`` beside or instead of it is preferred). The hub repo also carries a transformers
+remote-code form (``config.json`` with model_type ``Emu3p5VisionVQ``, flat ddconfig fields and
+``codebook_size``, same state-dict keys): read when ``config.yaml`` is absent, its code is never run.
+The text tokenizer's data files
 (``emu3.tiktoken``, ``emu3_vision_tokens.txt``) sit in the model folder or in a separate folder.
 Sizes, the codebook and the variant are read from the files, never from folder names.
 
@@ -42,6 +45,8 @@ BACKEND = "Emu3.5"
 FOLDER_KEYS = ("emu35",)
 MODEL_TYPES = ("Emu3", "emu3")
 VQ_CONFIG = "config.yaml"
+VQ_HF_CONFIG = "config.json"  # the remote-code form's config (flat fields)
+VQ_HF_TYPE = "Emu3p5VisionVQ"
 VQ_WEIGHTS = ("model.safetensors", "model.ckpt", "model.pt")
 FROM_MODEL_FOLDER = "(model folder)"
 PLACEMENTS = ("auto", "single device")
@@ -85,7 +90,22 @@ def looks_like_model(path: Path) -> bool:
 
 
 def looks_like_vq(path: Path) -> bool:
-    return (path / VQ_CONFIG).is_file() and any((path / w).is_file() for w in VQ_WEIGHTS)
+    return vq_config_file(path) is not None and any((path / w).is_file() for w in VQ_WEIGHTS)
+
+
+def vq_config_file(path: Path) -> Path | None:
+    """config.yaml, else a remote-code config.json of the vision tokenizer; None when neither is there."""
+    if (path / VQ_CONFIG).is_file():
+        return path / VQ_CONFIG
+    cfg = path / VQ_HF_CONFIG
+    if cfg.is_file():
+        try:
+            data = read_json(cfg, BACKEND, VQ_HF_CONFIG)
+            if isinstance(data, dict) and data.get("model_type") == VQ_HF_TYPE:
+                return cfg
+        except ModelFolderError:  # an unreadable config.json is not a vision tokenizer; listing goes on
+            return None
+    return None
 
 
 def list_models() -> list[str]:
@@ -182,12 +202,21 @@ def read_vq_config(path: Path, n_codes: int) -> IBQConfig:
     """config.yaml -> IBQConfig; the codebook must hold exactly the model's visual tokens."""
     import yaml  # noqa: PLC0415 - PyYAML comes with accelerate/transformers
 
+    file = vq_config_file(path)
+    if file is None:
+        raise ModelFolderError(f"{BACKEND} vision_tokenizer: config missing (got {sorted(p.name for p in path.iterdir())}"
+                               f" in {path}, expected {VQ_CONFIG} or a {VQ_HF_CONFIG} with model_type {VQ_HF_TYPE}). "
+                               "Re-download Emu3.5-VisionTokenizer.")
     try:
-        raw = yaml.safe_load((path / VQ_CONFIG).read_text(encoding="utf-8"))
-        cfg = IBQConfig.from_yaml_dict(raw)
+        if file.name == VQ_CONFIG:
+            cfg = IBQConfig.from_yaml_dict(yaml.safe_load(file.read_text(encoding="utf-8")))
+            expected = "ddconfig, n_embed, embed_dim"
+        else:
+            expected = "ch, ch_mult, num_res_blocks, resolution, z_channels, codebook_size, embed_dim"
+            cfg = IBQConfig.from_hf_dict(read_json(file, BACKEND, VQ_HF_CONFIG))
     except (yaml.YAMLError, KeyError, TypeError, ValueError) as exc:
-        raise ModelFolderError(f"{BACKEND} vision_tokenizer: {VQ_CONFIG} is not an IBQ config ({exc}; expected "
-                               "ddconfig, n_embed, embed_dim). Re-download Emu3.5-VisionTokenizer.") from exc
+        raise ModelFolderError(f"{BACKEND} vision_tokenizer: {file.name} is not an IBQ config (missing or bad "
+                               f"{exc}; expected {expected}). Re-download Emu3.5-VisionTokenizer.") from exc
     if cfg.n_embed != n_codes:
         raise ModelFolderError(f"{BACKEND} vision_tokenizer: codebook does not match the model's vocabulary (got "
                                f"n_embed {cfg.n_embed}, expected {n_codes} = vocab - {T.BOV}). Pick the vision "
@@ -256,12 +285,14 @@ def vq_folder(name: str) -> Path:
     if not name:
         raise ModelFolderError(
             f"{BACKEND} vision_tokenizer: none selected (got no folder, expected a folder with {VQ_CONFIG} + "
-            f"model.ckpt under {', '.join(roots) or 'models/emu35/'}). Download BAAI/Emu3.5-VisionTokenizer there.")
+            f"model.ckpt (or {VQ_HF_CONFIG} + model.safetensors) under {', '.join(roots) or 'models/emu35/'}). Download "
+            "BAAI/Emu3.5-VisionTokenizer there.")
     path = resolve_model_folder(BACKEND, "vision_tokenizer", name, FOLDER_KEYS)
     if not looks_like_vq(path):
         raise ModelFolderError(
             f"{BACKEND} vision_tokenizer: {path} is not a vision tokenizer folder (got "
-            f"{sorted(p.name for p in path.iterdir())[:10]}, expected {VQ_CONFIG} + model.ckpt). Pick the "
+            f"{sorted(p.name for p in path.iterdir())[:10]}, expected {VQ_CONFIG} + model.ckpt or {VQ_HF_CONFIG} "
+            f"(model_type {VQ_HF_TYPE}) + model.safetensors). Pick the "
             "Emu3.5-VisionTokenizer folder.")
     return path
 
@@ -324,7 +355,7 @@ def load_ibq(path: Path, n_codes: int) -> IBQ:
     if want != have:
         missing, extra = sorted(want - have)[:4], sorted(have - want)[:4]
         raise ModelFolderError(f"{BACKEND} vision_tokenizer: weights do not match the config (got missing "
-                               f"{missing}, unexpected {extra}, expected the IBQ keys of {VQ_CONFIG}). Re-download.")
+                               f"{missing}, unexpected {extra}, expected the IBQ keys of its config). Re-download.")
     model.load_state_dict({k: v.float().contiguous() for k, v in state.items()}, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 

@@ -192,6 +192,43 @@ def test_codebook_must_match_vocab(emu_root):
         loader.load_handle(MODEL, "ibq-32")
 
 
+def test_remote_code_form_of_the_vision_tokenizer_loads(emu_root):
+    """The hub repo's transformers form (config.json, model_type Emu3p5VisionVQ, flat fields, codebook_size,
+    model.safetensors with the same keys) loads as the config.yaml + model.ckpt form does; its code never runs."""
+    import yaml
+    from safetensors.torch import save_file
+
+    hf = emu_root / "ibq-hf-form"
+    hf.mkdir(exist_ok=True)
+    raw = yaml.safe_load((emu_root / IBQ / "config.yaml").read_text())
+    flat = dict(raw["ddconfig"], model_type="Emu3p5VisionVQ", architectures=["Emu3p5VisionVQModel"],
+                codebook_size=raw["n_embed"], embed_dim=raw["embed_dim"],
+                auto_map={"AutoModel": "modeling_emu3p5visionvq.Emu3p5VisionVQModel"})
+    (hf / "config.json").write_text(json.dumps(flat), encoding="utf-8")
+    state = torch.load(emu_root / IBQ / "model.ckpt", weights_only=True)["state_dict"]
+    save_file({k: v.contiguous() for k, v in state.items()}, str(hf / "model.safetensors"))
+    (hf / "modeling_emu3p5visionvq.py").write_text("raise SystemExit('remote code must never run')\n")
+    assert "ibq-hf-form" in loader.list_vision_tokenizers()
+    assert "ibq-hf-form" not in loader.list_models()  # its config.json is no Emu3 LLM
+    ours, theirs = loader.load_ibq(hf, 64), loader.load_ibq(emu_root / IBQ, 64)
+    assert ours.config == theirs.config
+    for (name, a), (_, b) in zip(ours.state_dict().items(), theirs.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert loader.load_handle(MODEL, "ibq-hf-form").path("vision_tokenizer") == str(hf)
+
+    other = emu_root / "other-json"
+    other.mkdir(exist_ok=True)
+    (other / "config.json").write_text(json.dumps({"model_type": "Emu3VisionVQ"}), encoding="utf-8")
+    save_file({"x": torch.zeros(1)}, str(other / "model.safetensors"))
+    assert "other-json" not in loader.list_vision_tokenizers()
+    with pytest.raises(ModelFolderError, match=r"not a vision tokenizer folder.*config.json \(model_type Emu3p5VisionVQ"):
+        loader.load_handle(MODEL, "other-json")
+    flat.pop("ch_mult")
+    (hf / "config.json").write_text(json.dumps(flat), encoding="utf-8")
+    with pytest.raises(ModelFolderError, match=r"config.json is not an IBQ config \(missing or bad 'ch_mult'"):
+        loader.load_handle(MODEL, "ibq-hf-form")
+
+
 def test_pickle_beyond_weights_is_refused_with_a_conversion_command(emu_root):
     bad = emu_root / "ibq-pickle"
     shutil.copytree(emu_root / IBQ, bad, dirs_exist_ok=True)

@@ -184,6 +184,19 @@ def test_ibq_shapes_and_quantiser_equals_naive_formula(tiny):
     assert torch.equal(model.quantize.lookup(codes[:1])[0], lookup)
 
 
+def test_ibq_at_the_released_size_has_the_released_parameter_count():
+    """The vision tokenizer's released config (the remote-code config class defaults of BAAI/Emu3.5-VisionTokenizer:
+    ch 256, ch_mult 1,1,2,2,4, 4 res blocks, attention at 16, z 256, codebook 131072 x 256) built by our IBQ has the
+    size a public audit of the hub files reports: 0.455B parameters, 1.82 GB in fp32."""
+    cfg = IBQConfig(ch=256, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=4, attn_resolutions=(16,), resolution=256,
+                    z_channels=256, n_embed=131072, embed_dim=256)
+    with torch.device("meta"):
+        model = IBQ(cfg)
+    n = sum(p.numel() for p in model.parameters())
+    assert round(n / 1e9, 3) == 0.455 and round(n * 4 / 1e9, 2) == 1.82
+    assert model.config.downsample == 16
+
+
 # ----------------------------------------------------------------------------- image strings
 def test_image_string_and_parse(tok):
     codes = torch.tensor([[1, 2, 3], [4, 5, 6]])

@@ -26,7 +26,7 @@ FP32_BYTES = 4
 
 @dataclass(frozen=True)
 class IBQConfig:
-    """``ddconfig`` + codebook size/dim of config.yaml."""
+    """``ddconfig`` + codebook size/dim of config.yaml (or the same fields of the remote-code config.json)."""
 
     ch: int
     ch_mult: tuple[int, ...]
@@ -44,6 +44,12 @@ class IBQConfig:
     @property
     def downsample(self) -> int:
         return 2 ** (len(self.ch_mult) - 1)
+
+    @classmethod
+    def from_hf_dict(cls, cfg: Mapping[str, Any]) -> "IBQConfig":
+        """The flat ``config.json`` of the repo's transformers remote-code form (model_type Emu3p5VisionVQ):
+        the ddconfig fields at top level, ``codebook_size`` for ``n_embed``."""
+        return cls.from_yaml_dict({"ddconfig": cfg, "n_embed": cfg["codebook_size"], "embed_dim": cfg["embed_dim"]})
 
     @classmethod
     def from_yaml_dict(cls, cfg: Mapping[str, Any]) -> "IBQConfig":
