@@ -61,6 +61,29 @@ def qwen_roots(model_roots: dict[str, Path]) -> Path:
     return model_roots["qwen_image"]
 
 
+@pytest.fixture()
+def fresh_cache(qwen_roots: Path):
+    """The test starts and ends with an empty model cache (Qwen-Image's tiny models registered)."""
+    from gentor.loaders.cache import CACHE
+
+    CACHE.unload()
+    yield
+    CACHE.unload()
+
+
+@pytest.fixture(scope="module")
+def qwen_fp32_reference(tiny_root: Path):
+    """The tiny Qwen-Image T2I image with fp32 weights and no offload: what memory options are compared to."""
+    from gentor import glue
+    from gentor.loaders.cache import CACHE
+    from gentor.loaders.memory import MemoryOptions
+    from tests.qwen_helpers import t2i
+
+    glue.set_fallback_roots("qwen_image", [tiny_root / "qwen_image"])
+    CACHE.unload()
+    return t2i(memory=MemoryOptions(weight_dtype="fp32")).image
+
+
 # ----------------------------------------------------------------------------- a real ComfyUI (server tests)
 @pytest.fixture(scope="session")
 def server_models(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -15,20 +15,7 @@ from tests.qwen_helpers import rel_err, t2i
 FP8_TOLERANCE = {"fp8_e4m3fn": 1e-2, "fp8_e5m2": 2e-2}
 
 
-@pytest.fixture(autouse=True)
-def fresh_cache(qwen_roots):
-    CACHE.unload()
-    yield
-    CACHE.unload()
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_root):
-    from gentor import glue
-
-    glue.set_fallback_roots("qwen_image", [tiny_root / "qwen_image"])
-    CACHE.unload()
-    return t2i(memory=MemoryOptions(weight_dtype="fp32")).image
+pytestmark = pytest.mark.usefixtures("fresh_cache")
 
 
 def _transformer():
@@ -37,7 +24,7 @@ def _transformer():
 
 @pytest.mark.parametrize("weight", ["fp8_e4m3fn", "fp8_e5m2"])
 @pytest.mark.parametrize("compute", ["fp32", "bf16", "fp16"])
-def test_fp8_storage_within_tolerance(reference, weight, compute):
+def test_fp8_storage_within_tolerance(qwen_fp32_reference, weight, compute):
     result = t2i(memory=MemoryOptions(weight_dtype=weight, compute_dtype=compute))
     dtypes = stored_dtypes(_transformer())
     fp8 = getattr(torch, f"float8_{weight[4:]}")
@@ -46,7 +33,7 @@ def test_fp8_storage_within_tolerance(reference, weight, compute):
                if isinstance(m, torch.nn.Linear) and "norm" not in n]
     assert linears and all(m.weight.dtype == fp8 for _, m in linears), "block Linears rest in FP8 between runs"
     assert torch.isfinite(result.image).all()
-    assert rel_err(result.image, reference) < FP8_TOLERANCE[weight]
+    assert rel_err(result.image, qwen_fp32_reference) < FP8_TOLERANCE[weight]
 
 
 def test_fp8_halves_bytes_vs_bf16():
@@ -59,7 +46,7 @@ def test_fp8_halves_bytes_vs_bf16():
     assert 0.5 <= fp8 / bf16 < 0.65
 
 
-def test_block_offload_hooks_fire_around_each_block(reference, monkeypatch):
+def test_block_offload_hooks_fire_around_each_block(qwen_fp32_reference, monkeypatch):
     from diffusers.hooks import group_offloading
 
     onloads: list[int] = []
@@ -76,7 +63,7 @@ def test_block_offload_hooks_fire_around_each_block(reference, monkeypatch):
     # 2 steps x 2 CFG passes x (2 blocks + the rest of the model) at least, plus the text encoder.
     assert len(onloads) >= 2 * 2 * len(blocks)
     assert len(set(onloads)) >= len(blocks)
-    assert torch.equal(result.image, reference), "CPU->CPU block offload must not change the output"
+    assert torch.equal(result.image, qwen_fp32_reference), "CPU->CPU block offload must not change the output"
 
 
 def test_offload_on_cpu_is_reported():

@@ -12,20 +12,7 @@ from gentor.loaders.placement import Placement, has_block_offload
 from tests.qwen_helpers import t2i
 
 
-@pytest.fixture(autouse=True)
-def fresh_cache(qwen_roots):
-    CACHE.unload()
-    yield
-    CACHE.unload()
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_root):
-    from gentor import glue
-
-    glue.set_fallback_roots("qwen_image", [tiny_root / "qwen_image"])
-    CACHE.unload()
-    return t2i(memory=MemoryOptions(weight_dtype="fp32")).image
+pytestmark = pytest.mark.usefixtures("fresh_cache")
 
 
 def _spy_onloads(monkeypatch) -> list:
@@ -42,7 +29,7 @@ def _spy_onloads(monkeypatch) -> list:
     return groups
 
 
-def test_block_offload_streams_every_nested_layer_of_text_encoder_and_transformer(reference, monkeypatch):
+def test_block_offload_streams_every_nested_layer_of_text_encoder_and_transformer(qwen_fp32_reference, monkeypatch):
     onloaded = _spy_onloads(monkeypatch)
     result = t2i(memory=MemoryOptions(weight_dtype="fp32", offload="block"))
     encoder = CACHE.entries("qwen2_5_vl")[0].value
@@ -57,10 +44,10 @@ def test_block_offload_streams_every_nested_layer_of_text_encoder_and_transforme
     # The transformer's blocks run per step and per CFG branch: each is onloaded that often.
     per_block = [sum(m is b for m in streamed) for b in transformer.transformer_blocks]
     assert min(per_block) >= 2 * 2
-    assert torch.equal(result.image, reference), "CPU->CPU block offload must not change the output"
+    assert torch.equal(result.image, qwen_fp32_reference), "CPU->CPU block offload must not change the output"
 
 
-def test_model_offload_switches_components_without_a_pipeline(reference, monkeypatch):
+def test_model_offload_switches_components_without_a_pipeline(qwen_fp32_reference, monkeypatch):
     from gentor.loaders import placement
 
     switched: list[str] = []
@@ -78,7 +65,7 @@ def test_model_offload_switches_components_without_a_pipeline(reference, monkeyp
     assert switched[-1] == "autoencoder_kl_qwen_image"
     for kind in ("qwen2_5_vl", "qwen_image_transformer", "autoencoder_kl_qwen_image"):
         assert hasattr(CACHE.entries(kind)[0].value, "_hf_hook")
-    assert torch.equal(result.image, reference)
+    assert torch.equal(result.image, qwen_fp32_reference)
     # Re-planning to none removes the hooks (no disk read).
     reads = CACHE.disk_reads
     t2i(memory=MemoryOptions(weight_dtype="fp32"))
