@@ -16,21 +16,21 @@ sampler plans with (``qwen_image_vae.decode_bytes``) is printed beside each meas
     python benchmarks/bench_qwen_image_vae.py [--sizes 1024 1328 2048] [--modes whole tiled]
                                               [--dtype fp32|bf16] [--threads 1] [--gpu] [--json out.json]
 
-Measured 2026-11-30 on a 2-core AMD EPYC VM (23 GiB RAM, shared with other jobs: load 5-8), torch 2.14.1,
-diffusers 0.42.1, fp32 (bf16 conv3d on this CPU runs > 40x slower than fp32, so it is no option here). GB = 1e9 B.
+Measured 2026-11-30 on a 2-core AMD EPYC VM (23 GiB RAM), torch 2.14.1, diffusers 0.42.1, fp32 (bf16 conv3d on
+this CPU runs > 40x slower than fp32, so it is no option here). GB = 1e9 B. The engine's class
+(``StillImageQwenImageVAE``: one-frame decodes without diffusers' video frame caches) and, with
+``--diffusers-class``, diffusers' own ``AutoencoderKLQwenImage``:
 
-    size   whole: counted  CPU RSS      tiled: counted  CPU RSS     estimate whole / tiled (decode_bytes)
-     256            0.45     0.73               0.45     0.71          0.60 / 0.81
-     512            1.82     2.31               0.46     0.78          2.42 / 0.81
-    1024            7.26     8.66               0.48      -            9.66 / 0.84
-    1328           12.20    14.29               0.49      -           16.25 / 0.86
-    2048           29.01   not run              0.54     0.87          38.65 / 0.94
+    size   whole: counted  CPU RSS   (diffusers: counted  CPU RSS)   tiled: counted  CPU RSS
+     256            0.18     0.46                0.45     0.73                0.45     0.71
+     512            0.71     1.04                1.82     2.31                0.46     0.78
+    1024            2.83      -                  7.26     8.66                0.48      -
+    1328            4.75      -                 12.20    14.29                0.49      -
+    2048           11.29      -                 29.01   not run               0.54     0.87
 
-"counted" = --simulate (allocations, fp32; bf16 halves them: 2048 px whole 14.51 GB); "CPU RSS" = VmHWM above the
-post-load RSS (the 5 ms sampler agreed within 0.3 MB). Wall time (contended, so only a rough guide): 256 px whole
-58 s / tiled 68 s and 512 px 246 s / 323 s with 1 thread; 1024 / 1328 px whole 370 s / 648 s and 2048 px
-tiled 4737 s (121 tiles) with 2 threads. A whole fp32 decode at 2048 px was not run: 29 GB allocated + the CPU
-copies (RSS grows ~8 kB per pixel from 512 to 1328 px, so ~34 GB) exceed this machine's 23 GiB.
+"counted" = --simulate (allocations, fp32; bf16 halves them); "CPU RSS" = VmHWM above the post-load RSS (the 5 ms
+sampler agreed within 0.3 MB). Wall time with 1 thread: 256 px whole 14 s (diffusers' class 58 s), 512 px 59 s
+(246 s); 2048 px tiled 4737 s (121 tiles) with 2 threads. The estimate (``decode_bytes``) is printed beside each row.
 """
 from __future__ import annotations
 
@@ -61,6 +61,7 @@ SPATIAL = 8  # the VAE's spatial compression
 MODES = {"whole": "off", "tiled": "on"}  # benchmark mode -> the vae_tiling setting that selects it
 DTYPES = ("fp32", "bf16")
 SAMPLE_S = 0.005
+DIFFUSERS_CLASS_ENV = "GENTOR_BENCH_DIFFUSERS_VAE"  # set in a child: decode with diffusers' own class
 GB = 1e9
 
 
@@ -139,17 +140,22 @@ def live_bytes_tracker():
 
 def child(size: int, mode: str, dtype_name: str, device: str, threads: int) -> dict:
     import torch  # noqa: PLC0415
-    from diffusers import AutoencoderKLQwenImage  # noqa: PLC0415
 
     vae_tiling = import_pack()
+    # The class the engine loads: diffusers' VAE minus the video frame caches on one-frame decodes
+    # (``--diffusers-class`` measures diffusers' own class instead).
+    from gentor.modeling.qwen_image.vae import StillImageQwenImageVAE  # noqa: PLC0415
+    from diffusers import AutoencoderKLQwenImage  # noqa: PLC0415
+
+    vae_cls = AutoencoderKLQwenImage if os.environ.get(DIFFUSERS_CLASS_ENV) else StillImageQwenImageVAE
     torch.set_num_threads(threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     torch.manual_seed(0)
     if device == "meta":
         with torch.device("meta"):
-            vae = AutoencoderKLQwenImage(**REAL_VAE_CONFIG).eval().to(dtype)
+            vae = vae_cls(**REAL_VAE_CONFIG).eval().to(dtype)
     else:
-        vae = AutoencoderKLQwenImage(**REAL_VAE_CONFIG).eval().to(device, dtype)
+        vae = vae_cls(**REAL_VAE_CONFIG).eval().to(device, dtype)
     # Gentor's path: the setting -> choose -> apply on the (shared) VAE module, exactly as the engines call it.
     tiled, note = vae_tiling.choose(MODES[mode], untiled_fits=True)
     vae_tiling.apply(vae, tiled)
@@ -177,7 +183,7 @@ def child(size: int, mode: str, dtype_name: str, device: str, threads: int) -> d
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    out = {"size": size, "mode": mode, "tiled": tiled, "note": note, "dtype": dtype_name, "device": device,
+    out = {"size": size, "mode": mode, "class": vae_cls.__name__, "tiled": tiled, "note": note, "dtype": dtype_name, "device": device,
            "threads": threads, "seconds": round(seconds, 2), "shape": list(image.shape),
            "finite": None if device == "meta" else bool(torch.isfinite(image).all()),
            "output_bytes": image.numel() * image.element_size()}
@@ -204,6 +210,8 @@ def run_one(size: int, mode: str, args: argparse.Namespace) -> dict:
     device = "meta" if args.simulate else "cuda" if args.gpu else "cpu"
     cmd = [sys.executable, __file__, "--child", str(size), mode, args.dtype, device, str(args.threads)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    if args.diffusers_class:
+        env[DIFFUSERS_CLASS_ENV] = "1"
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
@@ -213,8 +221,10 @@ def run_one(size: int, mode: str, args: argparse.Namespace) -> dict:
 
 def with_estimate(row: dict, vae_tiling) -> dict:
     itemsize = 4 if row.get("dtype", "fp32") == "fp32" else 2
+    still = row.get("class") != "AutoencoderKLQwenImage"  # the engine's class unless --diffusers-class
     est = vae_tiling.decode_bytes(row["size"], row["size"], 1, REAL_VAE_CONFIG["base_dim"], itemsize,
-                                  row["mode"] == "tiled")
+                                  row["mode"] == "tiled",
+                                  vae_tiling.STILL_IMAGE_DECODE_FACTOR if still else vae_tiling.VAE_DECODE_FACTOR)
     row["estimate_bytes"] = est
     if "peak_above_baseline_bytes" in row:
         row["measured_over_estimate"] = round(row["peak_above_baseline_bytes"] / est, 3)
@@ -229,6 +239,8 @@ def main() -> int:
     p.add_argument("--dtype", choices=DTYPES, default=None, help="fp32 on a CPU, bf16 on a GPU by default")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads of each decode")
     p.add_argument("--gpu", action="store_true", help="decode on CUDA and report torch.cuda peak memory")
+    p.add_argument("--diffusers-class", action="store_true",
+                   help="diffusers' AutoencoderKLQwenImage (with its frame caches) instead of the engine's class")
     p.add_argument("--simulate", action="store_true",
                    help="count the decode's tensor allocations on the meta device instead (seconds, any size)")
     p.add_argument("--json", type=Path, help="also write the rows here")

@@ -187,9 +187,9 @@ def estimate_bytes(job: QwenJob, transformer_cfg: dict, vae_cfg: dict, dtype: to
     cfg_mult = 2 if job.true_cfg > 1 else 1
     inner = transformer_cfg["num_attention_heads"] * transformer_cfg["attention_head_dim"]
     transformer = tokens * inner * itemsize * TOKEN_ACTIVATION_FACTOR * job.batch_size * cfg_mult
-    # Untiled, diffusers decodes the whole batch at once.
+    # Untiled, the whole batch is decoded at once, without the video frame caches (modeling/qwen_image/vae.py).
     vae = vae_tiling.decode_bytes(job.width, job.height, job.batch_size, vae_cfg.get("base_dim", 96), itemsize,
-                                  tiled_vae)
+                                  tiled_vae, vae_tiling.STILL_IMAGE_DECODE_FACTOR)
     return int(transformer + vae)
 
 

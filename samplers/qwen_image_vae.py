@@ -21,19 +21,25 @@ TILE_PX = 256
 # RSS adds ~3 (measured on Qwen-Image, 256..1024 px: oneDNN holds one more reordered copy of the widest conv
 # input). 24 covers both VAEs; the old 12 was 35-45% low (2048 px fp32 whole: 29 GB allocated, 12 said 19 GB).
 VAE_DECODE_FACTOR = 24
-# CPU scratch per decode whatever the size (oneDNN weight reorders; the RSS intercept, measured ~0.2 GB). Counted in
-# the tiled estimate only, where it is a third of the total; the whole estimate stays linear in the batch, and from
-# 512 px on its per-pixel part dwarfs this.
-DECODE_SCRATCH_BYTES = 200 * 10**6
+# The Qwen-Image engine's VAE (modeling/qwen_image/vae.py) decodes a still image whole without those frame caches:
+# counted 7.0 (256..2048 px, the same at every size: 2048 px fp32 11.3 GB instead of 29.0 GB); CPU RSS 7.8 per
+# pixel (256 -> 512 px: 0.46 -> 1.04 GB) + the scratch below. Tiled decodes (and the 2.1 VAE) keep diffusers' path
+# and VAE_DECODE_FACTOR.
+STILL_IMAGE_DECODE_FACTOR = 9
+# CPU scratch per decode whatever the size (oneDNN weight reorders; the RSS intercept, measured 0.2-0.26 GB). Added
+# once per estimate, whole or tiled.
+DECODE_SCRATCH_BYTES = 300 * 10**6
 # Floats per pixel held besides the current tile: diffusers keeps every decoded tile until it blends them; the tiles
 # overlap, so they cover up to ~1.8x the image in RGB (counted: 5.1 floats/px at 1024 px); 8 also covers RGBA.
 TILED_HELD_FLOATS = 8
 
 
-def decode_bytes(width: int, height: int, batch: int, base_dim: int, itemsize: int, tiled: bool) -> int:
-    """Activation bytes of the VAE decode, whole or tiled + sliced."""
+def decode_bytes(width: int, height: int, batch: int, base_dim: int, itemsize: int, tiled: bool,
+                 whole_factor: int = VAE_DECODE_FACTOR) -> int:
+    """Activation bytes of the VAE decode, whole (``whole_factor`` bytes per pixel, channel and itemsize) or
+    tiled + sliced."""
     if not tiled:
-        return width * height * base_dim * itemsize * VAE_DECODE_FACTOR * batch
+        return width * height * base_dim * itemsize * whole_factor * batch + DECODE_SCRATCH_BYTES
     tile = min(width, TILE_PX) * min(height, TILE_PX) * base_dim * itemsize * VAE_DECODE_FACTOR
     # the decoded tiles and the blended output stay whole; slicing decodes one batch item at a time
     return tile + width * height * TILED_HELD_FLOATS * itemsize * batch + DECODE_SCRATCH_BYTES

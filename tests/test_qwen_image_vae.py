@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from benchmarks.bench_qwen_image_vae import REAL_VAE_CONFIG, live_bytes_tracker
+from gentor.modeling.qwen_image.vae import StillImageQwenImageVAE
 from gentor.samplers import qwen_image_vae
 from tests import tiny_models
 
@@ -26,6 +27,10 @@ TILED_MAX_TOLERANCE = 0.3
 # oneDNN copies, see samplers/qwen_image_vae.py), but by less than this, or "auto" would tile decodes that fit.
 ESTIMATE_SLACK = 1.4
 OUTPUT_SCALE = 0.25
+STILL = "StillImageQwenImageVAE"  # the engine's class (modeling/qwen_image/vae.py)
+# Diffusers' whole decode keeps a frame cache at every causal conv; without them the real-size decode allocates
+# 0.39x (counted: 2048 px fp32 11.3 vs 29.0 GB). Checked below with margin.
+STILL_IMAGE_MAX_SHARE = 0.5
 
 
 @pytest.fixture(scope="module")
@@ -104,10 +109,10 @@ def allocated_peak(vae_class: str, width: int, height: int, tiled: bool) -> tupl
     """(peak bytes a decode allocates, the decoder's base width) for the real-size VAE of ``vae_class``."""
     import diffusers
 
-    cls = getattr(diffusers, vae_class)
+    cls = StillImageQwenImageVAE if vae_class == STILL else getattr(diffusers, vae_class)
     with torch.device("meta"):
         # Qwen-Image: the released config; 2.1: diffusers' defaults (decoder_base_dim 144, 16x compression)
-        vae = (cls(**REAL_VAE_CONFIG) if vae_class == "AutoencoderKLQwenImage" else cls()).eval()
+        vae = (cls(**REAL_VAE_CONFIG) if vae_class != "AutoencoderKLQwenImage21" else cls()).eval()
     qwen_image_vae.apply(vae, tiled)
     spatial = 2 ** (len(vae.config.dim_mult) - 1)  # a 2x down/upsample between stages (the shape is checked)
     z = torch.empty(1, vae.config.z_dim, 1, height // spatial, width // spatial, device="meta")
@@ -119,11 +124,44 @@ def allocated_peak(vae_class: str, width: int, height: int, tiled: bool) -> tupl
 
 
 @pytest.mark.parametrize(("vae_class", "width", "height", "tiled"), [
-    ("AutoencoderKLQwenImage", 256, 256, False), ("AutoencoderKLQwenImage", 384, 192, True),
-    ("AutoencoderKLQwenImage21", 256, 256, False)])
+    (STILL, 256, 256, False), (STILL, 384, 192, True), ("AutoencoderKLQwenImage21", 256, 256, False)])
 def test_vae_decode_estimate_covers_the_allocations_of_the_real_size_vae(vae_class, width, height, tiled):
     counted, base_dim = allocated_peak(vae_class, width, height, tiled)
-    estimate = qwen_image_vae.decode_bytes(width, height, 1, base_dim, 4, tiled)
-    scratch = qwen_image_vae.DECODE_SCRATCH_BYTES if tiled else 0  # CPU scratch: no tensor of the decode
+    factor = qwen_image_vae.STILL_IMAGE_DECODE_FACTOR if vae_class == STILL else qwen_image_vae.VAE_DECODE_FACTOR
+    estimate = qwen_image_vae.decode_bytes(width, height, 1, base_dim, 4, tiled, factor)
+    scratch = qwen_image_vae.DECODE_SCRATCH_BYTES  # CPU scratch: no tensor of the decode
     assert counted <= estimate <= counted * ESTIMATE_SLACK + scratch, (
         f"estimate {estimate / 1e9:.3f} GB, counted {counted / 1e9:.3f} GB")
+
+
+# ----------------------------------------------------------------------------- still images without frame caches
+def test_still_image_vae_encodes_and_decodes_exactly_as_diffusers_without_its_frame_caches(vae):
+    """The engine's VAE class gives diffusers' output bit for bit on one frame (and on a video, which keeps
+    diffusers' path), from the same weights."""
+    still = StillImageQwenImageVAE(**vae.config).eval()
+    still.load_state_dict(vae.state_dict())
+    gen = torch.Generator().manual_seed(4)
+    z, video = torch.randn(1, 16, 1, 12, 10, generator=gen), torch.randn(1, 16, 3, 6, 6, generator=gen)
+    pixels = torch.rand(1, 3, 1, 64, 48, generator=gen) * 2 - 1
+    for model in (vae, still):
+        qwen_image_vae.apply(model, tiled=False)
+    with torch.inference_mode():
+        assert torch.equal(still.decode(z).sample, vae.decode(z).sample)
+        assert torch.equal(still.decode(video).sample, vae.decode(video).sample)
+        assert torch.equal(still.encode(pixels).latent_dist.mean, vae.encode(pixels).latent_dist.mean)
+
+
+def test_still_image_vae_decode_allocates_less_than_half_of_diffusers():
+    ours, _ = allocated_peak(STILL, 512, 512, tiled=False)
+    theirs, _ = allocated_peak("AutoencoderKLQwenImage", 512, 512, tiled=False)
+    assert ours < STILL_IMAGE_MAX_SHARE * theirs, f"{ours / 1e9:.2f} GB vs diffusers' {theirs / 1e9:.2f} GB"
+
+
+def test_the_qwen_image_loader_builds_the_still_image_vae(model_roots):
+    from gentor.loaders.cache import CACHE
+    from tests.qwen_helpers import t2i
+
+    CACHE.unload()
+    t2i()
+    assert [type(e.value) for e in CACHE.entries("autoencoder_kl_qwen_image")] == [StillImageQwenImageVAE]
+    CACHE.unload()
