@@ -7,7 +7,9 @@ same prompt, seed, size, steps and true-CFG 4 (both run the negative branch as a
 denoising step (median over the repeats of the time between the first and the last step's progress tick, so
 text encoding and the VAE are left out; the whole-run ratio is printed too), the ratio ours / DiffSynth (target
 <= 1.0) and the peak memory a run adds above the loaded weights, each engine in a fresh process: device
-memory on a GPU (``max_memory_allocated``), process RSS on a CPU (sampled every 2 ms).
+memory on a GPU (``max_memory_allocated``); on a CPU process RSS (sampled every 2 ms; allocator caching makes it
+noisy) and the peak of live torch allocations (the profiler's allocation events: the CPU analogue of
+``max_memory_allocated``).
 
     python benchmarks/bench_qwen_image_engines.py [--layers 6] [--heads 6] [--size 256] [--steps 4]
 
@@ -42,13 +44,15 @@ WARM_SIZE = 32
 SAMPLE_S = 0.002
 
 
-def peak_child(root: Path, mode: str, engine: str, args: argparse.Namespace) -> float:
-    """Peak memory one run (2 steps) of one engine adds above the loaded weights, in a fresh process: MiB of
-    device memory on a GPU (``max_memory_allocated``), of process RSS on a CPU (sampled every 2 ms)."""
+def peak_child(root: Path, mode: str, engine: str, args: argparse.Namespace) -> tuple[float, float]:
+    """Peak memory one run (2 steps) of one engine adds above the loaded weights, in a fresh process, in MiB:
+    (device memory ``max_memory_allocated``, nan) on a GPU; (process RSS sampled every 2 ms, live torch
+    allocations counted by the profiler) on a CPU."""
     cmd = [sys.executable, __file__, "--child", str(root), "--modes", mode, "--engine", engine,
            "--size", str(args.size)] + (["--fp32"] if args.fp32 else [])
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return float(out.strip().splitlines()[-1])
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()
+    allocated = next((float(line.split()[1]) for line in out if line.startswith("allocated ")), float("nan"))
+    return float(out[-1]), allocated
 
 
 def child(args: argparse.Namespace) -> None:
@@ -86,7 +90,24 @@ def child(args: argparse.Namespace) -> None:
     run(args.size)
     stop.set()
     thread.join()
+    print(f"allocated {peak_allocated(lambda: run(args.size)) / 2**20}")  # after: RSS growth is of a first run
     print(peak[0] / 2**20)
+
+
+def peak_allocated(fn) -> int:
+    """Peak bytes of live torch CPU allocations above the start while ``fn`` runs (the CPU analogue of
+    ``max_memory_allocated``), from the profiler's allocation events in time order."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
 
 
 def options(mode: str, fp32: bool) -> dict:
@@ -159,10 +180,12 @@ def main() -> None:
             diff = float((images["diffusers"] - images["diffsynth"]).norm() / images["diffsynth"].norm())
             CACHE.unload()
             peaks = {e: peak_child(root, mode, e, args) for e in handles}
+            (ours_rss, ours_alloc), (their_rss, their_alloc) = peaks["diffusers"], peaks["diffsynth"]
+            cpu = "" if ours_alloc != ours_alloc else (  # nan on a GPU: max_memory_allocated is the figure there
+                f"  (CPU live torch allocations: ours {ours_alloc:8.1f} MiB  DiffSynth {their_alloc:8.1f} MiB)")
             print(f"{mode:12s} ours {ours:7.3f} s/step  DiffSynth {theirs:7.3f} s/step  ratio {ours / theirs:5.3f}  "
                   f"(whole run ratio {whole['diffusers'] / whole['diffsynth']:5.3f})  peak ours "
-                  f"{peaks['diffusers']:8.1f} MiB  DiffSynth {peaks['diffsynth']:8.1f} MiB  images rel diff "
-                  f"{diff:.1e}", flush=True)
+                  f"{ours_rss:8.1f} MiB  DiffSynth {their_rss:8.1f} MiB{cpu}  images rel diff {diff:.1e}", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
