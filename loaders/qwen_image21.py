@@ -82,6 +82,7 @@ def load_components(path: Path, plan: Plan, session: Session) -> dict[str, Any]:
     import diffusers  # noqa: PLC0415
     from transformers import AutoProcessor  # noqa: PLC0415
 
+    from ..modeling.qwen_image.vae import still_image_vae21  # noqa: PLC0415
     from .vlm import load_qwen_vl  # noqa: PLC0415
 
     spec = registry.get("qwen_image")
@@ -90,7 +91,8 @@ def load_components(path: Path, plan: Plan, session: Session) -> dict[str, Any]:
     skip = spec.fp8_skip
 
     def diffusers_loader(comp: str):
-        cls = getattr(diffusers, CLASSES[comp])
+        # The VAE: diffusers' own, minus the video frame caches on one-frame (still image) encodes and decodes.
+        cls = still_image_vae21() if comp == "vae" else getattr(diffusers, CLASSES[comp])
 
         def load(prec: Precision | None, source: Any) -> Any:
             return streaming.load_diffusers(cls, path / comp, prec, skip, source=lora_files.base_view(source),

@@ -134,9 +134,11 @@ def check_memory(job: Job21, path: Path, plan: Plan) -> list[str]:
     transformer = tokens * inner * itemsize * TOKEN_ACTIVATION_FACTOR * job.batch_size * cfg_mult
     base = vcfg.get("decoder_base_dim") or vcfg.get("base_dim", 96)
     free = glue.free_memory_bytes(plan.device)
-    whole = transformer + vae_tiling.decode_bytes(job.width, job.height, job.batch_size, base, itemsize, False)
+    factor = vae_tiling.STILL_IMAGE21_DECODE_FACTOR  # a whole decode runs without the video frame caches
+    whole = transformer + vae_tiling.decode_bytes(job.width, job.height, job.batch_size, base, itemsize, False, factor)
     job.tiled_vae, note = vae_tiling.choose(job.vae_tiling, whole <= free)
-    need = transformer + vae_tiling.decode_bytes(job.width, job.height, job.batch_size, base, itemsize, job.tiled_vae)
+    need = transformer + vae_tiling.decode_bytes(job.width, job.height, job.batch_size, base, itemsize, job.tiled_vae,
+                                                 factor)
     if need > free:
         raise MemoryEstimateError(
             f"{DISPLAY} width/height/batch_size: {job.width}x{job.height} x{job.batch_size} with {len(job.images)} "

@@ -14,7 +14,8 @@ VAE_TILING_MODES = ("auto", "on", "off")
 DEFAULT_VAE_TILING = "auto"
 # diffusers' default tile of these VAEs: 256 px tiles, 192 px stride (64 px blended overlap).
 TILE_PX = 256
-# Bytes per output pixel per VAE (decoder) base channel, x itemsize, that a whole decode holds at its peak. Counted
+# Bytes per output pixel per VAE (decoder) base channel, x itemsize, that diffusers' own decode (with its video frame
+# caches: how tiles are decoded) holds at its peak. Counted
 # on the real-size VAEs (benchmarks/bench_qwen_image_vae.py --simulate; 256..2048 px, the same at every size):
 # Qwen-Image 18 (its full-resolution stage keeps each causal conv's input frames cached next to the activations),
 # Qwen-Image 2.1 21.3 (diffusers' default config: decoder_base_dim 144; counted at 512 / 1024 px). A CPU decode's
@@ -23,9 +24,11 @@ TILE_PX = 256
 VAE_DECODE_FACTOR = 24
 # The Qwen-Image engine's VAE (modeling/qwen_image/vae.py) decodes a still image whole without those frame caches:
 # counted 7.0 (256..2048 px, the same at every size: 2048 px fp32 11.3 GB instead of 29.0 GB); CPU RSS 7.8 per
-# pixel (256 -> 512 px: 0.46 -> 1.04 GB) + the scratch below. Tiled decodes (and the 2.1 VAE) keep diffusers' path
-# and VAE_DECODE_FACTOR.
+# pixel (256 -> 512 px: 0.46 -> 1.04 GB) + the scratch below. Tiled decodes keep diffusers' path and
+# VAE_DECODE_FACTOR.
 STILL_IMAGE_DECODE_FACTOR = 9
+# The same for Qwen-Image 2.1's VAE: counted 11.0 (512 px; 21.3 with the caches), + ~3 on a CPU.
+STILL_IMAGE21_DECODE_FACTOR = 14
 # CPU scratch per decode whatever the size (oneDNN weight reorders; the RSS intercept, measured 0.2-0.26 GB). Added
 # once per estimate, whole or tiled.
 DECODE_SCRATCH_BYTES = 300 * 10**6

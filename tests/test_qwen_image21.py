@@ -74,6 +74,11 @@ def test_t2i_matches_diffusers_pipeline_rgba_to_image_and_mask():
     assert float((ours.image - want_rgb).abs().max()) < EXACT
     assert float((ours.mask - want_mask).abs().max()) < EXACT
     assert "steps=2" in ours.text and "true_cfg=1.0" in ours.text and "alpha=yes" in ours.text
+    from gentor.loaders.cache import CACHE
+    from gentor.modeling.qwen_image.vae import still_image_vae21
+
+    # ... with the VAE class that decodes still images without the video frame caches (same output, above)
+    assert [type(e.value) for e in CACHE.entries("autoencoder_kl_qwen_image21")] == [still_image_vae21()]
 
 
 def test_defaults_40_steps_no_cfg_1024():

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from benchmarks.bench_qwen_image_vae import REAL_VAE_CONFIG, live_bytes_tracker
-from gentor.modeling.qwen_image.vae import StillImageQwenImageVAE
+from gentor.modeling.qwen_image.vae import StillImageQwenImageVAE, still_image_vae21
 from gentor.samplers import qwen_image_vae
-from tests import tiny_models
+from tests import tiny_models, tiny_qwen21
 
 SPATIAL = 8  # the VAE's spatial compression
 STRIDE_PX = 192  # diffusers' tile stride: 256 px tiles overlap by 64 px
@@ -27,10 +27,12 @@ TILED_MAX_TOLERANCE = 0.3
 # oneDNN copies, see samplers/qwen_image_vae.py), but by less than this, or "auto" would tile decodes that fit.
 ESTIMATE_SLACK = 1.4
 OUTPUT_SCALE = 0.25
-STILL = "StillImageQwenImageVAE"  # the engine's class (modeling/qwen_image/vae.py)
+STILL = "StillImageQwenImageVAE"  # the engine's classes (modeling/qwen_image/vae.py)
+STILL21 = "StillImageQwenImage21VAE"
 # Diffusers' whole decode keeps a frame cache at every causal conv; without them the real-size decode allocates
 # 0.39x (counted: 2048 px fp32 11.3 vs 29.0 GB). Checked below with margin.
 STILL_IMAGE_MAX_SHARE = 0.5
+STILL21_MAX_SHARE = 0.6  # 2.1's VAE: 0.52x (counted at 512 px: 1.66 vs 3.22 GB)
 
 
 @pytest.fixture(scope="module")
@@ -109,10 +111,10 @@ def allocated_peak(vae_class: str, width: int, height: int, tiled: bool) -> tupl
     """(peak bytes a decode allocates, the decoder's base width) for the real-size VAE of ``vae_class``."""
     import diffusers
 
-    cls = StillImageQwenImageVAE if vae_class == STILL else getattr(diffusers, vae_class)
+    cls = {STILL: StillImageQwenImageVAE, STILL21: still_image_vae21()}.get(vae_class) or getattr(diffusers, vae_class)
     with torch.device("meta"):
         # Qwen-Image: the released config; 2.1: diffusers' defaults (decoder_base_dim 144, 16x compression)
-        vae = (cls(**REAL_VAE_CONFIG) if vae_class != "AutoencoderKLQwenImage21" else cls()).eval()
+        vae = (cls() if vae_class in (STILL21, "AutoencoderKLQwenImage21") else cls(**REAL_VAE_CONFIG)).eval()
     qwen_image_vae.apply(vae, tiled)
     spatial = 2 ** (len(vae.config.dim_mult) - 1)  # a 2x down/upsample between stages (the shape is checked)
     z = torch.empty(1, vae.config.z_dim, 1, height // spatial, width // spatial, device="meta")
@@ -124,10 +126,11 @@ def allocated_peak(vae_class: str, width: int, height: int, tiled: bool) -> tupl
 
 
 @pytest.mark.parametrize(("vae_class", "width", "height", "tiled"), [
-    (STILL, 256, 256, False), (STILL, 384, 192, True), ("AutoencoderKLQwenImage21", 256, 256, False)])
+    (STILL, 256, 256, False), (STILL, 384, 192, True), (STILL21, 256, 256, False), (STILL21, 512, 256, True)])
 def test_vae_decode_estimate_covers_the_allocations_of_the_real_size_vae(vae_class, width, height, tiled):
     counted, base_dim = allocated_peak(vae_class, width, height, tiled)
-    factor = qwen_image_vae.STILL_IMAGE_DECODE_FACTOR if vae_class == STILL else qwen_image_vae.VAE_DECODE_FACTOR
+    factor = {STILL: qwen_image_vae.STILL_IMAGE_DECODE_FACTOR,
+              STILL21: qwen_image_vae.STILL_IMAGE21_DECODE_FACTOR}[vae_class]
     estimate = qwen_image_vae.decode_bytes(width, height, 1, base_dim, 4, tiled, factor)
     scratch = qwen_image_vae.DECODE_SCRATCH_BYTES  # CPU scratch: no tensor of the decode
     assert counted <= estimate <= counted * ESTIMATE_SLACK + scratch, (
@@ -151,10 +154,28 @@ def test_still_image_vae_encodes_and_decodes_exactly_as_diffusers_without_its_fr
         assert torch.equal(still.encode(pixels).latent_dist.mean, vae.encode(pixels).latent_dist.mean)
 
 
-def test_still_image_vae_decode_allocates_less_than_half_of_diffusers():
-    ours, _ = allocated_peak(STILL, 512, 512, tiled=False)
-    theirs, _ = allocated_peak("AutoencoderKLQwenImage", 512, 512, tiled=False)
-    assert ours < STILL_IMAGE_MAX_SHARE * theirs, f"{ours / 1e9:.2f} GB vs diffusers' {theirs / 1e9:.2f} GB"
+@pytest.mark.parametrize(("ours", "theirs", "share"), [
+    (STILL, "AutoencoderKLQwenImage", STILL_IMAGE_MAX_SHARE), (STILL21, "AutoencoderKLQwenImage21", STILL21_MAX_SHARE)])
+def test_still_image_vae_decode_allocates_less_than_diffusers(ours, theirs, share):
+    mine, _ = allocated_peak(ours, 512, 512, tiled=False)
+    diffusers_peak, _ = allocated_peak(theirs, 512, 512, tiled=False)
+    assert mine < share * diffusers_peak, f"{mine / 1e9:.2f} GB vs diffusers' {diffusers_peak / 1e9:.2f} GB"
+
+
+def test_still_image_vae21_encodes_and_decodes_exactly_as_diffusers():
+    """2.1's VAE (RGBA, its decoder's first chunk is special) gives diffusers' output bit for bit too."""
+    import diffusers
+
+    torch.manual_seed(5)
+    theirs = diffusers.AutoencoderKLQwenImage21(**tiny_qwen21.VAE_CONFIG).eval()
+    ours = still_image_vae21()(**theirs.config).eval()
+    ours.load_state_dict(theirs.state_dict())
+    gen = torch.Generator().manual_seed(6)
+    z = torch.randn(1, theirs.config.z_dim, 1, 4, 6, generator=gen)
+    pixels = torch.rand(1, 4, 1, 64, 96, generator=gen) * 2 - 1
+    with torch.inference_mode():
+        assert torch.equal(ours.decode(z).sample, theirs.decode(z).sample)
+        assert torch.equal(ours.encode(pixels).latent_dist.mean, theirs.encode(pixels).latent_dist.mean)
 
 
 def test_the_qwen_image_loader_builds_the_still_image_vae(model_roots):

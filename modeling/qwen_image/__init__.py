@@ -1,4 +1,5 @@
 """Qwen-Image pieces Gentor adds to diffusers' own (no ComfyUI imports).
 
-- ``vae``: diffusers' Qwen-Image VAE, encoding and decoding still images without the video frame caches.
+- ``vae``: diffusers' Qwen-Image VAEs (1.x and 2.1), encoding and decoding still images without the video
+  frame caches.
 """
