@@ -199,7 +199,8 @@ def _headers(path: Path) -> dict:
 
 
 def read_vq_config(path: Path, n_codes: int) -> IBQConfig:
-    """config.yaml -> IBQConfig; the codebook must hold exactly the model's visual tokens."""
+    """config.yaml (or the remote-code config.json) -> IBQConfig; the codebook must hold exactly the model's visual
+    tokens."""
     import yaml  # noqa: PLC0415 - PyYAML comes with accelerate/transformers
 
     file = vq_config_file(path)
