@@ -183,8 +183,8 @@ def child(size: int, mode: str, dtype_name: str, device: str, threads: int) -> d
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    out = {"size": size, "mode": mode, "class": vae_cls.__name__, "tiled": tiled, "note": note, "dtype": dtype_name, "device": device,
-           "threads": threads, "seconds": round(seconds, 2), "shape": list(image.shape),
+    out = {"size": size, "mode": mode, "class": vae_cls.__name__, "tiled": tiled, "note": note, "dtype": dtype_name,
+           "device": device, "threads": threads, "seconds": round(seconds, 2), "shape": list(image.shape),
            "finite": None if device == "meta" else bool(torch.isfinite(image).all()),
            "output_bytes": image.numel() * image.element_size()}
     if device == "cuda":

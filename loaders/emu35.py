@@ -205,8 +205,8 @@ def read_vq_config(path: Path, n_codes: int) -> IBQConfig:
 
     file = vq_config_file(path)
     if file is None:
-        raise ModelFolderError(f"{BACKEND} vision_tokenizer: config missing (got {sorted(p.name for p in path.iterdir())}"
-                               f" in {path}, expected {VQ_CONFIG} or a {VQ_HF_CONFIG} with model_type {VQ_HF_TYPE}). "
+        raise ModelFolderError(f"{BACKEND} vision_tokenizer: config missing (got "
+                               f"{sorted(p.name for p in path.iterdir())} in {path}, expected {VQ_CONFIG} or a {VQ_HF_CONFIG} with model_type {VQ_HF_TYPE}). "
                                "Re-download Emu3.5-VisionTokenizer.")
     try:
         if file.name == VQ_CONFIG:
@@ -286,8 +286,8 @@ def vq_folder(name: str) -> Path:
     if not name:
         raise ModelFolderError(
             f"{BACKEND} vision_tokenizer: none selected (got no folder, expected a folder with {VQ_CONFIG} + "
-            f"model.ckpt (or {VQ_HF_CONFIG} + model.safetensors) under {', '.join(roots) or 'models/emu35/'}). Download "
-            "BAAI/Emu3.5-VisionTokenizer there.")
+            f"model.ckpt (or {VQ_HF_CONFIG} + model.safetensors) under {', '.join(roots) or 'models/emu35/'}). "
+            "Download BAAI/Emu3.5-VisionTokenizer there.")
     path = resolve_model_folder(BACKEND, "vision_tokenizer", name, FOLDER_KEYS)
     if not looks_like_vq(path):
         raise ModelFolderError(

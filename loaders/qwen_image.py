@@ -175,11 +175,11 @@ def load_components(path: Path, task: str, plan: Plan, session: Session) -> dict
     from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel  # noqa: PLC0415
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration, Qwen2VLProcessor  # noqa: PLC0415
 
+    from ..modeling.qwen_image.vae import StillImageQwenImageVAE  # noqa: PLC0415
+
     spec = registry.get("qwen_image")
     precision = plan.precision
     full = Precision(precision.base, precision.base)  # components kept out of FP8
-    from ..modeling.qwen_image.vae import StillImageQwenImageVAE  # noqa: PLC0415
-
     # The VAE: diffusers' own, minus the video frame caches on one-frame (still image) encodes and decodes.
     classes = {"transformer": QwenImageTransformer2DModel, "vae": StillImageQwenImageVAE,
                "text_encoder": Qwen2_5_VLForConditionalGeneration}

@@ -23,8 +23,8 @@ class GentorLoadEmu35(io.ComfyNode):
                                tooltip="An Emu3.5 / Emu3.5-Image folder (config.json model_type Emu3 + safetensors) "
                                        "from models/emu35/. Sizes and the variant are read from its files."),
                 io.Combo.Input("vision_tokenizer", options=loader.list_vision_tokenizers(),
-                               tooltip="The Emu3.5-VisionTokenizer folder from models/emu35/ (config.yaml + model.ckpt, "
-                                       "or its transformers form: config.json + model.safetensors)."),
+                               tooltip="The Emu3.5-VisionTokenizer folder from models/emu35/ (config.yaml + "
+                                       "model.ckpt, or its transformers form: config.json + model.safetensors)."),
                 io.Combo.Input("tokenizer", options=loader.list_tokenizers(), default=loader.FROM_MODEL_FOLDER,
                                tooltip="Where emu3.tiktoken + emu3_vision_tokens.txt are: the model folder, or a "
                                        "separate folder in models/emu35/."),

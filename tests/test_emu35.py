@@ -221,7 +221,8 @@ def test_remote_code_form_of_the_vision_tokenizer_loads(emu_root):
     (other / "config.json").write_text(json.dumps({"model_type": "Emu3VisionVQ"}), encoding="utf-8")
     save_file({"x": torch.zeros(1)}, str(other / "model.safetensors"))
     assert "other-json" not in loader.list_vision_tokenizers()
-    with pytest.raises(ModelFolderError, match=r"not a vision tokenizer folder.*config.json \(model_type Emu3p5VisionVQ"):
+    with pytest.raises(ModelFolderError,
+                       match=r"not a vision tokenizer folder.*config.json \(model_type Emu3p5VisionVQ"):
         loader.load_handle(MODEL, "other-json")
     flat.pop("ch_mult")
     (hf / "config.json").write_text(json.dumps(flat), encoding="utf-8")
