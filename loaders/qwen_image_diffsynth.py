@@ -2,7 +2,8 @@
 
 DiffSynth identifies checkpoint files by a hash of key names and shapes and its model classes hard-code the
 real widths, so it cannot load our files itself (nor tiny test models). It does not need to: its DiT and
-VAE use exactly diffusers' parameter names, and its text encoder is transformers' ``Qwen2_5_VLModel``. So
+VAE use exactly diffusers' parameter names, and its text encoder is transformers' ``Qwen2_5_VLModel`` (for
+Qwen-Image 2.1: its 2.1 DiT and VAE, which take diffusers' config fields, and ``Qwen3VLForConditionalGeneration``). So
 each DiffSynth module is built empty (no memory) with the sizes read from the cached diffusers module and
 then given the cached module's own ``Parameter`` objects — one copy of the weights serves both engines.
 LoRA layers of the cached transformer become DiffSynth's hot-loaded LoRA factors (its own unfused path).
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import inspect
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +45,10 @@ TRANSFORMERS_RENAMES = {
 DIT_MAP = "diffsynth.models.qwen_image_dit.QwenImageDiT"
 VAE_MAP = "diffsynth.models.qwen_image_vae.QwenImageVAE"
 TEXT_ENCODER_MAP = "diffsynth.models.qwen_image_text_encoder.QwenImageTextEncoder"
+DIT21_MAP = "diffsynth.models.qwen_image_21_dit.QwenImage21DiT"
+VAE21_MAP = "diffsynth.models.qwen_image_21_vae.QwenImage21VAE"
+TEXT_ENCODER21_MAP = "diffsynth.models.qwen_image_21_text_encoder.QwenImage21TextEncoder"
+SUPPORTED_TASKS = ("t2i", "edit", "edit_plus", "qi21")  # the loader's task families (qi21 = Qwen-Image 2.1)
 ROPE_THETA = 10000
 TIME_PROJ_DIM = 256
 
@@ -85,8 +91,9 @@ def require() -> list[str]:
 
 def unsupported_reason(task: str, variant: str) -> str | None:
     """Why our DiffSynth engine cannot run this model, or None (both schedules map onto its templates)."""
-    if task not in ("t2i", "edit", "edit_plus"):
-        return f"{variant} (DiffSynth's Qwen-Image pipeline runs Qwen-Image, -2512, Edit, Edit-2509 and Edit-2511)"
+    if task not in SUPPORTED_TASKS:
+        return (f"{variant} (DiffSynth's Qwen-Image pipelines run Qwen-Image, -2512, Edit, Edit-2509, Edit-2511 "
+                "and Qwen-Image 2.1)")
     return None
 
 
@@ -174,6 +181,52 @@ def build_text_encoder(text_encoder: torch.nn.Module) -> torch.nn.Module:
     view.config = config
     _share(view.model, text_encoder.model, "text_encoder")
     _share(view.lm_head, text_encoder.lm_head, "text_encoder lm_head")
+    return view
+
+
+# ----------------------------------------------------------------------------- Qwen-Image 2.1 views
+def _from_config(cls: type, config: Any) -> torch.nn.Module:
+    """``cls`` built empty (weights on meta) from the diffusers config: DiffSynth's 2.1 classes take the very
+    fields diffusers' config holds (an unknown field would mean another architecture, so none is guessed)."""
+    from accelerate import init_empty_weights  # noqa: PLC0415
+
+    params = inspect.signature(cls.__init__).parameters
+    kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in dict(config).items() if k in params}
+    with init_empty_weights():
+        return cls(**kwargs)
+
+
+def build_dit21(transformer: torch.nn.Module) -> torch.nn.Module:
+    """DiffSynth's ``QwenImage21DiT`` with the cached 2.1 transformer's config and base weights."""
+    from diffsynth.models.qwen_image_21_dit import QwenImage21DiT  # noqa: PLC0415
+
+    from .lora import base_view  # noqa: PLC0415
+
+    return _share(_from_config(QwenImage21DiT, transformer.config), base_view(transformer), "transformer")
+
+
+def build_vae21(vae: torch.nn.Module) -> torch.nn.Module:
+    """DiffSynth's ``QwenImage21VAE`` (RGBA, 16x) with the cached VAE's config (latent statistics included)."""
+    from diffsynth.models.qwen_image_21_vae import QwenImage21VAE  # noqa: PLC0415
+
+    return _share(_from_config(QwenImage21VAE, vae.config), vae, "vae")
+
+
+def build_text_encoder21(text_encoder: torch.nn.Module) -> torch.nn.Module:
+    """DiffSynth's ``QwenImage21TextEncoder`` around a ``Qwen3VLForConditionalGeneration`` with the cached
+    encoder's config and weights (its own constructor builds the 8B config)."""
+    from accelerate import init_empty_weights  # noqa: PLC0415
+    from diffsynth.models.qwen_image_21_text_encoder import QwenImage21TextEncoder  # noqa: PLC0415
+    from transformers import Qwen3VLForConditionalGeneration  # noqa: PLC0415
+
+    view = QwenImage21TextEncoder.__new__(QwenImage21TextEncoder)
+    torch.nn.Module.__init__(view)
+    with init_empty_weights():
+        view.model = Qwen3VLForConditionalGeneration(text_encoder.config)
+    view.config = text_encoder.config
+    _share(view.model, text_encoder, "text_encoder")
+    # As its constructor does: the float32 rotary buffers, put back whenever the wrapper is cast as a whole.
+    view._fp32_buffers = {n: b.detach().clone() for n, b in view.model.named_buffers() if b.dtype == torch.float32}
     return view
 
 

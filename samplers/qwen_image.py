@@ -7,7 +7,6 @@ estimate. Engines (``QwenImageEngine``): diffusers (default, below) and DiffSynt
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
@@ -347,9 +346,8 @@ def run(handle: ModelHandle, task: str, request: Request,
     if handle_task == qwen_loader.TASK_21:
         from . import qwen_image21  # noqa: PLC0415
 
-        _, fell_back = choose_engine(handle, handle_task)  # DiffSynth's 2.1 pipeline is not wired
-        result = qwen_image21.run(handle, task, request, listener)
-        return dataclasses.replace(result, text=result.text + "".join(f"\n- {n}" for n in fell_back))
+        engine, engine_notes = choose_engine(handle, handle_task)
+        return qwen_image21.run(handle, task, request, listener, engine, engine_notes)
     job, notes = plan_job(task, handle_task, request)
     engine, engine_notes = choose_engine(handle, handle_task)
     notes.extend(engine_notes)

@@ -157,6 +157,12 @@ class Engine21:
             **{k: e.value for k, e in components.items()}, sample_sigmas=list(sample_sigmas) if sample_sigmas else None)
         self.pipe.set_progress_bar_config(disable=True)
 
+    def total_steps(self, job: Job21) -> int:
+        return job.steps  # the whole batch goes through each step at once
+
+    def notes(self) -> list[str]:
+        return []
+
     def generate(self, job: Job21, on_step: Callable[[int], None]) -> torch.Tensor:
         def callback(_pipe: Any, i: int, _t: Any, _kwargs: dict) -> dict:
             on_step(i + 1)
@@ -186,32 +192,44 @@ def split_rgba(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return image, mask.contiguous()
 
 
-def run(handle: ModelHandle, task: str, request: Request,
-        listener: Callable[[int, int, Any], None] | None = None) -> Result:
-    """Generate with a Qwen-Image 2.1 handle; ``task`` is "t2i" or "edit"."""
+def make_engine(engine: str, components: dict, sample_sigmas: tuple[float, ...] | None, plan: Plan) -> Any:
+    if engine == "diffsynth":
+        from .qwen_image_diffsynth import DiffSynthEngine21  # noqa: PLC0415
+
+        return DiffSynthEngine21(components, plan, sample_sigmas)
+    return Engine21(components, sample_sigmas)
+
+
+def run(handle: ModelHandle, task: str, request: Request, listener: Callable[[int, int, Any], None] | None = None,
+        engine: str = "diffusers", engine_notes: list[str] | None = None) -> Result:
+    """Generate with a Qwen-Image 2.1 handle; ``task`` is "t2i" or "edit"; ``engine`` as chosen (and checked)
+    by ``samplers/qwen_image.choose_engine``."""
     path = Path(handle.path())
     index = read_json(path / "model_index.json", DISPLAY, "model_index.json")
     sample_sigmas = tuple(index["sample_sigmas"]) if index.get("sample_sigmas") else None
     job, notes = plan_job(task, request, sample_sigmas)
+    notes.extend(engine_notes or [])
     plan = resolve(handle.memory, glue.torch_device())
     notes.extend(plan.notes)
     notes.extend(check_memory(job, path, plan))
     notes.extend(lora_files.lightning_notes(handle, job.steps, job.true_cfg, "model"))
-    progress = glue.Progress(job.steps, listener)
     spec = registry.get("qwen_image")
     with CACHE.session() as session:
         components = loader21.load_components(path, plan, session)
         notes.extend(use_loras(session, components["transformer"], handle, plan))
-        blocks = dict(spec.blocks)
-        placement = Placement(components, blocks, plan, DISPLAY)
-        if job.images:
+        placement = Placement(components, dict(spec.blocks), plan, DISPLAY,
+                              mover="diffsynth" if engine == "diffsynth" else "")
+        if job.images and engine == "diffusers":
             job.resolution = fit_resolution(job.resolution, components["processor"].value)
-        with placement.running():
-            out = Engine21(components, sample_sigmas).generate(job, lambda i: progress.update(i))
+        with placement.running() as placed:
+            runner = make_engine(engine, components, sample_sigmas, placed)
+            progress = glue.Progress(runner.total_steps(job), listener)
+            out = runner.generate(job, lambda i: progress.update(i))
+            notes.extend(runner.notes())
         notes.extend(placement.notes)
     image, mask = split_rgba(out)
     check_finite(image, DISPLAY, "try compute_dtype fp32 or bf16 in Gentor Memory Options (fp16 overflows easily)")
     pairs = [("model", handle.variant), ("size", f"{job.width}x{job.height}"), ("steps", job.steps),
              ("true_cfg", job.true_cfg), ("seed", job.seed), ("references", len(job.images)),
-             ("alpha", "yes" if out.shape[1] > ALPHA_CHANNEL else "no"), ("engine", "diffusers")]
+             ("alpha", "yes" if out.shape[1] > ALPHA_CHANNEL else "no"), ("engine", engine)]
     return Result(image, format_notes(pairs, notes), mask=mask)

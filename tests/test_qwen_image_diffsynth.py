@@ -69,13 +69,6 @@ def test_version_outside_tested_range_warns(monkeypatch, caplog):
     assert views.require() == []
 
 
-def test_unsupported_variant_is_named_and_falls_back_only_when_allowed():
-    with pytest.raises(InputError, match=r"DiffSynth engine does not support qwen-image-2\.1.*diffsynth-or-diffusers"):
-        run("tiny-qwen-image-2.1", "t2i", "diffsynth")
-    out = run("tiny-qwen-image-2.1", "t2i", "diffsynth-or-diffusers")
-    assert "engine=diffusers" in out.text and "fell back to diffusers" in out.text and "qwen-image-2.1" in out.text
-
-
 def test_transformers_renamed_classes_are_mapped():
     pytest.importorskip("diffsynth")
     import transformers.models.qwen2_5_vl.modeling_qwen2_5_vl as qvl
