@@ -110,3 +110,20 @@ def test_diffsynth_engine_runs_in_comfyui_or_says_why_not(server):
         loader["inputs"]["engine"] = "diffsynth"
         how, node_id, message = refusal(server, api, RUN_TIMEOUT_S)
         assert "engine" in message and "pip install" in message, (how, message)
+
+
+def test_qwen_image21_multiref_runs_on_the_diffsynth_engine_in_comfyui(server):
+    """Qwen-Image 2.1's three-reference example with the loader's engine switched to DiffSynth (falling back,
+    and saying so, where ComfyUI's Python has no diffsynth): IMAGE and MASK come out, the text names the engine."""
+    api = api_workflow("qwen_image21_multiref")
+    _, loader = node_of(api, LOADER)
+    loader["inputs"]["engine"] = "diffsynth-or-diffusers"
+    edit_id, _ = node_of(api, "GentorEditImage")
+    entry = server.run(api, RUN_TIMEOUT_S)
+    assert entry.get("status", {}).get("status_str") == "success", entry.get("status")
+    text = "\n".join(entry["outputs"][edit_id]["text"])
+    assert "references=3" in text, text
+    if server.python_has("diffsynth"):
+        assert "engine=diffsynth" in text and "DiffSynth VRAM management" in text, text
+    else:
+        assert "fell back to diffusers" in text, text
