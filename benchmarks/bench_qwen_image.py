@@ -61,6 +61,30 @@ def mid_models(out: Path, layers: int, dtype: torch.dtype = torch.float32) -> Pa
     return root
 
 
+def mid_models21(out: Path, layers: int, dtype: torch.dtype = torch.float32) -> Path:
+    """The tiny Qwen-Image 2.1 pipeline whose transformer is replaced by a mid-size random one
+    (``MID_HEADS`` x 128 wide, the kit's text width); its scheduler is DiffSynth's Qwen-Image schedule, so both
+    engines sample on the same sigmas."""
+    import json
+
+    from diffusers import QwenImage21Transformer2DModel
+    from gentor.samplers.qwen_image_diffsynth import DIFFSYNTH_SCHEDULE
+    from tests import tiny_models, tiny_qwen21
+
+    tiny = tiny_models.write_qwen_image(out / "tiny")
+    root = out / "qwen_image"
+    dst = root / "mid-qwen-image-2.1"
+    shutil.copytree(tiny[tiny_models.QWEN_IMAGE_21], dst)
+    cfg = dict(tiny_qwen21.TRANSFORMER_CONFIG, num_layers=layers, num_attention_heads=MID_HEADS,
+               attention_head_dim=128, axes_dims_rope=FULL_CONFIG["axes_dims_rope"])
+    torch.manual_seed(0)
+    shutil.rmtree(dst / "transformer")
+    QwenImage21Transformer2DModel(**cfg).to(dtype).save_pretrained(dst / "transformer")
+    sched = dst / "scheduler" / "scheduler_config.json"
+    sched.write_text(json.dumps(dict(json.loads(sched.read_text()), **DIFFSYNTH_SCHEDULE)))
+    return root
+
+
 def timed_pair(ours, ref, repeats: int) -> tuple[float, float, object, object]:
     """Median seconds of both, interleaved (ours, ref, ours, ...) so machine noise hits both alike."""
     t_ours, t_ref, out_ours, out_ref = [], [], None, None

@@ -16,6 +16,9 @@ noisy) and the peak of live torch allocations (the profiler's allocation events:
 On a GPU the same script runs at full size with random weights (written to a temporary folder first):
 
     python benchmarks/bench_qwen_image_engines.py --layers 60 --heads 24 --size 1328 --steps 10
+
+``--model 2.1``: the same for Qwen-Image 2.1 (mid-size random 2.1 transformer; its folder's scheduler set to
+DiffSynth's schedule so both engines sample on the same sigmas).
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ MODES = {  # name -> MemoryOptions kwargs
 }
 PROMPT = "a lighthouse on a cliff at dusk, cinematic"
 WARM_SIZE = 32
+MODELS = {"1": "mid-qwen-image", "2.1": "mid-qwen-image-2.1"}
 SAMPLE_S = 0.002
 
 
@@ -49,7 +53,7 @@ def peak_child(root: Path, mode: str, engine: str, args: argparse.Namespace) -> 
     (device memory ``max_memory_allocated``, nan) on a GPU; (process RSS sampled every 2 ms, live torch
     allocations counted by the profiler) on a CPU."""
     cmd = [sys.executable, __file__, "--child", str(root), "--modes", mode, "--engine", engine,
-           "--size", str(args.size)] + (["--fp32"] if args.fp32 else [])
+           "--size", str(args.size), "--model", args.model] + (["--fp32"] if args.fp32 else [])
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()
     allocated = next((float(line.split()[1]) for line in out if line.startswith("allocated ")), float("nan"))
     return float(out[-1]), allocated
@@ -66,7 +70,7 @@ def child(args: argparse.Namespace) -> None:
     from gentor.samplers.common import Request
 
     glue.set_fallback_roots("qwen_image", [Path(args.child)])
-    handle = loader.load_handle("mid-qwen-image", MemoryOptions(**options(args.modes, args.fp32)), args.engine)
+    handle = loader.load_handle(MODELS[args.model], MemoryOptions(**options(args.modes, args.fp32)), args.engine)
 
     def run(size: int) -> None:
         sampler.run(handle, "t2i", Request(PROMPT, seed=5, steps=2, width=size, height=size, cfg=4.0,
@@ -126,6 +130,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--fp32", action="store_true", help="fp32 instead of bf16 in the first mode")
+    parser.add_argument("--model", choices=list(MODELS), default="1", help="Qwen-Image 1.x or 2.1")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--engine", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -143,7 +148,8 @@ def main() -> None:
 
     base.MID_HEADS = args.heads
     tmp = Path(tempfile.mkdtemp(prefix="gentor-engines-"))
-    root = base.mid_models(tmp, args.layers, torch.float32)
+    build = base.mid_models21 if args.model == "2.1" else base.mid_models
+    root = build(tmp, args.layers, torch.float32)
     glue.set_fallback_roots("qwen_image", [root])
     device = glue.torch_device()
     req = Request(PROMPT, seed=5, steps=args.steps, width=args.size,
@@ -151,11 +157,12 @@ def main() -> None:
     import diffsynth  # noqa: F401  (fail early, with the import error, when it is missing)
     from gentor.loaders.qwen_image_diffsynth import installed_version
 
-    print(f"device {device}, transformer {args.layers} layers x {args.heads * 128}, {args.size}px, {args.steps} "
-          f"steps, true-CFG 4, diffsynth {installed_version()}, torch threads {torch.get_num_threads()}")
+    print(f"device {device}, Qwen-Image {args.model}, transformer {args.layers} layers x {args.heads * 128}, "
+          f"{args.size}px, {args.steps} steps, true-CFG 4, diffsynth {installed_version()}, "
+          f"torch threads {torch.get_num_threads()}")
     try:
         for mode in args.modes.split(","):
-            handles = {e: loader.load_handle("mid-qwen-image", MemoryOptions(**options(mode, args.fp32)), e)
+            handles = {e: loader.load_handle(MODELS[args.model], MemoryOptions(**options(mode, args.fp32)), e)
                        for e in ("diffusers", "diffsynth")}
 
             step_s: dict[str, list[float]] = {e: [] for e in handles}

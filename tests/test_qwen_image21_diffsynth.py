@@ -3,6 +3,7 @@ against the diffusers engine; skipped with the reason when the diffsynth package
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -18,7 +19,7 @@ from gentor.samplers import qwen_image_diffsynth as ds_sampler
 from gentor.samplers.common import Request
 from tests import tiny_qwen21
 from tests.qwen_helpers import picture, rel_err
-from tests.test_qwen_image_diffsynth import needs_diffsynth
+from tests.test_qwen_image_diffsynth import assert_every_weight_wrapped, needs_diffsynth
 
 NAME = tiny_qwen21.VARIANT
 SAME_SCHEDULE = "tiny-qwen-image-2.1-diffsynth-schedule"
@@ -30,6 +31,7 @@ TOL_SAME_SCHEDULE = 1e-5
 EDIT_SIZE = 128
 TOL_OTHER_SCHEDULE = 3e-2
 TOL_FP8 = 2e-2
+LORA_RANK = 4
 
 
 @pytest.fixture(autouse=True)
@@ -163,20 +165,45 @@ def test_both_engines_share_one_copy_of_the_weights():
 
 
 @needs_diffsynth
+def test_a_lora_runs_through_diffsynths_hot_load_and_matches_the_diffusers_engine(model_roots):
+    from safetensors.torch import save_file
+
+    from gentor.loaders import lora
+    from gentor.loaders.files import tensor_shapes, weight_files
+
+    # A rank-4 LoRA (diffusers key layout) on every attention projection of the 2.1 transformer.
+    shapes = tensor_shapes(weight_files(model_roots["qwen_image"] / NAME / "transformer", "test", "transformer"))
+    gen = torch.Generator().manual_seed(3)
+    factors = {}
+    targets = sorted(k for k in shapes if re.fullmatch(r"transformer_blocks\.\d+\.attn\.to_[qkv]\.weight", k))
+    for key in targets:
+        (fan_out, fan_in), module = shapes[key], key.removesuffix(".weight")
+        factors[f"transformer.{module}.lora_A.weight"] = torch.randn(LORA_RANK, fan_in, generator=gen) * 0.3
+        factors[f"transformer.{module}.lora_B.weight"] = torch.randn(fan_out, LORA_RANK, generator=gen) * 0.3
+    path = model_roots["loras"] / "tiny-qwen-image-2.1-lora.safetensors"
+    save_file(factors, str(path))
+    try:
+        def with_lora(engine: str):
+            return lora.with_lora(loader.load_handle(SAME_SCHEDULE, None, engine), path.name, 0.8)
+        request = Request(prompt="a red fox sitting in fresh snow", seed=5, steps=STEPS, width=SIZE, height=SIZE,
+                          cfg=1.0)
+        ours = sampler.run(with_lora("diffsynth"), "t2i", request)
+        base = run("diffsynth")
+        assert "hot-loaded" in ours.text and "engine=diffsynth" in ours.text
+        assert rel_err(ours.image, base.image) > 100 * TOL_SAME_SCHEDULE, "the LoRA must change the image"
+        assert rel_err(ours.image, sampler.run(with_lora("diffusers"), "t2i", request).image) < TOL_SAME_SCHEDULE
+        assert torch.equal(run("diffsynth").image, base.image), "switched off again for the next run"
+    finally:
+        CACHE.unload()
+        path.unlink()
+
+
+@needs_diffsynth
 def test_every_weight_is_under_a_diffsynth_wrapper():
-    from diffsynth.core.vram.layers import AutoTorchModule
-
-    from gentor.loaders.memory import Plan, Precision
-
     run("diffsynth")
-    setup = views.vram_config(Plan(Precision(torch.float32, torch.float32), "model", torch.device("cpu"), 0))
-    for kind, build, key in [("qwen_image21_transformer", views.build_dit21, views.DIT21_MAP),
-                             ("autoencoder_kl_qwen_image21", views.build_vae21, views.VAE21_MAP),
-                             ("qwen3_vl", views.build_text_encoder21, views.TEXT_ENCODER21_MAP)]:
-        view = views.enable_vram(build(CACHE.entries(kind)[0].value), key, setup)
-        managed = {id(p) for m in view.modules() if isinstance(m, AutoTorchModule) for p in m.parameters()}
-        left = [n for n, p in view.named_parameters() if id(p) not in managed]
-        assert not left, f"{kind}: weights outside DiffSynth's VRAM management: {left[:5]}"
+    assert_every_weight_wrapped([("qwen_image21_transformer", views.build_dit21, views.DIT21_MAP),
+                                 ("autoencoder_kl_qwen_image21", views.build_vae21, views.VAE21_MAP),
+                                 ("qwen3_vl", views.build_text_encoder21, views.TEXT_ENCODER21_MAP)])
 
 
 def test_the_schedule_note_names_what_differs():

@@ -228,15 +228,20 @@ def test_lora_runs_through_diffsynths_hot_load_and_matches_the_diffusers_engine(
 def test_every_weight_is_under_a_diffsynth_wrapper():
     """On a GPU a weight outside DiffSynth's wrappers would stay on the CPU: every one must be managed, which
     needs the transformers class renames resolved (DiffSynth's maps name the old classes)."""
+    run(T2I, "t2i", "diffsynth", cfg=1.0)
+    assert_every_weight_wrapped([("qwen_image_transformer", views.build_dit, views.DIT_MAP),
+                                 ("autoencoder_kl_qwen_image", views.build_vae, views.VAE_MAP),
+                                 ("qwen2_5_vl", views.build_text_encoder, views.TEXT_ENCODER_MAP)])
+
+
+def assert_every_weight_wrapped(views_of: list) -> None:
+    """Each (cache kind, view builder, DiffSynth VRAM map) view has every parameter under a DiffSynth wrapper."""
     from diffsynth.core.vram.layers import AutoTorchModule
 
     from gentor.loaders.memory import Plan, Precision
 
-    run(T2I, "t2i", "diffsynth", cfg=1.0)
     setup = views.vram_config(Plan(Precision(torch.float32, torch.float32), "model", torch.device("cpu"), 0))
-    for kind, build, key in [("qwen_image_transformer", views.build_dit, views.DIT_MAP),
-                             ("autoencoder_kl_qwen_image", views.build_vae, views.VAE_MAP),
-                             ("qwen2_5_vl", views.build_text_encoder, views.TEXT_ENCODER_MAP)]:
+    for kind, build, key in views_of:
         view = views.enable_vram(build(CACHE.entries(kind)[0].value), key, setup)
         managed = {id(p) for m in view.modules() if isinstance(m, AutoTorchModule) for p in m.parameters()}
         left = [n for n, p in view.named_parameters() if id(p) not in managed]
