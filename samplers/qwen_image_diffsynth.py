@@ -134,6 +134,32 @@ def _quiet(iterable: Any) -> Any:
     return iterable
 
 
+def draw_noise(job: Any, channels: int, vae_scale: int, dtype: torch.dtype) -> torch.Tensor:
+    """The diffusers engine's starting noise (its prepare_latents: [B,1,C,H/s,W/s] from one CPU generator seeded
+    with the job's seed, in the compute dtype), so a seed means the same start on both engines."""
+    grid = 2 * vae_scale  # latents come in 2x2 token pairs
+    shape = (job.batch_size, 1, channels, 2 * (job.height // grid), 2 * (job.width // grid))
+    return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(job.seed), dtype=dtype)
+
+
+def run_images(pipe: Any, noise: torch.Tensor, args: dict,
+               ticker: Callable[[int], Callable[[int, torch.Tensor], None]]) -> torch.Tensor:
+    """One DiffSynth pipeline call per image (its pipelines make one image per call), each with its slice of the
+    batch's noise and ``ticker(index)`` called after each step; the images concatenated."""
+    images = []
+    try:
+        for index in range(noise.shape[0]):
+            pipe.noise = noise[index]
+            pipe.on_latents = ticker(index)
+            with torch.inference_mode():
+                images.append(pipe(**args))
+    finally:
+        pipe.noise = pipe.on_latents = None
+        # Weights back to where the plan keeps them between runs (also after Cancel or an error).
+        pipe.load_models_to_device([])
+    return torch.cat(images)
+
+
 def engine_notes(setup: views.VramSetup, lora_layers: int) -> list[str]:
     out = [f"DiffSynth VRAM management: {setup.describe}"]
     if lora_layers:
@@ -179,11 +205,7 @@ class DiffSynthEngine:
         return engine_notes(self.setup, self.lora_layers)
 
     def generate(self, job: Any, on_step: Callable[[int, Image.Image | None], None]) -> torch.Tensor:
-        pipe = self.pipe
-        h8, w8 = job.height // VAE_SCALE, job.width // VAE_SCALE
-        # The diffusers engine's draw (prepare_latents: [B,1,C,H/8,W/8] from one CPU generator, compute dtype).
-        noise = torch.randn((job.batch_size, 1, LATENT_CHANNELS, h8, w8),
-                            generator=torch.Generator("cpu").manual_seed(job.seed), dtype=self.plan.compute)
+        noise = draw_noise(job, LATENT_CHANNELS, VAE_SCALE, self.plan.compute)
         args: dict[str, Any] = dict(
             prompt=job.prompt, negative_prompt=job.negative,
             # diffusers runs true CFG only above 1; DiffSynth whenever the scale is not 1.
@@ -193,19 +215,9 @@ class DiffSynthEngine:
         if job.task != "t2i":
             args.update(edit_image=job.images[0] if job.task == "edit" else list(job.images),
                         edit_image_auto_resize=True, zero_cond_t=self.zero_cond_t)
-        pipe.prompt_unit.max_tokens = job.max_sequence_length
-        images = []
-        try:
-            for index in range(job.batch_size):
-                pipe.noise = noise[index]
-                pipe.on_latents = functools.partial(self._tick, job, on_step, index * job.steps)
-                with torch.inference_mode():
-                    images.append(pipe(**args))
-        finally:
-            pipe.noise = pipe.on_latents = None
-            # Weights back to where the plan keeps them between runs (also after Cancel or an error).
-            pipe.load_models_to_device([])
-        return chw_to_image(torch.cat(images))
+        self.pipe.prompt_unit.max_tokens = job.max_sequence_length
+        return chw_to_image(run_images(self.pipe, noise, args,
+                                       lambda index: functools.partial(self._tick, job, on_step, index * job.steps)))
 
     def _tick(self, job: Any, on_step: Callable[[int, Image.Image | None], None], offset: int, done: int,
               latents: torch.Tensor) -> None:
@@ -248,12 +260,7 @@ class DiffSynthEngine21:
 
     def generate(self, job: Any, on_step: Callable[[int], None]) -> torch.Tensor:
         """[B, 4, H, W] in 0..1 (RGBA, as the diffusers engine returns it)."""
-        pipe = self.pipe
-        grid = 2 * VAE21_SCALE
-        h, w = 2 * (job.height // grid), 2 * (job.width // grid)
-        # The diffusers engine's draw (prepare_latents: [B,1,C,H/16,W/16] from one CPU generator, compute dtype).
-        noise = torch.randn((job.batch_size, 1, LATENT21_CHANNELS, h, w),
-                            generator=torch.Generator("cpu").manual_seed(job.seed), dtype=self.plan.compute)
+        noise = draw_noise(job, LATENT21_CHANNELS, VAE21_SCALE, self.plan.compute)
         args: dict[str, Any] = dict(
             prompt=job.prompt, negative_prompt=job.negative,
             cfg_scale=job.true_cfg if job.true_cfg > NO_CFG else NO_CFG,
@@ -263,18 +270,8 @@ class DiffSynthEngine21:
             num_inference_steps=job.steps, sigmas=job.sigmas if job.sigmas == self.sample_sigmas else None,
             use_kv_cache=self.kv_cache, tiled=job.tiled_vae,
             progress_bar_cmd=_quiet)
-        images = []
-        try:
-            for index in range(job.batch_size):
-                pipe.noise = noise[index]
-                offset = index * job.steps
-                pipe.on_latents = lambda done, _latents, offset=offset: on_step(offset + done)
-                with torch.inference_mode():
-                    images.append(pipe(**args))
-        finally:
-            pipe.noise = pipe.on_latents = None
-            pipe.load_models_to_device([])
-        return torch.cat(images)
+        return run_images(self.pipe, noise, args,
+                          lambda index: lambda done, _latents: on_step(index * job.steps + done))
 
 
 def schedule_note(config: dict) -> str | None:
