@@ -206,8 +206,8 @@ def read_vq_config(path: Path, n_codes: int) -> IBQConfig:
     file = vq_config_file(path)
     if file is None:
         raise ModelFolderError(f"{BACKEND} vision_tokenizer: config missing (got "
-                               f"{sorted(p.name for p in path.iterdir())} in {path}, expected {VQ_CONFIG} or a {VQ_HF_CONFIG} with model_type {VQ_HF_TYPE}). "
-                               "Re-download Emu3.5-VisionTokenizer.")
+                               f"{sorted(p.name for p in path.iterdir())} in {path}, expected {VQ_CONFIG} or a "
+                               f"{VQ_HF_CONFIG} with model_type {VQ_HF_TYPE}). Re-download Emu3.5-VisionTokenizer.")
     try:
         if file.name == VQ_CONFIG:
             cfg = IBQConfig.from_yaml_dict(yaml.safe_load(file.read_text(encoding="utf-8")))

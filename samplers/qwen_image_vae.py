@@ -14,9 +14,9 @@ VAE_TILING_MODES = ("auto", "on", "off")
 DEFAULT_VAE_TILING = "auto"
 # diffusers' default tile of these VAEs: 256 px tiles, 192 px stride (64 px blended overlap).
 TILE_PX = 256
-# Bytes per output pixel per VAE (decoder) base channel, x itemsize, that diffusers' own decode (with its video frame
-# caches: how tiles are decoded) holds at its peak. Counted
-# on the real-size VAEs (benchmarks/bench_qwen_image_vae.py --simulate; 256..2048 px, the same at every size):
+# Bytes per output pixel per VAE (decoder) base channel, x itemsize, that diffusers' own decode (with its video
+# frame caches: how tiles are decoded) holds at its peak. Counted on the real-size VAEs
+# (benchmarks/bench_qwen_image_vae.py --simulate; 256..2048 px, the same at every size):
 # Qwen-Image 18 (its full-resolution stage keeps each causal conv's input frames cached next to the activations),
 # Qwen-Image 2.1 21.3 (diffusers' default config: decoder_base_dim 144; counted at 512 / 1024 px). A CPU decode's
 # RSS adds ~3 (measured on Qwen-Image, 256..1024 px: oneDNN holds one more reordered copy of the widest conv
