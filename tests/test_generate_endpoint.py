@@ -22,8 +22,9 @@ from aiohttp import web  # noqa: E402
 from aiohttp.test_utils import TestClient, TestServer  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from gentor import registry, routes  # noqa: E402
-from gentor.routes_generate import GenerateRoute, Limits  # noqa: E402
+from gentor import registry  # noqa: E402
+from gentor.http_api.common import Services, json_errors  # noqa: E402
+from gentor.http_api.generate import GenerateRoute, Limits  # noqa: E402
 from tests.fake_comfyui import FakeComfy, color_of  # noqa: E402
 
 SMALL = Limits(body_bytes=200_000, image_bytes=20_000, image_pixels=100 * 100, timeout_s=5.0)
@@ -43,8 +44,8 @@ def with_fake(fake: FakeComfy, check: Callable[[TestClient], Awaitable[Any]], li
     async def main() -> Any:
         app = web.Application()
         fake.install(app)
-        services = routes.Services(inspect=lambda: [], unload=lambda _k: 0, backends=lambda: [registry.get("qwen_image")])
-        app.router.add_post("/gentor/generate", routes.json_errors(GenerateRoute(services, limits).handle))
+        services = Services(inspect=lambda: [], unload=lambda _k: 0, backends=lambda: [registry.get("qwen_image")])
+        app.router.add_post("/gentor/generate", json_errors(GenerateRoute(services, limits).handle))
         async with TestClient(TestServer(app)) as client:
             return await check(client)
 

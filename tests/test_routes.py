@@ -1,4 +1,4 @@
-"""The /gentor/ routes (routes.py) with aiohttp's test client: no ComfyUI needed.
+"""The /gentor/ routes (http_api/) with aiohttp's test client: no ComfyUI needed.
 
 Cache listing and unload (fake services for the HTTP rules, the real ModelCache for "memory really
 freed"), loader summaries confined to the registered model folders, the OpenAPI description.
@@ -19,7 +19,8 @@ aiohttp = pytest.importorskip("aiohttp", reason="aiohttp (ComfyUI's web server l
 from aiohttp import web  # noqa: E402
 from aiohttp.test_utils import TestClient, TestServer  # noqa: E402
 
-from gentor import registry, routes  # noqa: E402
+from gentor import registry  # noqa: E402
+from gentor.http_api import routes  # noqa: E402
 from tests import tiny_models  # noqa: E402
 
 QWEN = registry.get("qwen_image")

@@ -27,8 +27,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from . import registry
-from .routes import RouteError, Services, read_json_object, shown
+from .. import registry
+from .common import RouteError, Services, read_json_object, shown
 
 MIB = 1024 * 1024
 LOADER, MEMORY, TASK, OUTPUT, TEXT = "gentor_loader", "gentor_memory", "gentor_task", "gentor_output", "gentor_text"
