@@ -11,7 +11,7 @@ handlers.
 """
 from __future__ import annotations
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from .common import PREFIX, Handler, RouteError, Services, json_errors, read_json_object, shown
 from .summary import summary
@@ -107,15 +107,36 @@ def handlers(services: Services, generate: Handler | None = None) -> list[tuple[
     return [(m, p, json_errors(h)) for m, p, h in table]
 
 
+def wrong_method(path: str, allowed: list[str]) -> Handler:
+    """The answer for any other method on a Gentor path: 405 naming the allowed ones (without it ComfyUI's
+    static file route catches a GET on a POST-only path and answers an empty 404)."""
+
+    async def refuse(request: web.Request) -> web.Response:
+        return web.json_response(
+            {"error": f"Gentor {path}: method not allowed (got {request.method}, expected {' or '.join(allowed)}). "
+                      "See /gentor/openapi.json.", "input": "method"},
+            status=405, headers={"Allow": ", ".join(allowed)})
+
+    return refuse
+
+
 def install(routes: web.RouteTableDef | web.Application, services: Services, generate: bool = True) -> None:
-    """Add every Gentor route to a RouteTableDef (ComfyUI's ``PromptServer.instance.routes``) or an app."""
+    """Add every Gentor route to a RouteTableDef (ComfyUI's ``PromptServer.instance.routes``) or an app,
+    each path followed by its wrong-method answer (a GET route answers HEAD too)."""
     gen = None
     if generate:
         from .generate import GenerateRoute  # noqa: PLC0415
 
         gen = GenerateRoute(services).handle
+    by_path: dict[str, list[tuple[str, Handler]]] = {}
     for method, path, handler in handlers(services, gen):
-        if isinstance(routes, web.Application):
-            routes.router.add_route(method, path, handler)
-        else:
-            routes.route(method, path)(handler)
+        by_path.setdefault(path, []).append((method, handler))
+        if method == "GET":
+            by_path[path].append(("HEAD", handler))
+    for path, methods in by_path.items():
+        allowed = [m for m, _ in methods]
+        for method, handler in [*methods, (hdrs.METH_ANY, wrong_method(path, allowed))]:
+            if isinstance(routes, web.Application):
+                routes.router.add_route(method, path, handler)
+            else:
+                routes.route(method, path)(handler)

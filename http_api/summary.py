@@ -3,6 +3,7 @@ is loaded, the peak-VRAM estimate), read from headers and configs only, never fr
 from __future__ import annotations
 
 import importlib
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,8 @@ from .. import registry
 from ..errors import GentorError
 from ..loaders.files import safe_name_parts
 from .common import RouteError, Services, shown
+
+log = logging.getLogger(__name__)
 
 MAX_NAME_CHARS = 1024
 BYTES_PER_GB = 1e9
@@ -91,6 +94,11 @@ def summary(services: Services, key: str, name: str) -> dict:
             info = describe(spec, path)
         except (GentorError, OSError, ValueError) as exc:  # not this backend's layout: say so, try the next one
             problems.append(str(exc))
+            continue
+        except Exception as exc:  # noqa: BLE001 - a summary describes what it can; a reader's own bug is logged
+            log.exception("Gentor summary of %s failed", path)
+            problems.append(f"{spec.display_name} {key}: {path.name} could not be described ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:200] if str(exc) else 'no message'}). See ComfyUI's log.")
             continue
         if info:
             out.update({k: v for k, v in info.items() if k not in out or out[k] is None})

@@ -12,7 +12,9 @@ import base64
 import hashlib
 import io
 import json
+import struct
 import urllib.request
+import zlib
 from typing import Any, Awaitable, Callable
 
 import pytest
@@ -34,6 +36,15 @@ def png(w: int, h: int, color: tuple[int, int, int] = (200, 10, 10)) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (w, h), color).save(buf, "PNG")
     return buf.getvalue()
+
+
+def png_claiming(w: int, h: int) -> bytes:
+    """A small PNG whose header claims ``w`` x ``h`` pixels (what a decompression-bomb file looks like)."""
+    raw = bytearray(png(1, 1))
+    ihdr = 8 + 4 + 4  # signature, chunk length, chunk type
+    raw[ihdr:ihdr + 8] = struct.pack(">II", w, h)
+    raw[ihdr + 13:ihdr + 17] = struct.pack(">I", zlib.crc32(bytes(raw[ihdr - 4:ihdr + 13])))
+    return bytes(raw)
 
 
 def b64(raw: bytes) -> str:
@@ -162,6 +173,11 @@ BIG = b64(png(101, 100))  # 10,100 pixels > SMALL.image_pixels
     ({"model": "tiny-qwen-image", "prompt": "x", "images": ["/etc/x.png"]}, 400, "images[0]"),
     ({"model": "tiny-qwen-image", "prompt": "x", "images": [b64(png(8, 8))], "batch_size": 2}, 400, "batch_size"),
     ({"model": "tiny-qwen-image", "prompt": "x", "memory": {"offload": ["none"]}}, 400, "memory.offload"),
+    ({"model": "tiny-qwen-image", "prompt": "x", "loader": {"engin": "diffusers"}}, 400, "loader.engin"),
+    ({"model": "tiny-qwen-image", "prompt": "x", "loader": {"model_name": "other"}}, 400, "loader.model_name"),
+    ({"model": "tiny-qwen-image", "prompt": "x", "loader": {"memory": "x"}}, 400, "loader.memory"),
+    ({"model": "tiny-qwen-image", "prompt": "x", "images": ["data:image/png;base64"]}, 400, "images[0]"),
+    ({"model": "tiny-qwen-image", "prompt": "x", "images": [b64(png_claiming(30_000, 30_000))]}, 413, "images[0]"),
     ({"model": "missing-model", "prompt": "x"}, 400, "model"),
     ({"model": "tiny-qwen-image", "prompt": "x", "backend": "bogus"}, 400, "backend"),
     ({"model": "tiny-qwen-image", "prompt": "x", "steps": 999}, 400, "steps"),  # ComfyUI's range check, mapped
@@ -201,6 +217,37 @@ def test_run_errors_name_the_field(message, field, status):
         got, answer = await generate(client, {"model": "tiny-qwen-image", "prompt": "x"})
         assert got == status and answer["input"] == field and answer["error"] == message
         assert answer["node"] == "GentorTextToImage" and answer["prompt_id"]
+
+    with_fake(fake, check)
+
+
+def test_loader_inputs_pass_through_and_unknown_ones_name_the_choices():
+    fake = FakeComfy()
+
+    async def check(client: TestClient) -> None:
+        status, body = await generate(client, {"model": "tiny-qwen-image", "prompt": "x",
+                                               "loader": {"engine": "diffsynth-or-diffusers"}})
+        assert status == 200, body
+        status, body = await generate(client, {"model": "tiny-qwen-image", "prompt": "x", "loader": {"engin": "x"}})
+        assert status == 400 and "expected one of ['engine']" in body["error"]
+
+    with_fake(fake, check)
+    assert fake.prompts[0]["gentor_loader"]["inputs"]["engine"] == "diffsynth-or-diffusers"
+
+
+def test_too_many_images_for_the_model_says_what_to_send():
+    """The node's refusal tells a UI user to disconnect inputs; a REST caller hears about its images list."""
+    message = ("Qwen-Image image_1..image_4: too many reference images for this model (got 4, expected at most 3). "
+               "Disconnect 1 of them.")
+    fake = FakeComfy(fail={"node_id": "gentor_task", "node_type": "GentorEditImage", "exception_message": message,
+                           "exception_type": "gentor.errors.InputError", "traceback": []})
+
+    async def check(client: TestClient) -> None:
+        got, answer = await generate(client, {"model": "tiny-qwen-image", "prompt": "x",
+                                              "images": [b64(png(8, 8, (i, 0, 0))) for i in range(4)]})
+        assert got == 400 and answer["input"] == "images", answer
+        assert "(got 4, expected at most 3)" in answer["error"] and "Disconnect" not in answer["error"]
+        assert answer["error"].endswith("Send at most 3 images in the request's images list.")
 
     with_fake(fake, check)
 
