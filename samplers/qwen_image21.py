@@ -29,6 +29,7 @@ from ..loaders.files import read_json
 from ..loaders.memory import Plan, resolve
 from ..loaders.placement import Placement
 from . import qwen_image_vae as vae_tiling
+from .prompt_text import pipeline_texts
 from .common import Request, Result, check_finite, check_settings, format_notes, round_size, to_rgb
 from .qwen_image import DISPLAY, EMPTY_NEGATIVE, MIN_STEPS, TOKEN_ACTIVATION_FACTOR, make_settings, use_loras
 
@@ -168,12 +169,13 @@ class Engine21:
             on_step(i + 1)
             return {}
 
+        prompt, negative = pipeline_texts(self.pipe, job.prompt, job.negative, DISPLAY)
         args: dict[str, Any] = dict(
-            prompt=job.prompt, true_cfg_scale=job.true_cfg, num_inference_steps=job.steps, sigmas=job.sigmas,
+            prompt=prompt, true_cfg_scale=job.true_cfg, num_inference_steps=job.steps, sigmas=job.sigmas,
             width=job.width, height=job.height, num_images_per_prompt=job.batch_size, output_resolution=job.resolution,
             generator=torch.Generator("cpu").manual_seed(job.seed), output_type="pt", callback_on_step_end=callback)
         if job.true_cfg > 1:
-            args["negative_prompt"] = job.negative
+            args["negative_prompt"] = negative
         if job.images:
             args["image"] = job.images
         vae_tiling.apply(self.pipe.vae, job.tiled_vae)
