@@ -24,6 +24,7 @@ from ..loaders.memory import Plan
 from . import qwen_image21
 from . import qwen_image_vae as vae_tiling
 from .common import Request, Result, check_aspect, check_settings, chw_to_image, latent_preview, round_size, to_rgb
+from .prompt_text import pipeline_texts
 from .qwen_image_job import (DEFAULT_MAX_SEQUENCE_LENGTH, DEFAULT_PREVIEW_EVERY, DISPLAY, Generation, OnStep, Pairs,
                              QwenImageEngine, QwenJob, check_steps, execute, make_settings, negative_of, require_image,
                              summary_pairs, transformer_bytes)
@@ -211,8 +212,9 @@ class DiffusersEngine:
             on_step(i + 1, preview)
             return {}
 
+        prompt, negative = pipeline_texts(pipe, job.prompt, job.negative, DISPLAY)
         args: dict[str, Any] = dict(
-            prompt=job.prompt, negative_prompt=job.negative, true_cfg_scale=job.true_cfg,
+            prompt=prompt, negative_prompt=negative, true_cfg_scale=job.true_cfg,
             num_inference_steps=job.steps, width=job.width, height=job.height,
             generator=torch.Generator("cpu").manual_seed(job.seed), max_sequence_length=job.max_sequence_length,
             output_type="pt", callback_on_step_end=callback)

@@ -28,8 +28,10 @@ from ..loaders.files import read_json
 from ..loaders.memory import Plan
 from . import qwen_image_vae as vae_tiling
 from .common import Request, check_settings, round_size, to_rgb
+from .prompt_text import pipeline_texts
 from .qwen_image_job import (DEFAULT_PREVIEW_EVERY, DISPLAY, Generation, OnStep, Pairs, QwenImageEngine, QwenJob,
                              check_steps, make_settings, negative_of, require_image, summary_pairs, transformer_bytes)
+from .vae_preview import decode_preview
 
 DEFAULT_STEPS = 40
 DEFAULT_TRUE_CFG = 1.0  # 2.1 is sampled without guidance
@@ -160,18 +162,24 @@ class Engine21:
         return []
 
     def generate(self, job: Job21, on_step: OnStep) -> torch.Tensor:
-        def callback(_pipe: Any, i: int, _t: Any, _kwargs: dict) -> dict:
-            on_step(i + 1, None)
+        def callback(pipe: Any, i: int, _t: Any, kwargs: dict) -> dict:
+            preview = None
+            if job.preview_every > 0 and (i + 1) % job.preview_every == 0 and i + 1 < job.steps:
+                # No published RGB map for the 64-channel latent: a small decode by the model's own VAE.
+                preview = decode_preview(pipe.vae, pipe._unpack_latents(kwargs["latents"][:1], job.height, job.width,
+                                                                        pipe.vae_scale_factor))
+            on_step(i + 1, preview)
             return {}
 
+        prompt, negative = pipeline_texts(self.pipe, job.prompt, job.negative, DISPLAY)
         # References the vision processor would resize again get a resize area inside its pixel range.
         resolution = fit_resolution(job.resolution, self.processor) if job.images else job.resolution
         args: dict[str, Any] = dict(
-            prompt=job.prompt, true_cfg_scale=job.true_cfg, num_inference_steps=job.steps, sigmas=job.sigmas,
+            prompt=prompt, true_cfg_scale=job.true_cfg, num_inference_steps=job.steps, sigmas=job.sigmas,
             width=job.width, height=job.height, num_images_per_prompt=job.batch_size, output_resolution=resolution,
             generator=torch.Generator("cpu").manual_seed(job.seed), output_type="pt", callback_on_step_end=callback)
         if job.true_cfg > 1:
-            args["negative_prompt"] = job.negative
+            args["negative_prompt"] = negative
         if job.images:
             args["image"] = job.images
         vae_tiling.apply(self.pipe.vae, job.tiled_vae)
