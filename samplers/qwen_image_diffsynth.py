@@ -2,8 +2,8 @@
 
 The backend's policies (defaults, sizes, negative " ", seeds, memory estimate, VAE tiling choice) are applied
 by the generation's module (``samplers/qwen_image.py``, ``qwen_image21.py``) before a job reaches an engine;
-this engine then runs DiffSynth's ``QwenImagePipeline`` — its prompt encoding, its DiT forward (sigmoid-GELU), its CFG (no norm rescale), its
-scheduler, its VAE and its VRAM management — on modules that share the cached weights
+this engine then runs DiffSynth's ``QwenImagePipeline`` — its prompt encoding, its DiT forward (sigmoid-GELU),
+its CFG (no norm rescale), its scheduler, its VAE and its VRAM management — on modules that share the cached weights
 (``loaders/qwen_image_diffsynth.py``). What differs from the diffusers engine is DiffSynth's own numerics.
 Qwen-Image 2.1 jobs (``samplers/qwen_image21.py``) run on its ``QwenImage21Pipeline`` the same way.
 
