@@ -32,6 +32,7 @@ import torch
 from .. import registry
 from ..errors import MemoryEstimateError, ModelFolderError
 from .files import read_checkpoint, safetensors_header
+from .identify import identify
 from .memory import FP8, OFFLOAD_MODES, MemoryOptions, resolve
 
 GIB = 1024**3
@@ -89,13 +90,6 @@ class Estimate:
     peak_host_load: int
     flops: float  # per step (diffusion) or per generated token (autoregressive)
     per: str  # "step at WxH" | "token"
-
-
-@dataclass(frozen=True)
-class Identity:
-    backend: str
-    backend_display: str
-    variant: str
 
 
 # ----------------------------------------------------------------------------- reading headers
@@ -181,66 +175,6 @@ def read_component(role: str, folder: Path, skip: tuple[str, ...], display: str)
     comp.block_params = max(blocks.values(), default=0)
     comp.block_total = sum(blocks.values())
     return comp
-
-
-# ----------------------------------------------------------------------------- identification
-def identify(path: Path) -> Identity | None:
-    """Backend + variant of a folder from its layout and configs, or None when it is none of ours."""
-    path = Path(path)
-    from . import qwen_image, vlm  # noqa: PLC0415
-
-    if path.is_dir() and qwen_image.looks_like_pipeline(path):
-        try:
-            return Identity("qwen_image", "Qwen-Image", qwen_image.inspect_folder(path).variant)
-        except ModelFolderError:
-            return Identity("qwen_image", "Qwen-Image", "(incomplete pipeline folder)")
-    if path.is_dir() and vlm.looks_like_vlm(path):
-        try:
-            return Identity("vlm", vlm.DISPLAY, vlm.inspect_folder(path).variant)
-        except ModelFolderError:
-            return Identity("vlm", vlm.DISPLAY, "(incomplete Qwen-VL folder)")
-    if path.is_dir() and (path / "llm_config.json").is_file() and (path / "ema.safetensors").is_file():
-        return Identity("bagel", "BAGEL", _bagel_variant(path))
-    emu = _emu35_variant(path) if path.is_dir() else None
-    if emu:
-        return Identity("emu35", "Emu3.5", emu)
-    return _backend_identify(path)
-
-
-def _backend_identify(path: Path) -> Identity | None:
-    """Backends may offer ``loaders.<id>.identify(path) -> variant | None`` (from files, never names)."""
-    import importlib  # noqa: PLC0415
-
-    for spec in registry.BACKENDS:
-        if spec.id in ("qwen_image", "vlm", "bagel", "emu35"):
-            continue
-        try:
-            module = importlib.import_module(f"{__package__}.{spec.id}")
-        except ImportError:
-            continue  # an optional backend whose dependencies are missing
-        variant = module.identify(path) if hasattr(module, "identify") else None
-        if variant:
-            return Identity(spec.id, spec.display_name, variant)
-    return None
-
-
-def _emu35_variant(path: Path) -> str | None:
-    try:
-        from . import emu35  # noqa: PLC0415 - optional backend
-    except ImportError:
-        return None
-    if not emu35.looks_like_model(path):
-        return None
-    try:
-        return emu35.inspect_model(path).variant
-    except ModelFolderError:
-        return "(incomplete Emu3.5 folder)"
-
-
-def _bagel_variant(path: Path) -> str:
-    llm = json.loads((path / "llm_config.json").read_text(encoding="utf-8"))
-    hidden, layers = llm.get("hidden_size"), llm.get("num_hidden_layers")
-    return "BAGEL-7B-MoT" if (hidden, layers) == (3584, 28) else f"BAGEL ({layers} layers x {hidden})"
 
 
 # ----------------------------------------------------------------------------- reports
