@@ -122,7 +122,8 @@ def wrong_method(path: str, allowed: list[str]) -> Handler:
 
 def install(routes: web.RouteTableDef | web.Application, services: Services, generate: bool = True) -> None:
     """Add every Gentor route to a RouteTableDef (ComfyUI's ``PromptServer.instance.routes``) or an app,
-    each path followed by its wrong-method answer (a GET route answers HEAD too)."""
+    each path followed by its wrong-method answer. A GET route answers HEAD too (aiohttp's add_get adds it,
+    also when ComfyUI registers a RouteTableDef's GET route)."""
     gen = None
     if generate:
         from .generate import GenerateRoute  # noqa: PLC0415
@@ -131,12 +132,12 @@ def install(routes: web.RouteTableDef | web.Application, services: Services, gen
     by_path: dict[str, list[tuple[str, Handler]]] = {}
     for method, path, handler in handlers(services, gen):
         by_path.setdefault(path, []).append((method, handler))
-        if method == "GET":
-            by_path[path].append(("HEAD", handler))
     for path, methods in by_path.items():
-        allowed = [m for m, _ in methods]
+        allowed = [m for m, _ in methods] + (["HEAD"] if any(m == "GET" for m, _ in methods) else [])
         for method, handler in [*methods, (hdrs.METH_ANY, wrong_method(path, allowed))]:
-            if isinstance(routes, web.Application):
-                routes.router.add_route(method, path, handler)
-            else:
+            if not isinstance(routes, web.Application):
                 routes.route(method, path)(handler)
+            elif method == "GET":
+                routes.router.add_get(path, handler)
+            else:
+                routes.router.add_route(method, path, handler)
