@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from .generate import FIELDS, Limits
+from .summary import MEMORY_PARAMS
 
 VERSION = "1.0.0"
 ERROR = {"$ref": "#/components/schemas/Error"}
@@ -87,7 +88,12 @@ def openapi() -> dict:
                 "parameters": [{"name": "folder", "in": "query", "required": True, "schema": {"type": "string"},
                                 "description": "Model folder key, e.g. qwen_image"},
                                {"name": "name", "in": "query", "required": True, "schema": {"type": "string"},
-                                "description": "Name as the loader lists it (inside that folder only)"}],
+                                "description": "Name as the loader lists it (inside that folder only)"},
+                               *({"name": n, "in": "query", "required": False,
+                                  "schema": {"type": "number" if n == "vram_budget_gb" else "string"},
+                                  "description": f"The wired Gentor Memory Options' {n} (the peak-VRAM estimate "
+                                                 "follows it; default: the node's default)"}
+                                 for n in MEMORY_PARAMS)],
                 "responses": {"200": _json({"type": "object", "properties": {"line": {"type": "string"}}},
                                            "Summary"), **_errors(400, 404)}}},
             "/gentor/backends": {"get": {"summary": "Installed backends and their loader nodes",

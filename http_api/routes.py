@@ -14,7 +14,7 @@ from __future__ import annotations
 from aiohttp import hdrs, web
 
 from .common import PREFIX, Handler, RouteError, Services, json_errors, read_json_object, shown
-from .summary import summary
+from .summary import memory_options, summary
 
 UNLOAD_BODY_LIMIT = 64 * 1024  # an unload request is a tiny JSON object
 
@@ -89,7 +89,7 @@ def handlers(services: Services, generate: Handler | None = None) -> list[tuple[
 
     async def get_summary(request: web.Request) -> web.Response:
         key, name = request.query.get("folder", ""), request.query.get("name", "")
-        return web.json_response(summary(services, key, name))
+        return web.json_response(summary(services, key, name, memory_options(request.query)))
 
     async def get_backends(_request: web.Request) -> web.Response:
         return web.json_response(backends_payload(services))

@@ -233,6 +233,33 @@ def test_own_vlm_without_tokenizer_says_how_to_add_it(models):
         shutil.rmtree(copy)
 
 
+def test_own_vlm_choice_of_a_folder_without_vlm_says_so(models):
+    copy = models / tiny.DEEPGEN_FOLDER / "no-vlm"
+    shutil.copytree(models / tiny.DEEPGEN_FOLDER / tiny.DIFFUSERS_FOLDER, copy)
+    shutil.rmtree(copy / "vlm")
+    try:
+        with pytest.raises(ModelFolderError, match=r"DeepGen vlm: no-vlm has no vlm/ folder \(got \['connector', "
+                                                   r"'model_index.json', 'scheduler', 'transformer', 'vae'\] in no-vlm/"
+                                                   r".*Pick Qwen2.5-VL-3B-Instruct from models/vlm/"):
+            handle("no-vlm", vlm="no-vlm/vlm")
+    finally:
+        shutil.rmtree(copy)
+
+
+def test_random_bytes_model_pt_is_called_what_it_is(models):
+    folder = models / tiny.DEEPGEN_FOLDER / "noise"
+    folder.mkdir()
+    (folder / "model.pt").write_bytes(bytes(range(7, 207)))
+    try:
+        with pytest.raises(ModelFolderError, match=r"model.pt could not be read as a state dict \(got model.pt is not "
+                                                   r"a torch checkpoint: neither a zip archive nor a pickle \(its "
+                                                   r"first bytes are 07 08 09 0a\)") as err:
+            handle("noise/model.pt")
+        assert "objects other than tensors" not in str(err.value)
+    finally:
+        shutil.rmtree(folder)
+
+
 def test_diffusers_folder_without_connector(models):
     copy = models / tiny.DEEPGEN_FOLDER / "no-connector"
     shutil.copytree(models / tiny.DEEPGEN_FOLDER / tiny.DIFFUSERS_FOLDER, copy)
