@@ -235,6 +235,34 @@ def test_loader_inputs_pass_through_and_unknown_ones_name_the_choices():
     assert fake.prompts[0]["gentor_loader"]["inputs"]["engine"] == "diffsynth-or-diffusers"
 
 
+def test_backend_settings_go_through_its_settings_node():
+    fake = FakeComfy()
+
+    async def check(client: TestClient) -> None:
+        status, body = await generate(client, {"model": "tiny-qwen-image", "prompt": "x",
+                                               "settings": {"schedule": "lightning"}})
+        assert status == 200, body
+        for settings, field, status in (({"shedule": "lightning"}, "settings.shedule", 400),
+                                        ({"max_sequence_length": 5000}, "settings.max_sequence_length", 400),
+                                        ({"schedule": ["lightning"]}, "settings.schedule", 400)):
+            got, answer = await generate(client, {"model": "tiny-qwen-image", "prompt": "x", "settings": settings})
+            assert got == status and answer["input"] == field and "(got " in answer["error"], answer
+
+    with_fake(fake, check)
+    graph = fake.prompts[0]
+    assert graph["gentor_settings"] == {"class_type": "GentorQwenImageSettings",
+                                        "inputs": {"schedule": "lightning", "max_sequence_length": 1024}}
+    assert graph["gentor_task"]["inputs"]["settings"] == ["gentor_settings", 0]
+    assert len(fake.prompts) == 1  # the refused ones never reached the queue
+
+
+def test_every_settings_node_in_the_registry_is_a_pack_node():
+    from tests import workflow_check as wc
+
+    named = {b.settings_node for b in registry.BACKENDS if b.settings_node}
+    assert named and named <= set(wc.static_specs())
+
+
 def test_too_many_images_for_the_model_says_what_to_send():
     """The node's refusal tells a UI user to disconnect inputs; a REST caller hears about its images list."""
     message = ("Qwen-Image image_1..image_4: too many reference images for this model (got 4, expected at most 3). "

@@ -353,6 +353,9 @@ def test_backends_and_openapi_cover_every_route():
         assert served == described
         gen = spec["paths"]["/gentor/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
         assert set(gen["required"]) == {"model", "prompt"} and not gen["additionalProperties"]
+        settings = gen["properties"]["settings"]  # no ComfyUI here: the nodes are named, not read
+        assert all(f"{b.id}: {b.settings_node}" in settings["description"] for b in registry.available()
+                   if b.settings_node) and "anyOf" not in settings
 
     serve(services_for(cache), check, generate=True)
 

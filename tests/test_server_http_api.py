@@ -76,3 +76,43 @@ def test_error_types_are_plain_names_in_history_and_rest(comfy_server: ComfyServ
     entry = comfy_server.history(out["prompt_id"])
     (err,) = [data for kind, data in entry["status"]["messages"] if kind == "execution_error"]
     assert err["exception_type"] == "gentor.errors.InputError"
+
+
+def test_settings_through_generate_and_described_from_the_nodes(comfy_server: ComfyServer):
+    spec = comfy_server.get_json("/gentor/openapi.json")
+    gen = spec["paths"]["/gentor/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    by_title = {s["title"]: s for s in gen["properties"]["settings"]["anyOf"]}
+    bagel = by_title["BAGEL (GentorBagelSettings)"]["properties"]
+    assert set(bagel["cfg_renorm_type"]["enum"]) >= {"auto", "global", "channel", "text_channel"}
+    assert bagel["think"]["type"] == "boolean" and bagel["timestep_shift"]["minimum"] > 0
+    qwen = by_title["Qwen-Image (GentorQwenImageSettings)"]["properties"]
+    assert "lightning" in qwen["schedule"]["enum"]
+
+    body = {"model": tiny_models.QWEN_IMAGE_T2I, "prompt": "x", "steps": 2, "width": 32, "height": 32, "seed": 1}
+    status, plain = post(comfy_server, "/gentor/generate", body)
+    assert status == 200, plain
+    status, out = post(comfy_server, "/gentor/generate", {**body, "settings": {"schedule": "lightning"}})
+    assert status == 200, out
+    assert out["images"] != plain["images"]  # the schedule reached the sampler
+    for settings, field in (({"schedul": "lightning"}, "settings.schedul"),
+                            ({"schedule": "fast"}, "settings.schedule"),
+                            ({"preview_every": 999}, "settings.preview_every")):
+        status, out = post(comfy_server, "/gentor/generate", {**body, "settings": settings})
+        assert status == 400 and out["input"] == field, (settings, out)
+
+
+def test_bagel_think_and_renorm_through_generate(comfy_server: ComfyServer):
+    """BAGEL's settings node reached over REST: think mode puts a plan into the answer's text."""
+    if "GentorBagelSettings" not in comfy_server.object_info():
+        pytest.skip("BAGEL nodes are not registered on this server (see its log)")
+    body = {"model": "tiny-bagel", "prompt": "a red square", "steps": 2, "width": 64, "height": 64, "seed": 5}
+    status, plain = post(comfy_server, "/gentor/generate", body)
+    assert status == 200, plain
+    settings = {"think": True, "think_max_tokens": 8, "cfg_renorm_type": "channel"}
+    status, out = post(comfy_server, "/gentor/generate", {**body, "settings": settings})
+    assert status == 200, out
+    assert "renorm=global" in plain["text"] and "renorm=channel" in out["text"]  # auto for T2I is global
+    plan, _, notes = out["text"].partition("\n\nmodel=")
+    assert plan.strip() and "think_max_tokens=8" in notes and "think" not in plain["text"]
+    status, out = post(comfy_server, "/gentor/generate", {**body, "settings": {"cfg_renorm_type": "sideways"}})
+    assert status == 400 and out["input"] == "settings.cfg_renorm_type", out
