@@ -83,19 +83,19 @@ def memory_options(query: Mapping[str, str]) -> MemoryOptions:
 
 def default_describe(spec: registry.BackendSpec, path: Path, options: MemoryOptions) -> dict | None:
     """Variant by the backend's own loader check (``inspect_folder``, which raises GentorError for another
-    layout), then sizes and the peak-VRAM estimate for ``options`` from loaders/inspect.py (headers only, no
+    layout), then sizes and the peak-VRAM estimate for ``options`` from loaders/estimates.py (headers only, no
     weights)."""
     info: dict[str, Any] = {}
     module = importlib.import_module(f"..loaders.{spec.id}", __package__)
     inspect_folder = getattr(module, "inspect_folder", None)
     if inspect_folder is not None and path.is_dir():
         info["variant"] = getattr(inspect_folder(path), "variant", None)
-    from ..loaders import inspect as model_inspect  # noqa: PLC0415 - reads headers; imports torch
+    from ..loaders import estimates, inspect as model_inspect  # noqa: PLC0415 - reads headers; imports torch
 
     report = model_inspect.inspect_path(path)
     if report.backend != spec.id:
         return info or None
-    est = model_inspect.estimate(report, options)
+    est = estimates.estimate(report, options)
     info.update(variant=info.get("variant") or report.variant, params=report.params,
                 resting_bytes=est.resting_bytes, peak_vram_bytes=est.peak_vram,
                 estimate_for=f"{est.options.weight_dtype}, offload {est.options.offload}")

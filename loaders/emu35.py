@@ -380,3 +380,13 @@ def load_components(handle: ModelHandle, precision: Precision, skip: tuple[str, 
                                f"{tok.value.n_codes} visual tokens, expected {n_codes}). Use the complete "
                                f"{VISION_TOKENS_FILE}.")
     return {"llm": llm, "ibq": ibq, "tokenizer": tok}
+
+
+def identify(path: Path) -> str | None:
+    """The variant of an Emu3.5 folder (Gentor Inspect Model, summaries), None for other layouts."""
+    if not (path.is_dir() and looks_like_model(path)):
+        return None
+    try:
+        return inspect_model(path).variant
+    except ModelFolderError:
+        return "(incomplete Emu3.5 folder)"

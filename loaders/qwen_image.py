@@ -203,3 +203,13 @@ def load_components(path: Path, task: str, plan: Plan, session: Session) -> dict
                                    "Check the component's files or re-download them.") from exc
         out[comp] = entry
     return out
+
+
+def identify(path: Path) -> str | None:
+    """The variant of a Qwen-Image pipeline folder (Gentor Inspect Model, summaries), None for other layouts."""
+    if not (path.is_dir() and looks_like_pipeline(path)):
+        return None
+    try:
+        return inspect_folder(path).variant
+    except ModelFolderError:
+        return "(incomplete pipeline folder)"

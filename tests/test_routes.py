@@ -21,6 +21,7 @@ from aiohttp.test_utils import TestClient, TestServer  # noqa: E402
 
 from gentor import registry  # noqa: E402
 from gentor.http_api import routes  # noqa: E402
+from gentor.loaders import estimates  # noqa: E402
 from gentor.loaders import inspect as inspection  # noqa: E402
 from gentor.loaders.memory import MemoryOptions  # noqa: E402
 from tests import tiny_models  # noqa: E402
@@ -437,7 +438,7 @@ def test_summary_estimate_follows_the_wired_memory_options(summary_services):
         _, plain = await get(client)
         status, fp8 = await get(client, weight_dtype="fp8_e4m3fn", offload="block")
         assert status == 200, fp8
-        want = inspection.estimate(report, MemoryOptions(weight_dtype="fp8_e4m3fn", offload="block"))
+        want = estimates.estimate(report, MemoryOptions(weight_dtype="fp8_e4m3fn", offload="block"))
         assert fp8["peak_vram_bytes"] == want.peak_vram < plain["peak_vram_bytes"]
         assert "(fp8_e4m3fn, offload block)" in fp8["line"]
         for params, field in (({"weight_dtype": "fp4"}, "weight_dtype"), ({"vram_budget_gb": "nan"}, "vram_budget_gb"),
