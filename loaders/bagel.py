@@ -204,10 +204,7 @@ def load_components(path: Path, cfg: Any, precision: Precision, skip: tuple[str,
 
 
 def identify(path: Path) -> str | None:
-    """The variant of a BAGEL folder (Gentor Inspect Model, summaries), None for other layouts."""
-    if not (path.is_dir() and (path / LLM_CONFIG).is_file() and (path / EMA).is_file()):
-        return None
-    try:
-        return inspect_folder(path).variant
-    except ModelFolderError:
-        return "(incomplete BAGEL folder)"
+    """The variant of a BAGEL folder (Gentor Inspect Model, summaries), None for other layouts; an
+    incomplete folder of this layout raises ModelFolderError."""
+    marked = path.is_dir() and (path / LLM_CONFIG).is_file() and (path / EMA).is_file()
+    return inspect_folder(path).variant if marked else None

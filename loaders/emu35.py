@@ -383,10 +383,6 @@ def load_components(handle: ModelHandle, precision: Precision, skip: tuple[str, 
 
 
 def identify(path: Path) -> str | None:
-    """The variant of an Emu3.5 folder (Gentor Inspect Model, summaries), None for other layouts."""
-    if not (path.is_dir() and looks_like_model(path)):
-        return None
-    try:
-        return inspect_model(path).variant
-    except ModelFolderError:
-        return "(incomplete Emu3.5 folder)"
+    """The variant of a Emu3.5 folder (Gentor Inspect Model, summaries), None for other layouts; an
+    incomplete folder of this layout raises ModelFolderError."""
+    return inspect_model(path).variant if path.is_dir() and looks_like_model(path) else None

@@ -31,14 +31,18 @@ class Identity:
 # ----------------------------------------------------------------------------- identification
 def identify(path: Path) -> Identity | None:
     """Backend + variant of a folder, asked of each registered backend's loader in registry order (its
-    ``identify(path) -> variant | None``), or None when it is none of ours."""
+    ``identify(path) -> variant | None``, raising ModelFolderError for an incomplete folder of its layout),
+    or None when it is none of ours."""
     path = Path(path)
     for spec in registry.BACKENDS:
         try:
             module = importlib.import_module(f"{__package__}.{spec.id}")
         except ImportError:
             continue  # an optional backend whose dependencies are missing
-        variant = module.identify(path) if hasattr(module, "identify") else None
+        try:
+            variant = module.identify(path) if hasattr(module, "identify") else None
+        except ModelFolderError:  # this backend's layout, but something is missing or wrong
+            variant = f"(incomplete {spec.display_name} folder)"
         if variant:
             return Identity(spec.id, spec.display_name, variant)
     return None

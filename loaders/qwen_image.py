@@ -206,10 +206,6 @@ def load_components(path: Path, task: str, plan: Plan, session: Session) -> dict
 
 
 def identify(path: Path) -> str | None:
-    """The variant of a Qwen-Image pipeline folder (Gentor Inspect Model, summaries), None for other layouts."""
-    if not (path.is_dir() and looks_like_pipeline(path)):
-        return None
-    try:
-        return inspect_folder(path).variant
-    except ModelFolderError:
-        return "(incomplete pipeline folder)"
+    """The variant of a Qwen-Image pipeline folder (Gentor Inspect Model, summaries), None for other layouts; an
+    incomplete folder of this layout raises ModelFolderError."""
+    return inspect_folder(path).variant if path.is_dir() and looks_like_pipeline(path) else None

@@ -306,10 +306,6 @@ def load_components(handle: ModelHandle, plan: Plan, session: Session) -> dict[s
 
 
 def identify(path: Path) -> str | None:
-    """The variant of a Qwen-VL folder (Gentor Inspect Model, summaries), None for other layouts."""
-    if not (path.is_dir() and looks_like_vlm(path)):
-        return None
-    try:
-        return inspect_folder(path).variant
-    except ModelFolderError:
-        return "(incomplete Qwen-VL folder)"
+    """The variant of a Qwen-VL folder (Gentor Inspect Model, summaries), None for other layouts; an
+    incomplete folder of this layout raises ModelFolderError."""
+    return inspect_folder(path).variant if path.is_dir() and looks_like_vlm(path) else None
