@@ -201,3 +201,10 @@ def load_components(path: Path, cfg: Any, precision: Precision, skip: tuple[str,
     ae = session.get(KIND_AE, str(path / AE), load_ae, full, user=BACKEND_ID, display=BACKEND)
     tok = session.get(KIND_TOKENIZER, str(path), load_tokenizer, None, user=BACKEND_ID, display=BACKEND)
     return {"model": model, "ae": ae, "tokenizer": tok}
+
+
+def identify(path: Path) -> str | None:
+    """The variant of a BAGEL folder (Gentor Inspect Model, summaries), None for other layouts; an
+    incomplete folder of this layout raises ModelFolderError."""
+    marked = path.is_dir() and (path / LLM_CONFIG).is_file() and (path / EMA).is_file()
+    return inspect_folder(path).variant if marked else None

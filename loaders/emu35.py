@@ -21,7 +21,6 @@ then the card, then a config carrying Emu3.5-Image's 1048576 area; otherwise Emu
 from __future__ import annotations
 
 import logging
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from ..modeling.emu35.decoder import build_decoder, qwen3_config
 from ..modeling.emu35.ibq import IBQ, IBQConfig
 from ..modeling.emu35.tokenizer import TIKTOKEN_FILE, VISION_TOKENS_FILE, Emu35Tokenizer, find_files
 from .cache import ModelHandle, Session
-from .files import list_model_folders, read_json, resolve_model_folder, tensor_shapes
+from .files import list_model_folders, read_checkpoint, read_json, resolve_model_folder, tensor_shapes
 from .memory import MemoryOptions, Precision
 from .streaming import component_files, load_module
 
@@ -250,14 +249,9 @@ def read_vq_state(path: Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file  # noqa: PLC0415
 
         return load_file(str(path))
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (pickle.UnpicklingError, RuntimeError, AttributeError) as exc:
-        # weights_only refuses any pickle that would run code: never fall back to a full unpickle here.
-        raise ModelFolderError(
-            f"{BACKEND} vision_tokenizer: {path.name} holds more than tensors and is refused (got "
-            f"{type(exc).__name__}, expected a plain state dict loadable with torch.load(weights_only=True)). "
-            f"If you trust the file, convert it once: {conversion_command(path)}") from exc
+    # weights_only only: a pickle that would run code is refused, naming its classes, never fully unpickled.
+    ckpt = read_checkpoint(path, BACKEND, "vision_tokenizer",
+                           f"If you trust the file, convert it once: {conversion_command(path)}")
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
         raise ModelFolderError(f"{BACKEND} vision_tokenizer: {path.name} is not a state dict (got "
@@ -380,3 +374,9 @@ def load_components(handle: ModelHandle, precision: Precision, skip: tuple[str, 
                                f"{tok.value.n_codes} visual tokens, expected {n_codes}). Use the complete "
                                f"{VISION_TOKENS_FILE}.")
     return {"llm": llm, "ibq": ibq, "tokenizer": tok}
+
+
+def identify(path: Path) -> str | None:
+    """The variant of a Emu3.5 folder (Gentor Inspect Model, summaries), None for other layouts; an
+    incomplete folder of this layout raises ModelFolderError."""
+    return inspect_model(path).variant if path.is_dir() and looks_like_model(path) else None

@@ -203,3 +203,9 @@ def load_components(path: Path, task: str, plan: Plan, session: Session) -> dict
                                    "Check the component's files or re-download them.") from exc
         out[comp] = entry
     return out
+
+
+def identify(path: Path) -> str | None:
+    """The variant of a Qwen-Image pipeline folder (Gentor Inspect Model, summaries), None for other layouts; an
+    incomplete folder of this layout raises ModelFolderError."""
+    return inspect_folder(path).variant if path.is_dir() and looks_like_pipeline(path) else None

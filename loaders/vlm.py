@@ -18,6 +18,7 @@ from typing import Any
 from .. import registry
 from ..errors import InputError, ModelFolderError
 from .cache import ModelHandle, Session
+from .estimates import human_count
 from .files import list_model_folders, read_json, resolve_model_folder, tensor_shapes, weight_files
 from .memory import MemoryOptions, Plan, Precision
 
@@ -145,14 +146,6 @@ def _variant(model_type: str, arch: Architecture, hidden: int, layers: int, para
     if size:
         return f"{arch.family}-{size}"
     return f"{arch.family} ({human_count(params)} params, {layers} layers x {hidden})"
-
-
-def human_count(n: int) -> str:
-    """12345678 -> '12.3M' (parameter and FLOP counts in messages; B = billion)."""
-    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if n >= scale:
-            return f"{n / scale:.3g}{suffix}"
-    return str(n)
 
 
 def _not_vlm(folder: Path, found: str) -> ModelFolderError:
@@ -310,3 +303,9 @@ def load_components(handle: ModelHandle, plan: Plan, session: Session) -> dict[s
                             lambda _precision, _source: load_processor(tokenizer_dir, processor_dir),
                             None, user=BACKEND, display=DISPLAY)
     return {"model": model, "processor": processor}
+
+
+def identify(path: Path) -> str | None:
+    """The variant of a Qwen-VL folder (Gentor Inspect Model, summaries), None for other layouts; an
+    incomplete folder of this layout raises ModelFolderError."""
+    return inspect_folder(path).variant if path.is_dir() and looks_like_vlm(path) else None

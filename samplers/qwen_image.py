@@ -132,19 +132,14 @@ def estimate_bytes(job: Job1x, transformer_cfg: dict, vae_cfg: dict, dtype: torc
 
 
 def weight_bytes_to_load(path: Path, task: str, plan: Plan) -> int:
-    """Resting bytes of the weighted components not in the cache yet (from weight headers, nothing read)."""
-    from ..loaders.files import tensor_shapes, weight_files  # noqa: PLC0415
+    """Resting bytes of the weighted components not in the cache yet: the shared estimate from the weight
+    headers (loaders/estimates.py; FP8 storage counts only the layers it casts), nothing read."""
+    from ..loaders import estimates, inspect as inspection  # noqa: PLC0415
 
     cached = {e.source for e in CACHE.entries()}
-    total = 0
-    for comp in qwen_loader.WEIGHTED:
-        folder = path / comp
-        if str(folder.resolve()) in cached:
-            continue
-        itemsize = plan.precision.base.itemsize if comp == "vae" else plan.precision.storage.itemsize
-        numel = sum(math.prod(shape) for shape in tensor_shapes(weight_files(folder, DISPLAY, comp)).values())
-        total += numel * itemsize
-    return total
+    report = inspection.inspect_path(path)
+    return sum(estimates.resting_bytes(c, plan.precision.storage, plan.precision.base) for c in report.components
+               if c.role in qwen_loader.WEIGHTED and str(Path(c.path).resolve()) not in cached)
 
 
 def check_memory(job: Job1x, path: Path, plan: Plan) -> list[str]:
