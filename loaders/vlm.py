@@ -20,6 +20,7 @@ from ..errors import InputError, ModelFolderError
 from .cache import ModelHandle, Session
 from .estimates import human_count
 from .files import list_model_folders, read_json, resolve_model_folder, tensor_shapes, weight_files
+from .identify import identify as identify_folder, variant_of
 from .memory import MemoryOptions, Plan, Precision
 
 log = logging.getLogger(__name__)
@@ -149,14 +150,17 @@ def _variant(model_type: str, arch: Architecture, hidden: int, layers: int, para
 
 
 def _not_vlm(folder: Path, found: str) -> ModelFolderError:
-    from .inspect import identify  # noqa: PLC0415 - inspect imports this module
-
-    what = identify(folder)
+    what = identify_folder(folder)
     said = f"{found}; it looks like {what.backend_display} {what.variant}" if what else found
     return ModelFolderError(
         f"{DISPLAY} {INPUT}: {folder.name} is not a Qwen-VL model (got {said}, expected a Qwen2-VL, Qwen2.5-VL or "
         "Qwen3-VL Instruct folder: config.json with model_type qwen2_vl / qwen2_5_vl / qwen3_vl, safetensors "
         "weights, tokenizer and preprocessor files). Pick another folder, or use the loader of that model.")
+
+
+def identify(path: Path) -> str | None:
+    """The variant of a Qwen-VL folder (for loaders/identify.py), or None when it is not one."""
+    return variant_of(path, looks_like_vlm, lambda p: inspect_folder(p).variant, "(incomplete Qwen-VL folder)")
 
 
 def inspect_folder(folder: Path) -> VlmInfo:
@@ -303,9 +307,3 @@ def load_components(handle: ModelHandle, plan: Plan, session: Session) -> dict[s
                             lambda _precision, _source: load_processor(tokenizer_dir, processor_dir),
                             None, user=BACKEND, display=DISPLAY)
     return {"model": model, "processor": processor}
-
-
-def identify(path: Path) -> str | None:
-    """The variant of a Qwen-VL folder (Gentor Inspect Model, summaries), None for other layouts; an
-    incomplete folder of this layout raises ModelFolderError."""
-    return inspect_folder(path).variant if path.is_dir() and looks_like_vlm(path) else None
