@@ -309,8 +309,9 @@ def choose_engine(handle: ModelHandle, handle_task: str) -> tuple[str, list[str]
         except MissingDependencyError as exc:
             if not fallback:
                 raise
-            reason = f"diffsynth is not installed ({ds_views.PIP_COMMAND})"
             log.warning("Gentor: %s", exc)
+            return "diffusers", [f"engine: fell back to diffusers because diffsynth is not installed "
+                                 f"({ds_views.PIP_COMMAND})"]
     if not fallback:
         raise InputError(f"{DISPLAY} engine: the DiffSynth engine does not support {reason} (got engine=diffsynth, "
                          "expected a model and settings it runs). Set engine to diffusers, or to "
