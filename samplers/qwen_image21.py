@@ -178,7 +178,7 @@ class Engine21:
             on_step(i + 1, preview)
             return {}
 
-        prompt, negative = pipeline_texts(self.pipe, job.prompt, job.negative, DISPLAY)
+        prompt, negative = pipeline_texts(self.pipe, job.prompt, job.negative)
         args: dict[str, Any] = dict(
             prompt=prompt, true_cfg_scale=job.true_cfg, num_inference_steps=job.steps, sigmas=job.sigmas,
             width=job.width, height=job.height, num_images_per_prompt=job.batch_size, output_resolution=job.resolution,
