@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import glue
 from ..errors import GentorError, ModelFolderError, fmt
 from .files import read_json, safetensors_header, weight_files
 from .memory import FP8, Precision, apply_layerwise_storage
@@ -152,6 +153,7 @@ def load_module(build: Callable[[], nn.Module], precision: Precision | None, ski
     aliases = _alias_groups(slots)
     base = precision.base if precision else None
     for key, tensor in (_source_tensors(source) if source is not None else _file_tensors(headers, plan, label)):
+        glue.check_interrupt()  # Cancel lands within one tensor's read, also while a big model loads
         if plan[key] is not None:
             _assign(module, plan[key], tensor, slots[plan[key]], base, precision is None, aliases, loaded)
         del tensor  # a file tensor views the mapping: drop it before the reader closes its window

@@ -22,6 +22,7 @@ from .. import glue, registry
 from ..errors import GenerationError, InputError, MemoryEstimateError
 from ..loaders import emu35 as emu_loader
 from ..loaders.cache import CACHE, ModelHandle
+from ..loaders.cancel import cancel_points
 from ..loaders.memory import resolve
 from ..modeling.emu35 import image_tokens as IT, tokens as T
 from ..modeling.emu35.generate import StepInfo, generate
@@ -155,7 +156,7 @@ def _grid_from_size(width: int, height: int, notes: list[str]) -> tuple[int, int
 
 def build_prompts(job: Emu35Job, image_strings: list[str], tok: Any) -> tuple[list[int], list[int]]:
     """Conditional and unconditional ids (official templates; references in both; the prompt as text)."""
-    question = user_text(tok, job.prompt, "prompt", DISPLAY)
+    question = user_text(tok, job.prompt, "prompt", "emu35")
     if job.task == "t2i":
         cond, unc = T.T2I_TEMPLATE.format(question=question), T.T2I_UNCOND
     else:
@@ -239,7 +240,9 @@ def run(handle: ModelHandle, task: str, request: Request,
             glue.make_room(comps["ibq"].nbytes, vq_device)
             ibq.to(vq_device)
             try:
-                images, texts = _generate_all(job, llm.value, ibq, tok, device, listener)
+                # The placement checks Cancel inside the LLM's forward; the IBQ decoder and a split LLM here.
+                with cancel_points([ibq] + ([llm.value] if placement is None else [])):
+                    images, texts = _generate_all(job, llm.value, ibq, tok, device, listener)
             finally:
                 if used.offload != "none" or vq_device.type == "cpu":
                     ibq.to("cpu")

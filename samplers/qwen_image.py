@@ -207,7 +207,7 @@ class DiffusersEngine:
             on_step(i + 1, preview)
             return {}
 
-        prompt, negative = pipeline_texts(pipe, job.prompt, job.negative, DISPLAY)
+        prompt, negative = pipeline_texts(pipe, job.prompt, job.negative)
         args: dict[str, Any] = dict(
             prompt=prompt, negative_prompt=negative, true_cfg_scale=job.true_cfg,
             num_inference_steps=job.steps, width=job.width, height=job.height,
