@@ -25,6 +25,7 @@ from ..loaders.cache import CACHE, Entry, ModelHandle, Session
 from ..loaders.memory import Plan, resolve
 from ..loaders.placement import Placement, has_block_offload, remove_block_offload
 from . import qwen_image_vae as vae_tiling
+from . import speed
 from .common import (Request, Result, Settings, check_aspect, check_finite, check_settings, chw_to_image, format_notes,
                      latent_preview, round_size, to_rgb)
 
@@ -356,6 +357,7 @@ def run(handle: ModelHandle, task: str, request: Request,
     path = Path(handle.path())
     notes.extend(check_memory(job, path, plan))
     notes.extend(lora_files.lightning_notes(handle, job.steps, job.true_cfg, job.schedule))
+    speed.check_usable(request.speed, DISPLAY, plan.device, **speed.engine_support(engine, plan))
     spec = registry.get("qwen_image")
     with CACHE.session() as session:
         components = qwen_loader.load_components(path, handle_task, plan, session)
@@ -365,8 +367,10 @@ def run(handle: ModelHandle, task: str, request: Request,
         with placement.running() as placed:
             runner = make_engine(engine, components, handle_task, job.schedule, placed)
             progress = glue.Progress(runner.total_steps(job), listener)
-            image = runner.generate(job, lambda i, preview: progress.update(i, preview))
-            notes.extend(runner.notes())
+            with speed.applied(components["transformer"].value, request.speed, DISPLAY, job.steps,
+                               speed.cfg_branches(job.true_cfg)) as fast:
+                image = runner.generate(job, lambda i, preview: progress.update(i, preview))
+            notes.extend(runner.notes() + fast.lines())
         notes.extend(placement.notes)
     check_finite(image, DISPLAY, "try compute_dtype fp32 or bf16 in Gentor Memory Options (fp16 overflows easily)")
     pairs = [("model", handle.variant), ("size", f"{job.width}x{job.height}"), ("steps", job.steps),
