@@ -357,7 +357,7 @@ def run(handle: ModelHandle, task: str, request: Request,
     path = Path(handle.path())
     notes.extend(check_memory(job, path, plan))
     notes.extend(lora_files.lightning_notes(handle, job.steps, job.true_cfg, job.schedule))
-    speed.check_usable(request.speed, DISPLAY, plan.device, **speed.engine_support(engine, plan))
+    speed.check_usable(request.speed, DISPLAY, plan.device, speed.engine_support(engine, plan))
     spec = registry.get("qwen_image")
     with CACHE.session() as session:
         components = qwen_loader.load_components(path, handle_task, plan, session)

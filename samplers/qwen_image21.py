@@ -29,11 +29,13 @@ from ..loaders.files import read_json
 from ..loaders.memory import Plan, resolve
 from ..loaders.placement import Placement
 from . import qwen_image_vae as vae_tiling
+from . import speed
 from .common import Request, Result, check_finite, check_settings, format_notes, round_size, to_rgb
 from .qwen_image import DISPLAY, EMPTY_NEGATIVE, MIN_STEPS, TOKEN_ACTIVATION_FACTOR, make_settings, use_loras
 
 DEFAULT_STEPS = 40
 DEFAULT_TRUE_CFG = 1.0  # 2.1 is sampled without guidance
+SPEED_NO_FIRST_BLOCK = "diffusers' first_block cache does not know the 2.1 transformer's blocks"
 OUTPUT_RESOLUTION = 1024
 SIZE_GRID = 32
 PATCH_PX = 16
@@ -213,6 +215,8 @@ def run(handle: ModelHandle, task: str, request: Request, listener: Callable[[in
     notes.extend(plan.notes)
     notes.extend(check_memory(job, path, plan))
     notes.extend(lora_files.lightning_notes(handle, job.steps, job.true_cfg, "model"))
+    speed.check_usable(request.speed, DISPLAY, plan.device, speed.engine_support(engine, plan, ("taylorseer",),
+                                                                                  SPEED_NO_FIRST_BLOCK))
     spec = registry.get("qwen_image")
     with CACHE.session() as session:
         components = loader21.load_components(path, plan, session)
@@ -224,8 +228,10 @@ def run(handle: ModelHandle, task: str, request: Request, listener: Callable[[in
         with placement.running() as placed:
             runner = make_engine(engine, components, sample_sigmas, placed)
             progress = glue.Progress(runner.total_steps(job), listener)
-            out = runner.generate(job, lambda i: progress.update(i))
-            notes.extend(runner.notes())
+            with speed.applied(components["transformer"].value, request.speed, DISPLAY, job.steps,
+                               speed.cfg_branches(job.true_cfg)) as fast:
+                out = runner.generate(job, lambda i: progress.update(i))
+            notes.extend(runner.notes() + fast.lines())
         notes.extend(placement.notes)
     image, mask = split_rgba(out)
     check_finite(image, DISPLAY, "try compute_dtype fp32 or bf16 in Gentor Memory Options (fp16 overflows easily)")

@@ -18,6 +18,7 @@ Cancel or an error), so a later run without Speed Options computes exactly what 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ MAX_THRESHOLD = 1.0
 MAX_INTERVAL = 20
 MAX_STEPS_RANGE = 200
 TAYLOR_ORDER = 1  # diffusers' default; order 2 needs three full steps before its first prediction
-COUNTER_NAME = "gentor_speed_velocity"
+AS_TUPLE_HOOK = "gentor_speed_as_tuple"
 
 
 @dataclass(frozen=True)
@@ -85,13 +86,16 @@ class Report:
     calls: int = 0
     computed: int = 0
     compiled_blocks: int = 0
+    unit: str = ""  # what a pass is, when not one transformer pass per step and branch
     notes: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
         """The text-output lines ("computed N of M steps", the backend); none when no option was set."""
         out = list(self.notes)
         if self.cache != "off":
-            if self.branches > 1:
+            if self.unit:
+                out.append(f"step cache {self.cache}: computed {self.computed} of {self.calls} {self.unit}")
+            elif self.branches > 1:
                 out.append(f"step cache {self.cache}: computed {self.computed} of {self.calls} transformer passes "
                            f"({self.calls // self.branches} steps x {self.branches} guidance branches)")
             else:
@@ -103,27 +107,32 @@ class Report:
         return out
 
 
-def check_usable(options: SpeedOptions | None, display: str, device: torch.device, *, caches: tuple[str, ...],
-                 attention: bool, compile_blocks: bool, why: str = "") -> None:
+@dataclass(frozen=True)
+class Support:
+    """What a backend / engine / memory plan can apply; each ``no_*`` is the reason it cannot ('' = it can)."""
+
+    caches: tuple[str, ...] = ()
+    no_cache: str = ""  # why the caches outside ``caches`` are refused
+    no_attention: str = ""
+    no_compile: str = ""
+
+
+def check_usable(options: SpeedOptions | None, display: str, device: torch.device, support: Support) -> None:
     """Refuse options this backend / device cannot apply, naming the input (before any weight is read)."""
     if options is None or not options.active:
         return
-    what = f" ({why})" if why else ""
-    if options.cache != "off" and options.cache not in caches:
-        raise InputError(fmt(display, "speed cache", f"this backend cannot use that step cache{what}",
-                             repr(options.cache), " / ".join(("off",) + caches) if caches else "off",
+    if options.cache != "off" and options.cache not in support.caches:
+        raise InputError(fmt(display, "speed cache", f"this run cannot use that step cache ({support.no_cache})",
+                             repr(options.cache), " / ".join(("off", *support.caches)),
                              f"Pick another cache in {NODE}, or disconnect it"))
     if options.attention != "auto":
-        if not attention:
-            raise InputError(fmt(display, "speed attention", f"this backend's attention is not switchable{what}",
-                                 repr(options.attention), "auto", f"Set attention to auto in {NODE}"))
-        reason = attention_unusable(options.attention, device)
+        reason = support.no_attention or attention_unusable(options.attention, device)
         if reason:
             raise InputError(fmt(display, "speed attention", reason, repr(options.attention),
                                  "a backend usable here", f"Pick another one in {NODE} (auto always works)"))
-    if options.compile_blocks and not compile_blocks:
-        raise InputError(fmt(display, "speed compile_blocks", f"this backend cannot compile its blocks{what}",
-                             True, False, f"Switch compile_blocks off in {NODE}"))
+    if options.compile_blocks and support.no_compile:
+        raise InputError(fmt(display, "speed compile_blocks", f"this run cannot compile its blocks "
+                             f"({support.no_compile})", True, False, f"Switch compile_blocks off in {NODE}"))
 
 
 DIT_CACHES = ("first_block", "taylorseer")
@@ -136,16 +145,18 @@ def cfg_branches(cfg: float) -> int:
     return 2 if cfg > 1.0 else 1
 
 
-def engine_support(engine: str, plan) -> dict:  # noqa: ANN001 - loaders.memory.Plan
-    """``check_usable``'s keyword arguments for a Qwen-Image / DeepGen run with this engine and memory plan."""
+def engine_support(engine: str, plan, caches: tuple[str, ...] = DIT_CACHES,  # noqa: ANN001 - memory.Plan
+                   no_cache: str = "") -> Support:
+    """What a diffusers DiT run (Qwen-Image, DeepGen) can apply with this engine and memory plan; ``caches`` /
+    ``no_cache``: the step caches the model itself takes, and why not the others."""
     if engine == "diffsynth":
-        return {"caches": (), "attention": False, "compile_blocks": False,
-                "why": "the DiffSynth engine runs its own model function, not diffusers' hooks; set engine to "
-                       "diffusers to use Speed Options"}
+        why = ("the DiffSynth engine runs its own model function, not diffusers' hooks; set engine to diffusers "
+               "in the loader to use Speed Options")
+        return Support((), why, why, why)
     block = plan.offload == "block"
     cuda_block = block and plan.device.type == "cuda"
-    return {"caches": () if cuda_block else DIT_CACHES, "attention": True, "compile_blocks": not block,
-            "why": BLOCK_OFFLOAD_WHY if block else ""}
+    return Support(() if cuda_block else caches, BLOCK_OFFLOAD_WHY if cuda_block else no_cache, "",
+                   BLOCK_OFFLOAD_WHY if block else "")
 
 
 def attention_unusable(name: str, device: torch.device) -> str:
@@ -205,9 +216,10 @@ def _fbc_head_hooks(module: torch.nn.Module) -> list:
 
 @contextlib.contextmanager
 def applied(module: torch.nn.Module, options: SpeedOptions | None, display: str, steps: int,
-            branches: int = 1) -> Iterator[Report]:
+            branches: int = 1, whole_model: bool = False) -> Iterator[Report]:
     """Apply ``options`` to a diffusers transformer for one run of ``steps`` steps (``branches`` transformer
-    passes per step, one per guidance branch called separately); take everything off afterwards."""
+    passes per step, one per guidance branch called separately); take everything off afterwards.
+    ``whole_model``: TaylorSeer extrapolates the model's output instead of skipping its blocks one by one."""
     report = Report(branches=branches)
     if options is None or not options.active:
         yield report
@@ -226,11 +238,11 @@ def applied(module: torch.nn.Module, options: SpeedOptions | None, display: str,
                                      type(module).__name__, "a diffusers DiT", f"Set cache to off in {NODE}"))
             bare = [m for m in module.modules() if getattr(m, "_diffusers_hook", None) is None]
             try:
-                module.enable_cache(_cache_config(options, steps))
+                _enable_cache(module, options, steps, whole_model)
             except ValueError as exc:  # diffusers does not know this block class
                 raise InputError(fmt(display, "speed cache", f"diffusers cannot hook this model ({exc})",
                                      repr(options.cache), "off", f"Set cache to off in {NODE}")) from exc
-            undo.append(functools.partial(_disable_cache, module, bare))
+            undo.append(functools.partial(_disable_cache, module, options.cache, bare))
             # Samplers that do not name their passes (DeepGen's loop) run in one context; pipelines set theirs.
             _set_cache_context(module, CacheContext("gentor"))
             report.cache = options.cache
@@ -243,11 +255,59 @@ def applied(module: torch.nn.Module, options: SpeedOptions | None, display: str,
             step()
 
 
-def _disable_cache(module: torch.nn.Module, bare: list[torch.nn.Module]) -> None:
+def _hook_names(cache: str) -> tuple[str, ...]:
+    from diffusers.hooks.first_block_cache import _FBC_BLOCK_HOOK, _FBC_LEADER_BLOCK_HOOK  # noqa: PLC0415
+    from diffusers.hooks.taylorseer_cache import _TAYLORSEER_CACHE_HOOK  # noqa: PLC0415
+
+    return (_FBC_LEADER_BLOCK_HOOK, _FBC_BLOCK_HOOK) if cache == "first_block" else (AS_TUPLE_HOOK,
+                                                                                      _TAYLORSEER_CACHE_HOOK)
+
+
+@functools.lru_cache(maxsize=1)
+def _as_tuple_hook_type() -> type:
+    from diffusers.hooks import ModelHook  # noqa: PLC0415
+
+    class AsTuple(ModelHook):
+        """Outermost hook: a bare tensor (TaylorSeer's prediction) back into the model's ``(out,)`` tuple."""
+
+        def post_forward(self, module: torch.nn.Module, output):  # noqa: ANN001, ANN201
+            return (output,) if isinstance(output, torch.Tensor) else output
+
+    return AsTuple
+
+
+def _as_tuple_hook():  # noqa: ANN202
+    return _as_tuple_hook_type()()
+
+
+def _enable_cache(module: torch.nn.Module, options: SpeedOptions, steps: int, whole_model: bool) -> None:
+    # The library's apply_* functions, as ModelMixin.enable_cache calls them; not every DiT class mixes in
+    # CacheMixin (SD3's, under DeepGen, does not).
+    from diffusers.hooks import HookRegistry, apply_first_block_cache, apply_taylorseer_cache  # noqa: PLC0415
+
+    config = _cache_config(options, steps)
+    if options.cache == "first_block":
+        apply_first_block_cache(module, config)
+    elif whole_model:
+        # The whole forward is the extrapolated unit (as Bagel PR #232 caches BAGEL's velocity); its predicted
+        # output comes back as a bare tensor, so an outer hook restores the model's ``(out,)`` tuple.
+        apply_taylorseer_cache(module, dataclasses.replace(config, cache_identifiers=["^$"], use_lite_mode=False))
+        HookRegistry.check_if_exists_or_initialize(module).register_hook(_as_tuple_hook(), AS_TUPLE_HOOK)
+    else:
+        apply_taylorseer_cache(module, config)
+    # New hooks on the blocks stale the registry's list of child registries (cache_context walks it).
+    HookRegistry.check_if_exists_or_initialize(module).invalidate_child_registries_cache()
+
+
+def _disable_cache(module: torch.nn.Module, cache: str, bare: list[torch.nn.Module]) -> None:
+    from diffusers.hooks import HookRegistry  # noqa: PLC0415
     from diffusers.hooks.hooks import _set_cache_context  # noqa: PLC0415
 
     _set_cache_context(module, None)
-    module.disable_cache()
+    registry = HookRegistry.check_if_exists_or_initialize(module)
+    for name in _hook_names(cache):
+        registry.remove_hook(name, recurse=True)
+    registry.invalidate_child_registries_cache()
     for sub in bare:  # the registries the cache hooks created, now empty: gone, as before the run
         registry = getattr(sub, "_diffusers_hook", None)
         if registry is not None and not registry.hooks:
@@ -311,7 +371,7 @@ def speed_state(module: torch.nn.Module) -> dict:
             "compiled": sum(m._compiled_call_impl is not None for m in module.modules()),
             "attention": [getattr(getattr(m, "processor", None), "_attention_backend", None)
                           for m in module.modules()],
-            "cache_config": getattr(module, "_cache_config", None)}
+            "forwards": [m.forward for m in module.modules()]}
 
 
 # ----------------------------------------------------------------------------- a velocity function (BAGEL)
@@ -328,32 +388,31 @@ class _Velocity(torch.nn.Module):
 
 
 def velocity_cache(fn: Callable[..., torch.Tensor], options: SpeedOptions | None, steps: int,
-                   branch: Callable[..., str]) -> tuple[Callable[..., torch.Tensor], Report]:
-    """Wrap a velocity function with diffusers' TaylorSeer hook (one state per guidance ``branch(*args)``);
-    the wrapper lives only as long as the caller keeps it (the model itself is not touched)."""
-    report = Report()
+                   step_key: Callable[..., object], report: Report) -> Callable[..., torch.Tensor]:
+    """Wrap a velocity function for ONE sampling loop with diffusers' TaylorSeer hook.
+
+    Guidance branches are told apart by their order within a step (``step_key(*args)`` changes once per
+    step), each with its own Taylor state. Counts go to ``report``; the model itself is not touched."""
     if options is None or options.cache == "off":
-        return fn, report
+        return fn
     from diffusers.hooks import apply_taylorseer_cache  # noqa: PLC0415
     from diffusers.hooks.hooks import CacheContext, _set_cache_context  # noqa: PLC0415
 
     wrapper = _Velocity(fn, report)
-    apply_taylorseer_cache(wrapper, dataclass_replace(_cache_config(options, steps), cache_identifiers=["^$"],
-                                                      use_lite_mode=False))
-    report.cache = options.cache
+    apply_taylorseer_cache(wrapper, dataclasses.replace(_cache_config(options, steps), cache_identifiers=["^$"],
+                                                        use_lite_mode=False))
+    report.cache, report.unit = options.cache, "velocity passes (every guidance branch counted)"
+    where = {"key": None, "branch": 0}
 
     def call(*args, **kwargs) -> torch.Tensor:  # noqa: ANN002, ANN003
+        key = step_key(*args, **kwargs)
+        where["branch"] = where["branch"] + 1 if key == where["key"] else 0
+        where["key"] = key
         report.calls += 1
-        _set_cache_context(wrapper, CacheContext(branch(*args, **kwargs)))
+        _set_cache_context(wrapper, CacheContext(f"branch{where['branch']}"))
         return wrapper(*args, **kwargs)
 
-    return call, report
-
-
-def dataclass_replace(config, **changes):  # noqa: ANN001, ANN201 - diffusers' config dataclasses
-    import dataclasses  # noqa: PLC0415
-
-    return dataclasses.replace(config, **changes)
+    return call
 
 
 @functools.lru_cache(maxsize=1)

