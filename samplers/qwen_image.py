@@ -26,6 +26,7 @@ from ..loaders.memory import Plan, resolve
 from ..loaders.placement import Placement, has_block_offload, remove_block_offload
 from . import qwen_image_vae as vae_tiling
 from . import speed
+from .prompt_text import pipeline_texts
 from .common import (Request, Result, Settings, check_aspect, check_finite, check_settings, chw_to_image, format_notes,
                      latent_preview, round_size, to_rgb)
 
@@ -274,8 +275,9 @@ class DiffusersEngine:
             on_step(i + 1, preview)
             return {}
 
+        prompt, negative = pipeline_texts(pipe, job.prompt, job.negative, DISPLAY)
         args: dict[str, Any] = dict(
-            prompt=job.prompt, negative_prompt=job.negative, true_cfg_scale=job.true_cfg,
+            prompt=prompt, negative_prompt=negative, true_cfg_scale=job.true_cfg,
             num_inference_steps=job.steps, width=job.width, height=job.height,
             generator=torch.Generator("cpu").manual_seed(job.seed), max_sequence_length=job.max_sequence_length,
             output_type="pt", callback_on_step_end=callback)
@@ -308,8 +310,9 @@ def choose_engine(handle: ModelHandle, handle_task: str) -> tuple[str, list[str]
         except MissingDependencyError as exc:
             if not fallback:
                 raise
-            reason = f"diffsynth is not installed ({ds_views.PIP_COMMAND})"
             log.warning("Gentor: %s", exc)
+            return "diffusers", [f"engine: fell back to diffusers because diffsynth is not installed "
+                                 f"({ds_views.PIP_COMMAND})"]
     if not fallback:
         raise InputError(f"{DISPLAY} engine: the DiffSynth engine does not support {reason} (got engine=diffsynth, "
                          "expected a model and settings it runs). Set engine to diffusers, or to "
