@@ -187,8 +187,9 @@ def _blocks(module: torch.nn.Module) -> list[torch.nn.Module]:
 
 def _first_leaf(block: torch.nn.Module) -> torch.nn.Module:
     # A leaf inside the block runs only when the block really computes: the cache hooks replace the
-    # block's forward, so a hook on the block itself would count skipped passes too.
-    return next(m for m in block.modules() if isinstance(m, torch.nn.Linear))
+    # block's forward, so a hook on the block itself would count skipped passes too. A LoRA's own layers are
+    # passed over (an adapter switched off for this run is not called).
+    return next(m for name, m in block.named_modules() if isinstance(m, torch.nn.Linear) and "lora_" not in name)
 
 
 def _cache_config(options: SpeedOptions, steps: int):  # noqa: ANN202 - a diffusers config object

@@ -235,3 +235,16 @@ def test_a_failed_hooking_takes_off_what_it_put_on(monkeypatch):
         with speed.applied(module, SKIPPING["first_block"], "X", 4):
             pass
     assert speed.speed_state(module) == before
+
+
+def test_lora_with_a_cache(model_roots):
+    """A LoRA run with never-skip options equals the LoRA run without them; a skipping cache still counts."""
+    from tests import tiny_qwen_lora as kit
+    from tests.test_qwen_lora import handle_with, run
+
+    CACHE.unload()
+    handle = handle_with((kit.file_name("kohya"), 1.0))
+    styled = run(handle, steps=STEPS)
+    assert torch.equal(run(handle, steps=STEPS, speed=NEVER_SKIP["first_block"]).image, styled.image)
+    assert "computed 8 of 16" in run(handle, steps=STEPS, speed=SKIPPING["taylorseer"]).text
+    assert torch.equal(run(handle, steps=STEPS).image, styled.image)
