@@ -27,12 +27,15 @@ from ..loaders.memory import resolve
 from ..modeling.emu35 import image_tokens as IT, tokens as T
 from ..modeling.emu35.generate import StepInfo, generate
 from ..modeling.emu35.logits import SamplingParams
+from . import speed
 from .common import Request, Result, Settings, check_finite, check_settings, format_notes, to_rgb
 from .prompt_text import user_text
 
 log = logging.getLogger(__name__)
 
 DISPLAY = "Emu3.5"
+_NOT_DIFFUSION = "Emu3.5 decodes image tokens one by one (autoregressive), there are no denoising steps or diffusers blocks"
+SPEED_SUPPORT = speed.Support((), _NOT_DIFFUSION, _NOT_DIFFUSION, _NOT_DIFFUSION)
 SETTINGS_NODE = "Gentor Emu3.5 Settings"
 IMAGE_AREA_MIN = T.DOWNSAMPLE ** 2  # one token
 IMAGE_AREA_MAX = 2048 * 2048
@@ -224,6 +227,7 @@ def run(handle: ModelHandle, task: str, request: Request,
     spec = registry.get("emu35")
     plan = resolve(handle.memory, glue.torch_device())
     notes.extend(plan.notes)
+    speed.check_usable(request.speed, DISPLAY, plan.device, SPEED_SUPPORT)
     info = handle.info_dict
     with CACHE.session() as session:
         comps = emu_loader.load_components(handle, plan.precision, spec.fp8_skip, session)

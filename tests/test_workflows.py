@@ -20,7 +20,7 @@ from tests import workflow_files as wf
 from tests import workflow_specs as wspec
 from tests import workflow_static as wstatic
 
-SHARED_NODES = ("GentorMemoryOptions", "GentorTextToImage", "GentorEditImage", "GentorInspectModel")
+SHARED_NODES = ("GentorMemoryOptions", "GentorSpeedOptions", "GentorTextToImage", "GentorEditImage", "GentorInspectModel")
 TASK_NODES = ("GentorTextToImage", "GentorEditImage")
 MIN_EDIT_IMAGE_INPUTS = 4  # DESIGN.md §3: image_1..image_N, N = the largest maximum of the backends, >= 4
 TINY_PREFIX = "tiny-"  # the tiny kit writes DIR/<folder key>/tiny-<variant>/ (DESIGN.md §8)
@@ -75,8 +75,8 @@ def test_static_parse_follows_helpers_and_loops(gentor_specs):
     assert n_images == max(MIN_EDIT_IMAGE_INPUTS, registry.max_references()), n_images
     t2i, edit = gentor_specs["GentorTextToImage"], gentor_specs["GentorEditImage"]
     common = ["model", "prompt", "negative", "seed", "steps", "cfg", "width", "height"]
-    assert [i.name for i in t2i.inputs] == common + ["batch_size", "settings"]
-    assert [i.name for i in edit.inputs] == common + [f"image_{k}" for k in range(1, n_images + 1)] + ["settings"]
+    assert [i.name for i in t2i.inputs] == common + ["batch_size", "settings", "speed"]
+    assert [i.name for i in edit.inputs] == common + [f"image_{k}" for k in range(1, n_images + 1)] + ["settings", "speed"]
     seed = t2i.input("seed")
     assert seed.type == "INT" and seed.control_after_generate and not seed.optional
     assert edit.input("image_1").optional and edit.input("image_1").type == "IMAGE"
