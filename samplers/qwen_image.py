@@ -21,6 +21,7 @@ from ..errors import InputError, MemoryEstimateError, MissingDependencyError
 from ..loaders import lora as lora_files
 from ..loaders import qwen_image as qwen_loader
 from ..loaders import qwen_image_diffsynth as ds_views
+from ..loaders import qwen_image_files as qwen_files
 from ..loaders.cache import CACHE, Entry, ModelHandle, Session
 from ..loaders.memory import Plan, resolve
 from ..loaders.placement import Placement, has_block_offload, remove_block_offload
@@ -208,15 +209,22 @@ def weight_bytes_to_load(path: Path, task: str, plan: Plan) -> int:
     return total
 
 
-def check_memory(job: QwenJob, path: Path, plan: Plan) -> list[str]:
+def check_memory(job: QwenJob, path: Path, plan: Plan, files: ModelHandle | None = None) -> list[str]:
     """Refuse a run that cannot fit BEFORE any weight is read (configs and weight headers only); decide the
-    VAE tiling on the way (sets ``job.tiled_vae``) and return the notes for the text output."""
+    VAE tiling on the way (sets ``job.tiled_vae``) and return the notes for the text output. ``files``: a handle
+    of single Comfy-format files (their headers give the sizes) instead of the pipeline folder at ``path``."""
     from ..loaders.files import read_json  # noqa: PLC0415
 
-    transformer_cfg = read_json(path / "transformer" / "config.json", DISPLAY, "transformer config")
-    vae_cfg = read_json(path / "vae" / "config.json", DISPLAY, "vae config")
+    if files is not None:
+        transformer_cfg, vae_cfg = qwen_files.configs(files)
+    else:
+        transformer_cfg = read_json(path / "transformer" / "config.json", DISPLAY, "transformer config")
+        vae_cfg = read_json(path / "vae" / "config.json", DISPLAY, "vae config")
     # On a CPU the device memory IS the RAM the weights still have to be read into.
-    weights = weight_bytes_to_load(path, job.task, plan) if plan.device.type == "cpu" else 0
+    weights = 0
+    if plan.device.type == "cpu":
+        weights = qwen_files.bytes_to_load(files, plan) if files is not None else weight_bytes_to_load(path, job.task,
+                                                                                                        plan)
     free = glue.free_memory_bytes(plan.device)
     whole = estimate_bytes(job, transformer_cfg, vae_cfg, plan.compute, tiled_vae=False)
     job.tiled_vae, note = vae_tiling.choose(job.vae_tiling, whole + weights <= free)
@@ -343,22 +351,28 @@ def run(handle: ModelHandle, task: str, request: Request,
     """Generate with a Qwen-Image handle; ``task`` is "t2i" or "edit"; the engine is the handle's."""
     handle.check_exists(DISPLAY)
     handle_task = handle.info_dict["task"]
+    files = handle if qwen_files.is_files_handle(handle) else None
+    task_notes: list[str] = []
+    if files is not None:
+        handle_task, task_notes = qwen_files.handle_task(handle, task)
     if handle_task == qwen_loader.TASK_21:
         from . import qwen_image21  # noqa: PLC0415
 
         engine, engine_notes = choose_engine(handle, handle_task)
         return qwen_image21.run(handle, task, request, listener, engine, engine_notes)
     job, notes = plan_job(task, handle_task, request)
+    notes.extend(task_notes)
     engine, engine_notes = choose_engine(handle, handle_task)
     notes.extend(engine_notes)
     plan = resolve(handle.memory, glue.torch_device())
     notes.extend(plan.notes)
     path = Path(handle.path())
-    notes.extend(check_memory(job, path, plan))
+    notes.extend(check_memory(job, path, plan, files))
     notes.extend(lora_files.lightning_notes(handle, job.steps, job.true_cfg, job.schedule))
     spec = registry.get("qwen_image")
     with CACHE.session() as session:
-        components = qwen_loader.load_components(path, handle_task, plan, session)
+        components = (qwen_files.load_components(files, handle_task, plan, session) if files is not None else
+                      qwen_loader.load_components(path, handle_task, plan, session))
         notes.extend(use_loras(session, components["transformer"], handle, plan))
         placement = Placement(components, dict(spec.blocks), plan, DISPLAY,
                               mover="diffsynth" if engine == "diffsynth" else "")
