@@ -7,7 +7,6 @@ import logging
 from comfy_api.v0_0_2 import ComfyExtension, io
 
 from .. import glue, registry
-from ..loaders.cache import CACHE
 
 log = logging.getLogger(__name__)
 
@@ -33,5 +32,4 @@ def node_list() -> list[type[io.ComfyNode]]:
 
 class GentorExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        glue.register_routes(CACHE)
         return node_list()
