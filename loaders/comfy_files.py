@@ -199,19 +199,35 @@ def _metadata_layers(header: FileHeader) -> dict | None:
 def _scaled_format(header: FileHeader, meta_layers: dict | None, display: str, input_name: str) -> WeightFormat:
     """ComfyUI's newer scaled files: per-layer formats (in the metadata, or a ``comfy_quant`` tensor per layer,
     read by ``quant_layers``); here the header alone says which layers carry a ``weight_scale``."""
-    if meta_layers is not None:
-        formats = {layer: str(conf.get("format", "")) for layer, conf in meta_layers.items()}
-        bad = sorted({f for f in formats.values() if f not in SUPPORTED_LAYER_FORMATS})
-        if bad:
-            raise ModelFolderError(fmt(display, input_name, f"{header.path.name} uses a quantisation Gentor cannot "
-                                       "compute with", ", ".join(bad), " or ".join(SUPPORTED_LAYER_FORMATS),
-                                       DOWNLOAD_HINT))
-        layers = set(formats)
-    else:
-        layers = {k[: -len(NEW_QUANT)] for k in header.shapes if k.endswith(NEW_QUANT)}
+    if meta_layers is None:
+        meta_layers = _comfy_quant_layers(header, display, input_name)
+    formats = {layer: str(conf.get("format", "")) for layer, conf in meta_layers.items()}
+    bad = sorted({f for f in formats.values() if f not in SUPPORTED_LAYER_FORMATS})
+    if bad:
+        raise ModelFolderError(fmt(display, input_name, f"{header.path.name} uses a quantisation Gentor cannot "
+                                   "compute with", ", ".join(bad), " or ".join(SUPPORTED_LAYER_FORMATS),
+                                   DOWNLOAD_HINT))
+    layers = set(formats)
     _check_scales(header, layers, display, input_name)
     mixed = any(header.dtypes.get(f"{k}.weight") in ("BF16", "F16", "F32") for k in _linear_layers(header))
     return WeightFormat("scaled_fp8_mixed" if mixed else "scaled_fp8", frozenset(layers))
+
+
+def _comfy_quant_layers(header: FileHeader, display: str, input_name: str) -> dict[str, dict]:
+    """layer -> its ``comfy_quant`` JSON (a few bytes per layer; format markers, not weights)."""
+    from safetensors import SafetensorError, safe_open  # noqa: PLC0415
+
+    out = {}
+    try:
+        with safe_open(str(header.path), framework="pt", device="cpu") as handle:
+            for key in header.shapes:
+                if key.endswith(NEW_QUANT):
+                    raw = bytes(handle.get_tensor(header.prefix + key).tolist())
+                    out[key[: -len(NEW_QUANT)]] = json.loads(raw.decode("utf-8"))
+    except (OSError, SafetensorError, ValueError) as exc:
+        raise ModelFolderError(fmt(display, input_name, f"unreadable quantisation markers in {header.path.name}", exc,
+                                   "comfy_quant JSON per quantised layer", f"Re-download {header.path.name}")) from exc
+    return out
 
 
 def _linear_layers(header: FileHeader) -> list[str]:

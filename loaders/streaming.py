@@ -13,6 +13,7 @@ old and their new key layouts through transformers' own checkpoint conversion ma
 """
 from __future__ import annotations
 
+import functools
 import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -185,6 +186,7 @@ def load_module(build: Callable[[], nn.Module], precision: Precision | None, ski
     if leftover:
         raise label.error(f"{len(leftover)} weights were never filled", _few(leftover),
                           f"every weight read from {origin}", "Re-download the component's files")
+    release_freed_memory()
     conversions = module.__dict__.pop("_streaming_conversions", None)
     if conversions is not None:  # as from_pretrained: save_pretrained writes back the layout that was read
         module._weight_conversions = [c for c in conversions if c.was_used()]
@@ -491,6 +493,32 @@ def _tie(module: nn.Module, slots: dict[str, Any], loaded: set[str]) -> None:
     if tie is None or not hasattr(module, "all_tied_weights_keys"):
         return
     tie(missing_keys=set(slots) - loaded, recompute_mapping=False)
+
+
+def release_freed_memory() -> None:
+    """Give the heap pages freed while loading back to the OS (glibc only).
+
+    glibc keeps freed memory of a thread's arena for reuse; on ComfyUI's executor thread that is hundreds of MB
+    of read buffers left counting as the process's RSS after a load (issue 19: +1,176 MB after an FP8 load,
+    +716 MB after ``malloc_trim(0)``, resting 688 MB). Elsewhere (musl, macOS, Windows) nothing is done.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Callable[[int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes  # noqa: PLC0415
+    import ctypes.util  # noqa: PLC0415
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc (e.g. musl has no malloc_trim)
+        return None
 
 
 def resting_bytes(module: nn.Module) -> int:
