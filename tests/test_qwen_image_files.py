@@ -242,3 +242,19 @@ def test_missing_bundled_tokenizer_is_a_clear_error(roots):
     glue.set_fallback_roots(glue.BUNDLED_TOKENIZERS_KEY, [])
     with pytest.raises(GentorError, match="qwen25_tokenizer"):
         files_image(FORMAT_FILES["bf16"])
+
+
+def test_prompt_enhancer_lists_the_text_encoder_file_and_shares_its_copy(roots):
+    from gentor.loaders import vlm as vlm_loader
+    from gentor.samplers import vlm as vlm_sampler
+
+    assert vlm_loader.COMFY_FILES + TE_BF16 in vlm_loader.list_models()
+    files_image(FORMAT_FILES["bf16"])
+    copies = CACHE.entries("qwen2_5_vl")
+    reads = CACHE.disk_reads
+    handle = vlm_loader.load_handle(vlm_loader.COMFY_FILES + TE_BF16, None)
+    reply = vlm_sampler.enhance(handle, Request(prompt="a cat on a sofa", steps=3))
+    assert isinstance(reply.text, str)
+    assert [id(e) for e in CACHE.entries("qwen2_5_vl")] == [id(e) for e in copies] and len(copies) == 1
+    # Only the enhancer's processor may be new (the model entry was reused, nothing else read from disk).
+    assert CACHE.disk_reads - reads <= 1
