@@ -159,6 +159,15 @@ def is_files_handle(handle: ModelHandle) -> bool:
     return handle.info_dict.get("layout") == LAYOUT
 
 
+def for_task(handle: ModelHandle, task: str) -> tuple[ModelHandle, list[str]]:
+    """The handle with its pipeline family resolved for this run (``handle_task``), and the note saying so."""
+    import dataclasses  # noqa: PLC0415
+
+    family, notes = handle_task(handle, task)
+    info = tuple((k, family if k == "task" else v) for k, v in handle.info)
+    return dataclasses.replace(handle, info=info), notes
+
+
 def handle_task(handle: ModelHandle, task: str) -> tuple[str, list[str]]:
     """The pipeline family a run uses: the handle's, or for ``auto`` on an unmarked 1.x file the task node's."""
     own = handle.info_dict["task"]
