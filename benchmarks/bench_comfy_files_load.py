@@ -94,9 +94,10 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args.child)))
         return
-    from gentor.loaders.streaming import READ_WINDOW_BYTES  # noqa: F401 - only the constant
+    import_pack()
+    from gentor.loaders.streaming import READ_WINDOW_BYTES
 
-    window = 64 * MB
+    window = READ_WINDOW_BYTES
     with tempfile.TemporaryDirectory(prefix="gentor-comfy-") as tmp:
         t = time.perf_counter()
         paths = write_files(Path(tmp), args.layers, args.heads, args.forms)

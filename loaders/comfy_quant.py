@@ -56,23 +56,24 @@ def comfy_rename(prefix: str):
     return rename
 
 
-def _swap(module: nn.Module, path: str, make) -> None:
+def _swap(module: nn.Module, path: str, make) -> bool:
     parent_name, _, leaf = path.rpartition(".")
     parent = module.get_submodule(parent_name) if parent_name else module
     old = getattr(parent, leaf)
     if not isinstance(old, nn.Linear):
-        return  # only linear layers compute from a stored form; other tensors are converted as usual
+        return False  # only linear layers compute from a stored form; other tensors are converted as usual
     new = make(old)
     new.weight = nn.Parameter(torch.empty(old.weight.shape, device="meta"), requires_grad=False)
     setattr(new.weight, streaming.STORED_FORM, True)
     setattr(parent, leaf, new)
+    return True
 
 
 def stored_form_preparer(header: FileHeader, fmt_: WeightFormat, compute: torch.dtype):
     """``prepare`` for streaming.load_module: swap the file's stored-form linear layers in the meta skeleton."""
-    from diffusers.quantizers.gguf.utils import GGUFLinear  # noqa: PLC0415 - needs the gguf package
-
     def prepare(module: nn.Module, mapper) -> None:
+        if fmt_.gguf:
+            from diffusers.quantizers.gguf.utils import GGUFLinear  # noqa: PLC0415 - needs the gguf package
         for layer in sorted(fmt_.stored):
             key = f"{header.prefix}{layer}.weight"
             target = mapper(key)
@@ -80,16 +81,15 @@ def stored_form_preparer(header: FileHeader, fmt_: WeightFormat, compute: torch.
                 continue
             path = target[: -len(".weight")]
             if fmt_.gguf:
-                def make(old, _c=compute):
+                def make(old, _c=compute, _cls=GGUFLinear):
                     with torch.device("meta"):
-                        return GGUFLinear(old.in_features, old.out_features, old.bias is not None, compute_dtype=_c)
+                        return _cls(old.in_features, old.out_features, old.bias is not None, compute_dtype=_c)
             else:
                 scale = header.shapes.get(f"{layer}{NEW_SCALE}", header.shapes.get(f"{layer}{OLD_SCALE}", ()))
 
                 def make(old, _s=tuple(scale)):
                     return ScaledFP8Linear(old.in_features, old.out_features, old.bias is not None, _s)
-            _swap(module, path, make)
-            if fmt_.scaled:
+            if _swap(module, path, make) and fmt_.scaled:
                 # The scale rests in float32 as stored (never cast to the compute dtype with the other tensors).
                 buf = module.get_submodule(path).weight_scale
                 setattr(buf, streaming.STORED_FORM, True)
