@@ -31,7 +31,7 @@ import torch
 
 from .. import registry
 from ..errors import MemoryEstimateError, ModelFolderError
-from .files import safetensors_header
+from .files import read_checkpoint, safetensors_header
 from .memory import FP8, OFFLOAD_MODES, MemoryOptions, resolve
 
 GIB = 1024**3
@@ -119,10 +119,10 @@ def _safetensors(folder: Path) -> list[Path]:
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
-def _pickle_shapes(path: Path) -> dict[str, dict]:
-    """{key: {"shape", "dtype"}} of a torch.save checkpoint, read through a memory map with weights_only (the
-    tensor data is mapped, never read); nested dicts such as {"state_dict": ...} are flattened."""
-    state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+def _pickle_shapes(path: Path, display: str) -> dict[str, dict]:
+    """{key: {"shape", "dtype"}} of a torch.save checkpoint, read with weights_only (a zip archive is mapped,
+    its tensor data never read); nested dicts such as {"state_dict": ...} are flattened."""
+    state = read_checkpoint(path, display)
     out: dict[str, dict] = {}
 
     def walk(prefix: str, value: object) -> None:
@@ -159,7 +159,7 @@ def read_component(role: str, folder: Path, skip: tuple[str, ...], display: str)
     for f in _weight_files(folder):
         comp.largest_file = max(comp.largest_file, f.stat().st_size)
         comp.disk_bytes += f.stat().st_size
-        header = safetensors_header(f, display) if f.suffix == ".safetensors" else _pickle_shapes(f)
+        header = safetensors_header(f, display) if f.suffix == ".safetensors" else _pickle_shapes(f, display)
         for key, meta in header.items():
             if key == "__metadata__":
                 continue

@@ -25,6 +25,7 @@ from ..loaders.cache import CACHE, Entry, ModelHandle, Session
 from ..loaders.memory import Plan, resolve
 from ..loaders.placement import Placement, has_block_offload, remove_block_offload
 from . import qwen_image_vae as vae_tiling
+from .prompt_text import pipeline_texts
 from .common import (Request, Result, Settings, check_aspect, check_finite, check_settings, chw_to_image, format_notes,
                      latent_preview, round_size, to_rgb)
 
@@ -273,8 +274,9 @@ class DiffusersEngine:
             on_step(i + 1, preview)
             return {}
 
+        prompt, negative = pipeline_texts(pipe, job.prompt, job.negative, DISPLAY)
         args: dict[str, Any] = dict(
-            prompt=job.prompt, negative_prompt=job.negative, true_cfg_scale=job.true_cfg,
+            prompt=prompt, negative_prompt=negative, true_cfg_scale=job.true_cfg,
             num_inference_steps=job.steps, width=job.width, height=job.height,
             generator=torch.Generator("cpu").manual_seed(job.seed), max_sequence_length=job.max_sequence_length,
             output_type="pt", callback_on_step_end=callback)

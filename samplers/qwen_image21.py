@@ -29,8 +29,11 @@ from ..loaders.files import read_json
 from ..loaders.memory import Plan, resolve
 from ..loaders.placement import Placement
 from . import qwen_image_vae as vae_tiling
+from .prompt_text import pipeline_texts
 from .common import Request, Result, check_finite, check_settings, format_notes, round_size, to_rgb
-from .qwen_image import DISPLAY, EMPTY_NEGATIVE, MIN_STEPS, TOKEN_ACTIVATION_FACTOR, make_settings, use_loras
+from .qwen_image import (DEFAULT_PREVIEW_EVERY, DISPLAY, EMPTY_NEGATIVE, MIN_STEPS, TOKEN_ACTIVATION_FACTOR,
+                         make_settings, use_loras)
+from .vae_preview import decode_preview
 
 DEFAULT_STEPS = 40
 DEFAULT_TRUE_CFG = 1.0  # 2.1 is sampled without guidance
@@ -56,6 +59,7 @@ class Job21:
     resolution: int = OUTPUT_RESOLUTION  # the pipeline's output_resolution (reference resize area = its square)
     vae_tiling: str = vae_tiling.DEFAULT_VAE_TILING
     tiled_vae: bool = False
+    preview_every: int = DEFAULT_PREVIEW_EVERY
 
 
 def plan_job(task: str, request: Request, sample_sigmas: tuple[float, ...] | None) -> tuple[Job21, list[str]]:
@@ -101,7 +105,8 @@ def plan_job(task: str, request: Request, sample_sigmas: tuple[float, ...] | Non
     job = Job21(prompt=request.prompt, negative=request.negative if request.negative.strip() else EMPTY_NEGATIVE,
                 seed=int(request.seed), steps=int(steps), true_cfg=float(cfg), width=width, height=height,
                 batch_size=int(request.batch_size), images=images, sigmas=sigmas, resolution=resolution,
-                vae_tiling=str(settings.get("vae_tiling", vae_tiling.DEFAULT_VAE_TILING)))
+                vae_tiling=str(settings.get("vae_tiling", vae_tiling.DEFAULT_VAE_TILING)),
+                preview_every=int(settings.get("preview_every", DEFAULT_PREVIEW_EVERY)))
     return job, notes
 
 
@@ -163,17 +168,23 @@ class Engine21:
     def notes(self) -> list[str]:
         return []
 
-    def generate(self, job: Job21, on_step: Callable[[int], None]) -> torch.Tensor:
-        def callback(_pipe: Any, i: int, _t: Any, _kwargs: dict) -> dict:
-            on_step(i + 1)
+    def generate(self, job: Job21, on_step: Callable[[int, Image.Image | None], None]) -> torch.Tensor:
+        def callback(pipe: Any, i: int, _t: Any, kwargs: dict) -> dict:
+            preview = None
+            if job.preview_every > 0 and (i + 1) % job.preview_every == 0 and i + 1 < job.steps:
+                # No published RGB map for the 64-channel latent: a small decode by the model's own VAE.
+                preview = decode_preview(pipe.vae, pipe._unpack_latents(kwargs["latents"][:1], job.height, job.width,
+                                                                        pipe.vae_scale_factor))
+            on_step(i + 1, preview)
             return {}
 
+        prompt, negative = pipeline_texts(self.pipe, job.prompt, job.negative, DISPLAY)
         args: dict[str, Any] = dict(
-            prompt=job.prompt, true_cfg_scale=job.true_cfg, num_inference_steps=job.steps, sigmas=job.sigmas,
+            prompt=prompt, true_cfg_scale=job.true_cfg, num_inference_steps=job.steps, sigmas=job.sigmas,
             width=job.width, height=job.height, num_images_per_prompt=job.batch_size, output_resolution=job.resolution,
             generator=torch.Generator("cpu").manual_seed(job.seed), output_type="pt", callback_on_step_end=callback)
         if job.true_cfg > 1:
-            args["negative_prompt"] = job.negative
+            args["negative_prompt"] = negative
         if job.images:
             args["image"] = job.images
         vae_tiling.apply(self.pipe.vae, job.tiled_vae)
@@ -224,7 +235,7 @@ def run(handle: ModelHandle, task: str, request: Request, listener: Callable[[in
         with placement.running() as placed:
             runner = make_engine(engine, components, sample_sigmas, placed)
             progress = glue.Progress(runner.total_steps(job), listener)
-            out = runner.generate(job, lambda i: progress.update(i))
+            out = runner.generate(job, lambda i, preview=None: progress.update(i, preview))
             notes.extend(runner.notes())
         notes.extend(placement.notes)
     image, mask = split_rgba(out)

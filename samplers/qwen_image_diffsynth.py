@@ -27,6 +27,7 @@ from PIL import Image
 from ..loaders import qwen_image_diffsynth as views
 from ..loaders.memory import Plan
 from .common import chw_to_image, latent_preview
+from .prompt_text import pipeline_texts
 
 LATENT_CHANNELS = 16
 VAE_SCALE = 8
@@ -206,8 +207,9 @@ class DiffSynthEngine:
 
     def generate(self, job: Any, on_step: Callable[[int, Image.Image | None], None]) -> torch.Tensor:
         noise = draw_noise(job, LATENT_CHANNELS, VAE_SCALE, self.plan.compute)
+        prompt, negative = pipeline_texts(self.pipe, job.prompt, job.negative, "Qwen-Image")
         args: dict[str, Any] = dict(
-            prompt=job.prompt, negative_prompt=job.negative,
+            prompt=prompt, negative_prompt=negative,
             # diffusers runs true CFG only above 1; DiffSynth whenever the scale is not 1.
             cfg_scale=job.true_cfg if job.true_cfg > NO_CFG else NO_CFG,
             height=job.height, width=job.width, seed=job.seed, num_inference_steps=job.steps,
@@ -261,8 +263,9 @@ class DiffSynthEngine21:
     def generate(self, job: Any, on_step: Callable[[int], None]) -> torch.Tensor:
         """[B, 4, H, W] in 0..1 (RGBA, as the diffusers engine returns it)."""
         noise = draw_noise(job, LATENT21_CHANNELS, VAE21_SCALE, self.plan.compute)
+        prompt, negative = pipeline_texts(self.pipe, job.prompt, job.negative, "Qwen-Image")
         args: dict[str, Any] = dict(
-            prompt=job.prompt, negative_prompt=job.negative,
+            prompt=prompt, negative_prompt=negative,
             cfg_scale=job.true_cfg if job.true_cfg > NO_CFG else NO_CFG,
             edit_image=list(job.images) or None, height=job.height, width=job.width, seed=job.seed,
             # The folder's own grid (steps = 0) is passed on, which DiffSynth samples unshifted; an explicit

@@ -31,7 +31,9 @@ def object_info(models: list[str]) -> dict:
     """Node definitions as ComfyUI 0.3.64 reports V3 nodes (combos as ['COMBO', {'options': [...]}])."""
     return {
         "GentorLoadQwenImage": {"input": {"required": {"model_name": ["COMBO", {"options": list(models)}]},
-                                          "optional": {"memory": ["GENTOR_MEMORY", {}]}}},
+                                          "optional": {"memory": ["GENTOR_MEMORY", {}], "engine": [
+                                              "COMBO", {"options": ["diffusers", "diffsynth-or-diffusers"],
+                                                        "default": "diffusers"}]}}},
         "GentorMemoryOptions": {"input": {"required": {
             "weight_dtype": ["COMBO", {"options": ["auto", "bf16", "fp8_e4m3fn"], "default": "auto"}],
             "compute_dtype": ["COMBO", {"options": ["auto", "fp32"], "default": "auto"}],

@@ -191,7 +191,7 @@ def test_lora_of_another_architecture_says_which(lora_dir):
     t = torch.zeros(4, 8)
     name = _write(lora_dir, "flux.safetensors", {"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": t,
                                                  "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": t.T.contiguous()})
-    with pytest.raises(ModelFolderError, match="look like a FLUX LoRA"):
+    with pytest.raises(ModelFolderError, match="this is a FLUX LoRA"):
         lora.with_lora(loader.load_handle(T2I, None), name, 1.0)
     sdxl = _write(lora_dir, "sdxl.safetensors", {"lora_unet_down_blocks_0_attn1_to_q.lora_down.weight": t})
     with pytest.raises(ModelFolderError, match="SDXL"):

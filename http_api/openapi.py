@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .routes_generate import FIELDS, Limits
+from .generate import FIELDS, Limits
 
 VERSION = "1.0.0"
 ERROR = {"$ref": "#/components/schemas/Error"}

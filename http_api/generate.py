@@ -21,14 +21,15 @@ import re
 import secrets
 import time
 import uuid
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
-from . import registry
-from .routes import RouteError, Services, read_json_object, shown
+from .. import registry
+from .common import RouteError, Services, read_json_object, shown
 
 MIB = 1024 * 1024
 LOADER, MEMORY, TASK, OUTPUT, TEXT = "gentor_loader", "gentor_memory", "gentor_task", "gentor_output", "gentor_text"
@@ -60,6 +61,7 @@ FIELDS = {  # request field -> (JSON types accepted, what it is)
 }
 NODE_ERROR_STATUS = {"InputError": 400, "ModelFolderError": 400, "MemoryEstimateError": 507,
                      "MissingDependencyError": 501}
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")  # inputs a request sets as plain values (not sockets)
 SAFE_NAME = re.compile(r"^[^\\\x00]+$")
 
 
@@ -135,7 +137,14 @@ def decode_image(value: Any, index: int, limits: Limits) -> str | bytes:
                                          f"{shown(value)}, expected a name returned by /upload/image). Upload "
                                          "the image first or send it as base64.")
         return value
-    data = value.split(",", 1)[1] if value.startswith("data:") else value
+    if value.startswith("data:"):
+        header, comma, data = value.partition(",")
+        if not comma:
+            raise RouteError(400, field, f"Gentor generate {field}: data URL without data (got {shown(value[:60])}, "
+                                         "expected 'data:image/png;base64,<base64 data>'). Put a comma between the "
+                                         "media type and the base64 data.")
+    else:
+        data = value
     if len(data) * 3 // 4 > limits.image_bytes:
         raise RouteError(413, field, f"Gentor generate {field}: image too large (got about {len(data) * 3 // 4} "
                                      f"bytes, expected at most {limits.image_bytes}). Send a smaller file.")
@@ -148,8 +157,15 @@ def decode_image(value: Any, index: int, limits: Limits) -> str | bytes:
     from PIL import Image, UnidentifiedImageError  # noqa: PLC0415
 
     try:
-        with Image.open(io.BytesIO(raw)) as img:  # reads the header only: no decompression bomb
-            fmt, (w, h) = img.format, img.size
+        with warnings.catch_warnings():
+            # Our own pixel limit below decides; PIL's bomb warning would only add noise to the log.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(raw)) as img:  # reads the header only: no decompression bomb
+                fmt, (w, h) = img.format, img.size
+    except Image.DecompressionBombError as exc:  # PIL refuses headers claiming > 2x its MAX_IMAGE_PIXELS
+        raise RouteError(413, field, f"Gentor generate {field}: too many pixels (got a header claiming more than "
+                                     f"{2 * Image.MAX_IMAGE_PIXELS} pixels: {exc}, expected at most "
+                                     f"{limits.image_pixels} pixels). Downscale the image.") from exc
     except (UnidentifiedImageError, OSError) as exc:
         raise RouteError(400, field, f"Gentor generate {field}: not an image file (got {len(raw)} bytes that no "
                                      f"image reader knows, expected one of {', '.join(IMAGE_FORMATS)}). Send a "
@@ -201,6 +217,21 @@ def fill_required(info: dict, given: dict, skip: set[str]) -> dict:
         if value is not None:
             out[name] = value
     return out
+
+
+def check_inputs(section: str, given: dict, info: dict, taken: set[str]) -> None:
+    """Refuse a key of a request section that is not a widget input of its node (a typo never silently does
+    nothing); ``taken`` are inputs the request fills from other fields."""
+    known = sorted(n for group in ("required", "optional") for n, spec in info.get("input", {}).get(group, {}).items()
+                   if n not in taken and isinstance(spec, (list, tuple)) and spec
+                   and (combo_options(spec[0], spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {})
+                        is not None or spec[0] in WIDGET_TYPES))
+    for key in given:
+        if key not in known:
+            node = info.get("display_name") or info.get("name") or "the node"
+            raise RouteError(400, f"{section}.{key}", f"Gentor generate {section}.{key}: unknown option (got "
+                                                      f"{shown(key)}, expected one of {known}). Use {node}'s "
+                                                      "input names.")
 
 
 def model_input(info: dict) -> str:
@@ -258,6 +289,8 @@ def request_field(node_id: str, input_name: str | None) -> str | None:
 def field_from_message(node_id: str, message: str) -> str | None:
     """Our error messages start '<Backend> <input>: ...': map that input to a request field."""
     word = message.split(":", 1)[0].rsplit(" ", 1)[-1] if ":" in message else ""
+    if node_id == TASK and re.fullmatch(r"image_\d+\.\.image_\d+", word):
+        return "images"  # a refusal about all reference inputs together
     if node_id == TASK and (word in FIELDS or re.fullmatch(r"image_\d+", word)):
         return request_field(TASK, word)
     if node_id == MEMORY and re.fullmatch(r"[a-z_0-9]+", word):
@@ -283,6 +316,16 @@ def rejected(status: int, body: Any) -> RouteError:
                                                           "See 'comfyui' for its answer.", comfyui=body)
 
 
+def images_advice(message: str) -> str:
+    """A node's refusal of too many reference images ends with what to do in the graph ("Disconnect ..."): a
+    REST caller is told what to send in ``images`` instead."""
+    head, sep, _todo = message.rpartition(").")
+    most = re.search(r"expected at most (\d+)", head)
+    if not sep or not most:
+        return message
+    return f"{head}). Send at most {most.group(1)} images in the request's images list."
+
+
 def run_failure(entry: dict, prompt_id: str) -> RouteError:
     """A finished run without images (node error, Cancel) as our JSON error."""
     for name, data in entry.get("status", {}).get("messages", []):
@@ -293,6 +336,8 @@ def run_failure(entry: dict, prompt_id: str) -> RouteError:
             node_id, msg = str(data.get("node_id")), str(data.get("exception_message", "")).strip()
             kind = str(data.get("exception_type", "")).rsplit(".", 1)[-1]
             field = field_from_message(node_id, msg)
+            if field and field.startswith("images"):
+                msg = images_advice(msg)
             return RouteError(NODE_ERROR_STATUS.get(kind, 500), field, msg or f"Gentor generate: {kind}",
                               node=data.get("node_type"), exception_type=data.get("exception_type"),
                               prompt_id=prompt_id)
@@ -384,16 +429,18 @@ class GenerateRoute:
 
     async def run(self, client: aiohttp.ClientSession, job: Job) -> dict:
         loader_node, loader_info = await self.pick_loader(client, job)
+        spec = next(b for b in self.services.backends() if b.loader_node == loader_node)
+        if len(job.images) > spec.max_references:
+            raise RouteError(413, "images", f"Gentor generate images: too many for {spec.display_name} (got "
+                                            f"{len(job.images)}, expected at most {spec.max_references}). Send at "
+                                            f"most {spec.max_references} images in the request's images list.")
         names = [v if isinstance(v, str) else await self.upload(client, v) for v in job.images]
         task_info = await self.node_info(client, EDIT_NODE if names else T2I_NODE)
         memory_info = await self.node_info(client, MEMORY_NODE) if "memory" in job.body else None
         if memory_info is not None:
-            known = set(memory_info.get("input", {}).get("required", {}))
-            for key in job.body["memory"]:
-                if key not in known:
-                    raise RouteError(400, f"memory.{key}", f"Gentor generate memory.{key}: unknown option (got "
-                                                           f"{shown(key)}, expected one of {sorted(known)}). "
-                                                           "Use Gentor Memory Options' input names.")
+            check_inputs("memory", job.body["memory"], memory_info, set())
+        # The loader's model input comes from "model", its memory socket from "memory".
+        check_inputs("loader", job.body.get("loader", {}), loader_info, {model_input(loader_info), "memory"})
         graph = build_graph(job, loader_node, loader_info, memory_info, task_info, names)
         client_id = uuid.uuid4().hex
         ws = await client.ws_connect(f"/ws?clientId={client_id}", autoping=True)
