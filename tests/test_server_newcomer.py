@@ -123,6 +123,10 @@ def test_users_own_extra_model_paths_is_not_read(readme_server):
     assert "users-models" not in readme_server.log_text()  # ComfyUI logs each extra search path it adds
 
 
+def test_no_database_error_in_the_log(readme_server):
+    assert "Failed to initialize database" not in readme_server.log_text()
+
+
 def test_lora_example_runs_through_the_readme_yaml(readme_server):
     api = json.loads((API_DIR / "qwen_image_lora.json").read_text())
     entry = readme_server.run(api, RUN_TIMEOUT_S)
