@@ -175,7 +175,7 @@ def handle_task(handle: ModelHandle, task: str) -> tuple[str, list[str]]:
         return own, []
     if task == "t2i":
         return "t2i", []
-    return AUTO_EDIT_TASK, [f"variant auto: the weights of Qwen-Image, Edit and Edit-2509 are alike, ran Edit-2509's "
+    return AUTO_EDIT_TASK, ["variant auto: the weights of Qwen-Image, Edit and Edit-2509 are alike, ran Edit-2509's "
                             "pipeline; set variant = qwen-image-edit on the loader for the original Edit"]
 
 

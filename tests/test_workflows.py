@@ -12,7 +12,6 @@ import copy
 import json
 
 import pytest
-from PIL import Image
 
 from gentor import registry
 from tests import workflow_check as wc
