@@ -27,6 +27,9 @@ QWEN_IMAGE = Backend("GentorLoadQwenImage", loader.load_handle, sampler.run, "Ge
                      SETTINGS_KEYS)
 
 
+COMFY_FILE_EXAMPLES = "qwen_image_comfy_"  # Gentor Load Qwen-Image (ComfyUI files): tested below
+
+
 def test_examples_present():
     assert {"qwen_image_edit", "qwen_image_edit_plus", "qwen_image_t2i",
             "qwen_image_t2i_fp8_block_offload"} <= set(wf.workflow_names())
@@ -34,7 +37,7 @@ def test_examples_present():
 
 def test_examples_name_tiny_qwen_image_models():
     for name in wf.workflow_names():
-        if name.startswith("qwen_image_"):
+        if name.startswith("qwen_image_") and not name.startswith(COMFY_FILE_EXAMPLES):
             _, api = wf.load_pair(name)
             models = [n["inputs"]["model_name"] for _, n in wf.by_class(api, "GentorLoadQwenImage")]
             assert models and all(m in tiny_models.QWEN_IMAGE_VARIANTS for m in models), (name, models)
@@ -93,7 +96,22 @@ def test_diffsynth_example_asks_for_the_engine_with_fallback():
     assert loader["inputs"]["engine"] == "diffsynth-or-diffusers" and loader["inputs"]["memory"] == [mid, 0]
 
 
-@pytest.mark.parametrize("name", [n for n in wf.workflow_names() if n.startswith("qwen_image")])
+def test_comfy_file_examples_name_the_published_files():
+    """The files ComfyUI's own Qwen-Image template downloads (and a GGUF), which the test kit writes under the
+    same names (tests/tiny_comfy.py)."""
+    for name, transformer in (("qwen_image_comfy_files_t2i", "qwen_image_fp8_e4m3fn.safetensors"),
+                              ("qwen_image_comfy_gguf_t2i", "qwen_image-Q4_K_M.gguf")):
+        _, api = wf.load_pair(name)
+        (lid, loader), = wf.by_class(api, "GentorLoadQwenImageFiles")
+        assert loader["inputs"]["diffusion_model"] == transformer
+        assert loader["inputs"]["text_encoder"] == "qwen_2.5_vl_7b_fp8_scaled.safetensors"
+        assert loader["inputs"]["vae"] == "qwen_image_vae.safetensors"
+        (_, t2i), = wf.by_class(api, "GentorTextToImage")
+        assert t2i["inputs"]["model"] == [lid, 0]
+
+
+@pytest.mark.parametrize("name", [n for n in wf.workflow_names()
+                                  if n.startswith("qwen_image") and not n.startswith(COMFY_FILE_EXAMPLES)])
 def test_examples_run_on_the_tiny_models(fresh_cache, name):
     _, api = wf.load_pair(name)
     run = run_api(api, QWEN_IMAGE)
