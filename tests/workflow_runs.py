@@ -1,7 +1,8 @@
 """Run an example API workflow's Gentor part without ComfyUI, the way the nodes pass it on (shared by the
 per-backend workflow tests). From the task node (the one whose image is saved) back along its links: the
 model (loader widgets + its Memory Options node to ``load_handle``, then each Gentor LoRA on the way), the
-settings node's widgets to ``make_settings``, the task's own widgets and LoadImage inputs to the sampler."""
+settings node's widgets to ``make_settings``, the task's own widgets, LoadImage inputs and Speed Options to the
+sampler."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,11 +14,13 @@ from gentor.loaders import lora
 from gentor.loaders.cache import ModelHandle
 from gentor.loaders.memory import MemoryOptions
 from gentor.samplers.common import Request, Result
+from gentor.samplers.speed import SpeedOptions
 from tests import workflow_files as wf
 
 MAX_IMAGE_INPUTS = 10
 LORA_NODE = "GentorLoRA"
 MEMORY_NODE = "GentorMemoryOptions"
+SPEED_NODE = "GentorSpeedOptions"
 
 
 @dataclass(frozen=True)
@@ -57,14 +60,19 @@ def input_image(api: dict, link: list, mode: str = "RGB") -> Image.Image:
 
 
 def task_request(api: dict, settings: Any = None, image_mode: str = "RGB") -> tuple[str, Request]:
-    """(task, Request) of the workflow's one task node: its widgets, its LoadImage inputs in image_k order."""
+    """(task, Request) of the workflow's one task node: its widgets, its LoadImage inputs in image_k order, its
+    Speed Options node."""
     _, task = wf.sampler_of(api)
     inputs = task["inputs"]
     images = [input_image(api, inputs[f"image_{k}"], image_mode) for k in range(1, MAX_IMAGE_INPUTS + 1)
               if inputs.get(f"image_{k}") is not None]
+    speed = linked(api, task, "speed")
+    if speed is not None:
+        assert speed["class_type"] == SPEED_NODE, speed["class_type"]
+        speed = SpeedOptions(**widgets(speed))
     request = Request(prompt=inputs["prompt"], negative=inputs["negative"], seed=inputs["seed"],
                       steps=inputs["steps"], cfg=inputs["cfg"], width=inputs["width"], height=inputs["height"],
-                      batch_size=inputs.get("batch_size", 1), images=images, settings=settings)
+                      batch_size=inputs.get("batch_size", 1), images=images, settings=settings, speed=speed)
     return ("edit" if images else "t2i"), request
 
 
