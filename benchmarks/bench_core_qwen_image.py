@@ -17,7 +17,8 @@ runs one thread), wall seconds are printed too. Peak RSS of the server process (
 
     COMFYUI_DIR=/path/to/ComfyUI python benchmarks/bench_core_qwen_image.py [--layers 1] [--size 256]
         [--steps 2 6] [--repeats 3] [--json out.json]
-    ... --gpu     # a GPU machine: 60 blocks (the released depth), 1024 px, bf16, wall seconds
+    ... --gpu     # a GPU machine: 60 blocks (the released depth), 1024 px, bf16, wall seconds; both sides hold a
+                  # copy (2 x 41 GB): an H200, or --layers 30 on an H100 (the file itself needs ~41 GB host RAM + disk)
     ... --smoke   # the same code path on the smallest sizes (tests/test_bench_core_qwen_image.py)
 
 Every model file is written under a temporary folder and deleted at the end.

