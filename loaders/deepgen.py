@@ -61,6 +61,7 @@ LORA_ADAPTER = "deepgen_lora"
 LORA_ALPHA = 128
 OFFICIAL_LORA_RANK = 64
 OWN_VLM = "vlm"  # the diffusers form's VLM sub-folder
+MAX_LISTED = 10  # file names shown in a refusal
 # DiT tensors whose shapes tie it to the bridge: context_embedder [caption, joint], text embedder [inner, pooled]
 DIT_JOINT_KEY = "context_embedder.weight"
 DIT_POOLED_KEY = "time_text_embed.text_embedder.linear_1.weight"
@@ -143,15 +144,26 @@ def resolve_vlm(name: str) -> tuple[Path, bool]:
     return vlm_loader.resolve(name), False
 
 
+def _listing(folder: Path) -> list[str]:
+    """What a folder holds, for a refusal (hidden files aside)."""
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))[:MAX_LISTED]
+
+
 def own_vlm_tokenizer(folder: Path) -> Path:
     """Where the diffusers form's tokenizer is: in ``vlm/`` or in the folder's top-level ``tokenizer/`` (the
     published DeepGen-1.0-diffusers has ``tokenizer/``). DeepGen needs only the tokenizer: its ViT input is
     preprocessed by its own code, so image-processor files are not required."""
+    if not folder.is_dir():
+        raise _refuse(VLM_INPUT, f"{folder.parent.name} has no {OWN_VLM}/ folder",
+                      f"{_listing(folder.parent)} in {folder.parent.name}/",
+                      f"{folder.parent.name}/{OWN_VLM}/ holding DeepGen's Qwen2.5-VL (the diffusers release has it)",
+                      "Pick Qwen2.5-VL-3B-Instruct from models/vlm/ as the vlm, or download the release's vlm/ "
+                      f"folder into {folder.parent}")
     for cand in (folder, folder.parent / "tokenizer"):
         if any((cand / f).is_file() for f in vlm_loader.TOKENIZER_FILES):
             return cand
     raise _refuse(VLM_INPUT, f"{folder.parent.name} has no tokenizer for its {OWN_VLM}/",
-                  f"no tokenizer.json or vocab.json in {OWN_VLM}/ or tokenizer/",
+                  f"no tokenizer.json or vocab.json in {OWN_VLM}/ ({_listing(folder)}) or tokenizer/",
                   "the Qwen2.5-VL tokenizer files in tokenizer/ (as published) or in vlm/",
                   "Download the tokenizer/ folder of deepgenteam/DeepGen-1.0-diffusers (vocab.json, merges.txt, "
                   f"tokenizer_config.json) into {folder.parent / 'tokenizer'}")
@@ -193,7 +205,8 @@ def inspect_checkpoint(path: Path) -> CheckpointInfo:
             shapes = ckpt.read_shapes(path)
         except ckpt.ConversionRefused as exc:
             if not exc.command:
-                raise _refuse(CHECKPOINT_INPUT, f"{path.name} is not a state dict", exc, "a flat dict of tensors",
+                raise _refuse(CHECKPOINT_INPUT, f"{path.name} could not be read as a state dict", exc,
+                              "a torch.save dict of tensors or safetensors",
                               "Pick DeepGen's model.pt or its safetensors conversion") from exc
             held = ", ".join(exc.found) or "objects other than tensors"
             raise ModelFolderError(

@@ -7,6 +7,7 @@ import logging
 from comfy_api.v0_0_2 import ComfyExtension, io
 
 from .. import glue, registry
+from .common import checked
 
 log = logging.getLogger(__name__)
 
@@ -14,10 +15,11 @@ log = logging.getLogger(__name__)
 def node_list() -> list[type[io.ComfyNode]]:
     from .inspection import GentorInspectModel
     from .memory import GentorMemoryOptions
+    from .speed import GentorSpeedOptions
     from .tasks import GentorEditImage, GentorTextToImage
     from .text import GentorDescribeImage
 
-    nodes: list[type[io.ComfyNode]] = [GentorMemoryOptions, GentorTextToImage, GentorEditImage, GentorDescribeImage,
+    nodes: list[type[io.ComfyNode]] = [GentorMemoryOptions, GentorSpeedOptions, GentorTextToImage, GentorEditImage, GentorDescribeImage,
                                        GentorInspectModel]
     for spec in registry.available():
         for key in spec.folder_keys:
@@ -27,7 +29,7 @@ def node_list() -> list[type[io.ComfyNode]]:
         except ImportError:
             # One broken backend must not take the whole pack (and every other backend) down with it.
             log.exception("Gentor: %s nodes disabled: nodes/%s.py failed to import", spec.display_name, spec.id)
-    return nodes
+    return [checked(node) for node in nodes]
 
 
 class GentorExtension(ComfyExtension):

@@ -1,10 +1,12 @@
 """DeepGen 1.0 end to end on the tiny models, through the real loader, cache, placement and sampler."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -221,26 +223,28 @@ def test_own_vlm_with_a_lora_checkpoint_is_refused():
         handle(LORA, vlm=OWN_VLM)
 
 
-def _copy(models: Path, name: str, src: str = tiny.DIFFUSERS_FOLDER) -> Path:
+@contextlib.contextmanager
+def diffusers_copy(models: Path, name: str, src: str = tiny.DIFFUSERS_FOLDER) -> Iterator[Path]:
+    """A copy of a tiny DeepGen folder (the diffusers one by default) in the models folder, removed afterwards."""
     copy = models / tiny.DEEPGEN_FOLDER / name
     shutil.rmtree(copy, ignore_errors=True)
     shutil.copytree(models / tiny.DEEPGEN_FOLDER / src, copy)
-    return copy
+    try:
+        yield copy
+    finally:
+        shutil.rmtree(copy)
 
 
 def test_own_vlm_needs_only_weights_config_and_a_tokenizer(models):
     """The published layout: tokenizer/ at the top level, vlm/ without tokenizer or image-processor files."""
-    copy = _copy(models, "vlm-weights-only")
-    for f in (copy / "vlm").iterdir():
-        if not f.name.startswith(("model", "config", "generation_config")):
-            f.unlink()
-    try:
+    with diffusers_copy(models, "vlm-weights-only") as copy:
+        for f in (copy / "vlm").iterdir():
+            if not f.name.startswith(("model", "config", "generation_config")):
+                f.unlink()
         img = picture(64, 64, 6)
         h = handle("vlm-weights-only", vlm="vlm-weights-only/vlm")
         assert dict(h.paths)["tokenizer"] == str(copy / "tokenizer") and "processor" not in dict(h.paths)
         assert torch.equal(edit([img], h=h).image, edit([img], h=handle(tiny.DIFFUSERS_FOLDER, vlm=OWN_VLM)).image)
-    finally:
-        shutil.rmtree(copy)
 
 
 def test_separate_vlm_without_image_processor_files(models):
@@ -256,17 +260,24 @@ def test_separate_vlm_without_image_processor_files(models):
 
 
 def test_own_vlm_without_tokenizer_says_how_to_add_it(models):
-    copy = _copy(models, "no-tokenizer")
-    for f in ("tokenizer.json", "vocab.json"):
-        (copy / "vlm" / f).unlink()
-    shutil.rmtree(copy / "tokenizer")
-    try:
+    with diffusers_copy(models, "no-tokenizer") as copy:
+        for f in ("tokenizer.json", "vocab.json"):
+            (copy / "vlm" / f).unlink()
+        shutil.rmtree(copy / "tokenizer")
         with pytest.raises(ModelFolderError, match=r"DeepGen vlm: no-tokenizer has no tokenizer for its vlm/ .*"
                                                    r"Download the tokenizer/ folder of deepgenteam/DeepGen-1.0-"
                                                    r"diffusers"):
             handle("no-tokenizer", vlm="no-tokenizer/vlm")
-    finally:
-        shutil.rmtree(copy)
+
+
+def test_own_vlm_choice_of_a_folder_without_vlm_says_so(models):
+    with diffusers_copy(models, "no-vlm") as copy:
+        shutil.rmtree(copy / "vlm")
+        with pytest.raises(ModelFolderError, match=r"DeepGen vlm: no-vlm has no vlm/ folder \(got \['connector', "
+                                                   r"'model_index.json', 'scheduler', 'tokenizer', 'transformer', "
+                                                   r"'vae'\] in no-vlm/.*Pick Qwen2.5-VL-3B-Instruct from "
+                                                   r"models/vlm/"):
+            handle("no-vlm", vlm="no-vlm/vlm")
 
 
 # ----------------------------------------------------------------------------- released layouts
@@ -278,70 +289,72 @@ def test_connector_heads_are_read_from_its_config(models):
 
 
 def test_connector_without_config_is_refused_unless_released_sizes(models):
-    copy = _copy(models, "no-connector-config")
-    (copy / tiny.CONNECTOR_CONFIG_FILE).unlink()
-    try:
+    with diffusers_copy(models, "no-connector-config") as copy:
+        (copy / tiny.CONNECTOR_CONFIG_FILE).unlink()
         with pytest.raises(ModelFolderError, match=r"DeepGen checkpoint: no-connector-config: the connector's head "
                                                    r"count is not stored in its weights .*got width 128, MLP 96, 2 "
                                                    r"layers .*expected the released sizes 2048 / 11946 / 6 .*Add "
                                                    r".*no-connector-config/connector/config.json"):
             handle("no-connector-config")
-        (copy / tiny.CONNECTOR_CONFIG_FILE).write_text(json.dumps(dict(tiny.CONNECTOR_CONFIG, hidden_size=64)))
+        config = tiny.CONNECTOR_CONFIG
+        (copy / tiny.CONNECTOR_CONFIG_FILE).write_text(json.dumps(dict(config, hidden_size=64)))
         with pytest.raises(ModelFolderError, match=r"connector config does not describe these weights \(got "
                                                    r"hidden_size 64, expected hidden_size 128\)"):
             handle("no-connector-config")
-        (copy / tiny.CONNECTOR_CONFIG_FILE).write_text(json.dumps(dict(tiny.CONNECTOR_CONFIG, num_attention_heads=3)))
+        (copy / tiny.CONNECTOR_CONFIG_FILE).write_text(json.dumps(dict(config, num_attention_heads=3)))
         with pytest.raises(ModelFolderError, match=r"does not divide the width \(got 3 heads for width 128"):
             handle("no-connector-config")
-    finally:
-        shutil.rmtree(copy)
 
 
 def test_kontext_class_name_is_accepted_by_its_tensors(models, caplog):
     """UniPic2-SD3.5M-Kontext-2B's config may name SD3Transformer2DKontextModel: same parameters, same image."""
-    copy = _copy(models, "kontext-name", tiny.CHECKPOINT_FOLDER)
-    cfg = json.loads((copy / "transformer" / "config.json").read_text())
-    cfg["_class_name"] = "SD3Transformer2DKontextModel"
-    (copy / "transformer" / "config.json").write_text(json.dumps(cfg))
-    try:
+    with diffusers_copy(models, "kontext-name", tiny.CHECKPOINT_FOLDER) as copy:
+        cfg = json.loads((copy / "transformer" / "config.json").read_text())
+        cfg["_class_name"] = "SD3Transformer2DKontextModel"
+        (copy / "transformer" / "config.json").write_text(json.dumps(cfg))
         with caplog.at_level(logging.INFO, logger="gentor.loaders.deepgen"):
             h = handle("kontext-name/" + tiny.CHECKPOINT_FILE)
         assert "names SD3Transformer2DKontextModel; accepted as an SD3 DiT by its tensors" in caplog.text
         assert torch.equal(t2i(h=h).image, t2i().image)
-    finally:
-        shutil.rmtree(copy)
 
 
 def test_transformer_of_another_kind_is_refused_by_its_tensors(models):
     from safetensors.torch import save_file
 
-    copy = _copy(models, "not-sd3")
-    for f in (copy / "transformer").glob("*.safetensors"):
-        f.unlink()
-    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(48, 16)},
-              str(copy / "transformer" / "diffusion_pytorch_model.safetensors"))
-    try:
+    with diffusers_copy(models, "not-sd3") as copy:
+        for f in (copy / "transformer").glob("*.safetensors"):
+            f.unlink()
+        save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(48, 16)},
+                  str(copy / "transformer" / "diffusion_pytorch_model.safetensors"))
         with pytest.raises(ModelFolderError, match=r"DeepGen diffusion: the transformer weights in not-sd3/"
                                                    r"transformer are not an SD3 DiT's \(SD3Transformer2DModel\) "
                                                    r"\(got no pos_embed.proj.weight \(tensors under "
                                                    r"\['double_blocks'\]\)"):
             handle("not-sd3")
+
+
+def test_random_bytes_model_pt_is_called_what_it_is(models):
+    folder = models / tiny.DEEPGEN_FOLDER / "noise"
+    folder.mkdir()
+    (folder / "model.pt").write_bytes(bytes(range(7, 207)))
+    try:
+        with pytest.raises(ModelFolderError, match=r"model.pt could not be read as a state dict \(got model.pt is not "
+                                                   r"a torch checkpoint: neither a zip archive nor a pickle \(its "
+                                                   r"first bytes are 07 08 09 0a\)") as err:
+            handle("noise/model.pt")
+        assert "objects other than tensors" not in str(err.value)
     finally:
-        shutil.rmtree(copy)
+        shutil.rmtree(folder)
 
 
 def test_diffusers_folder_without_connector(models):
-    copy = models / tiny.DEEPGEN_FOLDER / "no-connector"
-    shutil.copytree(models / tiny.DEEPGEN_FOLDER / tiny.DIFFUSERS_FOLDER, copy)
-    shutil.rmtree(copy / "connector")
-    try:
+    with diffusers_copy(models, "no-connector") as copy:
+        shutil.rmtree(copy / "connector")
         assert "no-connector" not in loader.list_checkpoints() and "no-connector/vlm" not in loader.list_vlms()
         with pytest.raises(ModelFolderError, match=r"not a DeepGen diffusers folder \(got no connector/\*.safetensors"
                                                    r".*expected transformer/, vae/, scheduler/ and "
                                                    r"connector/model.safetensors"):
             handle("no-connector")
-    finally:
-        shutil.rmtree(copy)
 
 
 def test_checkpoint_of_another_model(models, tmp_path):
