@@ -368,3 +368,20 @@ def test_comfyui_loads_and_resaves_the_writers_files(t2i, tmp_path, fmt, prefix)
         if fmt.startswith("fp8_") and fmt != "fp8_e4m3fn" and (
                 dtype in ("F8_E4M3", "U8") or k.endswith((".weight_scale", ".scale_weight"))):
             assert saved[k] == (dtype, shape), k
+
+
+@pytest.mark.parametrize("prefix", [True, False])
+def test_qwen_image_21_file_converts_back_with_diffusers(tmp_path, prefix):
+    from diffusers.loaders.single_file_utils import (CHECKPOINT_KEY_NAMES,
+                                                     convert_qwen_image21_transformer_checkpoint_to_diffusers)
+    from safetensors.torch import load_file
+
+    folder, path = tc.write_transformer21(tmp_path, prefix=prefix)
+    names, _ = header(path)
+    assert any(k in names for k in CHECKPOINT_KEY_NAMES["qwen-image-2.1"])  # diffusers' detection key
+    assert not [k for k in names if k.endswith((tc.GATE, tc.UP))] and [k for k in names if k.endswith(tc.GATE_UP)]
+    back = convert_qwen_image21_transformer_checkpoint_to_diffusers(load_file(str(path)))
+    ref = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+    assert set(back) == set(ref) and all(torch.equal(back[k], ref[k]) for k in ref)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["attention_head_dim"] == 128 and tuple(config["axes_dims_rope"]) == (16, 56, 56)

@@ -501,3 +501,37 @@ def write(out_dir: Path | str, force: bool = False) -> dict[str, Path]:
         marker.write_text("comfyui_models\n")
     result["comfyui_models"] = models
     return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Qwen-Image 2.1 transformer (the Comfy file fuses img_mlp's gate and up projections)
+# ----------------------------------------------------------------------------------------------------------------
+
+# QwenImage21Transformer2DModel's defaults are the released values (head 128, rope (16, 56, 56), patch 1, 64
+# channels, MLP ratio 3, block-causal condition); only depth and widths shrink.
+TRANSFORMER21_CONFIG = {"num_layers": 2, "num_attention_heads": 2, "context_in_dim": 256}
+GATE_UP, GATE, UP = "img_mlp.gate_up.weight", "img_mlp.gate_layer.weight", "img_mlp.proj.weight"
+
+
+def write_transformer21(out_dir: Path | str, prefix: bool = True, seed: int = 31) -> tuple[Path, Path]:
+    """(diffusers ``transformer/`` folder, Comfy file) of a real-config tiny Qwen-Image 2.1 transformer. The Comfy
+    file holds diffusers' names with each block's ``img_mlp.gate_layer`` and ``img_mlp.proj`` fused into
+    ``img_mlp.gate_up`` (gate rows first), the layout diffusers' converter for that file undoes."""
+    torch = _torch()
+    import diffusers
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    model = diffusers.QwenImage21Transformer2DModel(**TRANSFORMER21_CONFIG).eval().to(torch.bfloat16)
+    folder = out_dir / "qwen_image_21_transformer"
+    model.save_pretrained(folder, safe_serialization=True)
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    fused: dict = {}
+    for name, t in sd.items():
+        if name.endswith(GATE):
+            fused[name[: -len(GATE)] + GATE_UP] = torch.cat([t, sd[name[: -len(GATE)] + UP]], dim=0)
+        elif not name.endswith(UP):
+            fused[name] = t
+    if prefix:
+        fused = {COMFY_PREFIX + k: v for k, v in fused.items()}
+    return folder, _save(fused, out_dir / "diffusion_models" / "qwen_image_2.1_bf16.safetensors")
