@@ -35,6 +35,7 @@ from ..modeling.emu35.ibq import IBQ, IBQConfig
 from ..modeling.emu35.tokenizer import TIKTOKEN_FILE, VISION_TOKENS_FILE, Emu35Tokenizer, find_files
 from .cache import ModelHandle, Session
 from .files import list_model_folders, read_checkpoint, read_json, resolve_model_folder, tensor_shapes
+from .identify import variant_of
 from .memory import MemoryOptions, Precision
 from .streaming import component_files, load_module
 
@@ -86,6 +87,11 @@ def looks_like_model(path: Path) -> bool:
         return read_json(cfg, BACKEND, "config.json").get("model_type") in MODEL_TYPES
     except ModelFolderError:
         return False
+
+
+def identify(path: Path) -> str | None:
+    """The variant of an Emu3.5 model folder (for loaders/identify.py), or None when it is not one."""
+    return variant_of(path, looks_like_model, lambda p: inspect_model(p).variant, "(incomplete Emu3.5 folder)")
 
 
 def looks_like_vq(path: Path) -> bool:
@@ -374,9 +380,3 @@ def load_components(handle: ModelHandle, precision: Precision, skip: tuple[str, 
                                f"{tok.value.n_codes} visual tokens, expected {n_codes}). Use the complete "
                                f"{VISION_TOKENS_FILE}.")
     return {"llm": llm, "ibq": ibq, "tokenizer": tok}
-
-
-def identify(path: Path) -> str | None:
-    """The variant of a Emu3.5 folder (Gentor Inspect Model, summaries), None for other layouts; an
-    incomplete folder of this layout raises ModelFolderError."""
-    return inspect_model(path).variant if path.is_dir() and looks_like_model(path) else None

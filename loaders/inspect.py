@@ -9,8 +9,6 @@ what GentorInspectModel shows; ``list_inspectable`` / ``resolve_inspectable`` fi
 """
 from __future__ import annotations
 
-import importlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,34 +16,9 @@ import torch
 from .. import registry
 from ..errors import ModelFolderError
 from .estimates import Estimate, estimate, estimates, human_bytes, human_count, human_flops
+from .identify import identify
 from .headers import ModelReport, dims_from_config, read_component, safetensors_files, weight_files
 
-
-@dataclass(frozen=True)
-class Identity:
-    backend: str
-    backend_display: str
-    variant: str
-
-
-# ----------------------------------------------------------------------------- identification
-def identify(path: Path) -> Identity | None:
-    """Backend + variant of a folder, asked of each registered backend's loader in registry order (its
-    ``identify(path) -> variant | None``, raising ModelFolderError for an incomplete folder of its layout),
-    or None when it is none of ours."""
-    path = Path(path)
-    for spec in registry.BACKENDS:
-        try:
-            module = importlib.import_module(f"{__package__}.{spec.id}")
-        except ImportError:
-            continue  # an optional backend whose dependencies are missing
-        try:
-            variant = module.identify(path) if hasattr(module, "identify") else None
-        except ModelFolderError:  # this backend's layout, but something is missing or wrong
-            variant = f"(incomplete {spec.display_name} folder)"
-        if variant:
-            return Identity(spec.id, spec.display_name, variant)
-    return None
 
 
 # ----------------------------------------------------------------------------- reports

@@ -20,6 +20,7 @@ from gentor.errors import InputError, MemoryEstimateError, ModelFolderError
 from gentor.loaders import estimates
 from gentor.loaders import inspect as inspection
 from gentor.loaders import vlm as vlm_loader
+from gentor.loaders.identify import Identity, identify
 from gentor.loaders.memory import MemoryOptions, Precision
 from tests import tiny_vlm
 
@@ -61,6 +62,16 @@ def test_every_tiny_backend_folder_is_identified(roots):
             from gentor.loaders import qwen_image
 
             assert report.variant == qwen_image.inspect_folder(folder).variant
+
+
+def test_a_loader_names_the_backend_of_a_folder_it_cannot_load(roots):
+    """loaders/identify.py asks every backend's loader: the Qwen-VL loader refusing a Qwen-Image pipeline says
+    what the folder is (identification lives outside inspection, so loaders use it without an import circle)."""
+    folder = roots / "qwen_image" / "tiny-qwen-image"
+    with pytest.raises(ModelFolderError, match="it looks like Qwen-Image qwen-image"):
+        vlm_loader.inspect_folder(folder)
+    assert identify(folder) == Identity("qwen_image", "Qwen-Image", "qwen-image")
+    assert identify(roots / "vlm" / tiny_vlm.QWEN2_VL).backend == "vlm"
 
 
 def test_pickle_checkpoint_counted_through_a_memory_map(tmp_path):
