@@ -17,7 +17,8 @@ from __future__ import annotations
 from typing import Any
 
 from .. import glue
-from .routes import Services, install
+from .common import Services
+from .routes import install
 
 _installed = False
 
