@@ -152,3 +152,13 @@ def test_emu35_one_token_wide_image_runs_and_a_too_small_grid_is_named(readme_se
     message = describe(entry)
     assert "Emu3.5 width/height: a 16x16 image is 1 token(s)" in message and "32x16 or 16x32" in message, message
     assert "per channel" not in message, message
+
+
+def test_edit_image_tooltip_names_each_backends_reference_limit(readme_server):
+    from tests.comfy_server import pack_registry
+
+    info = readme_server.object_info()["GentorEditImage"]["input"]["optional"]
+    tooltip = info["image_1"][1]["tooltip"]
+    for spec in pack_registry().BACKENDS:
+        if spec.max_references:
+            assert f"{spec.display_name} {spec.max_references}" in tooltip, tooltip
