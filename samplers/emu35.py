@@ -22,16 +22,20 @@ from .. import glue, registry
 from ..errors import GenerationError, InputError, MemoryEstimateError
 from ..loaders import emu35 as emu_loader
 from ..loaders.cache import CACHE, ModelHandle
+from ..loaders.cancel import cancel_points
 from ..loaders.memory import resolve
 from ..modeling.emu35 import image_tokens as IT, tokens as T
 from ..modeling.emu35.generate import StepInfo, generate
 from ..modeling.emu35.logits import SamplingParams
+from . import speed
 from .common import Request, Result, Settings, check_finite, check_settings, format_notes, to_rgb
 from .prompt_text import user_text
 
 log = logging.getLogger(__name__)
 
 DISPLAY = "Emu3.5"
+_NOT_DIFFUSION = "Emu3.5 decodes image tokens one by one (autoregressive), there are no denoising steps or diffusers blocks"
+SPEED_SUPPORT = speed.Support((), _NOT_DIFFUSION, _NOT_DIFFUSION, _NOT_DIFFUSION)
 SETTINGS_NODE = "Gentor Emu3.5 Settings"
 IMAGE_AREA_MIN = T.DOWNSAMPLE ** 2  # one token
 IMAGE_AREA_MAX = 2048 * 2048
@@ -156,7 +160,7 @@ def _grid_from_size(width: int, height: int, notes: list[str]) -> tuple[int, int
 
 def build_prompts(job: Emu35Job, image_strings: list[str], tok: Any) -> tuple[list[int], list[int]]:
     """Conditional and unconditional ids (official templates; references in both; the prompt as text)."""
-    question = user_text(tok, job.prompt, "prompt", DISPLAY)
+    question = user_text(tok, job.prompt, "prompt", "emu35")
     if job.task == "t2i":
         cond, unc = T.T2I_TEMPLATE.format(question=question), T.T2I_UNCOND
     else:
@@ -245,6 +249,7 @@ def run(handle: ModelHandle, task: str, request: Request,
     spec = registry.get("emu35")
     plan = resolve(handle.memory, glue.torch_device())
     notes.extend(plan.notes)
+    speed.check_usable(request.speed, DISPLAY, plan.device, SPEED_SUPPORT)
     info = handle.info_dict
     with CACHE.session() as session:
         comps = emu_loader.load_components(handle, plan.precision, spec.fp8_skip, session)
@@ -261,7 +266,9 @@ def run(handle: ModelHandle, task: str, request: Request,
             glue.make_room(comps["ibq"].nbytes, vq_device)
             ibq.to(vq_device)
             try:
-                images, texts = _generate_all(job, llm.value, ibq, tok, device, listener)
+                # The placement checks Cancel inside the LLM's forward; the IBQ decoder and a split LLM here.
+                with cancel_points([ibq] + ([llm.value] if placement is None else [])):
+                    images, texts = _generate_all(job, llm.value, ibq, tok, device, listener)
             finally:
                 if used.offload != "none" or vq_device.type == "cpu":
                     ibq.to("cpu")

@@ -171,7 +171,7 @@ class Engine21:
             on_step(i + 1, preview)
             return {}
 
-        prompt, negative = pipeline_texts(self.pipe, job.prompt, job.negative, DISPLAY)
+        prompt, negative = pipeline_texts(self.pipe, job.prompt, job.negative)
         # References the vision processor would resize again get a resize area inside its pixel range.
         resolution = fit_resolution(job.resolution, self.processor) if job.images else job.resolution
         args: dict[str, Any] = dict(
@@ -220,4 +220,5 @@ def finish(out: torch.Tensor, job: Job21, handle: ModelHandle,
 
 
 GENERATION = Generation(plan=plan_folder_job, check_memory=check_memory, load_components=load_components,
-                        make_engine=make_engine, finish=finish)
+                        make_engine=make_engine, finish=finish, step_caches=("taylorseer",),
+                        no_cache="diffusers' first_block cache does not know the 2.1 transformer's blocks")
