@@ -4,19 +4,14 @@
 // menu, or nothing: the canvas), each Gentor DOM widget's rectangle, and which Edit Image inputs are shown.
 //
 //   node tests/frontend_layout.cjs PLAYWRIGHT_CORE_DIR CHROMIUM SERVER_URL OUT_JSON UI_JSON...
-//
-// Never downloads a browser: Debian's chromium is passed in; playwright-core is only its driver.
 "use strict";
 
-const fs = require("fs");
-const os = require("os");
 const path = require("path");
+const { run } = require("./frontend_page.cjs");
 
-const BOOT_TIMEOUT_MS = 180000;
 const SETTLE_MS = 1500; // summaries are fetched, DOM widgets placed on the next frames
+const REDRAW_MS = 200;
 const VIEWPORT = { width: 1400, height: 900 };
-const CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-  "--disable-component-update", "--no-first-run"];
 
 async function measure(page) {
   return page.evaluate(() => {
@@ -56,48 +51,14 @@ async function measure(page) {
   });
 }
 
-async function main() {
-  const [playwrightDir, chromiumPath, serverUrl, outPath, ...uiFiles] = process.argv.slice(2);
-  if (!outPath || uiFiles.length === 0) {
-    console.error("usage: frontend_layout.cjs PLAYWRIGHT_CORE_DIR CHROMIUM SERVER_URL OUT_JSON UI_JSON...");
-    process.exit(2);
+run("frontend_layout.cjs", async (page, file, ui) => {
+  await page.evaluate(async (graph) => { await window.app.loadGraphData(graph); }, ui);
+  await page.waitForTimeout(SETTLE_MS);
+  await page.evaluate(() => window.app.canvas.setDirty(true, true));
+  await page.waitForTimeout(REDRAW_MS);
+  const result = await measure(page);
+  if (process.env.GENTOR_LAYOUT_SHOTS) {
+    await page.screenshot({ path: path.join(process.env.GENTOR_LAYOUT_SHOTS, `${path.basename(file, ".json")}.png`) });
   }
-  const { chromium } = require(playwrightDir);
-  const profile = fs.mkdtempSync(path.join(os.tmpdir(), "gentor-chromium-"));
-  const context = await chromium.launchPersistentContext(profile, {
-    executablePath: chromiumPath, headless: true, args: CHROMIUM_ARGS, viewport: VIEWPORT,
-  });
-  const pageErrors = [];
-  try {
-    // A first visit would open the templates browser over the graph: the tutorial counts as seen.
-    await fetch(`${serverUrl}/settings/Comfy.TutorialCompleted`, { method: "POST", body: "true" });
-    const page = context.pages()[0] || await context.newPage();
-    page.on("pageerror", (err) => pageErrors.push(String(err)));
-    await page.goto(serverUrl, { waitUntil: "domcontentloaded", timeout: BOOT_TIMEOUT_MS });
-    await page.waitForFunction(
-      () => window.app && window.app.graph && window.app.canvas && window.LiteGraph
-        && Object.keys(window.LiteGraph.registered_node_types || {}).length > 0,
-      null, { timeout: BOOT_TIMEOUT_MS });
-    const results = {};
-    for (const file of uiFiles) {
-      const ui = JSON.parse(fs.readFileSync(file, "utf8"));
-      await page.evaluate(async (graph) => { await window.app.loadGraphData(graph); }, ui);
-      await page.waitForTimeout(SETTLE_MS);
-      await page.evaluate(() => window.app.canvas.setDirty(true, true));
-      await page.waitForTimeout(200);
-      results[path.basename(file, ".json")] = await measure(page);
-      if (process.env.GENTOR_LAYOUT_SHOTS) {
-        await page.screenshot({ path: path.join(process.env.GENTOR_LAYOUT_SHOTS, `${path.basename(file, ".json")}.png`) });
-      }
-    }
-    fs.writeFileSync(outPath, JSON.stringify({ results, pageErrors }, null, 2));
-  } finally {
-    await context.close();
-    fs.rmSync(profile, { recursive: true, force: true });
-  }
-}
-
-main().catch((err) => {
-  console.error(err && err.stack ? err.stack : String(err));
-  process.exit(1);
-});
+  return result;
+}, { viewport: VIEWPORT });
