@@ -17,7 +17,8 @@ from .dataset import apply_name_column, load_dataset, parse_maps
 from .errors import Cancelled, ExecutionFailed, HeadlessError, NoServer, PromptRejected, ServerDown, \
     UsageError, WorkflowError, format_execution_error
 from .results import ResultsTable, RowResult
-from .scheduler import BatchOptions, BatchRunner, write_atomic
+from .files import write_atomic
+from .scheduler import BatchOptions, BatchRunner
 from .workflow import Workflow, apply_seed_policy, apply_sets, is_ui_format, load_json, unwrap_api
 
 log = logging.getLogger("gentor_headless")

@@ -19,6 +19,9 @@ from .workflow import Target, Workflow, apply_seed_policy, clone, drop_node, is_
 
 Uploader = Callable[[bytes, str], str]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# Leading bytes of the formats ComfyUI's LoadImage (PIL) reads; WebP is RIFF....WEBP.
+IMAGE_MAGIC = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
+               (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
 
 
 @dataclass
@@ -147,8 +150,24 @@ def read_image(value: str, base_dir: Path, timeout: float = 30.0) -> tuple[bytes
     for candidate in candidates:
         if candidate.is_file():
             return candidate.read_bytes(), candidate.name
-    raise RowError(f"image file {value!r} not found (looked in "
-                   f"{', '.join(str(c.parent.resolve()) for c in candidates)})")
+    # the dataset's folder is often the working directory: name each folder once
+    folders = dict.fromkeys(str(c.parent.resolve()) for c in candidates)
+    raise RowError(f"image file {value!r} not found (looked in {', '.join(folders)})")
+
+
+def image_kind(data: bytes) -> str | None:
+    """The image format the bytes start with (PNG, JPEG, GIF, WebP, BMP, TIFF), or None."""
+    if data[:4] == b"RIFF":
+        return "WebP" if data[8:12] == b"WEBP" else None
+    return next((kind for magic, kind in IMAGE_MAGIC if data.startswith(magic)), None)
+
+
+def check_image(data: bytes, name: str, where: str) -> None:
+    """Refuse a reference that is not an image before it is uploaded (ComfyUI would fail the row later,
+    and a retry cannot help)."""
+    if image_kind(data) is None:
+        raise RowError(f"{where}: {name!r} is not an image (got {len(data)} bytes starting with {data[:16]!r}, "
+                       f"expected a PNG, JPEG, WebP, GIF, BMP or TIFF file). Point the column at an image.")
 
 
 def upload_name(data: bytes, name: str) -> str:
@@ -178,6 +197,7 @@ def build_prompt(workflow: Workflow, row: Row, mappings: list[Mapping], base_dir
         where = f"row {row.row_id} column {m.column!r} (-> {m.target})"
         if m.image:
             data, name = read_image(str(value), base_dir, url_timeout)
+            check_image(data, name, where)
             value = upload(data, upload_name(data, name))
         try:
             set_value(prompt, m.target, value, where)

@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import csv
 import io
-import os
-import tempfile
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import DatasetError
+from .files import write_atomic
 
 COLUMNS = ["row_id", "status", "output_files", "seed", "server", "seconds", "error"]
 OK = "ok"
@@ -76,15 +75,4 @@ class ResultsTable:
         for key in sorted(self.rows, key=lambda k: (0, int(k)) if k.isdigit() else (1, k)):
             writer.writerow(asdict(self.rows[key]))
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".results-", suffix=".tmp", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-                fh.write(buf.getvalue())
-                fh.flush()
-                if self.fsync:
-                    os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_atomic(self.path, buf.getvalue().encode("utf-8"), fsync=self.fsync)
