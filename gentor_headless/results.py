@@ -68,6 +68,11 @@ class ResultsTable:
             self.rows[result.row_id] = result
             self._write()
 
+    def save(self) -> None:
+        """Rewrite the file from ``rows`` (atomically)."""
+        with self._lock:
+            self._write()
+
     def _write(self) -> None:
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=self.columns, extrasaction="ignore", lineterminator="\n")
