@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from . import __version__
 from .client import ComfyClient, output_files
 from .convert import ui_to_api
-from .dataset import Dataset, apply_name_column, load_dataset, parse_maps
-from .errors import Cancelled, DatasetError, ExecutionFailed, HeadlessError, NoServer, PromptRejected, \
+from .dataset import Dataset, apply_name_column, load_dataset, missing_column, parse_maps
+from .errors import Cancelled, ExecutionFailed, HeadlessError, NoServer, PromptRejected, \
     ServerDown, UsageError, WorkflowError, format_execution_error
 from .results import ResultsTable, RowResult
 from .files import write_atomic
@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     on_ray.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                         help="run on Ray: the cluster at ADDRESS (e.g. ray://head:10001 or auto), or "
                              "$RAY_ADDRESS / a new local Ray when no address is given")
+    on_ray.add_argument("--rows-per-task", type=int, default=1, metavar="N",
+                        help="rows per Ray task (x --per-server; default 1): raise it for rows that take "
+                             "well under a second, to spread Ray's per-task cost")
     on_ray.add_argument("--comfyui", metavar="DIR",
                         help="each actor starts its own ComfyUI from DIR on its GPU (instead of --server)")
     on_ray.add_argument("--comfyui-args", default="", metavar="ARGS",
@@ -246,6 +249,8 @@ def cmd_batch_ray(args: argparse.Namespace) -> int:
     if args.comfyui and args.server:
         raise UsageError("--comfyui (actors start their own servers) and --server (attach to running ones) "
                          "exclude each other; pass one of them")
+    if args.rows_per_task < 1:
+        raise UsageError(f"--rows-per-task must be >= 1 (got {args.rows_per_task})")
     if args.results:
         raise UsageError("--results is not used with --ray: results go to OUT/results.parquet "
                          "(and OUT/results.csv when small)")
@@ -255,8 +260,7 @@ def cmd_batch_ray(args: argparse.Namespace) -> int:
     columns = ray_data.dataset_columns(fs, files[0], kind)
     header = Dataset(Path(files[0]) if local else Path(Path(files[0]).name), columns)
     if args.name_column and args.name_column not in columns:
-        raise DatasetError(f"--name-column names column {args.name_column!r}, which {header.path.name} does "
-                           f"not have; its columns are: {', '.join(columns) or '(none)'}")
+        raise missing_column(header, args.name_column, "--name-column")
     if not servers and is_ui_format(load_json(args.workflow)):
         raise UsageError(f"{args.workflow} is a UI workflow; with --comfyui there is no server to convert it "
                          f"with: export it in the API format (File > Export (API)), or pass --server")
@@ -269,9 +273,9 @@ def cmd_batch_ray(args: argparse.Namespace) -> int:
     options = ray_runner.RayOptions(
         data=args.data, out_dir=out, servers=servers, comfyui=args.comfyui, comfyui_args=args.comfyui_args,
         comfyui_python=args.comfyui_python, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
-        cpus_per_actor=args.cpus_per_actor, per_server=args.per_server, retries=args.retries,
-        server_wait=args.server_wait, use_websocket=not args.no_websocket, name_column=args.name_column,
-        resume=args.resume, overwrite=args.overwrite)
+        cpus_per_actor=args.cpus_per_actor, per_server=args.per_server, rows_per_task=args.rows_per_task,
+        retries=args.retries, server_wait=args.server_wait, use_websocket=not args.no_websocket,
+        name_column=args.name_column, resume=args.resume, overwrite=args.overwrite)
     ray_runner.check_out_dir(ray_data.Ledger(out, bool(args.name_column)), options)
     job = RowJob(prompt, tuple(mappings), header.path.parent.resolve() if local else Path.cwd(), out,
                  args.seed_policy, args.timeout, 30.0, extra, "seed" in columns)

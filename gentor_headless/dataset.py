@@ -63,12 +63,7 @@ def load_dataset(path: str | Path) -> Dataset:
         for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
             if not line.strip():
                 continue
-            try:
-                obj = json.loads(line)
-            except ValueError as exc:
-                raise DatasetError(f"{p}: line {n} is not JSON ({exc}); expected one object per line") from exc
-            if not isinstance(obj, dict):
-                raise DatasetError(f"{p}: line {n} is {type(obj).__name__}, expected a JSON object")
+            obj = json_row(line, p, n)
             rows.append(obj)
             columns += [k for k in obj if k not in columns]
     else:
@@ -82,7 +77,19 @@ def load_dataset(path: str | Path) -> Dataset:
     return Dataset(p, columns, [Row(str(i), i, r) for i, r in enumerate(rows)])
 
 
-def _missing_column(ds: Dataset, column: str, what: str) -> DatasetError:
+def json_row(line: str, path: str | Path, n: int) -> dict[str, Any]:
+    """One line of a JSON-lines dataset: a JSON object, else a DatasetError naming the file and line."""
+    try:
+        obj = json.loads(line)
+    except ValueError as exc:
+        raise DatasetError(f"{path}: line {n} is not JSON ({exc}); expected one object per line") from exc
+    if not isinstance(obj, dict):
+        raise DatasetError(f"{path}: line {n} is {type(obj).__name__}, expected a JSON object")
+    return obj
+
+
+def missing_column(ds: Dataset, column: str, what: str) -> DatasetError:
+    """The error for an option naming a column the dataset lacks (lists the columns it has)."""
     return DatasetError(f"{what} names column {column!r}, which {ds.path.name} does not have; "
                         f"its columns are: {', '.join(ds.columns) or '(none)'}")
 
@@ -94,13 +101,13 @@ def parse_maps(workflow: Workflow, ds: Dataset, maps: list[str],
     for item in maps:
         column, target_text = parse_assignment(item, "--map")
         if column not in ds.columns:
-            raise _missing_column(ds, column, f"--map {item}")
+            raise missing_column(ds, column, f"--map {item}")
         target = parse_target(workflow, target_text.strip(), f"--map {item}")
         image = is_image_target(workflow, target) or column in (image_columns or [])
         out.append(Mapping(column, target, image))
     for column in image_columns or []:
         if column not in ds.columns:
-            raise _missing_column(ds, column, "--image-column")
+            raise missing_column(ds, column, "--image-column")
     return out
 
 
@@ -117,7 +124,7 @@ def apply_name_column(ds: Dataset, column: str | None) -> None:
     if not column:
         return
     if column not in ds.columns:
-        raise _missing_column(ds, column, "--name-column")
+        raise missing_column(ds, column, "--name-column")
     seen: dict[str, str] = {}
     for row in ds.rows:
         value = str(row.values.get(column) or "").strip()

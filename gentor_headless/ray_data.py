@@ -25,6 +25,7 @@ import pyarrow.fs as pa_fs
 import pyarrow.parquet as pq
 from ray.data.datasource import FileBasedDatasource
 
+from .dataset import json_row
 from .errors import DatasetError
 from .files import write_atomic
 from .results import OK, ResultsTable, RowResult
@@ -79,19 +80,9 @@ def dataset_columns(fs: pa_fs.FileSystem, first: str, kind: str) -> list[str]:
             if n > JSONL_COLUMN_PROBE_LINES:
                 break
             if line.strip():
-                obj = _json_object(line, first, n)
+                obj = json_row(line, first, n)
                 columns += [k for k in obj if k not in columns]
         return columns
-
-
-def _json_object(line: str, path: str, n: int) -> dict[str, Any]:
-    try:
-        obj = json.loads(line)
-    except ValueError as exc:
-        raise DatasetError(f"{path}: line {n} is not JSON ({exc}); expected one object per line") from exc
-    if not isinstance(obj, dict):
-        raise DatasetError(f"{path}: line {n} is {type(obj).__name__}, expected a JSON object")
-    return obj
 
 
 class RowsDatasource(FileBasedDatasource):
@@ -139,7 +130,7 @@ class RowsDatasource(FileBasedDatasource):
             chunk: list[dict[str, Any]] = []
             for n, line in enumerate(io.TextIOWrapper(f, encoding="utf-8-sig"), 1):
                 if line.strip():
-                    chunk.append(_json_object(line, path, n))
+                    chunk.append(json_row(line, path, n))
                 if len(chunk) >= JSONL_BLOCK_ROWS:
                     yield chunk
                     chunk = []
@@ -237,10 +228,8 @@ class Ledger:
                     rows[result.row_id] = result
         return rows
 
-    def write_csv(self, rows: dict[str, RowResult]) -> Path | None:
-        """results.csv (the built-in runner's file) when the results are small enough to be read as one."""
-        if len(rows) > SMALL_RESULTS_ROWS:
-            return None
+    def write_csv(self, rows: dict[str, RowResult]) -> Path:
+        """results.csv: the built-in runner's file, for results small enough to be read as one."""
         table = ResultsTable(self.out_dir / "results.csv", with_name=self.with_name, fsync=False)
         table.rows = rows
         table.save()

@@ -26,6 +26,7 @@ from typing import Any
 import pyarrow as pa
 import ray
 import ray.data
+import ray.exceptions
 
 import gentor_headless
 
@@ -33,7 +34,7 @@ from .client import ComfyClient
 from .dataset import Row, safe_name
 from .errors import Cancelled, DatasetError, ExecutionFailed, HeadlessError, PromptRejected, RowError, \
     ServerDown
-from .ray_data import Ledger, RowsDatasource, dataset_files, new_run_id, row_id
+from .ray_data import SMALL_RESULTS_ROWS, Ledger, RowsDatasource, dataset_files, new_run_id, row_id
 from .ray_server import OwnServer
 from .results import OK, RowResult
 from .rowjob import RowAttempt, RowJob, output_stem
@@ -42,8 +43,10 @@ from .scheduler import Summary
 log = logging.getLogger(__name__)
 STATE_POLL_S = 0.25  # how often actors look for a stop (Ctrl-C, invalid workflow)
 PROBE_INTERVAL_S = 0.5
-FLUSH_ROWS, FLUSH_SECONDS = 1000, 10.0  # a Parquet part of results at least this often
+FLUSH_ROWS, FLUSH_SECONDS = 1000, 60.0  # a Parquet part of results at least this often
 RESULT_COLUMNS = ["row_id", "name", "status", "output_files", "seed", "server", "seconds", "error"]
+RESULT_SCHEMA = pa.schema([*((c, pa.string()) for c in RESULT_COLUMNS), ("skipped", pa.bool_()),
+                           ("fatal", pa.string())])
 
 
 @dataclass
@@ -60,6 +63,7 @@ class RayOptions:
     gpus_per_actor: float = 1.0
     cpus_per_actor: float = 1.0
     per_server: int = 1
+    rows_per_task: int = 1
     retries: int = 1
     server_wait: float = 60.0
     use_websocket: bool = True
@@ -138,7 +142,8 @@ class RowWorker:
     def _poll(self) -> None:
         while not self._closed.wait(STATE_POLL_S):
             try:
-                self.fatal, self.cancelled = ray.get(self.coord.state.remote(), timeout=30)
+                fatal, cancelled = ray.get(self.coord.state.remote(), timeout=30)
+                self.fatal, self.cancelled = self.fatal or fatal, self.cancelled or cancelled
             except Exception as exc:  # noqa: BLE001 - the driver is gone: stop taking rows
                 log.warning("coordinator unreachable (%s); stopping", exc)
                 self.cancelled = True
@@ -156,7 +161,7 @@ class RowWorker:
         columns = {c: [getattr(r, c) for r, _, _ in outcomes] for c in RESULT_COLUMNS}
         columns["skipped"] = [s for _, s, _ in outcomes]
         columns["fatal"] = [f for _, _, f in outcomes]
-        return pa.table(columns)
+        return pa.table(columns, schema=RESULT_SCHEMA)  # typed even when no row of the batch ran
 
     def _client(self, url: str) -> ComfyClient:
         clients = getattr(self.local, "clients", None)
@@ -286,7 +291,9 @@ def run_on_ray(job: RowJob, options: RayOptions, on_row: RowCallback | None = No
         gpus = options.gpus_per_actor
     else:
         gpus = 0.0  # attached servers are elsewhere; the actor only speaks HTTP
-    batch = max(1, options.per_server)
+    # One Ray task carries per_server x rows_per_task rows: more rows per task spread Ray's per-task cost
+    # (tens of ms) over more rows, fewer spread the rows more evenly over the actors.
+    batch = max(1, options.per_server) * max(1, options.rows_per_task)
     ds = ray.data.read_datasource(RowsDatasource(files, kind, fs, block_rows=batch))
     ds = ds.map_batches(RowWorker, fn_constructor_args=(WorkerConfig(job, options, len(files) == 1), coordinator),
                         batch_size=batch, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=n_actors),
@@ -326,6 +333,10 @@ def run_on_ray(job: RowJob, options: RayOptions, on_row: RowCallback | None = No
                 break  # closing the stream shuts the actor pool down: no more rows are queued
     except KeyboardInterrupt:
         summary.cancelled = True
+    except ray.exceptions.RayError as exc:  # e.g. an actor could not start its server: say why, briefly
+        cause = str(exc).strip().splitlines()
+        summary.fatal = "Ray stopped the run: " + (cause[-1] if cause else type(exc).__name__)
+        raise HeadlessError(f"{summary.fatal}; rows done so far are kept: run again with --resume") from exc
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
@@ -333,9 +344,13 @@ def run_on_ray(job: RowJob, options: RayOptions, on_row: RowCallback | None = No
         if close is not None:
             close()
         flush()
-        rows = ledger.merged()
-        summary.total = len(rows)
-        ledger.write_csv(rows)
+        seen = summary.ok + summary.failed + summary.interrupted + summary.skipped
+        if seen <= SMALL_RESULTS_ROWS:  # merging all runs' parts is cheap: write results.csv too
+            rows = ledger.merged()
+            summary.total = len(rows)
+            ledger.write_csv(rows)
+        else:
+            summary.total = seen
         summary.seconds = time.perf_counter() - start
     return summary
 

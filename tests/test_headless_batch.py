@@ -316,3 +316,11 @@ def test_outputs_and_results_get_the_umask_mode(tmp_path):
         files._umask.cache_clear()
     for name in ("0_0.png", "results.csv"):
         assert stat.S_IMODE((tmp_path / "out" / name).stat().st_mode) == 0o664, name
+
+
+def test_client_never_imports_ray_unless_asked(tmp_path):
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import gentor_headless.cli, gentor_headless.scheduler; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'pyarrow', 'torch')))")
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, timeout=60,
+                         cwd=tmp_path)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr

@@ -23,8 +23,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from gentor_headless.cli import main  # noqa: E402
-from tests.headless_helpers import PNG_MAGIC, FakeComfy, blend_workflow, free_port, png_bytes, \
-    trivial_workflow, wait_for  # noqa: E402
+from tests.headless_helpers import FakeComfy, blend_workflow, free_port, png_bytes, trivial_workflow, \
+    wait_for  # noqa: E402
+from tests.test_headless_batch import output_prompt, read_results  # noqa: E402
 
 SAMPLER = {"class_type": "FakeSampler", "inputs": {"image": ["12", 0], "seed": 100, "steps": 2, "text": "x",
                                                     "mode": "a"}}
@@ -40,15 +41,6 @@ def ray_local():
                  runtime_env={"py_modules": [str(ROOT / "gentor_headless")]})
     yield ray
     ray.shutdown()
-
-
-def read_results(path: Path) -> list[dict[str, str]]:
-    with path.open(newline="") as fh:
-        return list(csv.DictReader(fh))
-
-
-def output_prompt(path: Path) -> dict:
-    return json.loads(path.read_bytes()[len(PNG_MAGIC):])["prompt"]
 
 
 def setup(tmp_path: Path, fake: FakeComfy, rows: int = 12, bad: int | None = 5) -> tuple[Path, Path]:
@@ -194,3 +186,12 @@ def test_no_server_reachable_fails_rows_with_reason(ray_local, tmp_path):
     results = read_results(tmp_path / "out" / "results.csv")
     assert rc == 1 and [r["status"] for r in results] == ["error", "error"]
     assert all("no ComfyUI server reachable for 1s" in r["error"] for r in results)
+
+
+def test_actor_that_cannot_start_its_server_stops_the_run_with_the_reason(ray_local, tmp_path, capsys):
+    with FakeComfy() as fake:
+        wf, data = setup(tmp_path, fake, rows=1, bad=None)
+    rc = main(["batch", str(wf), "--data", str(data), "--out", str(tmp_path / "out"), *MAPS, "--ray",
+               "--comfyui", str(tmp_path / "no-comfyui"), "--gpus-per-actor", "0", "--cpus-per-actor", "0"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Ray stopped the run" in err and "no main.py there" in err, err

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -33,23 +34,13 @@ if str(ROOT) not in sys.path:
 from gentor_headless.cli import main  # noqa: E402
 from tests.comfy_server import ComfyServer, comfy_dir_or_skip, free_port  # noqa: E402
 from tests.headless_helpers import png_bytes, wait_for  # noqa: E402
-from tests.test_headless_server import edit_workflow, history  # noqa: E402
+from tests.test_headless_server import edit_workflow, read_results, successes  # noqa: E402
 
 pytestmark = pytest.mark.server
 MAPS = ["--map", "ref_1=10.image", "--map", "ref_2=11.image"]
 COMPARED = ["row_id", "name", "status", "output_files", "seed", "error"]
 RAY_START_TIMEOUT_S = 120
 SLOW_SIZE = 256  # with blur radius 31: ~0.7 s a row on one busy CPU core (long enough to kill mid-prompt)
-
-
-def read_results(path: Path) -> list[dict[str, str]]:
-    with path.open(newline="") as fh:
-        return list(csv.DictReader(fh))
-
-
-def successes(url: str, prefix: str) -> int:
-    return sum(1 for h in history(url).values() if h["status"]["status_str"] == "success"
-               and any(n.get("inputs", {}).get("filename_prefix") == prefix for n in h["prompt"][2].values()))
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +60,9 @@ class RayHead:
 def ray_head(tmp_path_factory):
     """``ray start --head --block`` on a free port (2 CPUs, no dashboard, a token of its own); stopped with it."""
     port = free_port()
-    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex + uuid.uuid4().hex}
+    # its own auth token (Ray's default for `ray start`); no 30 s drain at the end (nothing to hand over)
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex + uuid.uuid4().hex,
+            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
     ray_bin = Path(sys.executable).with_name("ray")
     log = tmp_path_factory.mktemp("ray-head") / "ray-start.log"
     with log.open("wb") as fh:
@@ -88,6 +81,10 @@ def ray_head(tmp_path_factory):
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
+        # `ray start` points later plain ray.init() calls on this machine at it: undo that
+        current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        if current.is_file() and current.read_text().strip().endswith(f":{port}"):
+            current.unlink()
 
 
 @pytest.fixture(scope="module")
