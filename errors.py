@@ -6,8 +6,27 @@ Messages follow DESIGN.md §7: ``<Backend> <input as shown in the UI>: <what is 
 from __future__ import annotations
 
 
+# ComfyUI imports the pack under its folder PATH (e.g. "/.../custom_nodes/comfyui-gentor"), so a class's
+# __module__ would show as that path in /history's exception_type and in REST errors. Our errors carry the
+# stable name "gentor.<module>" instead, whatever the folder is called.
+PACK_MODULE = __name__.rpartition(".")[0]
+SHOWN_PACK_NAME = "gentor"
+
+
+def _plain_module(cls: type) -> None:
+    if PACK_MODULE and cls.__module__.startswith(PACK_MODULE + "."):
+        cls.__module__ = SHOWN_PACK_NAME + cls.__module__[len(PACK_MODULE):]
+
+
 class GentorError(Exception):
     """Base class of every error the pack raises on purpose."""
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        _plain_module(cls)
+
+
+_plain_module(GentorError)
 
 
 class ModelFolderError(GentorError):

@@ -1,8 +1,8 @@
 """The one module below nodes/ that talks to ComfyUI.
 
 Device choice, free memory, progress bars with previews, interrupts, model-folder registration,
-memory-manager registration and server routes. Each has a plain-Python fallback so loaders and
-samplers run (and are tested) without ComfyUI.
+memory-manager registration, the server's route table and whether a prompt runs. Each has a plain-Python
+fallback so loaders and samplers run (and are tested) without ComfyUI.
 """
 from __future__ import annotations
 
@@ -221,25 +221,24 @@ class Progress:
             self.listener(value, self.total, preview)
 
 
-# ----------------------------------------------------------------------------- server routes
-_routes_installed = False
+# ----------------------------------------------------------------------------- server
+def server_routes() -> Any | None:
+    """ComfyUI's route table (``PromptServer.instance.routes``), or None outside ComfyUI. The HTTP API
+    package adds its routes to it; glue itself knows nothing of them."""
+    if not in_comfyui():
+        return None
+    from server import PromptServer  # noqa: PLC0415 - only inside ComfyUI
+
+    return PromptServer.instance.routes
 
 
-def register_routes(cache: Any) -> None:
-    """Install the /gentor/ routes (routes.py) on ComfyUI's server, once; ``cache`` is the shared
-    model cache (its ``inspect`` and ``unload``)."""
-    global _routes_installed
-    if not in_comfyui() or _routes_installed:
-        return
+def prompt_running() -> bool:
+    """Whether ComfyUI is executing a prompt right now (False outside ComfyUI)."""
+    if not in_comfyui():
+        return False
     from server import PromptServer  # noqa: PLC0415
 
-    from .routes import Services, install  # noqa: PLC0415 - aiohttp and the route code only inside ComfyUI
-
-    def busy() -> bool:
-        queue = PromptServer.instance.prompt_queue  # looked up per call: created after the nodes load
-        # currently_running holds the executing prompt (ComfyUI 0.3.64 and 0.8.0 alike).
-        running = getattr(queue, "currently_running", None)
-        return bool(running if running is not None else queue.get_current_queue()[0])
-
-    install(PromptServer.instance.routes, Services(inspect=cache.inspect, unload=cache.unload, busy=busy))
-    _routes_installed = True
+    queue = PromptServer.instance.prompt_queue  # looked up per call: created after the nodes load
+    # currently_running holds the executing prompt (ComfyUI 0.3.64 and 0.8.0 alike).
+    running = getattr(queue, "currently_running", None)
+    return bool(running if running is not None else queue.get_current_queue()[0])

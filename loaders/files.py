@@ -143,3 +143,66 @@ def weight_files(folder: Path, backend: str, component: str) -> dict[str, dict]:
 def tensor_shapes(headers: dict[str, dict]) -> dict[str, list[int]]:
     """Key -> shape over all shards' headers."""
     return {k: v["shape"] for h in headers.values() for k, v in h.items() if k != "__metadata__"}
+
+
+# ----------------------------------------------------------------------------- torch.save checkpoints
+ZIP_MAGIC = b"PK\x03\x04"  # torch >= 1.6 saves a zip archive (and only that can be memory-mapped)
+PICKLE_PROTO = 0x80  # a pickle of protocol 2+ starts with PROTO <n>; older torch saved plain pickles
+MAX_SHOWN_GLOBALS = 6
+
+
+def checkpoint_kind(path: Path) -> str:
+    """'zip' (torch.save archive), 'pickle' (legacy torch.save) or 'other', from the first bytes."""
+    with path.open("rb") as f:
+        head = f.read(len(ZIP_MAGIC))
+    if head == ZIP_MAGIC:
+        return "zip"
+    return "pickle" if len(head) >= 2 and head[0] == PICKLE_PROTO and 2 <= head[1] <= 5 else "other"
+
+
+UNSAFE_TODO = "Use the release's safetensors, or convert this file once where you trust it"
+
+
+def read_checkpoint(path: Path, backend: str, what: str = "weights", unsafe_todo: str = UNSAFE_TODO) -> object:
+    """A torch.save file through ``torch.load(weights_only=True)`` only (memory-mapped when it is a zip):
+    never unpickles code. A file that is no checkpoint, or pickles classes besides tensors, is refused
+    saying what was found (the classes are read from the archive without loading it); ``unsafe_todo`` is
+    what such a refusal tells the user to do."""
+    import pickle  # noqa: PLC0415
+    import zipfile  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415
+
+    kind = checkpoint_kind(path)
+    size = path.stat().st_size
+    if kind == "other":
+        with path.open("rb") as f:
+            head = f.read(8).hex(" ")
+        raise ModelFolderError(f"{backend} {what}: {path.name} is not a torch checkpoint (got {size} bytes starting "
+                               f"{head or 'with nothing'}, neither a zip archive nor a pickle; expected a torch.save "
+                               f"file or safetensors). Re-download it, or remove it from {path.parent}.")
+    if kind == "zip":
+        try:
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        except (RuntimeError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError) as exc:
+            raise _unreadable(backend, what, path, f"a damaged zip archive ({exc})") from exc
+        if unsafe:
+            shown = ", ".join(sorted(unsafe)[:MAX_SHOWN_GLOBALS]) + (" ..." if len(unsafe) > MAX_SHOWN_GLOBALS else "")
+            raise ModelFolderError(
+                f"{backend} {what}: {path.name} cannot be read safely (got a torch checkpoint that pickles {shown} "
+                f"besides tensors, expected only tensors for torch.load(weights_only=True)). {unsafe_todo}.")
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=kind == "zip")
+    except pickle.UnpicklingError as exc:  # a legacy pickle: torch names the refused global in its message
+        found = sorted(set(re.findall(r"GLOBAL ([\w.]+)", str(exc))))
+        raise ModelFolderError(
+            f"{backend} {what}: {path.name} cannot be read safely (got a legacy torch pickle holding "
+            f"{', '.join(found) or 'objects torch refuses to load without running code'}, expected only tensors "
+            f"for torch.load(weights_only=True)). {unsafe_todo}.") from exc
+    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as exc:
+        raise _unreadable(backend, what, path, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from exc
+
+
+def _unreadable(backend: str, what: str, path: Path, got: str) -> ModelFolderError:
+    return ModelFolderError(f"{backend} {what}: {path.name} could not be read (got {got}, expected a complete "
+                            f"torch.save checkpoint). Re-download {path}.")

@@ -52,15 +52,20 @@ LIGHTNING_STEPS = 8
 LIGHTNING_CFG = 1.0
 LIGHTNING_MAX_STEPS = 16  # above this, the user runs a distilled LoRA far from its recipe: say so
 QWEN_MARKERS = ("transformer_blocks", "img_mlp", "txt_mlp", "add_q_proj", "img_mod", "txt_mod")
-# Key fragments of other architectures' LoRAs (checked only when nothing matches Qwen-Image).
-FOREIGN_MARKERS = (
-    ("SD 1.x / SDXL (UNet)", ("lora_unet_down_blocks", "lora_unet_input_blocks", "lora_unet_up_blocks",
-                              "lora_te_", "lora_te1_", "lora_te2_", "unet.down_blocks", "input_blocks.")),
-    ("FLUX", ("double_blocks", "single_blocks", "single_transformer_blocks")),
-    ("SD3 / SD3.5", ("joint_blocks", "context_block")),
-    ("Wan / video DiT", ("cross_attn", "blocks.0.self_attn", "diffusion_model.blocks.")),
-    ("Z-Image / Lumina", ("context_refiner", "noise_refiner", "layers.0.attention")),
-    ("a language model (PEFT on an LLM)", ("base_model.model.model.layers", "self_attn.q_proj", "mlp.gate_proj")),
+# Other architectures' LoRAs, recognised from their keys before the Qwen-Image check: several share words with
+# Qwen-Image (an SDXL kohya key holds "transformer_blocks", FLUX's double blocks have img_mlp / txt_mod). Keys
+# are compared in one spelling (lower case, "." as "_", which is how kohya flattens names). First match wins.
+UNET = re.compile(r"(^|_)(down_blocks|up_blocks|input_blocks|output_blocks|mid_block|middle_block)_\d|(^|_)lora_te\d?_"
+                  r"|text_model_encoder_layers")
+SD1_ONLY = re.compile(r"down_blocks_0_attentions|up_blocks_3_attentions|input_blocks_[12]_1_|output_blocks_(9|1[01])_1_")
+SDXL_ONLY = re.compile(r"lora_te2_|text_encoder_2|transformer_blocks_[1-9]")
+FOREIGN_FAMILIES = (
+    ("HunyuanVideo", re.compile(r"token_refiner|individual_token|double_blocks_(19|[2-9]\d)_|single_blocks_(3[89]|[4-9]\d)_")),
+    ("FLUX", re.compile(r"double_blocks_\d|single_blocks_\d|single_transformer_blocks")),
+    ("SD3 / SD3.5", re.compile(r"joint_blocks|context_block|ff_context")),
+    ("Wan", re.compile(r"(^|_)blocks_\d+_(self_attn|cross_attn|ffn)_")),
+    ("Z-Image / Lumina 2", re.compile(r"context_refiner|noise_refiner")),
+    ("language-model (LLM)", re.compile(r"layers_\d+_(self_attn_[qkvo]_proj|mlp_(gate|up|down)_proj)")),
 )
 LORA_KEY = re.compile(r"\.(lora_[AB]|lora_up|lora_down)(\.[^.]+)?\.(weight|bias)$")
 
@@ -150,11 +155,13 @@ def detect_format(keys: list[str], display: str, file_name: str) -> str:
         raise ModelFolderError(
             f"{display} lora_name: {file_name} holds no LoRA weights (got keys such as {keys[:LIST_LIMIT]}, expected "
             "lora_A/lora_B or lora_down/lora_up pairs). This is a full checkpoint or another kind of file: pick a LoRA.")
-    if not any(m in k for k in lora_keys for m in QWEN_MARKERS):
-        guess = guess_architecture(lora_keys)
+    family = foreign_family(lora_keys)
+    if family is not None or not any(m in k for k in lora_keys for m in QWEN_MARKERS):
+        what = f"this is {article(family)} {family} LoRA" if family else "an unknown architecture's LoRA"
         raise ModelFolderError(
-            f"{display} lora_name: {file_name} is not a Qwen-Image LoRA (got keys such as {lora_keys[:3]}, which look "
-            f"like a {guess} LoRA; expected Qwen-Image transformer_blocks keys). Use a LoRA trained for Qwen-Image.")
+            f"{display} lora_name: {file_name} is not a Qwen-Image LoRA: {what} (got keys such as {lora_keys[:3]}; "
+            "expected Qwen-Image transformer_blocks keys such as transformer_blocks.0.attn.to_q). Use a LoRA trained "
+            f"for Qwen-Image{f' (this one works with {family} models)' if family else ''}.")
     if any(k.startswith("lora_unet_") for k in lora_keys):
         return "kohya"
     if any(k.startswith("diffusion_model.") for k in lora_keys):
@@ -162,11 +169,21 @@ def detect_format(keys: list[str], display: str, file_name: str) -> str:
     return "diffusers"
 
 
-def guess_architecture(keys: list[str]) -> str:
-    for name, markers in FOREIGN_MARKERS:
-        if any(m in k for k in keys for m in markers):
+def foreign_family(keys: list[str]) -> str | None:
+    """The architecture family of a LoRA that is not Qwen-Image's, from its keys (None: not recognised)."""
+    flat = [k.lower().replace(".", "_") for k in keys]
+    if any(UNET.search(k) for k in flat):
+        if any(SDXL_ONLY.search(k) for k in flat):
+            return "SDXL"
+        return "SD 1.x" if any(SD1_ONLY.search(k) for k in flat) else "SD 1.x / SDXL (UNet)"
+    for name, pattern in FOREIGN_FAMILIES:
+        if any(pattern.search(k) for k in flat):
             return name
-    return "non-Qwen-Image (unknown architecture)"
+    return None
+
+
+def article(family: str) -> str:
+    return "an" if family.startswith("SD") else "a"  # "an SDXL", "a FLUX", "a Wan"
 
 
 def convert(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -18,7 +18,9 @@ from typing import Any
 from .. import registry
 from ..errors import InputError, ModelFolderError
 from .cache import ModelHandle, Session
+from .estimates import human_count
 from .files import list_model_folders, read_json, resolve_model_folder, tensor_shapes, weight_files
+from .identify import identify as identify_folder, variant_of
 from .memory import MemoryOptions, Plan, Precision
 
 log = logging.getLogger(__name__)
@@ -147,23 +149,18 @@ def _variant(model_type: str, arch: Architecture, hidden: int, layers: int, para
     return f"{arch.family} ({human_count(params)} params, {layers} layers x {hidden})"
 
 
-def human_count(n: int) -> str:
-    """12345678 -> '12.3M' (parameter and FLOP counts in messages; B = billion)."""
-    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if n >= scale:
-            return f"{n / scale:.3g}{suffix}"
-    return str(n)
-
-
 def _not_vlm(folder: Path, found: str) -> ModelFolderError:
-    from .inspect import identify  # noqa: PLC0415 - inspect imports this module
-
-    what = identify(folder)
+    what = identify_folder(folder)
     said = f"{found}; it looks like {what.backend_display} {what.variant}" if what else found
     return ModelFolderError(
         f"{DISPLAY} {INPUT}: {folder.name} is not a Qwen-VL model (got {said}, expected a Qwen2-VL, Qwen2.5-VL or "
         "Qwen3-VL Instruct folder: config.json with model_type qwen2_vl / qwen2_5_vl / qwen3_vl, safetensors "
         "weights, tokenizer and preprocessor files). Pick another folder, or use the loader of that model.")
+
+
+def identify(path: Path) -> str | None:
+    """The variant of a Qwen-VL folder (for loaders/identify.py), or None when it is not one."""
+    return variant_of(path, looks_like_vlm, lambda p: inspect_folder(p).variant, "(incomplete Qwen-VL folder)")
 
 
 def inspect_folder(folder: Path) -> VlmInfo:

@@ -7,7 +7,7 @@ import logging
 from comfy_api.v0_0_2 import ComfyExtension, io
 
 from .. import glue, registry
-from ..loaders.cache import CACHE
+from .common import checked
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +28,9 @@ def node_list() -> list[type[io.ComfyNode]]:
         except ImportError:
             # One broken backend must not take the whole pack (and every other backend) down with it.
             log.exception("Gentor: %s nodes disabled: nodes/%s.py failed to import", spec.display_name, spec.id)
-    return nodes
+    return [checked(node) for node in nodes]
 
 
 class GentorExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        glue.register_routes(CACHE)
         return node_list()

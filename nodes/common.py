@@ -1,9 +1,15 @@
 """Socket types and widgets shared by the node files."""
 from __future__ import annotations
 
+import functools
+
+import torch
 from comfy_api.v0_0_2 import io
 
 from .. import registry
+from ..loaders.cache import ModelHandle
+from ..loaders.memory import MemoryOptions
+from ..samplers.common import InputField, Settings, check_inputs
 
 GentorModel = io.Custom("GENTOR_MODEL")
 GentorMemory = io.Custom("GENTOR_MEMORY")
@@ -55,3 +61,51 @@ def task_outputs() -> list:
             # Appended last so that links to the outputs above keep their slots in saved workflows.
             io.Mask.Output("mask", tooltip="Transparency of models that output RGBA (Qwen-Image 2.1) as a ComfyUI "
                                            "mask (1 = transparent, as Load Image gives it); all 0 otherwise.")]
+
+
+# ----------------------------------------------------------------------------- the shared input check
+# What each socket type carries and what to wire there (an API prompt can send a plain string anywhere).
+SOCKETS: dict[str, tuple[type, str]] = {
+    "GENTOR_MODEL": (ModelHandle, "the 'model' output of a Gentor loader node (e.g. Gentor Load Qwen-Image)"),
+    "GENTOR_MEMORY": (MemoryOptions, "the 'memory' output of Gentor Memory Options"),
+    "GENTOR_SETTINGS": (Settings, "the 'settings' output of the model's Gentor settings node"),
+    "IMAGE": (torch.Tensor, "an IMAGE output (e.g. Load Image)"),
+    "MASK": (torch.Tensor, "a MASK output"),
+}
+NUMBER_KINDS = {"FLOAT": "float", "INT": "int"}
+
+
+def input_fields(schema: io.Schema) -> list[InputField]:
+    """The schema's inputs as the shared validator sees them (numbers with their ranges, text, sockets)."""
+    fields = []
+    for item in schema.inputs:
+        kind = str(item.get_io_type())
+        if kind in NUMBER_KINDS:
+            fields.append(InputField(item.id, NUMBER_KINDS[kind], getattr(item, "min", None), getattr(item, "max", None)))
+        elif kind == "STRING":
+            fields.append(InputField(item.id, "text"))
+        elif kind in SOCKETS:
+            expected, connect = SOCKETS[kind]
+            fields.append(InputField(item.id, "socket", expected=expected, connect=connect))
+    return fields
+
+
+def checked(node: type[io.ComfyNode]) -> type[io.ComfyNode]:
+    """Make ``node.execute`` check every input against the node's schema first (once per class).
+
+    One wrapper for every node, applied where the pack lists its nodes, so no node can forget it and each
+    node's ``execute`` stays wiring only."""
+    if getattr(node, "_gentor_checked", False):
+        return node
+    schema = node.define_schema()
+    fields, display = input_fields(schema), schema.display_name or schema.node_id
+    run = node.execute.__func__
+
+    @functools.wraps(run)
+    def execute(cls, *args, **values):
+        check_inputs(display, fields, values)
+        return run(cls, *args, **values)
+
+    node.execute = classmethod(execute)
+    node._gentor_checked = True
+    return node

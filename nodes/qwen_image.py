@@ -5,7 +5,7 @@ from comfy_api.v0_0_2 import io
 
 from ..loaders import qwen_image as loader
 from ..loaders import qwen_image_diffsynth as engines
-from ..samplers import qwen_image as sampler
+from ..samplers import qwen_image_job
 from ..samplers import qwen_image_vae
 from ..samplers.common import library_errors
 from .common import CATEGORY, GentorMemory, GentorModel, GentorSettings
@@ -50,12 +50,12 @@ class GentorQwenImageSettings(io.ComfyNode):
             node_id="GentorQwenImageSettings", display_name="Gentor Qwen-Image Settings", category=SUBCATEGORY,
             description="Qwen-Image knobs that the common sampler inputs do not cover.",
             inputs=[
-                io.Int.Input("max_sequence_length", default=sampler.DEFAULT_MAX_SEQUENCE_LENGTH, min=1,
-                             max=sampler.MAX_SEQUENCE_LENGTH,
+                io.Int.Input("max_sequence_length", default=qwen_image_job.DEFAULT_MAX_SEQUENCE_LENGTH, min=1,
+                             max=qwen_image_job.MAX_SEQUENCE_LENGTH,
                              tooltip="Most prompt tokens the transformer sees (longer prompts are cut)."),
-                io.Int.Input("preview_every", default=sampler.DEFAULT_PREVIEW_EVERY, min=0, max=200,
+                io.Int.Input("preview_every", default=qwen_image_job.DEFAULT_PREVIEW_EVERY, min=0, max=200,
                              tooltip="Send a preview every N steps (0 = no previews)."),
-                io.Combo.Input("schedule", options=list(sampler.SCHEDULES), default="model",
+                io.Combo.Input("schedule", options=list(qwen_image_job.SCHEDULES), default="model",
                                tooltip="Sigma schedule. model = the folder's scheduler; lightning = the Lightning "
                                        "LoRAs' published one (shift 3 fixed, no terminal stretch; use with 8 or 4 "
                                        "steps and cfg 1). Qwen-Image 1.x models only."),
@@ -70,7 +70,7 @@ class GentorQwenImageSettings(io.ComfyNode):
     @classmethod
     def execute(cls, max_sequence_length, preview_every, schedule="model",
                 vae_tiling=qwen_image_vae.DEFAULT_VAE_TILING) -> io.NodeOutput:
-        return io.NodeOutput(sampler.make_settings(max_sequence_length, preview_every, schedule, vae_tiling))
+        return io.NodeOutput(qwen_image_job.make_settings(max_sequence_length, preview_every, schedule, vae_tiling))
 
 
 NODES = [GentorLoadQwenImage, GentorQwenImageSettings, GentorLoRA]

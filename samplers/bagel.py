@@ -31,6 +31,7 @@ from ..modeling.bagel.flow import RENORM_TYPES
 from ..modeling.bagel.preprocess import MAX_PIXELS, VAE_RULE, VIT_RULE, ResizeRule
 from .common import (Request, Result, Settings, check_finite, check_settings, chw_to_image, format_notes,
                      latent_preview, round_size, to_rgb)
+from .prompt_text import user_text
 
 log = logging.getLogger(__name__)
 
@@ -267,9 +268,9 @@ def _preview(x0: torch.Tensor, job: BagelJob, cfg: Any) -> Image.Image:
     return latent_preview(latent, LATENT_RGB_FACTORS, LATENT_RGB_BIAS)
 
 
-def _inputs(job: BagelJob) -> list:
-    """The reference's input list: images in order, then the instruction."""
-    return list(job.images) + [job.prompt]
+def _inputs(job: BagelJob, tokenizer: Any) -> list:
+    """The reference's input list: images in order, then the instruction (as text, never control tokens)."""
+    return list(job.images) + [user_text(tokenizer, job.prompt, "prompt", DISPLAY)]
 
 
 def run(handle: ModelHandle, task: str, request: Request,
@@ -314,7 +315,7 @@ def _think_progress(job: BagelJob, listener: Any) -> Callable[[int], None]:
 
 def _generate(engine: BagelEngine, job: BagelJob, generator: torch.Generator, cfg: Any, notes: list[str],
               listener: Any) -> tuple[torch.Tensor, str]:
-    ctx = engine.build_contexts(_inputs(job), generator, job.size, think=job.think)
+    ctx = engine.build_contexts(_inputs(job, engine.tokenizer), generator, job.size, think=job.think)
     ctx.size = job.size  # plan_job's size: the last reference's (as the reference code) unless width/height set
     think = ""
     if job.think:
@@ -343,7 +344,7 @@ def _generate(engine: BagelEngine, job: BagelJob, generator: torch.Generator, cf
 
 def _understand(engine: BagelEngine, job: BagelJob, generator: torch.Generator, notes: list[str],
                 handle: ModelHandle, listener: Any) -> Result:
-    ctx = engine.build_contexts(_inputs(job), generator, job.size, think=job.think, understanding=True)
+    ctx = engine.build_contexts(_inputs(job, engine.tokenizer), generator, job.size, think=job.think, understanding=True)
     answer, cut = engine.generate_text(ctx.gen, job.max_tokens, _think_progress(job, listener), job.temperature,
                                        generator)
     if cut:

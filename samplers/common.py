@@ -157,6 +157,47 @@ def check_number(value: float, name: str, display: str, minimum: float | None = 
     return value
 
 
+@dataclass(frozen=True)
+class InputField:
+    """One node input as the shared validator sees it (nodes/common.py reads it from the node's schema).
+
+    ``kind``: ``float`` / ``int`` (finite, within [minimum, maximum]), ``text`` (a string every tokenizer
+    accepts) or ``socket`` (an instance of ``expected``; ``connect`` says what to wire there)."""
+
+    name: str
+    kind: str
+    minimum: float | None = None
+    maximum: float | None = None
+    expected: type | tuple[type, ...] | None = None
+    connect: str = ""
+
+
+def check_inputs(display: str, fields: list[InputField], values: dict[str, Any]) -> None:
+    """Check every value a node received against its schema, before the node does any work.
+
+    ComfyUI checks the UI's values, but an API prompt can send NaN (it passes min/max: every comparison with
+    NaN is false), a string where a Gentor socket is, or text with a NUL; each is refused naming the input."""
+    for item in fields:
+        value = values.get(item.name)
+        if value is None:
+            continue  # an optional input left unconnected
+        if item.kind in ("float", "int"):
+            check_number(value, item.name, display, item.minimum, item.maximum)
+        elif item.kind == "text":
+            from .prompt_text import check_text  # noqa: PLC0415 - prompt_text imports this module
+
+            check_text(value, item.name, display)
+        elif item.kind == "socket" and item.expected is not None and not isinstance(value, item.expected):
+            raise InputError(f"{display} {item.name}: not the kind of value this socket takes (got "
+                             f"{type(value).__name__} {_short(value)}, expected {item.connect}). Connect "
+                             f"{item.connect} to '{item.name}'.")
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
 def check_aspect(width: int, height: int, display: str, name: str, max_ratio: float = DEFAULT_MAX_ASPECT,
                  min_side: int = SIZE_STEP) -> None:
     """Refuse sizes the backend cannot make: a side under ``min_side`` or an aspect beyond ``max_ratio``.

@@ -27,6 +27,7 @@ from ..modeling.deepgen.prompts import RESIZE_RULES, VIT_SCALE, reference_size, 
 from ..modeling.deepgen.sampling import decode, denoise, encode_references, generator, initial_noise
 from .common import (Request, Result, Settings, check_finite, check_settings, format_notes, latent_preview,
                      round_size, to_rgb)
+from .prompt_text import user_text
 
 DISPLAY = "DeepGen"
 SETTINGS_NODE = "Gentor DeepGen Settings"
@@ -191,7 +192,8 @@ def generate(components: dict[str, Any], job: DeepGenJob, device: torch.device,
         # The VLM is driven through grandchildren (model.visual, model.language_model), which model offload's
         # hooks on the component and its direct children do not see: put it on the device explicitly.
         activate(components["vlm"], device)
-    cond = encode(vlm, tokenizer, bridge, [job.prompt] * b, [job.negative] * b, job.references, device)
+    cond = encode(vlm, tokenizer, bridge, [user_text(tokenizer, job.prompt, "prompt", DISPLAY)] * b,
+                  [user_text(tokenizer, job.negative, "negative", DISPLAY)] * b, job.references, device)
     positive, negative = cond.halves()
 
     def step(i: int, latents: torch.Tensor) -> None:

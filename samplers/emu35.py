@@ -27,6 +27,7 @@ from ..modeling.emu35 import image_tokens as IT, tokens as T
 from ..modeling.emu35.generate import StepInfo, generate
 from ..modeling.emu35.logits import SamplingParams
 from .common import Request, Result, Settings, check_finite, check_settings, format_notes, to_rgb
+from .prompt_text import user_text
 
 log = logging.getLogger(__name__)
 
@@ -152,16 +153,16 @@ def _grid_from_size(width: int, height: int, notes: list[str]) -> tuple[int, int
     return rows, cols
 
 
-def build_prompts(job: Emu35Job, image_strings: list[str], encode: Callable[[str], list[int]]
-                  ) -> tuple[list[int], list[int]]:
-    """Conditional and unconditional ids (official templates; references in both)."""
+def build_prompts(job: Emu35Job, image_strings: list[str], tok: Any) -> tuple[list[int], list[int]]:
+    """Conditional and unconditional ids (official templates; references in both; the prompt as text)."""
+    question = user_text(tok, job.prompt, "prompt", DISPLAY)
     if job.task == "t2i":
-        cond, unc = T.T2I_TEMPLATE.format(question=job.prompt), T.T2I_UNCOND
+        cond, unc = T.T2I_TEMPLATE.format(question=question), T.T2I_UNCOND
     else:
         joined = "".join(image_strings)
-        cond = T.X2I_TEMPLATE.format(images=joined, question=job.prompt)
+        cond = T.X2I_TEMPLATE.format(images=joined, question=question)
         unc = T.X2I_UNCOND.format(images=joined)
-    cond_ids, unc_ids = encode(cond), encode(unc)
+    cond_ids, unc_ids = tok.encode(cond), tok.encode(unc)
     if cond_ids[0] != T.BOS:
         cond_ids = [T.BOS] + cond_ids
     return cond_ids, unc_ids
@@ -258,7 +259,7 @@ def run(handle: ModelHandle, task: str, request: Request,
 def _generate_all(job: Emu35Job, model: Any, ibq: Any, tok: Any, device: torch.device,
                   listener: Any) -> tuple[list[torch.Tensor], list[str]]:
     strings = [IT.image_string(ibq.encode_codes(IT.to_pixels(img))[0].cpu()) for img in job.images]
-    cond, unc = build_prompts(job, strings, tok.encode)
+    cond, unc = build_prompts(job, strings, tok)
     if job.task == "edit" and job.grid_from_reference:
         job.grid = IT.grid_in_prompt(unc)  # the output follows the last reference, parsed as officially
     images, texts = [], []

@@ -12,25 +12,26 @@ The VAE outputs RGBA: the IMAGE output gets RGB and the MASK output ComfyUI's ma
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .. import glue, registry
+from .. import glue
 from ..errors import InputError, MemoryEstimateError
-from ..loaders import lora as lora_files
 from ..loaders import qwen_image21 as loader21
-from ..loaders.cache import CACHE, ModelHandle
+from ..loaders.cache import ModelHandle, Session
 from ..loaders.files import read_json
-from ..loaders.memory import Plan, resolve
-from ..loaders.placement import Placement
+from ..loaders.memory import Plan
 from . import qwen_image_vae as vae_tiling
-from .common import Request, Result, check_finite, check_settings, format_notes, round_size, to_rgb
-from .qwen_image import DISPLAY, EMPTY_NEGATIVE, MIN_STEPS, TOKEN_ACTIVATION_FACTOR, make_settings, use_loras
+from .common import Request, check_settings, round_size, to_rgb
+from .prompt_text import pipeline_texts
+from .qwen_image_job import (DEFAULT_PREVIEW_EVERY, DISPLAY, Generation, OnStep, Pairs, QwenImageEngine, QwenJob,
+                             check_steps, make_settings, negative_of, require_image, summary_pairs, transformer_bytes)
+from .vae_preview import decode_preview
 
 DEFAULT_STEPS = 40
 DEFAULT_TRUE_CFG = 1.0  # 2.1 is sampled without guidance
@@ -41,21 +42,13 @@ ALPHA_CHANNEL = 3
 REFERENCE_MARGIN = 0.9
 
 
-@dataclass
-class Job21:
-    prompt: str
-    negative: str
-    seed: int
-    steps: int
-    true_cfg: float
-    width: int
-    height: int
-    batch_size: int
-    images: list[Image.Image] = field(default_factory=list)
-    sigmas: list[float] | None = None
+@dataclass(kw_only=True)
+class Job21(QwenJob):
+    """A resolved Qwen-Image 2.1 job."""
+
+    sigmas: list[float] | None = None  # the grid to sample on (None: the pipeline's own for ``steps``)
+    sample_sigmas: tuple[float, ...] | None = None  # the folder's own grid (model_index.json), if it sets one
     resolution: int = OUTPUT_RESOLUTION  # the pipeline's output_resolution (reference resize area = its square)
-    vae_tiling: str = vae_tiling.DEFAULT_VAE_TILING
-    tiled_vae: bool = False
 
 
 def plan_job(task: str, request: Request, sample_sigmas: tuple[float, ...] | None) -> tuple[Job21, list[str]]:
@@ -66,9 +59,7 @@ def plan_job(task: str, request: Request, sample_sigmas: tuple[float, ...] | Non
     if settings.get("schedule", "model") != "model":
         notes.append("schedule applies to Qwen-Image 1.x models: Qwen-Image 2.1 samples on its own schedule")
     images = [_rgba(i) for i in request.images]
-    if task == "edit" and not images:
-        raise InputError(f"{DISPLAY} image_1: no image to edit (got no image inputs, expected 1.."
-                         f"{loader21.MAX_REFERENCES} images). Connect an image to image_1, or use Gentor Text to Image.")
+    require_image(task, images, loader21.MAX_REFERENCES)
     if len(images) > loader21.MAX_REFERENCES:
         raise InputError(f"{DISPLAY} image_{loader21.MAX_REFERENCES + 1}: too many reference images for Qwen-Image 2.1 "
                          f"(got {len(images)}, expected at most {loader21.MAX_REFERENCES}). Disconnect the extra images.")
@@ -82,9 +73,7 @@ def plan_job(task: str, request: Request, sample_sigmas: tuple[float, ...] | Non
         steps, sigmas = len(sample_sigmas), list(sample_sigmas)
     else:
         steps = DEFAULT_STEPS
-    if steps < MIN_STEPS:
-        raise InputError(f"{DISPLAY} steps: too few steps (got {steps}, expected at least {MIN_STEPS} or 0 for the "
-                         "default). Raise steps to 2 or more.")
+    check_steps(steps)
     if images:
         from diffusers.pipelines.qwenimage21.pipeline_qwenimage21 import calculate_dimensions  # noqa: PLC0415
 
@@ -98,11 +87,18 @@ def plan_job(task: str, request: Request, sample_sigmas: tuple[float, ...] | Non
     resolution = OUTPUT_RESOLUTION
     if request.width or request.height:
         resolution = max(SIZE_GRID, round(math.sqrt(width * height) / SIZE_GRID) * SIZE_GRID)
-    job = Job21(prompt=request.prompt, negative=request.negative if request.negative.strip() else EMPTY_NEGATIVE,
+    job = Job21(prompt=request.prompt, negative=negative_of(request),
                 seed=int(request.seed), steps=int(steps), true_cfg=float(cfg), width=width, height=height,
-                batch_size=int(request.batch_size), images=images, sigmas=sigmas, resolution=resolution,
+                batch_size=int(request.batch_size), images=images, sigmas=sigmas, sample_sigmas=sample_sigmas,
+                resolution=resolution, preview_every=int(settings.get("preview_every", DEFAULT_PREVIEW_EVERY)),
                 vae_tiling=str(settings.get("vae_tiling", vae_tiling.DEFAULT_VAE_TILING)))
     return job, notes
+
+
+def plan_folder_job(task: str, _handle_task: str, request: Request, path: Path) -> tuple[Job21, list[str]]:
+    """``plan_job`` with the folder's own sigma grid (model_index.json ``sample_sigmas``, if set)."""
+    index = read_json(path / "model_index.json", DISPLAY, "model_index.json")
+    return plan_job(task, request, tuple(index["sample_sigmas"]) if index.get("sample_sigmas") else None)
 
 
 def _rgba(img: Image.Image) -> Image.Image:
@@ -130,8 +126,7 @@ def check_memory(job: Job21, path: Path, plan: Plan) -> list[str]:
     itemsize = torch.finfo(plan.compute).bits // 8
     tokens = (job.width // PATCH_PX) * (job.height // PATCH_PX) + len(job.images) * (job.resolution // PATCH_PX) ** 2
     inner = tcfg.get("num_attention_heads", 32) * tcfg.get("attention_head_dim", 128)
-    cfg_mult = 2 if job.true_cfg > 1 else 1
-    transformer = tokens * inner * itemsize * TOKEN_ACTIVATION_FACTOR * job.batch_size * cfg_mult
+    transformer = transformer_bytes(tokens, inner, itemsize, job)
     base = vcfg.get("decoder_base_dim") or vcfg.get("base_dim", 96)
     free = glue.free_memory_bytes(plan.device)
     factor = vae_tiling.STILL_IMAGE21_DECODE_FACTOR  # a whole decode runs without the video frame caches
@@ -150,9 +145,12 @@ def check_memory(job: Job21, path: Path, plan: Plan) -> list[str]:
 class Engine21:
     """Runs a job on ``QwenImage21Pipeline`` built from the cached components (cheap to rebuild per run)."""
 
+    name = "diffusers"
+
     def __init__(self, components: dict, sample_sigmas: tuple[float, ...] | None) -> None:
         import diffusers  # noqa: PLC0415
 
+        self.processor = components["processor"].value
         self.pipe = diffusers.QwenImage21Pipeline(
             **{k: e.value for k, e in components.items()}, sample_sigmas=list(sample_sigmas) if sample_sigmas else None)
         self.pipe.set_progress_bar_config(disable=True)
@@ -163,17 +161,25 @@ class Engine21:
     def notes(self) -> list[str]:
         return []
 
-    def generate(self, job: Job21, on_step: Callable[[int], None]) -> torch.Tensor:
-        def callback(_pipe: Any, i: int, _t: Any, _kwargs: dict) -> dict:
-            on_step(i + 1)
+    def generate(self, job: Job21, on_step: OnStep) -> torch.Tensor:
+        def callback(pipe: Any, i: int, _t: Any, kwargs: dict) -> dict:
+            preview = None
+            if job.preview_every > 0 and (i + 1) % job.preview_every == 0 and i + 1 < job.steps:
+                # No published RGB map for the 64-channel latent: a small decode by the model's own VAE.
+                preview = decode_preview(pipe.vae, pipe._unpack_latents(kwargs["latents"][:1], job.height, job.width,
+                                                                        pipe.vae_scale_factor))
+            on_step(i + 1, preview)
             return {}
 
+        prompt, negative = pipeline_texts(self.pipe, job.prompt, job.negative, DISPLAY)
+        # References the vision processor would resize again get a resize area inside its pixel range.
+        resolution = fit_resolution(job.resolution, self.processor) if job.images else job.resolution
         args: dict[str, Any] = dict(
-            prompt=job.prompt, true_cfg_scale=job.true_cfg, num_inference_steps=job.steps, sigmas=job.sigmas,
-            width=job.width, height=job.height, num_images_per_prompt=job.batch_size, output_resolution=job.resolution,
+            prompt=prompt, true_cfg_scale=job.true_cfg, num_inference_steps=job.steps, sigmas=job.sigmas,
+            width=job.width, height=job.height, num_images_per_prompt=job.batch_size, output_resolution=resolution,
             generator=torch.Generator("cpu").manual_seed(job.seed), output_type="pt", callback_on_step_end=callback)
         if job.true_cfg > 1:
-            args["negative_prompt"] = job.negative
+            args["negative_prompt"] = negative
         if job.images:
             args["image"] = job.images
         vae_tiling.apply(self.pipe.vae, job.tiled_vae)
@@ -192,44 +198,26 @@ def split_rgba(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return image, mask.contiguous()
 
 
-def make_engine(engine: str, components: dict, sample_sigmas: tuple[float, ...] | None, plan: Plan) -> Any:
+def make_engine(engine: str, components: dict, job: Job21, plan: Plan) -> QwenImageEngine:
     if engine == "diffsynth":
         from .qwen_image_diffsynth import DiffSynthEngine21  # noqa: PLC0415
 
-        return DiffSynthEngine21(components, plan, sample_sigmas)
-    return Engine21(components, sample_sigmas)
+        return DiffSynthEngine21(components, plan, job.sample_sigmas)
+    return Engine21(components, job.sample_sigmas)
 
 
-def run(handle: ModelHandle, task: str, request: Request, listener: Callable[[int, int, Any], None] | None = None,
-        engine: str = "diffusers", engine_notes: list[str] | None = None) -> Result:
-    """Generate with a Qwen-Image 2.1 handle; ``task`` is "t2i" or "edit"; ``engine`` as chosen (and checked)
-    by ``samplers/qwen_image.choose_engine``."""
-    path = Path(handle.path())
-    index = read_json(path / "model_index.json", DISPLAY, "model_index.json")
-    sample_sigmas = tuple(index["sample_sigmas"]) if index.get("sample_sigmas") else None
-    job, notes = plan_job(task, request, sample_sigmas)
-    notes.extend(engine_notes or [])
-    plan = resolve(handle.memory, glue.torch_device())
-    notes.extend(plan.notes)
-    notes.extend(check_memory(job, path, plan))
-    notes.extend(lora_files.lightning_notes(handle, job.steps, job.true_cfg, "model"))
-    spec = registry.get("qwen_image")
-    with CACHE.session() as session:
-        components = loader21.load_components(path, plan, session)
-        notes.extend(use_loras(session, components["transformer"], handle, plan))
-        placement = Placement(components, dict(spec.blocks), plan, DISPLAY,
-                              mover="diffsynth" if engine == "diffsynth" else "")
-        if job.images and engine == "diffusers":
-            job.resolution = fit_resolution(job.resolution, components["processor"].value)
-        with placement.running() as placed:
-            runner = make_engine(engine, components, sample_sigmas, placed)
-            progress = glue.Progress(runner.total_steps(job), listener)
-            out = runner.generate(job, lambda i: progress.update(i))
-            notes.extend(runner.notes())
-        notes.extend(placement.notes)
+def load_components(path: Path, _handle_task: str, plan: Plan, session: Session) -> dict:
+    return loader21.load_components(path, plan, session)
+
+
+def finish(out: torch.Tensor, job: Job21, handle: ModelHandle,
+           engine: str) -> tuple[torch.Tensor, torch.Tensor, Pairs]:
+    """IMAGE and MASK from the RGBA output; the summary says how many references and whether there was alpha."""
     image, mask = split_rgba(out)
-    check_finite(image, DISPLAY, "try compute_dtype fp32 or bf16 in Gentor Memory Options (fp16 overflows easily)")
-    pairs = [("model", handle.variant), ("size", f"{job.width}x{job.height}"), ("steps", job.steps),
-             ("true_cfg", job.true_cfg), ("seed", job.seed), ("references", len(job.images)),
+    pairs = [*summary_pairs(handle, job), ("references", len(job.images)),
              ("alpha", "yes" if out.shape[1] > ALPHA_CHANNEL else "no"), ("engine", engine)]
-    return Result(image, format_notes(pairs, notes), mask=mask)
+    return image, mask, pairs
+
+
+GENERATION = Generation(plan=plan_folder_job, check_memory=check_memory, load_components=load_components,
+                        make_engine=make_engine, finish=finish)

@@ -1,9 +1,9 @@
 """Qwen-Image's DiffSynth engine: DiffSynth-Studio's own pipeline and model code on the cached weights.
 
 The backend's policies (defaults, sizes, negative " ", seeds, memory estimate, VAE tiling choice) are applied
-by ``samplers/qwen_image.py`` before a job reaches an engine; this engine then runs DiffSynth's
-``QwenImagePipeline`` — its prompt encoding, its DiT forward (sigmoid-GELU), its CFG (no norm rescale), its
-scheduler, its VAE and its VRAM management — on modules that share the cached weights
+by the generation's module (``samplers/qwen_image.py``, ``qwen_image21.py``) before a job reaches an engine;
+this engine then runs DiffSynth's ``QwenImagePipeline`` — its prompt encoding, its DiT forward (sigmoid-GELU),
+its CFG (no norm rescale), its scheduler, its VAE and its VRAM management — on modules that share the cached weights
 (``loaders/qwen_image_diffsynth.py``). What differs from the diffusers engine is DiffSynth's own numerics.
 Qwen-Image 2.1 jobs (``samplers/qwen_image21.py``) run on its ``QwenImage21Pipeline`` the same way.
 
@@ -27,6 +27,7 @@ from PIL import Image
 from ..loaders import qwen_image_diffsynth as views
 from ..loaders.memory import Plan
 from .common import chw_to_image, latent_preview
+from .prompt_text import pipeline_texts
 
 LATENT_CHANNELS = 16
 VAE_SCALE = 8
@@ -206,8 +207,9 @@ class DiffSynthEngine:
 
     def generate(self, job: Any, on_step: Callable[[int, Image.Image | None], None]) -> torch.Tensor:
         noise = draw_noise(job, LATENT_CHANNELS, VAE_SCALE, self.plan.compute)
+        prompt, negative = pipeline_texts(self.pipe, job.prompt, job.negative, "Qwen-Image")
         args: dict[str, Any] = dict(
-            prompt=job.prompt, negative_prompt=job.negative,
+            prompt=prompt, negative_prompt=negative,
             # diffusers runs true CFG only above 1; DiffSynth whenever the scale is not 1.
             cfg_scale=job.true_cfg if job.true_cfg > NO_CFG else NO_CFG,
             height=job.height, width=job.width, seed=job.seed, num_inference_steps=job.steps,
@@ -258,11 +260,12 @@ class DiffSynthEngine21:
     def notes(self) -> list[str]:
         return engine_notes(self.setup, self.lora_layers) + ([self.schedule_note] if self.schedule_note else [])
 
-    def generate(self, job: Any, on_step: Callable[[int], None]) -> torch.Tensor:
+    def generate(self, job: Any, on_step: Callable[[int, Image.Image | None], None]) -> torch.Tensor:
         """[B, 4, H, W] in 0..1 (RGBA, as the diffusers engine returns it)."""
         noise = draw_noise(job, LATENT21_CHANNELS, VAE21_SCALE, self.plan.compute)
+        prompt, negative = pipeline_texts(self.pipe, job.prompt, job.negative, "Qwen-Image")
         args: dict[str, Any] = dict(
-            prompt=job.prompt, negative_prompt=job.negative,
+            prompt=prompt, negative_prompt=negative,
             cfg_scale=job.true_cfg if job.true_cfg > NO_CFG else NO_CFG,
             edit_image=list(job.images) or None, height=job.height, width=job.width, seed=job.seed,
             # The folder's own grid (steps = 0) is passed on, which DiffSynth samples unshifted; an explicit
@@ -271,7 +274,7 @@ class DiffSynthEngine21:
             use_kv_cache=self.kv_cache, tiled=job.tiled_vae,
             progress_bar_cmd=_quiet)
         return run_images(self.pipe, noise, args,
-                          lambda index: lambda done, _latents: on_step(index * job.steps + done))
+                          lambda index: lambda done, _latents: on_step(index * job.steps + done, None))
 
 
 def schedule_note(config: dict) -> str | None:

@@ -24,6 +24,7 @@ from ..loaders.cache import CACHE, ModelHandle
 from ..loaders.memory import resolve
 from . import vlm_prompts as prompts
 from .common import Request, Result, Settings, check_settings, to_rgb
+from .prompt_text import user_text
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +152,18 @@ def _user_text(request: Request, preset: str, language: str) -> str:
     return prompts.EMPTY_PROMPT_TEXT[preset][lang]
 
 
+def as_text(processor: Any, messages: list[dict]) -> list[dict]:
+    """The messages with every text part passed through ``user_text`` (control-token spellings broken)."""
+    names = {"system": "system_prompt", "user": "prompt"}
+
+    def text(role: str, value: str) -> str:
+        return user_text(processor, value, names.get(role, role), DISPLAY)
+
+    return [dict(m, content=text(m["role"], m["content"]) if isinstance(m["content"], str) else
+                 [dict(c, text=text(m["role"], c["text"])) if c.get("type") == "text" else c for c in m["content"]])
+            for m in messages]
+
+
 def build_messages(system: str, text: str, n_images: int) -> list[dict]:
     """Chat messages: optional system turn, then one user turn with the images first, then the text."""
     content: list[dict] = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": text}]
@@ -229,16 +242,16 @@ def stop_ids(config: Any) -> set[int]:
 
 
 def check_memory(handle: ModelHandle, plan: Any, images: list[Image.Image], gen: Generation) -> None:
-    """Refuse before reading any weight when the estimate (loaders.inspect, from headers) does not fit the
-    device; weights already cached for this model count as free."""
-    from ..loaders import inspect as inspection  # noqa: PLC0415
+    """Refuse before reading any weight when the estimate (loaders/estimates.py, from headers) does not fit
+    the device; weights already cached for this model count as free."""
+    from ..loaders import estimates, inspect as inspection  # noqa: PLC0415
 
     if plan.device.type == "cpu":
         return
     report = inspection.inspect_path(handle.path("model"))
     cached = sum(e.nbytes for e in CACHE.entries(loader.kind_of(handle)) if e.source == handle.path("model"))
     side = int(gen.max_image_pixels ** 0.5)
-    inspection.check_fits(report, handle.memory, plan.device, glue.free_memory_bytes(plan.device) + cached,
+    estimates.check_fits(report, handle.memory, plan.device, glue.free_memory_bytes(plan.device) + cached,
                           "model", side, side, max(1, len(images)))
 
 
@@ -274,7 +287,7 @@ def decode(model: Any, processor: Any, messages: list[dict], images: list[Image.
     from transformers import StoppingCriteriaList  # noqa: PLC0415
 
     tokenizer = getattr(processor, "tokenizer", processor)
-    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    text = processor.apply_chat_template(as_text(processor, messages), add_generation_prompt=True, tokenize=False)
     kwargs = {"text": [text], "return_tensors": "pt"}
     if images:
         kwargs["images"] = images

@@ -7,8 +7,10 @@
 
 ``main.py --cpu`` on a free loopback port. Layout under ``base_dir``: ``custom_nodes/comfyui-gentor`` ->
 symlink to the pack root (the checkout itself is never modified), ``input/`` (the given images copied in),
-``extra_model_paths.yaml`` (every registered backend's folder keys under ``base_path: models_dir``),
-``comfyui.log`` (stdout + stderr of the server). ComfyUI's Python is its own venv (``.venv/`` or ``venv/``
+``extra_model_paths.yaml`` (every registered backend's folder keys under ``base_path: models_dir``, or the
+text given), ``comfyui.log`` (stdout + stderr of the server), ``comfyui-checkout/`` (``isolated_checkout``:
+the server never reads the user's own ``ComfyUI/extra_model_paths.yaml``). ComfyUI's Python is its own
+venv (``.venv/`` or ``venv/``
 inside ``$COMFYUI_DIR``) when there is one, else the interpreter running the tests.
 Only the standard library (+ PIL for images); importable without the pack (benchmarks).
 """
@@ -36,6 +38,11 @@ PACK_LINK_NAME = "comfyui-gentor"  # the folder name users clone; the pack must 
 START_TIMEOUT_S = 240.0  # a fresh ComfyUI's first start takes ~60 s; later ones ~10 s
 STOP_TIMEOUT_S = 20.0
 IMPORT_FAILURE_MARKERS = ("Cannot import", "IMPORT FAILED")
+# ComfyUI's main.py always loads the extra_model_paths.yaml beside itself (the user's own model folders)
+# before --extra-model-paths-config: the test server runs from a checkout view without it.
+USER_CONFIG_FILES = ("extra_model_paths.yaml",)
+ENTRY_SCRIPT = "main.py"
+CHECKOUT_VIEW = "comfyui-checkout"
 VENV_PYTHONS = (".venv/bin/python", "venv/bin/python", ".venv/Scripts/python.exe", "venv/Scripts/python.exe")
 # What ComfyUI's Python must import for the pack's server tests to mean anything.
 REQUIRED_MODULES = ("torch", "aiohttp", "yaml", "diffusers", "transformers", "safetensors")
@@ -145,6 +152,23 @@ def write_extra_model_paths(path: Path, models_dir: Path) -> Path:
     return path
 
 
+def isolated_checkout(comfy_dir: Path, dest: Path) -> Path:
+    """A view of the ComfyUI checkout that runs the same code without the user's own configuration: every
+    entry is a symlink except ``main.py``, which is copied (main.py finds extra_model_paths.yaml beside its
+    *real* path, so a symlinked main.py would still read the checkout's), and USER_CONFIG_FILES are left out.
+    Imports resolve through the links; the checkout itself is never modified."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for entry in sorted(Path(comfy_dir).iterdir()):
+        target = dest / entry.name
+        if entry.name in USER_CONFIG_FILES or target.exists() or target.is_symlink():
+            continue
+        if entry.name == ENTRY_SCRIPT:
+            shutil.copy2(entry, target)
+        else:
+            target.symlink_to(entry, target_is_directory=entry.is_dir())
+    return dest
+
+
 # ----------------------------------------------------------------------------- the server's models folder
 DECOY_PLAIN = "decoy-not-a-model"  # a folder with a config but no weights: no loader may list it
 DECOY_OTHER = "decoy-other-pipeline"  # a diffusers pipeline of a family no Gentor backend reads
@@ -180,8 +204,10 @@ class ComfyServer:
     def __init__(self, comfy_dir: Path | str, base_dir: Path | str, models_dir: Path | str | None = None,
                  input_images: Iterable[Path] = (), env: dict[str, str] | None = None, link_pack: bool = True,
                  extra_args: tuple[str, ...] = (), cpus: str | None = None,
-                 start_timeout: float = START_TIMEOUT_S) -> None:
+                 start_timeout: float = START_TIMEOUT_S, extra_model_paths: str | None = None) -> None:
         self.comfy_dir = Path(comfy_dir).resolve()
+        self.checkout = Path(base_dir) / CHECKOUT_VIEW
+        self.extra_model_paths = extra_model_paths  # the yaml's text; None: every folder key under models_dir
         self.base_dir = Path(base_dir)
         self.models_dir = Path(models_dir) if models_dir is not None else self.base_dir / "models"
         self.input_images = list(input_images)
@@ -192,7 +218,7 @@ class ComfyServer:
         self.log_path = self.base_dir / "comfyui.log"
         self.client_id = uuid.uuid4().hex
         self.env = {**os.environ, **OFFLINE, **QUIET_THREADS, "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.cmd = [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+        self.cmd = [self.python, ENTRY_SCRIPT, "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                     "--disable-auto-launch", "--base-directory", str(self.base_dir),
                     "--extra-model-paths-config", str(self.base_dir / "extra_model_paths.yaml"), *extra_args]
         if cpus and shutil.which("taskset"):  # pin to these cores (benchmarks)
@@ -222,14 +248,19 @@ class ComfyServer:
         inputs.mkdir(exist_ok=True)
         for img in self.input_images:
             shutil.copy2(img, inputs / Path(img).name)
-        write_extra_model_paths(self.base_dir / "extra_model_paths.yaml", self.models_dir)
+        yaml_path = self.base_dir / "extra_model_paths.yaml"
+        if self.extra_model_paths is None:
+            write_extra_model_paths(yaml_path, self.models_dir)
+        else:
+            yaml_path.write_text(self.extra_model_paths, encoding="utf-8")
+        isolated_checkout(self.comfy_dir, self.checkout)
 
     def launch(self) -> "ComfyServer":
         """Start the process without waiting for it to listen."""
         self.prepare()
         self._t0 = time.monotonic()
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.cmd, cwd=self.comfy_dir, stdout=log, stderr=subprocess.STDOUT,
+            self.proc = subprocess.Popen(self.cmd, cwd=self.checkout, stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, env=self.env, start_new_session=True,
                                          preexec_fn=_die_with_parent)
         return self

@@ -1,7 +1,6 @@
 """Test setup: offline, the pack importable as ``gentor`` whatever its folder is called, tiny models."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -16,19 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # for `import tests.tiny_models`
 
+from tests.tiny_common import import_pack  # noqa: E402 - needs ROOT on sys.path
 
-def _import_pack() -> None:
-    # The checkout folder may be named "comfyui-gentor" (not importable): load it under an alias.
-    if "gentor" in sys.modules:
-        return
-    spec = importlib.util.spec_from_file_location("gentor", ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gentor"] = module
-    spec.loader.exec_module(module)
-
-
-_import_pack()
+import_pack()  # the checkout folder may be named "comfyui-gentor" (not importable): load it as ``gentor``
 
 
 @pytest.fixture(scope="session")

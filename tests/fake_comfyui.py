@@ -31,7 +31,9 @@ def object_info(models: list[str]) -> dict:
     """Node definitions as ComfyUI 0.3.64 reports V3 nodes (combos as ['COMBO', {'options': [...]}])."""
     return {
         "GentorLoadQwenImage": {"input": {"required": {"model_name": ["COMBO", {"options": list(models)}]},
-                                          "optional": {"memory": ["GENTOR_MEMORY", {}]}}},
+                                          "optional": {"memory": ["GENTOR_MEMORY", {}], "engine": [
+                                              "COMBO", {"options": ["diffusers", "diffsynth-or-diffusers"],
+                                                        "default": "diffusers"}]}}},
         "GentorMemoryOptions": {"input": {"required": {
             "weight_dtype": ["COMBO", {"options": ["auto", "bf16", "fp8_e4m3fn"], "default": "auto"}],
             "compute_dtype": ["COMBO", {"options": ["auto", "fp32"], "default": "auto"}],
@@ -41,6 +43,9 @@ def object_info(models: list[str]) -> dict:
                                         "optional": {"settings": ["GENTOR_SETTINGS", {}]}}},
         "GentorEditImage": {"input": {"required": dict(COMMON), "optional": {
             **{f"image_{i}": ["IMAGE", {}] for i in range(1, 5)}, "settings": ["GENTOR_SETTINGS", {}]}}},
+        "GentorQwenImageSettings": {"input": {"required": {
+            "max_sequence_length": ["INT", {"default": 1024, "min": 1, "max": 1024}],
+            "schedule": ["COMBO", {"options": ["model", "lightning"], "default": "model"}]}}},
         "LoadImage": {"input": {"required": {"image": [["a.png"], {"image_upload": True}]}}},
         "PreviewImage": {"input": {"required": {"images": ["IMAGE", {}]}}},
         "PreviewAny": {"input": {"required": {"source": ["*", {}]}}},

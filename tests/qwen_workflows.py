@@ -15,8 +15,10 @@ import sys
 from pathlib import Path
 
 from tests import workflow_check as wc
+from tests import workflow_files as wf
+from tests import workflow_specs as wspec
+from tests import workflow_static as wstatic
 
-OPTIONAL_SHAPE = 7
 NOTE_SIZE = [420, 260]
 NODE_SIZE = [320, 200]
 COLUMN = 380
@@ -28,7 +30,7 @@ NEW_WIDGET_DEFAULTS = {("GentorQwenImageSettings", "schedule"): "model",
 def _socket(spec_input, link=None) -> dict:
     out = {"name": spec_input.name, "type": spec_input.type, "link": link}
     if spec_input.optional:
-        out["shape"] = OPTIONAL_SHAPE
+        out["shape"] = wc.OPTIONAL_SHAPE
     return out
 
 
@@ -58,11 +60,11 @@ def upgrade(ui: dict, specs: dict) -> dict:
 
 
 def save_pair(name: str, ui: dict, specs: dict) -> None:
-    (wc.WORKFLOWS_DIR / f"{name}.json").write_text(wc.dump_json(ui))
-    api_path = wc.WORKFLOWS_DIR / "api" / f"{name}.json"
+    (wf.WORKFLOWS_DIR / f"{name}.json").write_text(wf.dump_json(ui))
+    api_path = wf.WORKFLOWS_DIR / "api" / f"{name}.json"
     api = wc.ui_to_api(ui, specs)
-    if not api_path.is_file() or wc.load_json(api_path) != api:  # same graph: keep the file as it was
-        api_path.write_text(wc.dump_json(api))
+    if not api_path.is_file() or wf.load_json(api_path) != api:  # same graph: keep the file as it was
+        api_path.write_text(wf.dump_json(api))
 
 
 def build(nodes: list[tuple], edges: list[tuple], note: str, specs: dict) -> dict:
@@ -107,7 +109,7 @@ Q21_NOTE = ("Qwen-Image 2.1 (non-commercial licence): edit / compose with up to 
 
 
 def write_examples() -> None:
-    specs = wc.allowed_specs(wc.static_specs())
+    specs = wspec.allowed_specs(wstatic.static_specs())
     t2i_w = ["a red fox sitting in fresh snow, watercolor", "", 7, "fixed", 2, 0.0, 32, 32, 1]
     save_pair("qwen_image_lora", build(
         [("GentorLoadQwenImage", ["tiny-qwen-image"]),
@@ -124,7 +126,7 @@ def write_examples() -> None:
         LIGHTNING_NOTE + TAIL, specs), specs)
     edit_w = ["Put the object of picture 1 on the background of picture 2 in the style of picture 3", "", 7, "fixed",
               2, 0.0, 64, 64]
-    inputs = sorted(p.name for p in wc.INPUTS_DIR.glob("*.png"))[:3]
+    inputs = sorted(p.name for p in wf.INPUTS_DIR.glob("*.png"))[:3]
     nodes = [("GentorLoadQwenImage", ["tiny-qwen-image-2.1"])] + [("LoadImage", [n, "image"]) for n in inputs]
     nodes += [("GentorEditImage", edit_w), ("SaveImage", ["gentor/qwen_image21_multiref"])]
     edit = len(inputs) + 1
@@ -134,7 +136,7 @@ def write_examples() -> None:
 
 
 def main(argv: list[str]) -> int:
-    specs = wc.allowed_specs(wc.static_specs())
+    specs = wspec.allowed_specs(wstatic.static_specs())
     if argv[:1] == ["upgrade"]:
         for path in argv[1:]:
             ui = upgrade(json.loads(Path(path).read_text()), specs)

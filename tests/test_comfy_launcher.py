@@ -70,3 +70,24 @@ def test_server_command_is_cpu_loopback_and_quiet(tmp_path):
     assert srv.cmd[1:4] == ["main.py", "--cpu", "--listen"] and "127.0.0.1" in srv.cmd
     assert srv.env["OMP_NUM_THREADS"] == "1" and srv.env["HF_HUB_OFFLINE"] == "1"
     assert os.path.basename(os.path.dirname(os.path.dirname(srv.python))) == "venv"
+
+
+def test_server_runs_from_a_checkout_view_without_the_users_model_paths(tmp_path):
+    """ComfyUI's main.py reads the extra_model_paths.yaml beside its real path: the server runs a copy of
+    main.py in a view of the checkout that links everything else and leaves the user's yaml out."""
+    comfy = _fake_comfy(tmp_path, ".venv")
+    (comfy / "main.py").write_text("print('main')\n")
+    (comfy / "extra_model_paths.yaml").write_text("users:\n    base_path: /elsewhere\n    loras: loras/\n")
+    (comfy / "comfy").mkdir()
+    (comfy / "folder_paths.py").write_text("")
+    srv = cs.ComfyServer(comfy, tmp_path / "base")
+    srv.prepare()
+    view = srv.checkout
+    assert not (view / "extra_model_paths.yaml").exists()
+    assert (view / "main.py").is_file() and not (view / "main.py").is_symlink()
+    assert (view / "main.py").read_text() == "print('main')\n"
+    assert (view / "comfy").resolve() == (comfy / "comfy").resolve() and (view / "folder_paths.py").is_symlink()
+    assert (comfy / "extra_model_paths.yaml").is_file()  # the checkout itself is untouched
+    srv.prepare()  # a restart on the same base reuses the view
+    assert sorted(p.name for p in view.iterdir()) == sorted(p.name for p in comfy.iterdir()
+                                                            if p.name != "extra_model_paths.yaml")

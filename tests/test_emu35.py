@@ -236,7 +236,9 @@ def test_pickle_beyond_weights_is_refused_with_a_conversion_command(emu_root):
     state = torch.load(bad / "model.ckpt", weights_only=True)
     state["args"] = argparse.Namespace(lr=1)  # not a plain tensor container: weights_only refuses it
     torch.save(state, bad / "model.ckpt")
-    with pytest.raises(ModelFolderError, match=r"refused.*weights_only=True.*save_file"):
+    with pytest.raises(ModelFolderError, match=r"vision_tokenizer: model.ckpt cannot be read safely \(got a torch "
+                                               r"checkpoint that pickles argparse.Namespace besides tensors.*"
+                                               r"weights_only=True.*save_file"):
         loader.load_ibq(bad, 64)
 
 

@@ -2,74 +2,55 @@
 by the session's real ComfyUI) driven in headless Chromium, doing exactly what the Run button posts.
 
 Needs COMFYUI_DIR (as every server test), ``node``, Debian's ``chromium`` and npm's ``playwright-core``
-(only a driver: no browser is downloaded). Point ``GENTOR_PLAYWRIGHT_CORE`` at the installed package folder
-(e.g. ``$(npm root)/playwright-core`` after ``npm install playwright-core`` outside the pack) or let node
-find it (``NODE_PATH``). Skipped with the reason when any of them is missing.
+(only a driver: no browser is downloaded), found as tests/browser_tools.py says (``GENTOR_PLAYWRIGHT_CORE``
+or ``NODE_PATH``). Skipped with the reason when any of them is missing.
 """
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests import workflow_check as wc
+from tests import browser_tools
+from tests import workflow_files as wf
 from tests.comfy_server import ComfyServer
 
 pytestmark = pytest.mark.server
 HERE = Path(__file__).resolve().parent
 SCRIPT = HERE / "frontend_convert.cjs"
-CHROMIUM_NAMES = ("chromium", "chromium-browser")
 CONVERT_TIMEOUT_S = 600
-
-
-def _playwright_core(node: str) -> str | None:
-    configured = os.environ.get("GENTOR_PLAYWRIGHT_CORE")
-    if configured:
-        return configured if (Path(configured) / "package.json").is_file() else None
-    found = subprocess.run([node, "-e", "console.log(require.resolve('playwright-core/package.json'))"],
-                           capture_output=True, text=True, timeout=60)
-    return str(Path(found.stdout.strip()).parent) if found.returncode == 0 and found.stdout.strip() else None
 
 
 @pytest.fixture(scope="module")
 def tools() -> tuple[str, str, str]:
-    node = shutil.which("node")
-    if node is None:
-        pytest.skip("node is not installed (apt-get install nodejs): the frontend cannot be driven")
-    chromium = next((p for p in map(shutil.which, CHROMIUM_NAMES) if p), None)
-    if chromium is None:
-        pytest.skip("Debian's chromium is not installed (apt-get install chromium); no browser is downloaded")
-    driver = _playwright_core(node)
-    if driver is None:
-        pytest.skip("npm's playwright-core is not found: npm install playwright-core outside the pack and set "
-                    "GENTOR_PLAYWRIGHT_CORE to its folder (or NODE_PATH)")
-    return node, chromium, driver
+    reason = browser_tools.missing()
+    if reason:
+        pytest.skip(reason)
+    return browser_tools.node(), browser_tools.chromium(), browser_tools.playwright_core()
 
 
 @pytest.fixture(scope="module")
 def frontend_output(comfy_server: ComfyServer, tools, tmp_path_factory) -> dict:
     node, chromium, driver = tools
     info = comfy_server.object_info()
-    names = [n for n in wc.workflow_names()
-             if {v["class_type"] for v in wc.load_json(wc.API_DIR / f"{n}.json").values()} <= set(info)]
+    names = [n for n in wf.workflow_names()
+             if {v["class_type"] for v in wf.load_json(wf.API_DIR / f"{n}.json").values()} <= set(info)]
     out = tmp_path_factory.mktemp("frontend") / "converted.json"
-    files = [str(wc.WORKFLOWS_DIR / f"{n}.json") for n in names]
+    files = [str(wf.WORKFLOWS_DIR / f"{n}.json") for n in names]
     run = subprocess.run([node, str(SCRIPT), driver, chromium, comfy_server.url, str(out), *files],
                          capture_output=True, text=True, timeout=CONVERT_TIMEOUT_S)
     assert run.returncode == 0, f"frontend conversion failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
     return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("name", wc.workflow_names())
+@pytest.mark.parametrize("name", wf.workflow_names())
 def test_api_copy_equals_the_frontends_conversion(frontend_output, name):
     results = frontend_output["results"]
     if name not in results:
         pytest.skip(f"{name}: the server lacks one of its nodes (see tests/test_server.py)")
-    frontend, ours = results[name], wc.load_json(wc.API_DIR / f"{name}.json")
+    frontend, ours = results[name], wf.load_json(wf.API_DIR / f"{name}.json")
     assert sorted(frontend, key=int) == sorted(ours, key=int), "node ids differ"
     for nid, node in ours.items():
         got = frontend[nid]

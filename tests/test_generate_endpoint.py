@@ -12,7 +12,9 @@ import base64
 import hashlib
 import io
 import json
+import struct
 import urllib.request
+import zlib
 from typing import Any, Awaitable, Callable
 
 import pytest
@@ -22,8 +24,9 @@ from aiohttp import web  # noqa: E402
 from aiohttp.test_utils import TestClient, TestServer  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from gentor import registry, routes  # noqa: E402
-from gentor.routes_generate import GenerateRoute, Limits  # noqa: E402
+from gentor import registry  # noqa: E402
+from gentor.http_api.common import Services, json_errors  # noqa: E402
+from gentor.http_api.generate import GenerateRoute, Limits  # noqa: E402
 from tests.fake_comfyui import FakeComfy, color_of  # noqa: E402
 
 SMALL = Limits(body_bytes=200_000, image_bytes=20_000, image_pixels=100 * 100, timeout_s=5.0)
@@ -35,6 +38,15 @@ def png(w: int, h: int, color: tuple[int, int, int] = (200, 10, 10)) -> bytes:
     return buf.getvalue()
 
 
+def png_claiming(w: int, h: int) -> bytes:
+    """A small PNG whose header claims ``w`` x ``h`` pixels (what a decompression-bomb file looks like)."""
+    raw = bytearray(png(1, 1))
+    ihdr = 8 + 4 + 4  # signature, chunk length, chunk type
+    raw[ihdr:ihdr + 8] = struct.pack(">II", w, h)
+    raw[ihdr + 13:ihdr + 17] = struct.pack(">I", zlib.crc32(bytes(raw[ihdr - 4:ihdr + 13])))
+    return bytes(raw)
+
+
 def b64(raw: bytes) -> str:
     return base64.b64encode(raw).decode()
 
@@ -43,8 +55,8 @@ def with_fake(fake: FakeComfy, check: Callable[[TestClient], Awaitable[Any]], li
     async def main() -> Any:
         app = web.Application()
         fake.install(app)
-        services = routes.Services(inspect=lambda: [], unload=lambda _k: 0, backends=lambda: [registry.get("qwen_image")])
-        app.router.add_post("/gentor/generate", routes.json_errors(GenerateRoute(services, limits).handle))
+        services = Services(inspect=lambda: [], unload=lambda _k: 0, backends=lambda: [registry.get("qwen_image")])
+        app.router.add_post("/gentor/generate", json_errors(GenerateRoute(services, limits).handle))
         async with TestClient(TestServer(app)) as client:
             return await check(client)
 
@@ -120,18 +132,24 @@ def test_edit_uploads_base64_images_and_passes_names_through():
         [[f"gentor_image_{i}", 0] for i in (1, 2, 3)]
 
 
-def test_memory_options_fill_the_node_defaults():
-    fake = FakeComfy()
+def section_round_trip(section: str, good: dict, typo: str) -> tuple[dict, tuple[int, dict]]:
+    """POST ``good`` under a request ``section`` (must be accepted), then ``typo`` as its only key: the first
+    queued graph and the answer to the typo."""
+    fake, refused = FakeComfy(), []
 
     async def check(client: TestClient) -> None:
-        status, body = await generate(client, {"model": "tiny-qwen-image", "prompt": "x",
-                                               "memory": {"weight_dtype": "fp8_e4m3fn"}})
+        status, body = await generate(client, {"model": "tiny-qwen-image", "prompt": "x", section: good})
         assert status == 200, body
-        status, body = await generate(client, {"model": "tiny-qwen-image", "prompt": "x", "memory": {"wd": "x"}})
-        assert status == 400 and body["input"] == "memory.wd" and "weight_dtype" in body["error"]
+        refused.append(await generate(client, {"model": "tiny-qwen-image", "prompt": "x", section: {typo: "x"}}))
 
     with_fake(fake, check)
-    graph = fake.prompts[0]
+    assert len(fake.prompts) == 1  # the refused request never reached the queue
+    return fake.prompts[0], refused[0]
+
+
+def test_memory_options_fill_the_node_defaults():
+    graph, (status, body) = section_round_trip("memory", {"weight_dtype": "fp8_e4m3fn"}, "wd")
+    assert status == 400 and body["input"] == "memory.wd" and "weight_dtype" in body["error"]
     assert graph["gentor_memory"]["inputs"] == {"weight_dtype": "fp8_e4m3fn", "compute_dtype": "auto",
                                                 "offload": "none", "vram_budget_gb": 0.0}
     assert graph["gentor_loader"]["inputs"]["memory"] == ["gentor_memory", 0]
@@ -161,6 +179,14 @@ BIG = b64(png(101, 100))  # 10,100 pixels > SMALL.image_pixels
     ({"model": "tiny-qwen-image", "prompt": "x", "images": ["/etc/x.png"]}, 400, "images[0]"),
     ({"model": "tiny-qwen-image", "prompt": "x", "images": [b64(png(8, 8))], "batch_size": 2}, 400, "batch_size"),
     ({"model": "tiny-qwen-image", "prompt": "x", "memory": {"offload": ["none"]}}, 400, "memory.offload"),
+    ({"model": "tiny-qwen-image", "prompt": "x", "loader": {"engin": "diffusers"}}, 400, "loader.engin"),
+    ({"model": "tiny-qwen-image", "prompt": "x", "settings": {"max_sequence_length": 5000}}, 400,
+     "settings.max_sequence_length"),
+    ({"model": "tiny-qwen-image", "prompt": "x", "settings": {"schedule": ["lightning"]}}, 400, "settings.schedule"),
+    ({"model": "tiny-qwen-image", "prompt": "x", "loader": {"model_name": "other"}}, 400, "loader.model_name"),
+    ({"model": "tiny-qwen-image", "prompt": "x", "loader": {"memory": "x"}}, 400, "loader.memory"),
+    ({"model": "tiny-qwen-image", "prompt": "x", "images": ["data:image/png;base64"]}, 400, "images[0]"),
+    ({"model": "tiny-qwen-image", "prompt": "x", "images": [b64(png_claiming(30_000, 30_000))]}, 413, "images[0]"),
     ({"model": "missing-model", "prompt": "x"}, 400, "model"),
     ({"model": "tiny-qwen-image", "prompt": "x", "backend": "bogus"}, 400, "backend"),
     ({"model": "tiny-qwen-image", "prompt": "x", "steps": 999}, 400, "steps"),  # ComfyUI's range check, mapped
@@ -200,6 +226,44 @@ def test_run_errors_name_the_field(message, field, status):
         got, answer = await generate(client, {"model": "tiny-qwen-image", "prompt": "x"})
         assert got == status and answer["input"] == field and answer["error"] == message
         assert answer["node"] == "GentorTextToImage" and answer["prompt_id"]
+
+    with_fake(fake, check)
+
+
+def test_loader_inputs_pass_through_and_unknown_ones_name_the_choices():
+    graph, (status, body) = section_round_trip("loader", {"engine": "diffsynth-or-diffusers"}, "engin")
+    assert status == 400 and body["input"] == "loader.engin" and "expected one of ['engine']" in body["error"]
+    assert graph["gentor_loader"]["inputs"]["engine"] == "diffsynth-or-diffusers"
+
+
+def test_backend_settings_go_through_its_settings_node():
+    graph, (status, body) = section_round_trip("settings", {"schedule": "lightning"}, "shedule")
+    assert status == 400 and body["input"] == "settings.shedule" and "'schedule'" in body["error"]
+    assert graph["gentor_settings"] == {"class_type": "GentorQwenImageSettings",
+                                        "inputs": {"schedule": "lightning", "max_sequence_length": 1024}}
+    assert graph["gentor_task"]["inputs"]["settings"] == ["gentor_settings", 0]
+
+
+def test_every_settings_node_in_the_registry_is_a_pack_node():
+    from tests import workflow_check as wc
+
+    named = {b.settings_node for b in registry.BACKENDS if b.settings_node}
+    assert named and named <= set(wc.static_specs())
+
+
+def test_too_many_images_for_the_model_says_what_to_send():
+    """The node's refusal tells a UI user to disconnect inputs; a REST caller hears about its images list."""
+    message = ("Qwen-Image image_1..image_4: too many reference images for this model (got 4, expected at most 3). "
+               "Disconnect 1 of them.")
+    fake = FakeComfy(fail={"node_id": "gentor_task", "node_type": "GentorEditImage", "exception_message": message,
+                           "exception_type": "gentor.errors.InputError", "traceback": []})
+
+    async def check(client: TestClient) -> None:
+        got, answer = await generate(client, {"model": "tiny-qwen-image", "prompt": "x",
+                                              "images": [b64(png(8, 8, (i, 0, 0))) for i in range(4)]})
+        assert got == 400 and answer["input"] == "images", answer
+        assert "(got 4, expected at most 3)" in answer["error"] and "Disconnect" not in answer["error"]
+        assert answer["error"].endswith("Send at most 3 images in the request's images list.")
 
     with_fake(fake, check)
 

@@ -56,7 +56,10 @@ def test_missing_package_gives_the_pip_command(monkeypatch):
         run(T2I, "t2i", "diffsynth")
     # allowed to fall back: runs on diffusers and says why
     out = run(T2I, "t2i", "diffsynth-or-diffusers")
-    assert "engine=diffusers" in out.text and "fell back to diffusers" in out.text and "pip install" in out.text
+    assert "engine=diffusers" in out.text, out.text
+    # one sentence: the reason reads as a clause (never "does not support diffsynth is not installed")
+    assert "fell back to diffusers because diffsynth is not installed (pip install " in out.text, out.text
+    assert "does not support diffsynth" not in out.text, out.text
 
 
 def test_version_outside_tested_range_warns(monkeypatch, caplog):

@@ -12,7 +12,7 @@ from gentor.errors import InputError, ModelFolderError
 from gentor.loaders import lora
 from gentor.loaders import qwen_image as loader
 from gentor.loaders.cache import CACHE, ModelCache
-from gentor.loaders.memory import MemoryOptions, Precision
+from gentor.loaders.memory import MemoryOptions, Precision, resolve
 from gentor.samplers import qwen_image as sampler
 from gentor.samplers import qwen_image_vae
 from gentor.samplers.common import Request
@@ -191,7 +191,7 @@ def test_lora_of_another_architecture_says_which(lora_dir):
     t = torch.zeros(4, 8)
     name = _write(lora_dir, "flux.safetensors", {"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": t,
                                                  "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": t.T.contiguous()})
-    with pytest.raises(ModelFolderError, match="look like a FLUX LoRA"):
+    with pytest.raises(ModelFolderError, match="this is a FLUX LoRA"):
         lora.with_lora(loader.load_handle(T2I, None), name, 1.0)
     sdxl = _write(lora_dir, "sdxl.safetensors", {"lora_unet_down_blocks_0_attn1_to_q.lora_down.weight": t})
     with pytest.raises(ModelFolderError, match="SDXL"):
@@ -263,7 +263,7 @@ def test_vae_tiling_auto_from_the_estimate_and_forced(monkeypatch):
     assert tiled < untiled
     monkeypatch.setattr(glue, "free_memory_bytes", lambda _d: (tiled + untiled) // 2)
     monkeypatch.setattr(sampler, "weight_bytes_to_load", lambda *a: 0)
-    notes = sampler.check_memory(job, path, sampler.resolve(MemoryOptions(compute_dtype="fp32"), torch.device("cpu")))
+    notes = sampler.check_memory(job, path, resolve(MemoryOptions(compute_dtype="fp32"), torch.device("cpu")))
     assert job.tiled_vae and "tiled + sliced automatically" in notes[0]
 
 

@@ -1,4 +1,4 @@
-"""The /gentor/ routes (routes.py) with aiohttp's test client: no ComfyUI needed.
+"""The /gentor/ routes (http_api/) with aiohttp's test client: no ComfyUI needed.
 
 Cache listing and unload (fake services for the HTTP rules, the real ModelCache for "memory really
 freed"), loader summaries confined to the registered model folders, the OpenAPI description.
@@ -19,7 +19,11 @@ aiohttp = pytest.importorskip("aiohttp", reason="aiohttp (ComfyUI's web server l
 from aiohttp import web  # noqa: E402
 from aiohttp.test_utils import TestClient, TestServer  # noqa: E402
 
-from gentor import registry, routes  # noqa: E402
+from gentor import registry  # noqa: E402
+from gentor.http_api import routes  # noqa: E402
+from gentor.loaders import estimates  # noqa: E402
+from gentor.loaders import inspect as inspection  # noqa: E402
+from gentor.loaders.memory import MemoryOptions  # noqa: E402
 from tests import tiny_models  # noqa: E402
 
 QWEN = registry.get("qwen_image")
@@ -344,10 +348,102 @@ def test_backends_and_openapi_cover_every_route():
         assert all(b["loader_node"].startswith("GentorLoad") for b in backends)
         spec = await (await client.get("/gentor/openapi.json")).json()
         assert spec["openapi"].startswith("3.")
-        served = {(r.method, r.resource.canonical) for r in client.app.router.routes()}
+        # HEAD (answered by each GET handler) and "*" (the 405 answer) are not operations of their own.
+        served = {(r.method, r.resource.canonical) for r in client.app.router.routes() if r.method not in ("HEAD", "*")}
         described = {(m.upper(), p) for p, ops in spec["paths"].items() for m in ops}
         assert served == described
         gen = spec["paths"]["/gentor/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
         assert set(gen["required"]) == {"model", "prompt"} and not gen["additionalProperties"]
+        settings = gen["properties"]["settings"]  # no ComfyUI here: the nodes are named, not read
+        assert all(f"{b.id}: {b.settings_node}" in settings["description"] for b in registry.available()
+                   if b.settings_node) and "anyOf" not in settings
 
     serve(services_for(cache), check, generate=True)
+
+
+# ----------------------------------------------------------------------------- wrong methods
+def test_wrong_method_is_405_naming_the_allowed_ones():
+    async def check(client: TestClient) -> None:
+        for method, path, allowed in (("GET", "/gentor/generate", "POST"), ("GET", "/gentor/unload", "POST"),
+                                      ("PUT", "/gentor/unload", "POST"), ("POST", "/gentor/models", "GET, HEAD"),
+                                      ("DELETE", "/gentor/summary", "GET, HEAD")):
+            resp = await client.request(method, path)
+            body = await resp.json()
+            assert resp.status == 405 and resp.headers["Allow"] == allowed, (method, path, body)
+            assert body["input"] == "method" and f"(got {method}, expected" in body["error"]
+        assert (await client.head("/gentor/models")).status == 200
+
+    serve(services_for(FakeCache(entries())), check, generate=True)
+
+
+# ----------------------------------------------------------------------------- unreadable weights
+class RunsCode:
+    """Unpickling this creates a folder: a reader that runs pickled code would leave it behind."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return os.mkdir, (str(self.marker),)
+
+
+def bad_weights(folder: Path, marker: Path) -> dict[str, tuple[str, str]]:
+    """name -> (folder key, what the summary must say was found) for files no summary may choke on."""
+    import torch
+
+    (folder / "deepgen").mkdir(parents=True)
+    (folder / "deepgen" / "random.pt").write_bytes(os.urandom(4096))
+    torch.save({"w": torch.zeros(2, 2), "hook": RunsCode(marker)}, folder / "deepgen" / "code.pt")
+    torch.save({"w": torch.zeros(2), "step": RunsCode(marker)}, folder / "deepgen" / "legacy.pt",
+               _use_new_zipfile_serialization=False)
+    vt = folder / "emu35" / "vision-tokenizer"  # Emu3.5-VisionTokenizer's layout: config.yaml + model.ckpt
+    vt.mkdir(parents=True)
+    (vt / "config.yaml").write_text("model:\n  params:\n    embed_dim: 4\n")
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "hyper_parameters": RunsCode(marker)}, vt / "model.ckpt")
+    return {"random.pt": ("deepgen", "not a torch checkpoint (got 4096 bytes starting"),
+            "code.pt": ("deepgen", "pickles posix.mkdir besides tensors"),
+            "legacy.pt": ("deepgen", "legacy torch pickle holding posix.mkdir"),
+            "vision-tokenizer": ("emu35", "pickles posix.mkdir besides tensors")}
+
+
+def test_summary_of_unreadable_weights_says_what_was_found_and_runs_no_code(tmp_path):
+    folder, marker = tmp_path / "models", tmp_path / "pickle-ran-code"
+    cases = bad_weights(folder, marker)
+    backends = [b for b in registry.BACKENDS if b.id in ("deepgen", "emu35")]
+    svc = routes.Services(inspect=lambda: [], unload=lambda _k: 0, roots=lambda key: [str(folder / key)],
+                          backends=lambda: backends)
+
+    async def check(client: TestClient) -> None:
+        for name, (key, found) in cases.items():
+            resp = await client.get("/gentor/summary", params={"folder": key, "name": name})
+            body = await resp.json()
+            assert resp.status == 200, (name, body)
+            assert found in body["problem"] and "not usable: " in body["line"], (name, body["problem"])
+            assert body["disk_bytes"] > 0 and body["backend"] == key
+
+    serve(svc, check)
+    assert not marker.exists(), "a pickle's code ran while describing it"
+
+
+def test_summary_estimate_follows_the_wired_memory_options(summary_services):
+    svc, root = summary_services
+    name = tiny_models.QWEN_IMAGE_T2I
+    report = inspection.inspect_path(root / name)
+
+    async def get(client: TestClient, **memory: str) -> tuple[int, dict]:
+        resp = await client.get("/gentor/summary", params={"folder": "qwen_image", "name": name, **memory})
+        return resp.status, await resp.json()
+
+    async def check(client: TestClient) -> None:
+        _, plain = await get(client)
+        status, fp8 = await get(client, weight_dtype="fp8_e4m3fn", offload="block")
+        assert status == 200, fp8
+        want = estimates.estimate(report, MemoryOptions(weight_dtype="fp8_e4m3fn", offload="block"))
+        assert fp8["peak_vram_bytes"] == want.peak_vram < plain["peak_vram_bytes"]
+        assert "(fp8_e4m3fn, offload block)" in fp8["line"]
+        for params, field in (({"weight_dtype": "fp4"}, "weight_dtype"), ({"vram_budget_gb": "nan"}, "vram_budget_gb"),
+                              ({"offlaod": "block"}, "offlaod")):
+            status, body = await get(client, **params)
+            assert status == 400 and body["input"] == field and "(got " in body["error"], body
+
+    serve(svc, check)

@@ -196,3 +196,86 @@ def test_deterministic_and_loadable(models_dir, tmp_path):
     ).images
     assert out.shape == (1, 32, 32, 3)
     assert (out == out).all() and abs(out).max() <= 1.0
+
+
+# ----------------------------------------------------------------------------- the kit as a new user runs it
+# The README sends users to `python -m tests.tiny_models` with ComfyUI's Python, which has the pack's
+# requirements but not the test tools: the kit must not import pytest (tests/conftest.py does).
+NO_PYTEST = ("import runpy, sys\n"
+             "sys.modules['pytest'] = sys.modules['_pytest'] = None  # import pytest -> ImportError\n"
+             "sys.argv = ['tests.tiny_models', *sys.argv[1:]]\n"
+             "runpy.run_module('tests.tiny_models', run_name='__main__', alter_sys=True)\n")
+# The kits that build their weights with the pack's own modules (they once imported tests.conftest).
+PACK_BUILT = ("bagel", "emu35")
+
+
+def _run_without_pytest(python: str, out: Path, *backends: str) -> subprocess.CompletedProcess:
+    args = [a for b in backends for a in ("--backend", b)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    return subprocess.run([python, "-c", NO_PYTEST, "--out", str(out), *args], cwd=PACK_ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def _listing(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_dir())
+
+
+def test_kit_runs_without_pytest(tmp_path):
+    proc = _run_without_pytest(sys.executable, tmp_path, *PACK_BUILT)
+    assert proc.returncode == 0, proc.stderr
+    assert _listing(tmp_path) == ["bagel", "bagel/tiny-bagel", "emu35", "emu35/tiny-emu35-image", "emu35/tiny-ibq"]
+    assert (tmp_path / "bagel" / "tiny-bagel" / "ema.safetensors").is_file()
+
+
+def test_kit_runs_with_comfyuis_python(tmp_path):
+    """The README's path exactly: ComfyUI's own Python (its venv), with pytest unimportable there too."""
+    from tests.comfy_server import comfy_dir_or_skip, comfy_python
+
+    python = comfy_python(comfy_dir_or_skip())
+    proc = _run_without_pytest(python, tmp_path, *PACK_BUILT)
+    assert proc.returncode == 0, proc.stderr
+    for folder in ("bagel/tiny-bagel", "emu35/tiny-emu35-image", "emu35/tiny-ibq"):
+        assert (tmp_path / folder / ".complete").is_file(), _listing(tmp_path)
+
+
+@pytest.mark.parametrize("backend, module, builder, folder", [
+    ("bagel", "tiny_bagel", "_save", "bagel/tiny-bagel"),
+    ("emu35", "tiny_emu35", "ibq_state_dict", "emu35/tiny-ibq"),
+    ("vlm", "tiny_vlm", "build_processor", "vlm/tiny-qwen2-vl"),
+])
+def test_a_failed_write_leaves_nothing_partial(tmp_path, monkeypatch, backend, module, builder, folder):
+    """A kit that fails half-way (here: its weights or processor cannot be written) leaves no half-written
+    model folder and no temporary sibling where a loader would list it; the next run writes it whole."""
+    import importlib
+
+    kit = importlib.import_module(f"tests.{module}")
+
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(kit, builder, broken)
+    with pytest.raises(OSError, match="No space left"):
+        tm.write_all(tmp_path, [backend])
+    parent = (tmp_path / folder).parent
+    assert not (tmp_path / folder).exists()
+    assert [p.name for p in parent.iterdir() if p.name.startswith(".")] == []
+    monkeypatch.undo()
+    tm.write_all(tmp_path, [backend])
+    assert (tmp_path / folder / ".complete").is_file()
+
+
+def test_a_killed_writers_leftovers_are_removed(tmp_path):
+    """A temporary folder whose writer died (SIGKILL: no cleanup ran) is removed by the next run; a live
+    writer's is left alone."""
+    from tests.tiny_common import TMP_INFIX, atomic_folder
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale = tmp_path / f".tiny-x{TMP_INFIX}{dead}"
+    live = tmp_path / f".tiny-x{TMP_INFIX}{os.getppid()}"
+    for leftover in (stale, live):
+        leftover.mkdir()
+        (leftover / "half.safetensors").write_bytes(b"\0" * 8)
+    atomic_folder(tmp_path / "tiny-x", lambda tmp: (tmp / "whole.bin").write_bytes(b"1"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "tiny-x"])
+    assert sorted(p.name for p in (tmp_path / "tiny-x").iterdir()) == [".complete", "whole.bin"]

@@ -1,9 +1,8 @@
 """The web extension in a real browser against a real ComfyUI (skipped unless all of these are there):
 
 - ``COMFYUI_DIR``: a ComfyUI checkout whose Python has the pack's requirements (tests/comfy_server.py);
-- Chromium: Debian's ``chromium`` (or ``$CHROMIUM``) — never a downloaded browser build;
-- npm ``playwright-core`` resolvable by ``node`` (``NODE_PATH``, or installed globally: ``npm install -g
-  playwright-core``; it downloads no browser).
+- ``node``, Debian's Chromium and npm's ``playwright-core``, found as tests/browser_tools.py says
+  (``GENTOR_PLAYWRIGHT_CORE``, as the README documents, or ``NODE_PATH``; no browser is downloaded).
 
 tests/web_browser_check.mjs opens the page headless, queues the tiny T2I workflow as the Run button does,
 checks the loader's summary line and the sampler's text, opens the "Gentor models" panel, sees the model
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import comfy_server, tiny_models
+from tests import browser_tools, comfy_server, tiny_models
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = Path(__file__).with_name("web_browser_check.mjs")
@@ -32,32 +31,10 @@ RUN_TIMEOUT_S = 600
 GB, MB, KB = 1e9, 1e6, 1e3
 
 
-def chromium() -> str | None:
-    return os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def node_env() -> dict[str, str] | None:
-    """The environment in which ``node`` finds playwright-core (NODE_PATH + the global npm root), or None."""
-    if not shutil.which("node"):
-        return None
-    paths = [p for p in os.environ.get("NODE_PATH", "").split(os.pathsep) if p]
-    if shutil.which("npm"):
-        root = subprocess.run(["npm", "root", "-g"], capture_output=True, text=True, timeout=60).stdout.strip()
-        if root:
-            paths.append(root)
-    env = {**os.environ, "NODE_PATH": os.pathsep.join(paths)}
-    probe = subprocess.run(["node", "-e", "require('playwright-core')"], env=env, capture_output=True, timeout=60)
-    return env if probe.returncode == 0 else None
-
-
 def skip_reason() -> str | None:
     if not COMFYUI_DIR:
         return "COMFYUI_DIR is not set: the browser test needs a real ComfyUI"
-    if not chromium():
-        return "no Chromium (apt-get install chromium, or set CHROMIUM to its path)"
-    if node_env() is None:
-        return "node cannot load playwright-core (npm install -g playwright-core, or set NODE_PATH)"
-    return None
+    return browser_tools.missing()
 
 
 pytestmark = pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or "")
@@ -81,8 +58,8 @@ def test_panel_lists_unloads_and_survives_a_restart(tiny_root: Path, tmp_path: P
     base = tmp_path / "base"
     srv = comfy_server.ComfyServer(comfy_dir, base, models).start()
     steps: dict[str, dict] = {}
-    proc = subprocess.Popen(["node", str(SCRIPT), srv.url, str(WORKFLOW), str(shot), chromium()], env=node_env(),
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([browser_tools.node(), str(SCRIPT), browser_tools.playwright_core(), srv.url,
+                             str(WORKFLOW), str(shot), browser_tools.chromium()], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     listed_before: dict = {}
     try:
         for line in proc.stdout:

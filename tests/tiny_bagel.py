@@ -60,9 +60,9 @@ TEST_MIN_SIDE = 32
 def _bagel_modeling():
     from importlib import import_module
 
-    from tests.conftest import _import_pack  # the pack importable as ``gentor`` whatever its folder
+    from tests.tiny_common import import_pack  # the pack importable as ``gentor`` whatever its folder
 
-    _import_pack()
+    import_pack()
     return import_module("gentor.modeling.bagel")
 
 
@@ -72,21 +72,18 @@ def _save(module, path: Path) -> None:
     save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, str(path))
 
 
-def _complete(folder: Path) -> bool:
-    names = ("ema.safetensors", "ae.safetensors", "llm_config.json", "vit_config.json", "tokenizer_config.json")
-    return all((folder / n).is_file() for n in names)
-
-
 def write(out_dir: Path, force: bool = False) -> dict[str, Path]:
-    """Write the tiny BAGEL folder; returns {"tiny-bagel": folder}."""
+    """Write the tiny BAGEL folder (atomically: nothing partial on failure); returns {"tiny-bagel": folder}."""
+    from tests.tiny_common import atomic_folder
+
+    return {FOLDER: atomic_folder(Path(out_dir) / "bagel" / FOLDER, _fill, force)}
+
+
+def _fill(folder: Path) -> None:
     import torch
 
     from tests import tiny_models
 
-    folder = Path(out_dir) / "bagel" / FOLDER
-    if _complete(folder) and not force:
-        return {FOLDER: folder}
-    folder.mkdir(parents=True, exist_ok=True)
     tok = tiny_models.build_qwen_tokenizer()
     tok.save_pretrained(str(folder))
     tiny_models._write_legacy_tokenizer_files(folder)  # vocab.json + merges.txt as in the real repo
@@ -104,7 +101,6 @@ def write(out_dir: Path, force: bool = False) -> dict[str, Path]:
     model.latent_pos_embed.reset_table()
     _save(model, folder / "ema.safetensors")
     _save(mb.AutoEncoder(cfg.ae), folder / "ae.safetensors")
-    return {FOLDER: folder}
 
 
 def _randomise_norms(model, torch) -> None:

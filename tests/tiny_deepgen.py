@@ -36,7 +36,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shutil
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -50,7 +49,6 @@ DIFFUSERS_FOLDER = "tiny-deepgen-diffusers"
 VLM_NAME = "tiny-qwen2.5-vl-36l"
 CHECKPOINT_FILE = "model.pt"
 LORA_CHECKPOINT_FILE = "model-lora.safetensors"
-COMPLETE = ".complete"
 
 VLM_TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 36, "num_attention_heads": 4,
             "num_key_value_heads": 2, "max_position_embeddings": 4096, "rms_norm_eps": 1e-6,
@@ -79,24 +77,9 @@ VLM_SHARD_SIZE = "200KB"  # forces two shards + index, as the released vlm/ has
 
 
 def _atomic(final: Path, fill: Callable[[Path], None], force: bool = False) -> Path:
-    if (final / COMPLETE).is_file() and not force:
-        return final
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        fill(tmp)
-        (tmp / COMPLETE).write_text(final.name + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        try:
-            tmp.rename(final)
-        except OSError:
-            if not (final / COMPLETE).is_file():  # lost a race against another writer: theirs is as good
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    from tests.tiny_common import atomic_folder
+
+    return atomic_folder(final, fill, force)
 
 
 def build_vlm(hidden: int = VLM_TEXT["hidden_size"], layers: int = VLM_TEXT["num_hidden_layers"], seed: int = 11):

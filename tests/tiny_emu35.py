@@ -20,7 +20,6 @@ from __future__ import annotations
 import base64
 import itertools
 import json
-import shutil
 import string
 from pathlib import Path
 
@@ -33,7 +32,6 @@ FIRST_VISUAL = 151854
 BOI = 151852
 IMAGE_FIRST_CHANNEL = 4.0
 IMAGE_FIRST_WEIGHT = 50.0
-MARKER = ".complete"
 LLM_SHAPE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                  num_key_value_heads=1, head_dim=16)
 IBQ_DDCONFIG = dict(double_z=False, z_channels=16, resolution=256, in_channels=3, out_ch=3, ch=32,
@@ -140,9 +138,9 @@ def ibq_state_dict(seed: int = SEED, n_codes: int = N_CODES) -> dict:
     """Random IBQ weights built with the pack's own module (key names = the reference's)."""
     import torch
 
-    from tests.conftest import _import_pack  # the pack importable as ``gentor`` whatever its folder is called
+    from tests.tiny_common import import_pack  # the pack importable as ``gentor`` whatever its folder is called
 
-    _import_pack()
+    import_pack()
     from gentor.modeling.emu35.ibq import IBQ as Model, IBQConfig
 
     torch.manual_seed(seed)
@@ -150,19 +148,6 @@ def ibq_state_dict(seed: int = SEED, n_codes: int = N_CODES) -> dict:
     with torch.no_grad():
         model.quantize.embedding.weight.normal_(0.0, 1.0)
     return model.state_dict()
-
-
-def _atomic(final: Path, force: bool, fill) -> Path:
-    if (final / MARKER).is_file() and not force:
-        return final
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    fill(tmp)
-    (tmp / MARKER).write_text("ok\n")
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    return final
 
 
 def write_model(folder: Path, n_codes: int = N_CODES, **shape: int) -> None:
@@ -189,6 +174,7 @@ def write_ibq(folder: Path, n_codes: int = N_CODES) -> None:
 
 def write(out_dir: Path | str, force: bool = False) -> dict[str, Path]:
     """Write both tiny folders under ``out_dir/emu35/``; return {folder name: path}."""
+    from tests.tiny_common import atomic_folder
+
     root = Path(out_dir) / FOLDER
-    root.mkdir(parents=True, exist_ok=True)
-    return {MODEL: _atomic(root / MODEL, force, write_model), IBQ: _atomic(root / IBQ, force, write_ibq)}
+    return {MODEL: atomic_folder(root / MODEL, write_model, force), IBQ: atomic_folder(root / IBQ, write_ibq, force)}

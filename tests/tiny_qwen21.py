@@ -9,13 +9,10 @@ text encoder folder is the same architecture the prompt enhancer loads) and the 
 """
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 FOLDER = "qwen_image"
 VARIANT = "tiny-qwen-image-2.1"
-COMPLETE_MARKER = ".complete"
 TEXT_HIDDEN = 64  # tests/tiny_vlm.py TEXT hidden_size (= the transformer's context_in_dim)
 TRANSFORMER_CONFIG = {"patch_size": 1, "in_channels": 64, "out_channels": 64, "num_layers": 2,
                       "attention_head_dim": 32, "num_attention_heads": 2, "context_in_dim": TEXT_HIDDEN,
@@ -48,24 +45,9 @@ def build_pipeline():
 
 def write(out_dir: Path | str, force: bool = False) -> dict[str, Path]:
     """Write the tiny 2.1 pipeline folder (atomically; skipped when complete unless ``force``)."""
-    root = Path(out_dir) / FOLDER
-    final = root / VARIANT
-    if not force and (final / COMPLETE_MARKER).is_file():
-        return {VARIANT: final}
-    root.mkdir(parents=True, exist_ok=True)
-    pipe = build_pipeline()
-    tmp = root / f".{VARIANT}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        (tmp / COMPLETE_MARKER).write_text(f"{VARIANT}\n")
-        if final.exists():
-            shutil.rmtree(final)
-        try:
-            tmp.rename(final)
-        except OSError:
-            if not (final / COMPLETE_MARKER).is_file():  # lost a race against another writer: theirs is as good
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return {VARIANT: final}
+    from tests.tiny_common import atomic_folder
+
+    def fill(tmp: Path) -> None:
+        build_pipeline().save_pretrained(tmp, safe_serialization=True)
+
+    return {VARIANT: atomic_folder(Path(out_dir) / FOLDER / VARIANT, fill, force)}

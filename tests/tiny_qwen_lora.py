@@ -93,8 +93,11 @@ def write(out_dir: Path | str, force: bool = False) -> dict[str, Path]:
     for name, (fmt, seed) in files.items():
         path = folder / name
         if force or not path.is_file():
-            tmp = path.with_suffix(".tmp")
-            save_file(state_dict(fmt, seed), str(tmp))
-            tmp.replace(path)
+            tmp = path.with_name(f".{path.name}.tmp")  # never a half-written .safetensors in the dropdown
+            try:
+                save_file(state_dict(fmt, seed), str(tmp))
+                tmp.replace(path)
+            finally:
+                tmp.unlink(missing_ok=True)
         result[name] = path
     return result

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -29,7 +28,6 @@ QWEN2_VL = "tiny-qwen2-vl"
 QWEN2_5_VL = "tiny-qwen2.5-vl"
 QWEN3_VL = "tiny-qwen3-vl"
 NAMES = (QWEN2_VL, QWEN2_5_VL, QWEN3_VL)
-COMPLETE_MARKER = ".complete"
 
 # Our own chat template producing the Qwen chat format (<|im_start|>role\n...<|im_end|>\n, images as
 # <|vision_start|><|image_pad|><|vision_end|>, a default system turn when none is given). Real folders ship
@@ -183,15 +181,10 @@ def write_one(root: Path, name: str, force: bool = False) -> Path:
     """Write ``root/name`` atomically (temporary sibling, then rename); skip when already complete."""
     from tests.tiny_models import _write_legacy_tokenizer_files
 
-    final = root / name
-    if (final / COMPLETE_MARKER).is_file() and not force:
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    from tests.tiny_common import atomic_folder
+
+    def fill(tmp: Path) -> None:
         model = build_model(name)
-        tmp.mkdir()
         model.config.save_pretrained(tmp)
         ids = _ids()
         generation = dict(GENERATION, bos_token_id=ids["<|endoftext|>"], pad_token_id=ids["<|endoftext|>"],
@@ -201,17 +194,8 @@ def write_one(root: Path, name: str, force: bool = False) -> Path:
         build_processor(name).save_pretrained(tmp)
         _hub_processor_layout(tmp)
         _write_legacy_tokenizer_files(tmp)
-        (tmp / COMPLETE_MARKER).write_text(name + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        try:
-            tmp.rename(final)
-        except OSError:
-            if not (final / COMPLETE_MARKER).is_file():  # lost a race against another writer: theirs is as good
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+
+    return atomic_folder(root / name, fill, force)
 
 
 def write(out_dir: Path, force: bool = False) -> dict[str, Path]:

@@ -1,14 +1,14 @@
 // Drives the real ComfyUI page in headless Chromium for tests/test_web_browser.py (playwright-core with
 // the system Chromium; never downloads a browser). Steps are reported as JSON lines on stdout; the Python
 // side answers "restarted" on stdin after restarting the server on the same port.
-//   node web_browser_check.mjs <server url> <workflow json> <screenshot png> <chromium path>
+//   node web_browser_check.mjs <playwright-core folder> <server url> <workflow json> <screenshot png> <chromium>
 import { createRequire } from "node:module";
 import { readFileSync } from "node:fs";
 import * as readline from "node:readline";
 
 const require = createRequire(import.meta.url);
-const { chromium } = require("playwright-core");
-const [url, workflowPath, screenshotPath, executablePath] = process.argv.slice(2);
+const [playwrightDir, url, workflowPath, screenshotPath, executablePath] = process.argv.slice(2);
+const { chromium } = require(playwrightDir);
 const STEP_TIMEOUT = 120_000;
 
 const lines = readline.createInterface({ input: process.stdin });

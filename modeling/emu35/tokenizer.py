@@ -95,6 +95,14 @@ class Emu35Tokenizer:
     def from_files(cls, tiktoken_file: Path, vision_file: Path) -> "Emu35Tokenizer":
         return cls(read_ranks(tiktoken_file), read_vision_tokens(vision_file))
 
+    def special_strings(self) -> tuple[str, ...]:
+        """Spellings of the control tokens ``encode`` turns into structural ids (user text must not hold them)."""
+        return tuple(self.special_ids)
+
+    def special_patterns(self) -> tuple[re.Pattern, ...]:
+        """The visual tokens, matched by pattern (``<|visual token 000042|>``)."""
+        return (VISUAL_RE,)
+
     def encode(self, text: str) -> list[int]:
         """Text with special tokens written inline -> ids (no BOS added)."""
         text = unicodedata.normalize("NFC", text)

@@ -21,17 +21,19 @@ import re
 import secrets
 import time
 import uuid
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
-from . import registry
-from .routes import RouteError, Services, read_json_object, shown
+from .. import registry
+from .common import RouteError, Services, read_json_object, shown
 
 MIB = 1024 * 1024
 LOADER, MEMORY, TASK, OUTPUT, TEXT = "gentor_loader", "gentor_memory", "gentor_task", "gentor_output", "gentor_text"
+SETTINGS = "gentor_settings"
 # Core's text preview (0.3.64 and later): an output node, so the task's text comes back from /history even when
 # ComfyUI answers the task from its cache (0.8.0 records no UI of cached intermediate nodes).
 TEXT_NODE = "PreviewAny"
@@ -57,9 +59,12 @@ FIELDS = {  # request field -> (JSON types accepted, what it is)
     "images": ((list,), "a list of base64 images or uploaded file names"),
     "memory": ((dict,), "Gentor Memory Options inputs, e.g. {\"weight_dtype\": \"fp8_e4m3fn\"}"),
     "loader": ((dict,), "extra inputs of the backend's loader node"),
+    "settings": ((dict,), "inputs of the backend's settings node (Gentor BAGEL / DeepGen / Emu3.5 / Qwen-Image "
+                          "Settings), e.g. {\"think\": true} for BAGEL"),
 }
 NODE_ERROR_STATUS = {"InputError": 400, "ModelFolderError": 400, "MemoryEstimateError": 507,
                      "MissingDependencyError": 501}
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")  # inputs a request sets as plain values (not sockets)
 SAFE_NAME = re.compile(r"^[^\\\x00]+$")
 
 
@@ -101,7 +106,7 @@ def check_body(body: dict, max_images: int, limits: Limits) -> Job:
     if not body["model"].strip():
         raise RouteError(400, "model", f"Gentor generate model: empty (got {shown(body['model'])}, expected "
                                        f"{FIELDS['model'][1]}). Name a model.")
-    for name in ("memory", "loader"):
+    for name in ("memory", "loader", "settings"):
         for key, value in body.get(name, {}).items():
             if not isinstance(value, (str, int, float, bool)):
                 raise RouteError(400, f"{name}.{key}", f"Gentor generate {name}.{key}: not a plain value (got "
@@ -135,7 +140,14 @@ def decode_image(value: Any, index: int, limits: Limits) -> str | bytes:
                                          f"{shown(value)}, expected a name returned by /upload/image). Upload "
                                          "the image first or send it as base64.")
         return value
-    data = value.split(",", 1)[1] if value.startswith("data:") else value
+    if value.startswith("data:"):
+        header, comma, data = value.partition(",")
+        if not comma:
+            raise RouteError(400, field, f"Gentor generate {field}: data URL without data (got {shown(value[:60])}, "
+                                         "expected 'data:image/png;base64,<base64 data>'). Put a comma between the "
+                                         "media type and the base64 data.")
+    else:
+        data = value
     if len(data) * 3 // 4 > limits.image_bytes:
         raise RouteError(413, field, f"Gentor generate {field}: image too large (got about {len(data) * 3 // 4} "
                                      f"bytes, expected at most {limits.image_bytes}). Send a smaller file.")
@@ -148,8 +160,15 @@ def decode_image(value: Any, index: int, limits: Limits) -> str | bytes:
     from PIL import Image, UnidentifiedImageError  # noqa: PLC0415
 
     try:
-        with Image.open(io.BytesIO(raw)) as img:  # reads the header only: no decompression bomb
-            fmt, (w, h) = img.format, img.size
+        with warnings.catch_warnings():
+            # Our own pixel limit below decides; PIL's bomb warning would only add noise to the log.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(raw)) as img:  # reads the header only: no decompression bomb
+                fmt, (w, h) = img.format, img.size
+    except Image.DecompressionBombError as exc:  # PIL refuses headers claiming > 2x its MAX_IMAGE_PIXELS
+        raise RouteError(413, field, f"Gentor generate {field}: too many pixels (got a header claiming more than "
+                                     f"{2 * Image.MAX_IMAGE_PIXELS} pixels: {exc}, expected at most "
+                                     f"{limits.image_pixels} pixels). Downscale the image.") from exc
     except (UnidentifiedImageError, OSError) as exc:
         raise RouteError(400, field, f"Gentor generate {field}: not an image file (got {len(raw)} bytes that no "
                                      f"image reader knows, expected one of {', '.join(IMAGE_FORMATS)}). Send a "
@@ -203,6 +222,45 @@ def fill_required(info: dict, given: dict, skip: set[str]) -> dict:
     return out
 
 
+JSON_TYPES = {"INT": "integer", "FLOAT": "number", "STRING": "string", "BOOLEAN": "boolean"}
+
+
+def node_schema(info: dict) -> dict:
+    """A JSON schema of a node's widget inputs from its /object_info definition (type, range, default)."""
+    props: dict[str, dict] = {}
+    for group in ("required", "optional"):
+        for name, spec in info.get("input", {}).get(group, {}).items():
+            kind, opts = spec[0], (spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {})
+            choices = combo_options(kind, opts)
+            if choices is not None:
+                prop: dict[str, Any] = {"enum": choices}
+            elif kind in JSON_TYPES:
+                prop = {"type": JSON_TYPES[kind]}
+                prop.update({k: opts[v] for k, v in (("minimum", "min"), ("maximum", "max")) if v in opts})
+            else:
+                continue  # a socket, not a value
+            prop.update({k: opts[k] for k in ("default",) if k in opts})
+            if opts.get("tooltip"):
+                prop["description"] = opts["tooltip"]
+            props[name] = prop
+    return {"type": "object", "additionalProperties": False, "properties": props}
+
+
+def check_inputs(section: str, given: dict, info: dict, taken: set[str]) -> None:
+    """Refuse a key of a request section that is not a widget input of its node (a typo never silently does
+    nothing); ``taken`` are inputs the request fills from other fields."""
+    known = sorted(n for group in ("required", "optional") for n, spec in info.get("input", {}).get(group, {}).items()
+                   if n not in taken and isinstance(spec, (list, tuple)) and spec
+                   and (combo_options(spec[0], spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {})
+                        is not None or spec[0] in WIDGET_TYPES))
+    for key in given:
+        if key not in known:
+            node = info.get("display_name") or info.get("name") or "the node"
+            raise RouteError(400, f"{section}.{key}", f"Gentor generate {section}.{key}: unknown option (got "
+                                                      f"{shown(key)}, expected one of {known}). Use {node}'s "
+                                                      "input names.")
+
+
 def model_input(info: dict) -> str:
     """The loader input that names the model: ``model_name`` by convention, else its first combo."""
     required = info.get("input", {}).get("required", {})
@@ -215,8 +273,9 @@ def model_input(info: dict) -> str:
 
 
 def build_graph(job: Job, loader_node: str, loader_info: dict, memory_info: dict | None, task_info: dict,
-                image_names: list[str]) -> dict:
-    """The API-format prompt: loader [+ memory] -> task node -> PreviewImage."""
+                image_names: list[str], settings: tuple[str, dict] | None = None) -> dict:
+    """The API-format prompt: loader [+ memory] -> task node [+ settings] -> PreviewImage; ``settings`` is the
+    backend's settings node and its definition when the request has settings."""
     body = job.body
     model_key = model_input(loader_info)
     loader_inputs = fill_required(loader_info, {model_key: body["model"], **body.get("loader", {})}, set())
@@ -234,6 +293,10 @@ def build_graph(job: Job, loader_node: str, loader_info: dict, memory_info: dict
             task[f"image_{i}"] = [IMAGE_NODE.format(i), 0]
     else:
         task["batch_size"] = body.get("batch_size", 1)
+    if settings is not None:
+        # The backend's own settings node checks the values (ComfyUI's ranges, then the node's checks).
+        graph[SETTINGS] = {"class_type": settings[0], "inputs": fill_required(settings[1], body["settings"], set())}
+        task["settings"] = [SETTINGS, 0]
     graph[TASK] = {"class_type": EDIT_NODE if image_names else T2I_NODE,
                    "inputs": fill_required(task_info, task, set())}
     graph[OUTPUT] = {"class_type": "PreviewImage", "inputs": {"images": [TASK, 0]}}
@@ -247,6 +310,8 @@ def request_field(node_id: str, input_name: str | None) -> str | None:
         return "model" if input_name in (None, "model_name") else f"loader.{input_name}"
     if node_id == MEMORY:
         return f"memory.{input_name}" if input_name else "memory"
+    if node_id == SETTINGS:
+        return f"settings.{input_name}" if input_name else "settings"
     if node_id.startswith(IMAGE_NODE.format("")):
         return f"images[{int(node_id.rsplit('_', 1)[1]) - 1}]"
     if node_id == TASK and input_name:
@@ -258,10 +323,12 @@ def request_field(node_id: str, input_name: str | None) -> str | None:
 def field_from_message(node_id: str, message: str) -> str | None:
     """Our error messages start '<Backend> <input>: ...': map that input to a request field."""
     word = message.split(":", 1)[0].rsplit(" ", 1)[-1] if ":" in message else ""
+    if node_id == TASK and re.fullmatch(r"image_\d+\.\.image_\d+", word):
+        return "images"  # a refusal about all reference inputs together
     if node_id == TASK and (word in FIELDS or re.fullmatch(r"image_\d+", word)):
         return request_field(TASK, word)
-    if node_id == MEMORY and re.fullmatch(r"[a-z_0-9]+", word):
-        return request_field(MEMORY, word)
+    if node_id in (MEMORY, SETTINGS) and re.fullmatch(r"[a-z_0-9]+", word):
+        return request_field(node_id, word)
     return request_field(node_id, None)
 
 
@@ -283,6 +350,16 @@ def rejected(status: int, body: Any) -> RouteError:
                                                           "See 'comfyui' for its answer.", comfyui=body)
 
 
+def images_advice(message: str) -> str:
+    """A node's refusal of too many reference images ends with what to do in the graph ("Disconnect ..."): a
+    REST caller is told what to send in ``images`` instead."""
+    head, sep, _todo = message.rpartition(").")
+    most = re.search(r"expected at most (\d+)", head)
+    if not sep or not most:
+        return message
+    return f"{head}). Send at most {most.group(1)} images in the request's images list."
+
+
 def run_failure(entry: dict, prompt_id: str) -> RouteError:
     """A finished run without images (node error, Cancel) as our JSON error."""
     for name, data in entry.get("status", {}).get("messages", []):
@@ -293,6 +370,8 @@ def run_failure(entry: dict, prompt_id: str) -> RouteError:
             node_id, msg = str(data.get("node_id")), str(data.get("exception_message", "")).strip()
             kind = str(data.get("exception_type", "")).rsplit(".", 1)[-1]
             field = field_from_message(node_id, msg)
+            if field and field.startswith("images"):
+                msg = images_advice(msg)
             return RouteError(NODE_ERROR_STATUS.get(kind, 500), field, msg or f"Gentor generate: {kind}",
                               node=data.get("node_type"), exception_type=data.get("exception_type"),
                               prompt_id=prompt_id)
@@ -366,6 +445,31 @@ class GenerateRoute:
                                        f"{choices[:12]}). Put the model into its models/ folder and use its name "
                                        "as the loader lists it.")
 
+    async def settings_node(self, client: aiohttp.ClientSession, spec: registry.BackendSpec) -> tuple[str, dict]:
+        """(node id, definition) of a backend's settings node; RouteError when it has none."""
+        if not spec.settings_node:
+            with_settings = [b.id for b in self.services.backends() if b.settings_node]
+            raise RouteError(400, "settings", f"Gentor generate settings: {spec.display_name} has no settings node "
+                                              f"(got settings for {spec.id}, expected them only for "
+                                              f"{with_settings}). Remove settings.")
+        return spec.settings_node, await self.node_info(client, spec.settings_node)
+
+    async def settings_schemas(self, request: web.Request) -> dict[str, dict]:
+        """Backend id -> JSON schema of its settings node's inputs, read from ComfyUI's /object_info (for the
+        OpenAPI document); backends whose node is not registered, or no reachable API, give none."""
+        out: dict[str, dict] = {}
+        try:
+            async with aiohttp.ClientSession(self_url(request), timeout=aiohttp.ClientTimeout(total=30)) as client:
+                for spec in self.services.backends():
+                    if spec.settings_node:
+                        try:
+                            out[spec.id] = node_schema(await self.node_info(client, spec.settings_node))
+                        except RouteError:
+                            continue  # this backend's nodes did not register (see ComfyUI's log)
+        except (aiohttp.ClientError, RouteError, OSError, asyncio.TimeoutError):
+            return out  # the description then names the settings nodes without their inputs
+        return out
+
     async def upload(self, client: aiohttp.ClientSession, raw: bytes) -> str:
         """Upload bytes to ComfyUI's temp folder (content-named, so repeats reuse one file)."""
         name = hashlib.sha256(raw).hexdigest()[:32] + ".png"
@@ -384,17 +488,22 @@ class GenerateRoute:
 
     async def run(self, client: aiohttp.ClientSession, job: Job) -> dict:
         loader_node, loader_info = await self.pick_loader(client, job)
+        spec = next(b for b in self.services.backends() if b.loader_node == loader_node)
+        if len(job.images) > spec.max_references:
+            raise RouteError(413, "images", f"Gentor generate images: too many for {spec.display_name} (got "
+                                            f"{len(job.images)}, expected at most {spec.max_references}). Send at "
+                                            f"most {spec.max_references} images in the request's images list.")
         names = [v if isinstance(v, str) else await self.upload(client, v) for v in job.images]
         task_info = await self.node_info(client, EDIT_NODE if names else T2I_NODE)
         memory_info = await self.node_info(client, MEMORY_NODE) if "memory" in job.body else None
         if memory_info is not None:
-            known = set(memory_info.get("input", {}).get("required", {}))
-            for key in job.body["memory"]:
-                if key not in known:
-                    raise RouteError(400, f"memory.{key}", f"Gentor generate memory.{key}: unknown option (got "
-                                                           f"{shown(key)}, expected one of {sorted(known)}). "
-                                                           "Use Gentor Memory Options' input names.")
-        graph = build_graph(job, loader_node, loader_info, memory_info, task_info, names)
+            check_inputs("memory", job.body["memory"], memory_info, set())
+        # The loader's model input comes from "model", its memory socket from "memory".
+        check_inputs("loader", job.body.get("loader", {}), loader_info, {model_input(loader_info), "memory"})
+        settings = await self.settings_node(client, spec) if "settings" in job.body else None
+        if settings is not None:
+            check_inputs("settings", job.body["settings"], settings[1], set())
+        graph = build_graph(job, loader_node, loader_info, memory_info, task_info, names, settings)
         client_id = uuid.uuid4().hex
         ws = await client.ws_connect(f"/ws?clientId={client_id}", autoping=True)
         try:
