@@ -360,8 +360,14 @@ def connect(address: str | None) -> None:
     if ray.is_initialized():
         return
     package = str(Path(gentor_headless.__file__).resolve().parent)
-    ray.init(address=address or None, runtime_env={"py_modules": [package]}, log_to_driver=False,
-             configure_logging=False)
+    try:
+        ray.init(address=address or None, runtime_env={"py_modules": [package]}, log_to_driver=False,
+                 configure_logging=False)
+    except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:
+        where = f"the Ray cluster at {address!r}" if address else "a Ray cluster ($RAY_ADDRESS, or a local one)"
+        raise HeadlessError(f"could not join {where}: {str(exc).strip().splitlines()[-1]}. Check the address "
+                            f"(`ray status` on the head node) and, where the cluster uses Ray's token "
+                            f"authentication, set RAY_AUTH_MODE=token and the token") from exc
 
 
 def check_out_dir(ledger: Ledger, options: RayOptions) -> None:

@@ -18,8 +18,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from gentor_headless.cli import main  # noqa: E402
-from tests.headless_helpers import PNG_MAGIC, FakeComfy, blend_workflow, free_port, png_bytes, \
-    trivial_workflow, wait_for  # noqa: E402
+from tests.headless_helpers import FakeComfy, PNG_MAGIC, blend_workflow, free_port, png_bytes, \
+    trivial_workflow, wait_for, write_csv_rows  # noqa: E402
 
 SAMPLER = {"class_type": "FakeSampler", "inputs": {"image": ["12", 0], "seed": 100, "steps": 2, "text": "x",
                                                     "mode": "a"}}
@@ -49,10 +49,7 @@ def edit_setup(tmp_path: Path, fake: FakeComfy, rows: int = 6) -> tuple[Path, Pa
         lines.append({"image_url": f"img/a{i}.png", "image_url_2": f"{fake.url}/static/b{i}.png",
                       "instruction": f"make it {i}", "out_name": f"pic{i}.png"})
     data = tmp_path / "rows.csv"
-    with data.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(lines[0]))
-        writer.writeheader()
-        writer.writerows(lines)
+    write_csv_rows(data, lines)
     return tmp_path / "wf.json", data
 
 

@@ -5,7 +5,6 @@ Real ComfyUI servers and a ``ray start --head`` cluster: tests/test_headless_ray
 """
 from __future__ import annotations
 
-import csv
 import json
 import shutil
 import sys
@@ -23,8 +22,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from gentor_headless.cli import main  # noqa: E402
-from tests.headless_helpers import FakeComfy, blend_workflow, free_port, png_bytes, trivial_workflow, \
-    wait_for  # noqa: E402
+from tests.headless_helpers import FakeComfy, blend_workflow, free_port, png_bytes, trivial_workflow, wait_for, \
+    write_csv_rows  # noqa: E402
 from tests.test_headless_batch import output_prompt, read_results  # noqa: E402
 
 SAMPLER = {"class_type": "FakeSampler", "inputs": {"image": ["12", 0], "seed": 100, "steps": 2, "text": "x",
@@ -57,10 +56,7 @@ def setup(tmp_path: Path, fake: FakeComfy, rows: int = 12, bad: int | None = 5) 
         lines.append({"ref_1": f"img/a{i}.png" if i != bad else "img/missing.png",
                       "ref_2": f"{fake.url}/static/b{i}.png", "instruction": f"make it {i}", "out": f"pic {i}"})
     data = tmp_path / "rows.csv"
-    with data.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(lines[0]))
-        writer.writeheader()
-        writer.writerows(lines)
+    write_csv_rows(data, lines)
     return tmp_path / "wf.json", data
 
 
@@ -195,3 +191,21 @@ def test_actor_that_cannot_start_its_server_stops_the_run_with_the_reason(ray_lo
                "--comfyui", str(tmp_path / "no-comfyui"), "--gpus-per-actor", "0", "--cpus-per-actor", "0"])
     err = capsys.readouterr().err
     assert rc == 1 and "Ray stopped the run" in err and "no main.py there" in err, err
+
+
+def test_unreachable_cluster_address_is_refused_clearly(tmp_path, monkeypatch, capsys):
+    # Ray itself takes ~40 s to give up on an address nobody serves; its answer is stood in for here.
+    from gentor_headless import ray_runner
+
+    def refuse(**kwargs):
+        raise ConnectionError(f"Failed to connect to Ray cluster at {kwargs['address']}")
+
+    monkeypatch.setattr(ray_runner.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray_runner.ray, "init", refuse)
+    with FakeComfy() as fake:
+        wf, data = setup(tmp_path, fake, rows=1, bad=None)
+        rc = batch(wf, data, tmp_path / "out", [fake.url], "--ray=10.0.0.9:6379", ray_run=False)
+        assert not fake.posted
+    err = capsys.readouterr().err
+    assert rc == 1 and "could not join the Ray cluster at '10.0.0.9:6379': Failed to connect to Ray cluster at " \
+        "10.0.0.9:6379. Check the address (`ray status` on the head node)" in err, err

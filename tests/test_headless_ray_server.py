@@ -6,7 +6,6 @@ mid-prompt, one is stopped with Ctrl-C and resumed, one has its actor start and 
 """
 from __future__ import annotations
 
-import csv
 import io
 import json
 import os
@@ -33,7 +32,7 @@ if str(ROOT) not in sys.path:
 
 from gentor_headless.cli import main  # noqa: E402
 from tests.comfy_server import ComfyServer, comfy_dir_or_skip, free_port  # noqa: E402
-from tests.headless_helpers import png_bytes, wait_for  # noqa: E402
+from tests.headless_helpers import png_bytes, wait_for, write_csv_rows  # noqa: E402
 from tests.test_headless_server import edit_workflow, read_results, successes  # noqa: E402
 
 pytestmark = pytest.mark.server
@@ -109,11 +108,17 @@ def dataset(tmp_path: Path, rows: int = 12, bad: int | None = 7) -> Path:
         lines.append({"ref_1": "img/nowhere.png" if i == bad else f"img/a{i}.png", "ref_2": f"img/b{i}.png",
                       "name": f"item-{i}"})
     data = tmp_path / "rows.csv"
-    with data.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(lines[0]))
-        writer.writeheader()
-        writer.writerows(lines)
+    write_csv_rows(data, lines)
     return data
+
+
+def slow_rows(tmp_path: Path, prefix: str) -> tuple[Path, Path]:
+    """12 good rows and a workflow slow enough (~0.7 s a row) to stop or kill mid-prompt."""
+    workflow = edit_workflow(size=SLOW_SIZE, radius=31)
+    workflow["13"]["inputs"]["filename_prefix"] = prefix
+    wf = tmp_path / "wf.json"
+    wf.write_text(json.dumps(workflow))
+    return wf, dataset(tmp_path, bad=None)
 
 
 def command(wf: Path, data: Path, out: Path, head: RayHead, *extra: str) -> list[str]:
@@ -128,17 +133,21 @@ def pixels(path: Path) -> bytes:
 
 def test_twelve_rows_same_outputs_and_results_as_builtin(ray_head, servers, tmp_path):
     data = dataset(tmp_path)
+    workflow = edit_workflow()  # + seeded noise (a core node), so seeds decide pixels
+    workflow["30"] = {"class_type": "ImageAddNoise", "inputs": {"image": ["12", 0], "seed": 1000, "strength": 0.5}}
+    workflow["13"]["inputs"]["images"] = ["30", 0]
     wf = tmp_path / "wf.json"
-    wf.write_text(json.dumps(edit_workflow()))
-    urls = [arg for s in servers for arg in ("--server", s.url)]
+    wf.write_text(json.dumps(workflow))
+    extra = [*(arg for s in servers for arg in ("--server", s.url)), "--seed-policy", "row"]
     assert main(["batch", str(wf), "--data", str(data), "--out", str(tmp_path / "builtin"), "--name-column",
-                 "name", *MAPS, *urls]) == 1
-    done = subprocess.run(command(wf, data, tmp_path / "ray", ray_head, *urls), capture_output=True, text=True,
+                 "name", *MAPS, *extra]) == 1
+    done = subprocess.run(command(wf, data, tmp_path / "ray", ray_head, *extra), capture_output=True, text=True,
                           timeout=300, env=ray_head.env)
     assert done.returncode == 1 and (tmp_path / "ray" / "results.csv").is_file(), done.stdout + done.stderr
     want = [{k: r[k] for k in COMPARED} for r in read_results(tmp_path / "builtin" / "results.csv")]
     got = [{k: r[k] for k in COMPARED} for r in read_results(tmp_path / "ray" / "results.csv")]
     assert got == want and [r["status"] for r in got].count("ok") == 11
+    assert [r["seed"] for r in got if r["status"] == "ok"] == [str(1000 + i) for i in range(12) if i != 7]
     assert "image file 'img/nowhere.png' not found" in got[7]["error"]
     assert {r["server"] for r in read_results(tmp_path / "ray" / "results.csv")} == {s.url for s in servers}
     names = sorted(p.name for p in (tmp_path / "ray").glob("*.png"))
@@ -148,11 +157,7 @@ def test_twelve_rows_same_outputs_and_results_as_builtin(ray_head, servers, tmp_
 
 
 def test_ctrl_c_then_resume_runs_only_missing_rows(ray_head, servers, tmp_path):
-    data = dataset(tmp_path, bad=None)
-    wf = tmp_path / "wf.json"
-    workflow = edit_workflow(size=SLOW_SIZE, radius=31)
-    workflow["13"]["inputs"]["filename_prefix"] = "rayresume"
-    wf.write_text(json.dumps(workflow))
+    wf, data = slow_rows(tmp_path, "rayresume")
     urls = [arg for s in servers for arg in ("--server", s.url)]
     out = tmp_path / "out"
     proc = subprocess.Popen(command(wf, data, out, ray_head, *urls), stdout=subprocess.PIPE,
@@ -182,11 +187,7 @@ def test_ctrl_c_then_resume_runs_only_missing_rows(ray_head, servers, tmp_path):
 
 def test_server_killed_mid_run_loses_and_duplicates_nothing(ray_head, servers, tmp_path):
     a, b = servers
-    data = dataset(tmp_path, bad=None)
-    wf = tmp_path / "wf.json"
-    workflow = edit_workflow(size=SLOW_SIZE, radius=31)
-    workflow["13"]["inputs"]["filename_prefix"] = "raykill"
-    wf.write_text(json.dumps(workflow))
+    wf, data = slow_rows(tmp_path, "raykill")
     out = tmp_path / "out"
     queued_before = a.log_tail(10**7).count("got prompt")  # the module's servers ran earlier tests' rows
     proc = subprocess.Popen(command(wf, data, out, ray_head, "--server", a.url, "--server", b.url,
