@@ -33,6 +33,8 @@ PIPELINE_FOLDER_KEYS = ("qwen_image", "diffusers")  # Qwen-Image pipelines whose
 TEXT_ENCODER = "text_encoder"
 # VLMs inside other backends' folders, offered as '<folder>/<sub-folder>' so the enhancer can share one copy with
 # that backend: Qwen-Image pipelines' text encoders, DeepGen-1.0-diffusers' own vlm/ (Qwen2.5-VL-3B).
+COMFY_FILES = "text_encoders/"  # Comfy-format text-encoder files are offered under this name prefix
+COMFY_LAYOUT = "comfy_file"
 NESTED = ((PIPELINE_FOLDER_KEYS, TEXT_ENCODER, ()), (("deepgen",), "vlm", ("connector",)))
 
 
@@ -124,11 +126,58 @@ def list_models() -> list[str]:
     own = list_model_folders(FOLDER_KEYS, looks_like_vlm)
     nested = [f"{n}/{sub}" for keys, sub, markers in NESTED
               for n in list_model_folders(keys, _nested_filter(sub, markers))]
-    return own + [n for n in dict.fromkeys(nested) if n not in own]
+    return own + [n for n in dict.fromkeys(nested) if n not in own] + _comfy_text_encoders()
+
+
+def _comfy_text_encoders() -> list[str]:
+    """ComfyUI's Qwen2.5-VL text-encoder files that can generate text (they hold lm_head), as 'text_encoders/<file>':
+    the same file Gentor Load Qwen-Image (ComfyUI files) reads, so the two share one cached copy."""
+    from . import qwen_image_files  # noqa: PLC0415
+
+    return [COMFY_FILES + n for n in qwen_image_files.list_files(qwen_image_files.TEXT_KEYS, _generates)]
+
+
+def _generates(path: Path) -> bool:
+    from . import comfy_qwen  # noqa: PLC0415
+    from .comfy_files import read_header  # noqa: PLC0415
+
+    header = read_header(path, DISPLAY, INPUT)
+    return comfy_qwen.text_kind(header) == "qwen2_5_vl" and comfy_qwen.has_lm_head(header)
+
+
+def _comfy_file_handle(path: Path, memory: MemoryOptions | None) -> ModelHandle:
+    """A handle on a Comfy-format Qwen2.5-VL file: ComfyUI's bundled tokenizer, the released image processor."""
+    from . import comfy_qwen, qwen_image_files  # noqa: PLC0415
+    from .comfy_files import read_header, weight_format  # noqa: PLC0415
+
+    header = read_header(path, DISPLAY, INPUT)
+    if comfy_qwen.text_kind(header) != "qwen2_5_vl" or not comfy_qwen.has_lm_head(header):
+        raise ModelFolderError(
+            f"{DISPLAY} {INPUT}: {path.name} cannot generate text (got {comfy_qwen.describe(header)}"
+            f"{'' if comfy_qwen.has_lm_head(header) else ' without lm_head'}, expected a Qwen2.5-VL file with its "
+            "lm_head). Pick a Qwen-VL Instruct folder from models/vlm/.")
+    weight_format(header, DISPLAY, INPUT)
+    config = comfy_qwen.text_config(header)
+    hidden, layers = config.text_config.hidden_size, config.text_config.num_hidden_layers
+    params = sum(_numel(s) for s in header.shapes.values())
+    arch = ARCHITECTURES["qwen2_5_vl"]
+    tok = qwen_image_files.tokenizer_dir()
+    return ModelHandle(BACKEND, _variant("qwen2_5_vl", arch, hidden, layers, params),
+                       (("model", str(path)), ("tokenizer", str(tok)), ("processor", str(tok))),
+                       memory or MemoryOptions(), (
+        ("architecture", "qwen2_5_vl"), ("params", human_count(params)), ("layers", str(layers)),
+        ("hidden", str(hidden)), ("images", "yes"), ("chat_template", "built-in Qwen format"),
+        ("layout", COMFY_LAYOUT)))
 
 
 def resolve(name: str) -> Path:
-    """A dropdown value -> folder inside the registered roots (vlm first, then the nested VLMs)."""
+    """A dropdown value -> folder inside the registered roots (vlm first, then the nested VLMs), or a Comfy-format
+    text-encoder file ('text_encoders/<file>')."""
+    if isinstance(name, str) and name.startswith(COMFY_FILES):
+        from .comfy_files import resolve_file  # noqa: PLC0415
+        from .qwen_image_files import TEXT_KEYS  # noqa: PLC0415
+
+        return resolve_file(DISPLAY, INPUT, name[len(COMFY_FILES):], TEXT_KEYS)
     try:
         return resolve_model_folder(DISPLAY, INPUT, name, FOLDER_KEYS)
     except InputError:
@@ -163,8 +212,11 @@ def identify(path: Path) -> str | None:
     return variant_of(path, looks_like_vlm, lambda p: inspect_folder(p).variant, "(incomplete Qwen-VL folder)")
 
 
-def inspect_folder(folder: Path) -> VlmInfo:
-    """Validate a Qwen-VL folder and detect its architecture and size; errors say what was found."""
+def inspect_folder(folder: Path, tokenizer_dir: Path | None = None) -> VlmInfo:
+    """Validate a Qwen-VL folder and detect its architecture and size; errors say what was found.
+
+    ``tokenizer_dir``: where the caller found the tokenizer (a user that needs no image processor, e.g. DeepGen,
+    whose vision input is preprocessed by its own code); the folder's processor files are then optional."""
     if not folder.is_dir():
         raise _not_vlm(folder, "no folder")
     if not (folder / "config.json").is_file():
@@ -191,7 +243,10 @@ def inspect_folder(folder: Path) -> VlmInfo:
             f"{DISPLAY} weights: no vision tower (got only language-model weights, expected visual.* tensors). This is "
             "a text-only checkpoint: download the full Qwen-VL Instruct folder.")
     in_pipeline = folder.name == TEXT_ENCODER and (folder.parent / "model_index.json").is_file()
-    processor_dir, tokenizer_dir = _companions(folder, in_pipeline)
+    if tokenizer_dir is None:
+        processor_dir, tokenizer_dir = _companions(folder, in_pipeline)
+    else:
+        processor_dir = folder if any((folder / f).is_file() for f in IMAGE_PROCESSOR_FILES) else None
     chat = any((d / f).is_file() for d in {processor_dir or folder, tokenizer_dir} for f in CHAT_TEMPLATE_FILES) or \
         _tokenizer_has_template(tokenizer_dir)
     return VlmInfo(model_type, arch, _variant(model_type, arch, hidden, layers, params), params, hidden, layers,
@@ -238,6 +293,8 @@ def _tokenizer_has_template(folder: Path) -> bool:
 def load_handle(model_name: str, memory: MemoryOptions | None) -> ModelHandle:
     """What GentorLoadPromptEnhancer does: resolve, validate, detect; weights load lazily at first use."""
     folder = resolve(model_name)
+    if folder.is_file():
+        return _comfy_file_handle(folder, memory)
     info = inspect_folder(folder)
     paths = [("model", str(info.model_dir)), ("tokenizer", str(info.tokenizer_dir))]
     if info.processor_dir is not None:
@@ -261,6 +318,10 @@ def load_qwen_vl(folder: str | Path, precision: Precision | None, source: Any = 
     from .streaming import load_transformers  # noqa: PLC0415
 
     folder = Path(folder)
+    if folder.is_file():  # a Comfy-format Qwen2.5-VL file: its own loader (shared with Qwen-Image's file loader)
+        from .qwen_image_files import load_text_encoder  # noqa: PLC0415
+
+        return load_text_encoder(folder, precision, source, skip)
     model_type = _model_type(folder)
     if model_type not in ARCHITECTURES:
         raise _not_vlm(folder, f"config.json model_type={model_type!r}")
@@ -300,9 +361,24 @@ def load_components(handle: ModelHandle, plan: Plan, session: Session) -> dict[s
     processor_dir = dict(handle.paths).get("processor")
     tokenizer_dir = handle.path("tokenizer")
     skip = tuple(s.fp8_skip)
+    precision = plan.precision
+    if handle.info_dict.get("layout") == COMFY_LAYOUT:
+        # As Qwen-Image's file loader decides for the same file, so both name one cache entry.
+        from .comfy_files import read_header, weight_format  # noqa: PLC0415
+        from .qwen_image_files import load_processor as comfy_processor, precision_for  # noqa: PLC0415
+
+        header = read_header(model_dir, DISPLAY, INPUT)
+        precision, skip = precision_for(header, weight_format(header, DISPLAY, INPUT), plan, handle.memory, skip,
+                                        False)
+        processor = session.get("qwen_vl_processor", tokenizer_dir, lambda _p, _s: comfy_processor(Path(tokenizer_dir)),
+                                None, user=BACKEND, display=DISPLAY)
+        processor.value.chat_template = processor.value.chat_template or QWEN_CHAT_TEMPLATE
+        processor.value.tokenizer.chat_template = processor.value.tokenizer.chat_template or QWEN_CHAT_TEMPLATE
     model = session.get(kind_of(handle), model_dir,
-                        lambda precision, source: load_qwen_vl(model_dir, precision, source, skip),
-                        plan.precision, user=BACKEND, display=DISPLAY, skip=skip)
+                        lambda prec, source: load_qwen_vl(model_dir, prec, source, skip),
+                        precision, user=BACKEND, display=DISPLAY, skip=skip)
+    if handle.info_dict.get("layout") == COMFY_LAYOUT:
+        return {"model": model, "processor": processor}
     processor = session.get("qwen_vl_processor", processor_dir or tokenizer_dir,
                             lambda _precision, _source: load_processor(tokenizer_dir, processor_dir),
                             None, user=BACKEND, display=DISPLAY)

@@ -157,7 +157,7 @@ def as_text(processor: Any, messages: list[dict]) -> list[dict]:
     names = {"system": "system_prompt", "user": "prompt"}
 
     def text(role: str, value: str) -> str:
-        return user_text(processor, value, names.get(role, role), DISPLAY)
+        return user_text(processor, value, names.get(role, role), loader.BACKEND)
 
     return [dict(m, content=text(m["role"], m["content"]) if isinstance(m["content"], str) else
                  [dict(c, text=text(m["role"], c["text"])) if c.get("type") == "text" else c for c in m["content"]])

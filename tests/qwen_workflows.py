@@ -108,6 +108,18 @@ Q21_NOTE = ("Qwen-Image 2.1 (non-commercial licence): edit / compose with up to 
             "gives it; Join Image with Alpha rebuilds the RGBA).")
 
 
+FILES_NOTE = ("Qwen-Image from the files ComfyUI's own templates download (Gentor Load Qwen-Image (ComfyUI files)): "
+              "models/diffusion_models/qwen_image_fp8_e4m3fn.safetensors (or _bf16, _fp8mixed, the 2512 / Edit / "
+              "Edit-2509 / Edit-2511 files), models/text_encoders/qwen_2.5_vl_7b_fp8_scaled.safetensors, "
+              "models/vae/qwen_image_vae.safetensors. No second download: the tokenizer is ComfyUI's own. variant "
+              "auto: Text to Image runs Qwen-Image, Edit Image runs Edit-2509 (the weights cannot tell them apart); "
+              "Edit-2511 files are recognised.")
+GGUF_NOTE = ("Qwen-Image from a GGUF transformer (city96/Qwen-Image-gguf, QuantStack's Edit / Edit-2509, unsloth's "
+             "Edit-2511; Q8_0 ... Q4_0) in models/unet/ or models/diffusion_models/, with ComfyUI's text encoder and "
+             "VAE files. The weights stay quantised in memory (about the file's size) and are dequantised layer by "
+             "layer while computing.")
+
+
 def write_examples() -> None:
     specs = wspec.allowed_specs(wstatic.static_specs())
     t2i_w = ["a red fox sitting in fresh snow, watercolor", "", 7, "fixed", 2, 0.0, 32, 32, 1]
@@ -133,6 +145,12 @@ def write_examples() -> None:
     edges = [(0, 0, edit, "model")] + [(k + 1, 0, edit, f"image_{k + 1}") for k in range(len(inputs))]
     edges += [(edit, 0, edit + 1, "images")]
     save_pair("qwen_image21_multiref", build(nodes, edges, Q21_NOTE + TAIL, specs), specs)
+    for name, dm, note in (("qwen_image_comfy_files_t2i", "qwen_image_fp8_e4m3fn.safetensors", FILES_NOTE),
+                           ("qwen_image_comfy_gguf_t2i", "qwen_image-Q4_K_M.gguf", GGUF_NOTE)):
+        loader = ("GentorLoadQwenImageFiles", [dm, "qwen_2.5_vl_7b_fp8_scaled.safetensors", "qwen_image_vae.safetensors",
+                                               "diffusers", "auto"])
+        save_pair(name, build([loader, ("GentorTextToImage", t2i_w), ("SaveImage", [f"gentor/{name}"])],
+                              [(0, 0, 1, "model"), (1, 0, 2, "images")], note + TAIL, specs), specs)
 
 
 def main(argv: list[str]) -> int:

@@ -64,3 +64,20 @@ SOCKETS = cases(SOCKET_TYPES)
 def test_a_string_in_every_gentor_socket_is_refused_naming_what_to_connect(server, name, node_id, input_name):
     text = refused(server, name, node_id, input_name, "tiny-qwen-image")
     assert "Connect " in text and "got str" in text, text
+
+
+def test_a_megabyte_prompt_to_the_enhancer_is_refused_at_once(server):
+    name = "vlm_enhance_t2i"
+    node_id = next(nid for nid, n in wf.load_json(wf.API_DIR / f"{name}.json").items()
+                   if n["class_type"] == "GentorEnhancePrompt")
+    text = refused(server, name, node_id, "prompt", "a cat " * 170_000)
+    assert "too long (got 1,020,000 characters" in text, text
+
+
+@pytest.mark.parametrize("bad", ["a\x00b", "cat \ud83d dog"])
+def test_text_no_tokenizer_takes_is_refused_naming_the_input(server, bad):
+    name = "vlm_enhance_t2i"
+    node_id = next(nid for nid, n in wf.load_json(wf.API_DIR / f"{name}.json").items()
+                   if n["class_type"] == "GentorEnhancePrompt")
+    text = refused(server, name, node_id, "prompt", bad)
+    assert "contains a" in text, text

@@ -12,7 +12,6 @@ import copy
 import json
 
 import pytest
-from PIL import Image
 
 from gentor import registry
 from tests import workflow_check as wc
@@ -20,7 +19,7 @@ from tests import workflow_files as wf
 from tests import workflow_specs as wspec
 from tests import workflow_static as wstatic
 
-SHARED_NODES = ("GentorMemoryOptions", "GentorTextToImage", "GentorEditImage", "GentorInspectModel")
+SHARED_NODES = ("GentorMemoryOptions", "GentorSpeedOptions", "GentorTextToImage", "GentorEditImage", "GentorInspectModel")
 TASK_NODES = ("GentorTextToImage", "GentorEditImage")
 MIN_EDIT_IMAGE_INPUTS = 4  # DESIGN.md §3: image_1..image_N, N = the largest maximum of the backends, >= 4
 TINY_PREFIX = "tiny-"  # the tiny kit writes DIR/<folder key>/tiny-<variant>/ (DESIGN.md §8)
@@ -28,8 +27,12 @@ MAX_INPUT_IMAGE_BYTES = 20_000
 MAX_EXAMPLE_STEPS = 8  # a distilled 8-step example runs its real step count; the tiny models keep it fast
 
 
+# Loaders of files in ComfyUI's own folders: their examples name the published files (the kit uses those names).
+PUBLISHED_NAME_LOADERS = ("GentorLoadQwenImageFiles",)
+
+
 def loader_nodes() -> list[str]:
-    return [b.loader_node for b in registry.BACKENDS if b.loader_node]
+    return [b.loader_node for b in registry.BACKENDS if b.loader_node] + list(PUBLISHED_NAME_LOADERS)
 
 
 def is_placeholder(value: str) -> bool:
@@ -75,8 +78,8 @@ def test_static_parse_follows_helpers_and_loops(gentor_specs):
     assert n_images == max(MIN_EDIT_IMAGE_INPUTS, registry.max_references()), n_images
     t2i, edit = gentor_specs["GentorTextToImage"], gentor_specs["GentorEditImage"]
     common = ["model", "prompt", "negative", "seed", "steps", "cfg", "width", "height"]
-    assert [i.name for i in t2i.inputs] == common + ["batch_size", "settings"]
-    assert [i.name for i in edit.inputs] == common + [f"image_{k}" for k in range(1, n_images + 1)] + ["settings"]
+    assert [i.name for i in t2i.inputs] == common + ["batch_size", "settings", "speed"]
+    assert [i.name for i in edit.inputs] == common + [f"image_{k}" for k in range(1, n_images + 1)] + ["settings", "speed"]
     seed = t2i.input("seed")
     assert seed.type == "INT" and seed.control_after_generate and not seed.optional
     assert edit.input("image_1").optional and edit.input("image_1").type == "IMAGE"
@@ -170,6 +173,8 @@ def test_saves_under_gentor_prefix_and_runs_tiny(pair, specs):
     loaders = [n for n in api.values() if n["class_type"] in loader_nodes()]
     assert loaders, f"{name}: no Gentor loader"
     for loader in loaders:  # every model dropdown names a tiny kit folder
+        if loader["class_type"] in PUBLISHED_NAME_LOADERS:
+            continue  # ComfyUI's own file names, which tests/tiny_comfy.py writes (tests/test_workflows_qwen_image.py)
         spec = specs[loader["class_type"]]
         picked = [v for k, v in loader["inputs"].items() if spec.input(k).type == "COMBO"
                   and spec.input(k).options is wspec.UNKNOWN and not is_placeholder(v)]
