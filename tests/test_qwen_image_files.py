@@ -290,3 +290,15 @@ def test_lora_on_comfy_files_matches_the_folder_with_the_lora(roots, dm, toleran
     got = sampler.run(handle, "t2i", request()).image
     assert rel_err(want, plain) > 3 * max(tolerance, 1e-4)  # the LoRA changes the image (~7%)
     assert rel_err(got, want) <= tolerance
+
+
+def test_diffsynth_engine_on_the_bf16_file_matches_the_folder_and_stored_forms_fall_back(roots):
+    pytest.importorskip("diffsynth", reason="the optional DiffSynth engine is not installed")
+    want = sampler.run(folder_loader.load_handle(kit.T2I, None, "diffsynth"), "t2i", request()).image
+    handle = files_loader.load_handle(FORMAT_FILES["bf16"], TE_BF16, VAE, None, "diffsynth")
+    result = sampler.run(handle, "t2i", request())
+    assert torch.equal(result.image, want) and "engine=diffsynth" in result.text
+    with pytest.raises(InputError, match="stored form"):
+        files_loader.load_handle("qwen_image-Q8_0.gguf", TE_BF16, VAE, None, "diffsynth")
+    fallback = files_loader.load_handle("qwen_image-Q8_0.gguf", TE_BF16, VAE, None, "diffsynth-or-diffusers")
+    assert fallback.info_dict["engine"] == "diffusers"
