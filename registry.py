@@ -48,6 +48,7 @@ class BackendSpec:
     # Components never stored in FP8 (small and decide the final pixels, e.g. a VAE).
     fp8_exclude: tuple[str, ...] = ()
     loader_node: str = ""  # node id of its loader, for messages
+    settings_node: str = ""  # node id of its settings node (GENTOR_SETTINGS for the task nodes), if any
     # Most tokens a prompt (or question) may have, counted by the backend's tokenizer before any model work:
     # a longer prompt is refused naming the input and this limit (a 1 MB prompt must not hold the queue).
     max_prompt_tokens: int = 0
@@ -73,7 +74,8 @@ BACKENDS: tuple[BackendSpec, ...] = (
                                "Edit-2509/2511 and 2.1 from the last, at ~1 MP"),
         blocks=(("transformer", ("transformer_blocks",)), ("text_encoder", QWEN2_5_VL_BLOCKS)),
         fp8_skip=COMMON_FP8_SKIP, fp8_exclude=("vae",), loader_node="GentorLoadQwenImage",
-        max_prompt_tokens=1024),  # the pipelines' max_sequence_length ceiling
+        # max_prompt_tokens: the pipelines' max_sequence_length ceiling
+        settings_node="GentorQwenImageSettings", max_prompt_tokens=1024),
     BackendSpec(
         "deepgen", "DeepGen", ("deepgen", "vlm"),
         (("diffusers", "diffusers>=0.42"), ("transformers", "transformers"), ("accelerate", "accelerate"),
@@ -83,7 +85,7 @@ BACKENDS: tuple[BackendSpec, ...] = (
                           size="512x512; an edit with one reference follows the reference (long side <= 512)"),
         blocks=(("transformer", ("transformer_blocks",)), ("vlm", QWEN2_5_VL_BLOCKS), ("bridge", ("connector.layers",))),
         fp8_skip=COMMON_FP8_SKIP, fp8_exclude=("vae",), loader_node="GentorLoadDeepGen",
-        max_prompt_tokens=1024),  # DeepGen's training max_length
+        settings_node="GentorDeepGenSettings", max_prompt_tokens=1024),  # DeepGen's training max_length
     BackendSpec(
         "bagel", "BAGEL", ("bagel",), (("transformers", "transformers"), ("accelerate", "accelerate"),
                                        ("safetensors", "safetensors")),
@@ -93,7 +95,7 @@ BACKENDS: tuple[BackendSpec, ...] = (
                                "(long side <= 1024, short side >= 512) unless width/height are set"),
         blocks=(("model", ("language_model.model.layers", "vit_model.vision_model.encoder.layers")),),
         fp8_skip=COMMON_FP8_SKIP + ("vae2llm", "llm2vae", "connector"), fp8_exclude=("ae",),
-        loader_node="GentorLoadBagel", max_prompt_tokens=4096),
+        loader_node="GentorLoadBagel", settings_node="GentorBagelSettings", max_prompt_tokens=4096),
     BackendSpec(
         "emu35", "Emu3.5", ("emu35",),
         (("transformers", "transformers"), ("accelerate", "accelerate"), ("tiktoken", "tiktoken"),
@@ -105,7 +107,7 @@ BACKENDS: tuple[BackendSpec, ...] = (
                                "last reference at image_area (1 MP); cfg 5.0 T2I / 3.0 X2I (Emu3.5-Image), 2.0 Emu3.5"),
         blocks=(("llm", ("model.layers",)),),
         fp8_skip=COMMON_FP8_SKIP, fp8_exclude=("ibq",), loader_node="GentorLoadEmu35",
-        max_prompt_tokens=4096),
+        settings_node="GentorEmu35Settings", max_prompt_tokens=4096),
     BackendSpec(
         "vlm", "Qwen-VL", ("vlm",), (("transformers", "transformers"),),
         tasks=(TASK_UNDERSTAND, TASK_ENHANCE),

@@ -7,6 +7,7 @@ the logits processing cost what they cost), a fixed image of ``--rows x --cols``
     python benchmarks/bench_emu35.py [--layers 4 --hidden 512 --rows 4 --cols 8 --repeats 3]
 
 - tokens/s of our generator: ``batched`` (both CFG branches in one forward per token, the default),
+  ``static`` (the same over a fixed-size StaticCache: the GPU path that can be compiled),
   ``separate`` (two cached forwards), ``uncached`` (full recomputation), HF ``generate`` with the same
   processing in a LogitsProcessor whose unconditional branch keeps its own cache (as the official
   code does), and a single branch (no CFG) for the CFG cost ratio (target <= 1.3x when batched);
@@ -136,8 +137,8 @@ def bench_decode(a) -> dict:
         return model.generate(torch.tensor([cond], device=device), cfg,
                               logits_processor=LogitsProcessorList([proc])).shape[1] - len(cond)
 
-    fns = {"batched": ours("batched"), "separate": ours("separate"), "single branch": single, "hf generate": hf,
-           "uncached": ours("uncached")}
+    fns = {"batched": ours("batched"), "separate": ours("separate"), "static cache": ours("static"),
+           "single branch": single, "hf generate": hf, "uncached": ours("uncached")}
     fns = {k: v for k, v in fns.items() if k.split()[0] in a.modes}
     if "linearhead" in a.modes:  # the head as it was before VocabHead: plain F.linear (same process, same weights)
         fns["batched, F.linear head"] = plain_head(model, ours("batched"))
@@ -350,7 +351,7 @@ def main(argv=None) -> int:
     p.add_argument("--cols", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--latent", type=int, default=32, help="quantiser test: latent side (tokens)")
-    p.add_argument("--modes", default="batched,separate,single,linearhead,hf,uncached",
+    p.add_argument("--modes", default="batched,separate,static,single,linearhead,hf,uncached",
                    help="comma-separated subset of batched, separate, single, linearhead (batched and single with "
                         "the head as a plain F.linear: the form before VocabHead), hf, uncached")
     p.add_argument("--warmup", type=int, default=1, help="0: no warm-up run")

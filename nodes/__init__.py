@@ -15,10 +15,11 @@ log = logging.getLogger(__name__)
 def node_list() -> list[type[io.ComfyNode]]:
     from .inspection import GentorInspectModel
     from .memory import GentorMemoryOptions
+    from .speed import GentorSpeedOptions
     from .tasks import GentorEditImage, GentorTextToImage
     from .text import GentorDescribeImage
 
-    nodes: list[type[io.ComfyNode]] = [GentorMemoryOptions, GentorTextToImage, GentorEditImage, GentorDescribeImage,
+    nodes: list[type[io.ComfyNode]] = [GentorMemoryOptions, GentorSpeedOptions, GentorTextToImage, GentorEditImage, GentorDescribeImage,
                                        GentorInspectModel]
     for spec in registry.available():
         for key in spec.folder_keys:

@@ -14,6 +14,7 @@ from ..samplers.common import InputField, Settings, check_inputs
 GentorModel = io.Custom("GENTOR_MODEL")
 GentorMemory = io.Custom("GENTOR_MEMORY")
 GentorSettings = io.Custom("GENTOR_SETTINGS")
+GentorSpeed = io.Custom("GENTOR_SPEED")
 
 CATEGORY = "Gentor"
 MAX_SIZE = 8192
@@ -52,6 +53,11 @@ def common_inputs() -> list:
 def settings_input() -> io.Input:
     return GentorSettings.Input("settings", optional=True,
                                 tooltip="Optional per-backend settings (e.g. Gentor Qwen-Image Settings).")
+
+
+def speed_input() -> io.Input:
+    return GentorSpeed.Input("speed", optional=True,
+                             tooltip="Optional Gentor Speed Options (step cache, attention, compile) for this run.")
 
 
 def task_outputs() -> list:

@@ -6,7 +6,8 @@ from comfy_api.v0_0_2 import io, ui
 
 from .. import registry
 from ..samplers.common import Request, check_number, collect_references, library_errors
-from .common import CATEGORY, EDIT_IMAGE_INPUTS, MAX_BATCH, MAX_CFG, common_inputs, settings_input, task_outputs
+from .common import (CATEGORY, EDIT_IMAGE_INPUTS, MAX_BATCH, MAX_CFG, common_inputs, settings_input, speed_input,
+                     task_outputs)
 
 T2I_DISPLAY = "Gentor Text to Image"
 EDIT_DISPLAY = "Gentor Edit Image"
@@ -36,14 +37,14 @@ class GentorTextToImage(io.ComfyNode):
             inputs=common_inputs() + [
                 io.Int.Input("batch_size", default=1, min=1, max=MAX_BATCH,
                              tooltip="Images per run (one seed; the batch shares the noise draw)."),
-                settings_input()],
+                settings_input(), speed_input()],
             outputs=task_outputs())
 
     @classmethod
     def execute(cls, model, prompt, negative, seed, steps, cfg, width, height, batch_size,
-                settings=None) -> io.NodeOutput:
+                settings=None, speed=None) -> io.NodeOutput:
         return _run("t2i", T2I_DISPLAY, model, [], prompt=prompt, negative=negative, seed=seed, steps=steps,
-                    cfg=cfg, width=width, height=height, batch_size=batch_size, settings=settings)
+                    cfg=cfg, width=width, height=height, batch_size=batch_size, settings=settings, speed=speed)
 
 
 class GentorEditImage(io.ComfyNode):
@@ -57,14 +58,14 @@ class GentorEditImage(io.ComfyNode):
         return io.Schema(
             node_id="GentorEditImage", display_name=EDIT_DISPLAY, category=CATEGORY,
             description="Edit one image, or combine several reference images, following an instruction.",
-            inputs=common_inputs() + images + [settings_input()],
+            inputs=common_inputs() + images + [settings_input(), speed_input()],
             outputs=task_outputs())
 
     @classmethod
-    def execute(cls, model, prompt, negative, seed, steps, cfg, width, height, settings=None,
+    def execute(cls, model, prompt, negative, seed, steps, cfg, width, height, settings=None, speed=None,
                 **images) -> io.NodeOutput:
         spec = registry.get(model.backend)
         pils = collect_references([(f"image_{i}", images.get(f"image_{i}")) for i in range(1, EDIT_IMAGE_INPUTS + 1)],
                                   f"{spec.display_name} ({EDIT_DISPLAY})", spec.max_references)
         return _run("edit", EDIT_DISPLAY, model, pils, prompt=prompt, negative=negative, seed=seed, steps=steps,
-                    cfg=cfg, width=width, height=height, settings=settings)
+                    cfg=cfg, width=width, height=height, settings=settings, speed=speed)

@@ -29,6 +29,7 @@ from ..modeling.bagel import BagelEngine, FlowSettings
 from ..modeling.bagel.embeddings import unpatchify_latent
 from ..modeling.bagel.flow import RENORM_TYPES
 from ..modeling.bagel.preprocess import MAX_PIXELS, VAE_RULE, VIT_RULE, ResizeRule
+from . import speed
 from .common import (Request, Result, Settings, check_finite, check_settings, chw_to_image, format_notes,
                      latent_preview, round_size, to_rgb)
 from .prompt_text import user_text
@@ -37,6 +38,12 @@ log = logging.getLogger(__name__)
 
 DISPLAY = "BAGEL"
 SETTINGS_NODE = "Gentor BAGEL Settings"
+SPEED_SUPPORT = speed.Support(
+    caches=("taylorseer",),
+    no_cache="BAGEL's velocity is one call into its Mixture-of-Transformers, not a stack of diffusers blocks: "
+             "only taylorseer, which extrapolates the whole velocity, applies",
+    no_attention="BAGEL runs its own packed attention, not diffusers' attention dispatcher",
+    no_compile="BAGEL's passes change shape with every context, so compiled blocks are not wired for it")
 DEFAULT_STEPS = 50
 DEFAULT_CFG_TEXT = 4.0
 DEFAULT_SIZE = 1024
@@ -285,6 +292,7 @@ def run(handle: ModelHandle, task: str, request: Request,
     plan = resolve(handle.memory, glue.torch_device())
     notes.extend(plan.notes)
     check_memory(job, cfg, path, plan)
+    speed.check_usable(request.speed, DISPLAY, plan.device, SPEED_SUPPORT)
     spec = registry.get("bagel")
     generator = torch.Generator("cpu").manual_seed(job.seed)
     with CACHE.session() as session:
@@ -297,7 +305,7 @@ def run(handle: ModelHandle, task: str, request: Request,
             engine.before_forward = glue.check_interrupt
             if job.task == registry.TASK_UNDERSTAND:
                 return _understand(engine, job, generator, notes, handle, listener)
-            image, think = _generate(engine, job, generator, cfg, notes, listener)
+            image, think = _generate(engine, job, generator, cfg, notes, listener, request.speed)
     check_finite(image, DISPLAY, "try compute_dtype bf16 or fp32 in Gentor Memory Options (fp16 overflows easily)")
     f = job.flow
     pairs = [("model", handle.variant), ("task", job.task), ("size", f"{job.size[1]}x{job.size[0]}"),
@@ -308,13 +316,17 @@ def run(handle: ModelHandle, task: str, request: Request,
     return Result(image, (think + "\n\n" + text) if think else text)
 
 
+def _step_time(_cache: Any, _x: torch.Tensor, _height: int, _width: int, t: float) -> float:
+    return t  # velocity(cache, x, height, width, t): the branches of one step share t
+
+
 def _think_progress(job: BagelJob, listener: Any) -> Callable[[int], None]:
     progress = glue.Progress(job.max_tokens, listener)
     return lambda i: progress.update(i + 1)
 
 
 def _generate(engine: BagelEngine, job: BagelJob, generator: torch.Generator, cfg: Any, notes: list[str],
-              listener: Any) -> tuple[torch.Tensor, str]:
+              listener: Any, speed_options: speed.SpeedOptions | None = None) -> tuple[torch.Tensor, str]:
     ctx = engine.build_contexts(_inputs(job, engine.tokenizer), generator, job.size, think=job.think)
     ctx.size = job.size  # plan_job's size: the last reference's (as the reference code) unless width/height set
     think = ""
@@ -329,6 +341,7 @@ def _generate(engine: BagelEngine, job: BagelJob, generator: torch.Generator, cf
     updates = job.flow.steps - 1
     progress = glue.Progress(updates * job.batch, listener)
     images = []
+    plain_velocity, fast = engine.velocity, speed.Report()
     for item in range(job.batch):
         noise = torch.randn((n, cfg.patch_latent_dim), generator=generator)
 
@@ -337,8 +350,11 @@ def _generate(engine: BagelEngine, job: BagelJob, generator: torch.Generator, cf
             show = (i + 1) % job.preview_every == 0 and i + 1 < updates
             progress.update(done, _preview(x0, job, cfg) if show else None)
 
+        # A fresh cache per image (its Taylor states follow one loop); the engine lives for this run only.
+        engine.velocity = speed.velocity_cache(plain_velocity, speed_options, updates, _step_time, fast)
         x = engine.generate_image(ctx, noise, job.flow, on_step)
         images.append(engine.decode(x, h, w))
+    notes.extend(fast.lines())
     return chw_to_image(torch.stack(images)), think
 
 

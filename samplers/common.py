@@ -42,6 +42,7 @@ class Request:
     batch_size: int = 1
     images: list[Image.Image] = field(default_factory=list)
     settings: Settings | None = None
+    speed: Any = None  # samplers.speed.SpeedOptions from Gentor Speed Options; None = plain sampling
 
 
 @dataclass

@@ -8,6 +8,8 @@ multi-reference edit, as the model was trained (not a batch of single edits).
 """
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -25,6 +27,7 @@ from ..loaders.placement import Placement, activate
 from ..modeling.deepgen.encode import encode
 from ..modeling.deepgen.prompts import RESIZE_RULES, VIT_SCALE, reference_size, to_pixels
 from ..modeling.deepgen.sampling import decode, denoise, encode_references, generator, initial_noise
+from . import speed
 from .common import (Request, Result, Settings, check_finite, check_settings, format_notes, latent_preview,
                      round_size, to_rgb)
 from .prompt_text import user_text
@@ -43,6 +46,9 @@ EDIT_NEGATIVE = ("blurry, low quality, low resolution, distorted, deformed, brok
                  "details, artifacts, glitch, noise, pixelated, grainy, compression artifacts, bad composition, wrong "
                  "proportion, incomplete editing, unfinished, unedited areas.")
 ROLES = ("vlm", "bridge", "transformer", "vae")
+ATTENTION_FIXED = "DeepGen's DiT runs its own masked joint attention, not diffusers' attention dispatcher"
+CACHE_FIXED = ("the SD3 DiT's last block returns no text stream, which diffusers' first_block cache cannot hold; "
+               "taylorseer extrapolates the whole DiT output instead")
 PROMPT_TOKENS_ESTIMATE = 256  # chat template + a long prompt
 TOKEN_ACTIVATION_FACTOR = 16  # bytes held per token per inner channel in a DiT forward (q,k,v, MLP, modulation)
 VAE_DECODE_FACTOR = 6  # SD3 VAE decoder: ~6 maps of 128 channels at full resolution
@@ -216,6 +222,9 @@ def run(handle: ModelHandle, task: str, request: Request,
     plan = resolve(handle.memory, glue.torch_device())
     notes.extend(plan.notes)
     check_memory(job, handle, plan)
+    support = dataclasses.replace(speed.engine_support("diffusers", plan, ("taylorseer",), CACHE_FIXED),
+                                  no_attention=ATTENTION_FIXED)
+    speed.check_usable(request.speed, DISPLAY, plan.device, support)
     progress = glue.Progress(job.steps, listener)
     spec = registry.get("deepgen")
     with CACHE.session() as session:
@@ -223,8 +232,11 @@ def run(handle: ModelHandle, task: str, request: Request,
         lora = loader.use_lora(handle, session, components["vlm"], job.lora)
         placement = Placement({r: components[r] for r in ROLES}, dict(spec.blocks), plan, DISPLAY)
         with placement.running() as placed, torch.inference_mode():
-            image = generate(components, job, placed.device, progress.update, placed.offload)
-        notes.extend(placement.notes)
+            # CFG runs as one batched pass per step: one branch for the cache's step count.
+            with speed.applied(components["transformer"].value, request.speed, DISPLAY, job.steps,
+                               whole_model=True) as fast:
+                image = generate(components, job, placed.device, progress.update, placed.offload)
+        notes.extend(placement.notes + fast.lines())
     check_finite(image, DISPLAY, "try compute_dtype fp32 or bf16 in Gentor Memory Options (fp16 overflows easily)")
     pairs = [("model", handle.variant), ("size", f"{job.width}x{job.height}"), ("steps", job.steps),
              ("cfg", job.cfg), ("seed", job.seed), ("references", len(job.references)),

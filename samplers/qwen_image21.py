@@ -220,4 +220,5 @@ def finish(out: torch.Tensor, job: Job21, handle: ModelHandle,
 
 
 GENERATION = Generation(plan=plan_folder_job, check_memory=check_memory, load_components=load_components,
-                        make_engine=make_engine, finish=finish)
+                        make_engine=make_engine, finish=finish, step_caches=("taylorseer",),
+                        no_cache="diffusers' first_block cache does not know the 2.1 transformer's blocks")

@@ -24,6 +24,7 @@ from ..loaders.cache import CACHE, Entry, ModelHandle, Session
 from ..loaders.memory import Plan, resolve
 from ..loaders.placement import Placement, has_block_offload, remove_block_offload
 from . import qwen_image_vae as vae_tiling
+from . import speed
 from .common import Request, Result, Settings, check_finite, format_notes
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,9 @@ class Generation:
     make_engine: Callable[[str, dict, Any, Plan], QwenImageEngine]
     # (engine output, job, handle, engine name) -> (IMAGE, MASK or None, summary pairs)
     finish: Callable[[torch.Tensor, Any, ModelHandle, str], tuple[torch.Tensor, torch.Tensor | None, Pairs]]
+    # the Speed Options step caches this generation's transformer takes, and why not the others
+    step_caches: tuple[str, ...] = speed.DIT_CACHES
+    no_cache: str = ""
 
 
 def make_settings(max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
@@ -189,6 +193,8 @@ def execute(generation: Generation, handle: ModelHandle, task: str, request: Req
     notes.extend(plan.notes)
     notes.extend(generation.check_memory(job, path, plan))
     notes.extend(lora_files.lightning_notes(handle, job.steps, job.true_cfg, job.schedule))
+    speed.check_usable(request.speed, DISPLAY, plan.device,
+                       speed.engine_support(engine, plan, generation.step_caches, generation.no_cache))
     spec = registry.get(BACKEND)
     with CACHE.session() as session:
         components = generation.load_components(path, handle_task, plan, session)
@@ -198,8 +204,10 @@ def execute(generation: Generation, handle: ModelHandle, task: str, request: Req
         with placement.running() as placed:
             runner = generation.make_engine(engine, components, job, placed)
             progress = glue.Progress(runner.total_steps(job), listener)
-            out = runner.generate(job, lambda i, preview: progress.update(i, preview))
-            notes.extend(runner.notes())
+            with speed.applied(components["transformer"].value, request.speed, DISPLAY, job.steps,
+                               speed.cfg_branches(job.true_cfg)) as fast:
+                out = runner.generate(job, lambda i, preview: progress.update(i, preview))
+            notes.extend(runner.notes() + fast.lines())
         notes.extend(placement.notes)
     image, mask, pairs = generation.finish(out, job, handle, engine)
     check_finite(image, DISPLAY, NON_FINITE_HINT)

@@ -291,12 +291,12 @@ def test_cached_branches_equal_uncached_recomputation(tok, model):
     script = [(500, False), (T.BOI, True), (18, True), (9, True), (19, True), (T.IMG, True), (T.BOV + 3, True)]
     results = {}
     for mode in MODES:
-        b = Branches(model, cond, unc, mode, torch.device("cpu"))
+        b = Branches(model, cond, unc, mode, torch.device("cpu"), new_tokens=len(script))
         steps = [b.prefill(feed_u=False)[0]]
         for token, feed in script:
             steps.append(b.step(token, feed))
         results[mode] = steps
-    for mode in ("batched", "separate"):
+    for mode in ("batched", "separate", "static"):
         assert torch.allclose(results[mode][0], results["uncached"][0], atol=1e-4)
         for got, want in zip(results[mode][1:], results["uncached"][1:]):
             assert torch.allclose(got[0], want[0], atol=1e-4)
@@ -347,7 +347,7 @@ def test_seeded_sampling_is_deterministic_and_modes_agree(tok, model):
     cond, unc = _prompts(tok)
     runs = {m: generate(model, cond, unc, L.SamplingParams(cfg=4.0), seed=11, max_new_tokens=40, grid=(2, 3),
                         mode=m).tokens for m in MODES}
-    assert runs["batched"] == runs["separate"] == runs["uncached"]
+    assert runs["batched"] == runs["separate"] == runs["uncached"] == runs["static"]
     again = generate(model, cond, unc, L.SamplingParams(cfg=4.0), seed=11, max_new_tokens=40, grid=(2, 3)).tokens
     assert again == runs["batched"]
     other = generate(model, cond, unc, L.SamplingParams(cfg=4.0), seed=12, max_new_tokens=40, grid=(2, 3)).tokens
