@@ -28,6 +28,7 @@ from ..loaders import qwen_image_diffsynth as views
 from ..loaders.memory import Plan
 from .common import chw_to_image, latent_preview
 from .prompt_text import pipeline_texts
+from .vae_preview import decode_preview
 
 LATENT_CHANNELS = 16
 VAE_SCALE = 8
@@ -253,6 +254,7 @@ class DiffSynthEngine21:
         pipe.vram_management_enabled = True
         self.lora_layers = views.copy_loras(transformer, pipe.dit)
         self.pipe = pipe
+        self.preview_vae = components["vae"].value  # the same weights in diffusers' class: decode_preview reads it
 
     def total_steps(self, job: Any) -> int:
         return job.steps * job.batch_size  # one image per call
@@ -273,8 +275,15 @@ class DiffSynthEngine21:
             num_inference_steps=job.steps, sigmas=job.sigmas if job.sigmas == self.sample_sigmas else None,
             use_kv_cache=self.kv_cache, tiled=job.tiled_vae,
             progress_bar_cmd=_quiet)
-        return run_images(self.pipe, noise, args,
-                          lambda index: lambda done, _latents: on_step(index * job.steps + done, None))
+        def ticker(index: int) -> Callable[[int, torch.Tensor], None]:
+            def tick(done: int, latents: torch.Tensor) -> None:
+                preview = None
+                if job.preview_every > 0 and done % job.preview_every == 0 and done < job.steps:
+                    preview = decode_preview(self.preview_vae, latents)  # same latent space as the diffusers engine
+                on_step(index * job.steps + done, preview)
+            return tick
+
+        return run_images(self.pipe, noise, args, ticker)
 
 
 def schedule_note(config: dict) -> str | None:
