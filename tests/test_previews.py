@@ -20,7 +20,10 @@ PROMPT = "a red fox sitting in fresh snow"
 
 @pytest.fixture(autouse=True)
 def roots(model_roots):
+    from gentor.loaders.cache import CACHE
+
     yield model_roots
+    CACHE.unload()  # later test files count the cache's entries
 
 
 @pytest.fixture(scope="module")
