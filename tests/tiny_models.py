@@ -14,6 +14,7 @@ writes ``DIR/<folder key>/tiny-<variant>/``. For Qwen-Image (folder key ``qwen_i
 - ``tiny-qwen-image-2512``       T2I with the Qwen-Image-2512 model card (README.md), as the hub repository has
 - ``tiny-qwen-image-2.1``        QwenImage21Pipeline with a tiny Qwen3-VL encoder (tests/tiny_qwen21.py)
 - ``DIR/loras/tiny-qwen-image-lora-<format>.safetensors``  one LoRA in every key layout (tests/tiny_qwen_lora.py)
+- opt-in ``--backend qwen_image_comfy``: real-config folders + the Comfy-format files (tests/tiny_comfy.py)
 
 Each folder is what ``DiffusionPipeline.save_pretrained`` writes (``model_index.json``, ``scheduler/``,
 ``text_encoder/``, ``tokenizer/``, ``transformer/``, ``vae/`` and for edit models ``processor/``). The
