@@ -5,7 +5,7 @@ import json
 import re
 import struct
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 from .. import glue
 from ..errors import InputError, ModelFolderError
@@ -51,16 +51,25 @@ def resolve_model_folder(backend: str, input_name: str, name: str, folder_keys: 
             f"empty part, expected a name relative to models/{folder_keys[0]}/ such as "
             f"{list_model_names_hint(roots)}). Pick a model from the dropdown; paths outside the model "
             "folders are refused.")
-    for root in roots:
-        # The NAME is confined (checked above); what it points at is the user's choice: a folder that is
-        # a symlink inside a registered root (models kept on another disk) is followed.
-        cand = root.joinpath(*parts)
-        if cand.is_dir():
-            return cand.resolve()
+    # The NAME is confined (checked above); what it points at is the user's choice: a folder that is
+    # a symlink inside a registered root (models kept on another disk) is followed.
+    found = first_under_roots(roots, parts, Path.is_dir)
+    if found is not None:
+        return found
     raise InputError(
         f"{backend} {input_name}: {name!r} is not a folder inside the registered model folders "
         f"(got {name!r}, expected one of {list_model_names_hint(roots)} under {', '.join(map(str, roots))}). "
         "Pick a model from the dropdown; paths outside the model folders are refused.")
+
+
+def first_under_roots(roots: Iterable[Path], parts: tuple[str, ...], accept: Callable[[Path], bool]) -> Path | None:
+    """``root/parts`` in the first root where ``accept`` takes it, resolved (a symlink is followed); None if none.
+    ``parts`` must come from ``safe_name_parts``, so the name itself cannot leave its root."""
+    for root in roots:
+        cand = Path(root).joinpath(*parts)
+        if accept(cand):
+            return cand.resolve()
+    return None
 
 
 def safe_name_parts(name: str) -> tuple[str, ...] | None:
