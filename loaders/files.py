@@ -22,16 +22,17 @@ def list_model_folders(folder_keys: tuple[str, ...], accept: Callable[[Path], bo
     searched two levels deep so ``org/model`` layouts work.
     """
     seen: dict[str, Path] = {}
-    for key in folder_keys:
-        for root in glue.model_roots(key):
-            base = Path(root)
-            if not base.is_dir():
-                continue
-            for cand in sorted(list(base.glob("*/")) + list(base.glob("*/*/"))):
-                if cand.is_dir() and accept(cand):
-                    name = cand.relative_to(base).as_posix()
-                    seen.setdefault(name, cand)
+    for base in existing_roots(folder_keys):
+        for cand in sorted(list(base.glob("*/")) + list(base.glob("*/*/"))):
+            if cand.is_dir() and accept(cand):
+                name = cand.relative_to(base).as_posix()
+                seen.setdefault(name, cand)
     return sorted(seen)
+
+
+def existing_roots(folder_keys: Iterable[str]) -> list[Path]:
+    """The registered roots of ``folder_keys`` that exist as folders, in registration order (first wins)."""
+    return [Path(root) for key in folder_keys for root in glue.model_roots(key) if Path(root).is_dir()]
 
 
 def resolve_model_folder(backend: str, input_name: str, name: str, folder_keys: tuple[str, ...]) -> Path:
