@@ -85,18 +85,26 @@ def _torch():
 # Diffusers folders (the reference)
 # ----------------------------------------------------------------------------------------------------------------
 
+def text_encoder_config(text: dict | None = None, vision: dict | None = None, tie: bool = False):
+    """Qwen2_5_VLConfig of the kit: TEXT_CONFIG / VISION_CONFIG with ``text`` / ``vision`` overrides (other sizes)."""
+    from transformers import Qwen2_5_VLConfig
+
+    ids = QWEN25_TOKEN_IDS
+    text_cfg = dict(TEXT_CONFIG, tie_word_embeddings=tie, **(text or {}))
+    vision_cfg = dict(VISION_CONFIG, out_hidden_size=text_cfg["hidden_size"], **(vision or {}))
+    return Qwen2_5_VLConfig(
+        text_config=text_cfg, vision_config=vision_cfg, tie_word_embeddings=tie,
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+
+
 def build_text_encoder():
     """Qwen2_5_VLForConditionalGeneration with the real non-shape config values (tiny widths)."""
     import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
-    ids = QWEN25_TOKEN_IDS
-    config = Qwen2_5_VLConfig(
-        text_config=dict(TEXT_CONFIG), vision_config=dict(VISION_CONFIG), tie_word_embeddings=False,
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
     torch.manual_seed(SEEDS["text_encoder"])
-    return Qwen2_5_VLForConditionalGeneration(config).eval()
+    return Qwen2_5_VLForConditionalGeneration(text_encoder_config()).eval()
 
 
 def build_processor(tokenizer):
