@@ -5,8 +5,8 @@ import torch
 from comfy_api.v0_0_2 import io, ui
 
 from .. import registry
-from ..samplers.common import Request, check_number, collect_references, library_errors
-from .common import (CATEGORY, EDIT_IMAGE_INPUTS, MAX_BATCH, MAX_CFG, common_inputs, settings_input, speed_input,
+from ..samplers.common import Request, collect_references, library_errors
+from .common import (CATEGORY, EDIT_IMAGE_INPUTS, MAX_BATCH, common_inputs, settings_input, speed_input,
                      task_outputs)
 
 T2I_DISPLAY = "Gentor Text to Image"
@@ -20,7 +20,6 @@ def reference_limits() -> str:
 
 def _run(task: str, display: str, model, images: list, **kw) -> io.NodeOutput:
     spec = registry.get(model.backend)
-    check_number(kw["cfg"], "cfg", f"{spec.display_name} ({display})", 0.0, MAX_CFG)
     request = Request(images=images, **kw)
     # Weights are read lazily by the sampler: a file-system / tokenizer / PIL failure names the model input.
     with library_errors(spec.display_name, "model", "readable model files",

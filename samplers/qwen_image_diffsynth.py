@@ -29,6 +29,7 @@ from ..loaders.memory import Plan
 from .common import chw_to_image, latent_preview
 from .prompt_text import pipeline_texts
 from .qwen_image_job import OnStep, wants_preview
+from .vae_preview import decode_preview
 
 LATENT_CHANNELS = 16
 VAE_SCALE = 8
@@ -255,6 +256,7 @@ class DiffSynthEngine21:
         pipe.vram_management_enabled = True
         self.lora_layers = views.copy_loras(transformer, pipe.dit)
         self.pipe = pipe
+        self.preview_vae = components["vae"].value  # the same weights in diffusers' class: decode_preview reads it
 
     def total_steps(self, job: Any) -> int:
         return job.steps * job.batch_size  # one image per call
@@ -270,8 +272,15 @@ class DiffSynthEngine21:
         # count gets DiffSynth's own schedule (the plain grid the job carries then is diffusers' input).
         args.update(edit_image=list(job.images) or None, use_kv_cache=self.kv_cache,
                     sigmas=job.sigmas if job.sigmas == self.sample_sigmas else None)
-        return run_images(self.pipe, noise, args,
-                          lambda index: lambda done, _latents: on_step(index * job.steps + done, None))
+
+        def ticker(index: int) -> Callable[[int, torch.Tensor], None]:
+            def tick(done: int, latents: torch.Tensor) -> None:
+                # The same latent space as the diffusers engine: the cached VAE decodes a small preview.
+                preview = decode_preview(self.preview_vae, latents) if wants_preview(job, done) else None
+                on_step(index * job.steps + done, preview)
+            return tick
+
+        return run_images(self.pipe, noise, args, ticker)
 
 
 def schedule_note(config: dict) -> str | None:

@@ -396,7 +396,7 @@ def test_pickle_needing_more_is_refused_with_the_command(models):
     bad = models / tiny.DEEPGEN_FOLDER / "custom.pt"
     torch.save({"state_dict": {"meta_queries": torch.zeros(2, 2)}, "meta": Exotic()}, bad)
     try:
-        with pytest.raises(ModelFolderError, match=r"weights_only=True.*convert.py.*--allow-global"):
+        with pytest.raises(ModelFolderError, match=r"weights_only=True.*deepgen/cli.py.*--allow-global"):
             handle("custom.pt")
     finally:
         bad.unlink()

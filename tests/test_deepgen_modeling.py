@@ -12,8 +12,8 @@ from PIL import Image
 
 from gentor.modeling.deepgen import checkpoint as ckpt
 from gentor.modeling.deepgen.bridge import DeepGenBridge, selected_layers, stack_hidden_states
+from gentor.modeling.deepgen.cli import main as convert_main
 from gentor.modeling.deepgen.convert import ConversionRefused, convert, load_pickle
-from gentor.modeling.deepgen.convert import main as convert_main
 from gentor.modeling.deepgen.encode import encode
 from gentor.modeling.deepgen.prompts import reference_size, to_pixels, vit_patches
 from gentor.modeling.deepgen.sampling import denoise, generator, initial_noise
@@ -350,11 +350,11 @@ def test_convert_round_trip_and_refusal(folder, tmp_path, state, capsys):
     assert n == len(state) and set(back) == set(state) and all(torch.equal(back[k], state[k]) for k in state)
     bad = tmp_path / "wrapped.pt"
     torch.save({"state_dict": dict(state), "meta": Stranger()}, bad)
-    with pytest.raises(ConversionRefused, match="weights_only=True.*Stranger.*convert.py"):
+    with pytest.raises(ConversionRefused, match="weights_only=True.*Stranger.*deepgen/cli.py"):
         load_pickle(bad)
     assert convert_main([str(bad)]) == 1 and "--allow-global" in capsys.readouterr().err
     # the command works as a plain script, whatever the pack folder is called
-    script = Path(ckpt.__file__).with_name("convert.py")
+    script = Path(ckpt.__file__).with_name("cli.py")
     wrapped = tmp_path / "ds.pt"
     torch.save({"module": {f"module.{k}": v for k, v in list(state.items())[:5]}}, wrapped)
     proc = subprocess.run([sys.executable, str(script), str(wrapped)], capture_output=True, text=True)
