@@ -67,6 +67,18 @@ def model_roots(key: str) -> list[str]:
     return [os.path.join(base, key)] if base else []
 
 
+# Outside ComfyUI, where ComfyUI's bundled tokenizer folders (comfy/text_encoders/<name>/) are found.
+BUNDLED_TOKENIZERS_KEY = "comfy_text_encoders"
+
+
+def bundled_tokenizer_dirs(name: str) -> list[str]:
+    """Candidate folders of a tokenizer ComfyUI ships (``comfy/text_encoders/<name>``), never the network."""
+    mm = comfy()
+    if mm is not None:  # comfy/model_management.py sits beside comfy/text_encoders/
+        return [os.path.join(os.path.dirname(os.path.realpath(mm.__file__)), "text_encoders", name)]
+    return [os.path.join(root, name) for root in _fallback_roots.get(BUNDLED_TOKENIZERS_KEY, [])]
+
+
 def set_fallback_roots(key: str, roots: list[str]) -> None:
     """Outside ComfyUI: say where a folder key's models live (tests, scripts)."""
     _fallback_roots[key] = [str(r) for r in roots]

@@ -48,6 +48,10 @@ class BackendSpec:
     # Components never stored in FP8 (small and decide the final pixels, e.g. a VAE).
     fp8_exclude: tuple[str, ...] = ()
     loader_node: str = ""  # node id of its loader, for messages
+    settings_node: str = ""  # node id of its settings node (GENTOR_SETTINGS for the task nodes), if any
+    # Most tokens a prompt (or question) may have, counted by the backend's tokenizer before any model work:
+    # a longer prompt is refused naming the input and this limit (a 1 MB prompt must not hold the queue).
+    max_prompt_tokens: int = 0
 
     def block_paths(self, role: str) -> tuple[str, ...]:
         return dict(self.blocks).get(role, ())
@@ -69,7 +73,9 @@ BACKENDS: tuple[BackendSpec, ...] = (
                           size="T2I 1328x1328 (2.1: 1024x1024, no CFG by default); Edit from the first image, "
                                "Edit-2509/2511 and 2.1 from the last, at ~1 MP"),
         blocks=(("transformer", ("transformer_blocks",)), ("text_encoder", QWEN2_5_VL_BLOCKS)),
-        fp8_skip=COMMON_FP8_SKIP, fp8_exclude=("vae",), loader_node="GentorLoadQwenImage"),
+        fp8_skip=COMMON_FP8_SKIP, fp8_exclude=("vae",), loader_node="GentorLoadQwenImage",
+        # max_prompt_tokens: the pipelines' max_sequence_length ceiling
+        settings_node="GentorQwenImageSettings", max_prompt_tokens=1024),
     BackendSpec(
         "deepgen", "DeepGen", ("deepgen", "vlm"),
         (("diffusers", "diffusers>=0.42"), ("transformers", "transformers"), ("accelerate", "accelerate"),
@@ -78,7 +84,8 @@ BACKENDS: tuple[BackendSpec, ...] = (
         defaults=Defaults(steps=50, cfg=4.0,
                           size="512x512; an edit with one reference follows the reference (long side <= 512)"),
         blocks=(("transformer", ("transformer_blocks",)), ("vlm", QWEN2_5_VL_BLOCKS), ("bridge", ("connector.layers",))),
-        fp8_skip=COMMON_FP8_SKIP, fp8_exclude=("vae",), loader_node="GentorLoadDeepGen"),
+        fp8_skip=COMMON_FP8_SKIP, fp8_exclude=("vae",), loader_node="GentorLoadDeepGen",
+        settings_node="GentorDeepGenSettings", max_prompt_tokens=1024),  # DeepGen's training max_length
     BackendSpec(
         "bagel", "BAGEL", ("bagel",), (("transformers", "transformers"), ("accelerate", "accelerate"),
                                        ("safetensors", "safetensors")),
@@ -88,7 +95,7 @@ BACKENDS: tuple[BackendSpec, ...] = (
                                "(long side <= 1024, short side >= 512) unless width/height are set"),
         blocks=(("model", ("language_model.model.layers", "vit_model.vision_model.encoder.layers")),),
         fp8_skip=COMMON_FP8_SKIP + ("vae2llm", "llm2vae", "connector"), fp8_exclude=("ae",),
-        loader_node="GentorLoadBagel"),
+        loader_node="GentorLoadBagel", settings_node="GentorBagelSettings", max_prompt_tokens=4096),
     BackendSpec(
         "emu35", "Emu3.5", ("emu35",),
         (("transformers", "transformers"), ("accelerate", "accelerate"), ("tiktoken", "tiktoken"),
@@ -99,13 +106,15 @@ BACKENDS: tuple[BackendSpec, ...] = (
                           size="T2I from the aspect preset (default 4:3 = 55x73 tokens, ~1 MP); X2I the grid of the "
                                "last reference at image_area (1 MP); cfg 5.0 T2I / 3.0 X2I (Emu3.5-Image), 2.0 Emu3.5"),
         blocks=(("llm", ("model.layers",)),),
-        fp8_skip=COMMON_FP8_SKIP, fp8_exclude=("ibq",), loader_node="GentorLoadEmu35"),
+        fp8_skip=COMMON_FP8_SKIP, fp8_exclude=("ibq",), loader_node="GentorLoadEmu35",
+        settings_node="GentorEmu35Settings", max_prompt_tokens=4096),
     BackendSpec(
         "vlm", "Qwen-VL", ("vlm",), (("transformers", "transformers"),),
         tasks=(TASK_UNDERSTAND, TASK_ENHANCE),
         # Qwen2-VL, Qwen2.5-VL and Qwen3-VL share these container paths in transformers 5.
         blocks=(("model", QWEN2_5_VL_BLOCKS),),
-        fp8_skip=COMMON_FP8_SKIP, loader_node="GentorLoadPromptEnhancer"),
+        fp8_skip=COMMON_FP8_SKIP, loader_node="GentorLoadPromptEnhancer",
+        max_prompt_tokens=8192),
 )
 
 

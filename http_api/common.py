@@ -54,7 +54,8 @@ class Services:
     busy: Callable[[], bool] = lambda: False  # a prompt is executing right now
     roots: Callable[[str], list[str]] = glue.model_roots  # folder key -> registered root folders
     backends: Callable[[], list[registry.BackendSpec]] = registry.available
-    describe: Callable[[registry.BackendSpec, Path], dict | None] | None = None  # variant detection
+    # variant detection and estimates: (backend, path, memory options) -> what the summary shows
+    describe: Callable[[registry.BackendSpec, Path, Any], dict | None] | None = None
 
 
 def json_errors(handler: Handler) -> Handler:

@@ -33,6 +33,7 @@ from .common import RouteError, Services, read_json_object, shown
 
 MIB = 1024 * 1024
 LOADER, MEMORY, TASK, OUTPUT, TEXT = "gentor_loader", "gentor_memory", "gentor_task", "gentor_output", "gentor_text"
+SETTINGS = "gentor_settings"
 # Core's text preview (0.3.64 and later): an output node, so the task's text comes back from /history even when
 # ComfyUI answers the task from its cache (0.8.0 records no UI of cached intermediate nodes).
 TEXT_NODE = "PreviewAny"
@@ -58,6 +59,8 @@ FIELDS = {  # request field -> (JSON types accepted, what it is)
     "images": ((list,), "a list of base64 images or uploaded file names"),
     "memory": ((dict,), "Gentor Memory Options inputs, e.g. {\"weight_dtype\": \"fp8_e4m3fn\"}"),
     "loader": ((dict,), "extra inputs of the backend's loader node"),
+    "settings": ((dict,), "inputs of the backend's settings node (Gentor BAGEL / DeepGen / Emu3.5 / Qwen-Image "
+                          "Settings), e.g. {\"think\": true} for BAGEL"),
 }
 NODE_ERROR_STATUS = {"InputError": 400, "ModelFolderError": 400, "MemoryEstimateError": 507,
                      "MissingDependencyError": 501}
@@ -103,7 +106,7 @@ def check_body(body: dict, max_images: int, limits: Limits) -> Job:
     if not body["model"].strip():
         raise RouteError(400, "model", f"Gentor generate model: empty (got {shown(body['model'])}, expected "
                                        f"{FIELDS['model'][1]}). Name a model.")
-    for name in ("memory", "loader"):
+    for name in ("memory", "loader", "settings"):
         for key, value in body.get(name, {}).items():
             if not isinstance(value, (str, int, float, bool)):
                 raise RouteError(400, f"{name}.{key}", f"Gentor generate {name}.{key}: not a plain value (got "
@@ -219,6 +222,30 @@ def fill_required(info: dict, given: dict, skip: set[str]) -> dict:
     return out
 
 
+JSON_TYPES = {"INT": "integer", "FLOAT": "number", "STRING": "string", "BOOLEAN": "boolean"}
+
+
+def node_schema(info: dict) -> dict:
+    """A JSON schema of a node's widget inputs from its /object_info definition (type, range, default)."""
+    props: dict[str, dict] = {}
+    for group in ("required", "optional"):
+        for name, spec in info.get("input", {}).get(group, {}).items():
+            kind, opts = spec[0], (spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {})
+            choices = combo_options(kind, opts)
+            if choices is not None:
+                prop: dict[str, Any] = {"enum": choices}
+            elif kind in JSON_TYPES:
+                prop = {"type": JSON_TYPES[kind]}
+                prop.update({k: opts[v] for k, v in (("minimum", "min"), ("maximum", "max")) if v in opts})
+            else:
+                continue  # a socket, not a value
+            prop.update({k: opts[k] for k in ("default",) if k in opts})
+            if opts.get("tooltip"):
+                prop["description"] = opts["tooltip"]
+            props[name] = prop
+    return {"type": "object", "additionalProperties": False, "properties": props}
+
+
 def check_inputs(section: str, given: dict, info: dict, taken: set[str]) -> None:
     """Refuse a key of a request section that is not a widget input of its node (a typo never silently does
     nothing); ``taken`` are inputs the request fills from other fields."""
@@ -246,8 +273,9 @@ def model_input(info: dict) -> str:
 
 
 def build_graph(job: Job, loader_node: str, loader_info: dict, memory_info: dict | None, task_info: dict,
-                image_names: list[str]) -> dict:
-    """The API-format prompt: loader [+ memory] -> task node -> PreviewImage."""
+                image_names: list[str], settings: tuple[str, dict] | None = None) -> dict:
+    """The API-format prompt: loader [+ memory] -> task node [+ settings] -> PreviewImage; ``settings`` is the
+    backend's settings node and its definition when the request has settings."""
     body = job.body
     model_key = model_input(loader_info)
     loader_inputs = fill_required(loader_info, {model_key: body["model"], **body.get("loader", {})}, set())
@@ -265,6 +293,10 @@ def build_graph(job: Job, loader_node: str, loader_info: dict, memory_info: dict
             task[f"image_{i}"] = [IMAGE_NODE.format(i), 0]
     else:
         task["batch_size"] = body.get("batch_size", 1)
+    if settings is not None:
+        # The backend's own settings node checks the values (ComfyUI's ranges, then the node's checks).
+        graph[SETTINGS] = {"class_type": settings[0], "inputs": fill_required(settings[1], body["settings"], set())}
+        task["settings"] = [SETTINGS, 0]
     graph[TASK] = {"class_type": EDIT_NODE if image_names else T2I_NODE,
                    "inputs": fill_required(task_info, task, set())}
     graph[OUTPUT] = {"class_type": "PreviewImage", "inputs": {"images": [TASK, 0]}}
@@ -278,6 +310,8 @@ def request_field(node_id: str, input_name: str | None) -> str | None:
         return "model" if input_name in (None, "model_name") else f"loader.{input_name}"
     if node_id == MEMORY:
         return f"memory.{input_name}" if input_name else "memory"
+    if node_id == SETTINGS:
+        return f"settings.{input_name}" if input_name else "settings"
     if node_id.startswith(IMAGE_NODE.format("")):
         return f"images[{int(node_id.rsplit('_', 1)[1]) - 1}]"
     if node_id == TASK and input_name:
@@ -293,8 +327,8 @@ def field_from_message(node_id: str, message: str) -> str | None:
         return "images"  # a refusal about all reference inputs together
     if node_id == TASK and (word in FIELDS or re.fullmatch(r"image_\d+", word)):
         return request_field(TASK, word)
-    if node_id == MEMORY and re.fullmatch(r"[a-z_0-9]+", word):
-        return request_field(MEMORY, word)
+    if node_id in (MEMORY, SETTINGS) and re.fullmatch(r"[a-z_0-9]+", word):
+        return request_field(node_id, word)
     return request_field(node_id, None)
 
 
@@ -411,6 +445,31 @@ class GenerateRoute:
                                        f"{choices[:12]}). Put the model into its models/ folder and use its name "
                                        "as the loader lists it.")
 
+    async def settings_node(self, client: aiohttp.ClientSession, spec: registry.BackendSpec) -> tuple[str, dict]:
+        """(node id, definition) of a backend's settings node; RouteError when it has none."""
+        if not spec.settings_node:
+            with_settings = [b.id for b in self.services.backends() if b.settings_node]
+            raise RouteError(400, "settings", f"Gentor generate settings: {spec.display_name} has no settings node "
+                                              f"(got settings for {spec.id}, expected them only for "
+                                              f"{with_settings}). Remove settings.")
+        return spec.settings_node, await self.node_info(client, spec.settings_node)
+
+    async def settings_schemas(self, request: web.Request) -> dict[str, dict]:
+        """Backend id -> JSON schema of its settings node's inputs, read from ComfyUI's /object_info (for the
+        OpenAPI document); backends whose node is not registered, or no reachable API, give none."""
+        out: dict[str, dict] = {}
+        try:
+            async with aiohttp.ClientSession(self_url(request), timeout=aiohttp.ClientTimeout(total=30)) as client:
+                for spec in self.services.backends():
+                    if spec.settings_node:
+                        try:
+                            out[spec.id] = node_schema(await self.node_info(client, spec.settings_node))
+                        except RouteError:
+                            continue  # this backend's nodes did not register (see ComfyUI's log)
+        except (aiohttp.ClientError, RouteError, OSError, asyncio.TimeoutError):
+            return out  # the description then names the settings nodes without their inputs
+        return out
+
     async def upload(self, client: aiohttp.ClientSession, raw: bytes) -> str:
         """Upload bytes to ComfyUI's temp folder (content-named, so repeats reuse one file)."""
         name = hashlib.sha256(raw).hexdigest()[:32] + ".png"
@@ -441,7 +500,10 @@ class GenerateRoute:
             check_inputs("memory", job.body["memory"], memory_info, set())
         # The loader's model input comes from "model", its memory socket from "memory".
         check_inputs("loader", job.body.get("loader", {}), loader_info, {model_input(loader_info), "memory"})
-        graph = build_graph(job, loader_node, loader_info, memory_info, task_info, names)
+        settings = await self.settings_node(client, spec) if "settings" in job.body else None
+        if settings is not None:
+            check_inputs("settings", job.body["settings"], settings[1], set())
+        graph = build_graph(job, loader_node, loader_info, memory_info, task_info, names, settings)
         client_id = uuid.uuid4().hex
         ws = await client.ws_connect(f"/ws?clientId={client_id}", autoping=True)
         try:

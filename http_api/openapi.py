@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from .. import registry
 from .generate import FIELDS, Limits
+from .summary import MEMORY_PARAMS
 
 VERSION = "1.0.0"
 ERROR = {"$ref": "#/components/schemas/Error"}
@@ -20,7 +22,21 @@ def _errors(*codes: int) -> dict:
     return {str(c): _json(ERROR, words[c]) for c in codes}
 
 
-def generate_schema() -> dict:
+def settings_schema(nodes: dict[str, dict]) -> dict:
+    """The ``settings`` field: one backend's settings node inputs (``nodes``: backend id -> the schema of its
+    settings node's inputs, read from ComfyUI; backends missing there are only named)."""
+    specs = [b for b in registry.available() if b.settings_node]
+    named = "; ".join(f"{b.id}: {b.settings_node}" for b in specs)
+    schema: dict[str, Any] = {"type": "object",
+                              "description": f"{FIELDS['settings'][1]}. The model's backend decides which node: "
+                                             f"{named}. Checked by that node, as in a workflow."}
+    read = [dict(nodes[b.id], title=f"{b.display_name} ({b.settings_node})") for b in specs if b.id in nodes]
+    if read:
+        schema["anyOf"] = read
+    return schema
+
+
+def generate_schema(settings_nodes: dict[str, dict] | None = None) -> dict:
     limits = Limits()
     props: dict[str, Any] = {
         "model": {"type": "string", "description": FIELDS["model"][1], "example": "Qwen-Image"},
@@ -43,11 +59,14 @@ def generate_schema() -> dict:
                                   "offload": {"type": "string", "enum": ["none", "model", "block"]},
                                   "vram_budget_gb": {"type": "number"}}},
         "loader": {"type": "object", "description": FIELDS["loader"][1]},
+        "settings": settings_schema(settings_nodes or {}),
     }
     return {"type": "object", "required": ["model", "prompt"], "additionalProperties": False, "properties": props}
 
 
-def openapi() -> dict:
+def openapi(settings_nodes: dict[str, dict] | None = None) -> dict:
+    """The whole description; ``settings_nodes`` (backend id -> input schema) details /gentor/generate's
+    ``settings``."""
     entry = {"type": "object", "properties": {
         "id": {"type": "string"}, "kind": {"type": "string", "description": "Architecture, e.g. qwen2_5_vl"},
         "source": {"type": "string"}, "bytes": {"type": "integer"},
@@ -87,14 +106,20 @@ def openapi() -> dict:
                 "parameters": [{"name": "folder", "in": "query", "required": True, "schema": {"type": "string"},
                                 "description": "Model folder key, e.g. qwen_image"},
                                {"name": "name", "in": "query", "required": True, "schema": {"type": "string"},
-                                "description": "Name as the loader lists it (inside that folder only)"}],
+                                "description": "Name as the loader lists it (inside that folder only)"},
+                               *({"name": n, "in": "query", "required": False,
+                                  "schema": {"type": "number" if n == "vram_budget_gb" else "string"},
+                                  "description": f"The wired Gentor Memory Options' {n} (the peak-VRAM estimate "
+                                                 "follows it; default: the node's default)"}
+                                 for n in MEMORY_PARAMS)],
                 "responses": {"200": _json({"type": "object", "properties": {"line": {"type": "string"}}},
                                            "Summary"), **_errors(400, 404)}}},
             "/gentor/backends": {"get": {"summary": "Installed backends and their loader nodes",
                                          "responses": {"200": _json({"type": "array"}, "Backends")}}},
             "/gentor/generate": {"post": {
                 "summary": "Generate (or edit) images with one call, through ComfyUI's queue",
-                "requestBody": {"required": True, "content": {"application/json": {"schema": generate_schema()}}},
+                "requestBody": {"required": True, "content": {"application/json": {
+                    "schema": generate_schema(settings_nodes)}}},
                 "responses": {"200": _json(generated, "Images as base64 PNG"),
                               **_errors(400, 409, 413, 500, 504)}}},
             "/gentor/openapi.json": {"get": {"summary": "This description",

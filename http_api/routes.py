@@ -14,7 +14,8 @@ from __future__ import annotations
 from aiohttp import hdrs, web
 
 from .common import PREFIX, Handler, RouteError, Services, json_errors, read_json_object, shown
-from .summary import summary
+from .generate import GenerateRoute
+from .summary import memory_options, summary
 
 UNLOAD_BODY_LIMIT = 64 * 1024  # an unload request is a tiny JSON object
 
@@ -76,8 +77,8 @@ def backends_payload(services: Services) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- installation
-def handlers(services: Services, generate: Handler | None = None) -> list[tuple[str, str, Handler]]:
-    """(method, path, handler) of every route; ``generate`` is generate.py's handler when wanted."""
+def handlers(services: Services, generate: GenerateRoute | None = None) -> list[tuple[str, str, Handler]]:
+    """(method, path, handler) of every route; ``generate`` is the /gentor/generate route when wanted."""
 
     async def get_models(_request: web.Request) -> web.Response:
         return web.json_response(models_payload(services))
@@ -89,21 +90,21 @@ def handlers(services: Services, generate: Handler | None = None) -> list[tuple[
 
     async def get_summary(request: web.Request) -> web.Response:
         key, name = request.query.get("folder", ""), request.query.get("name", "")
-        return web.json_response(summary(services, key, name))
+        return web.json_response(summary(services, key, name, memory_options(request.query)))
 
     async def get_backends(_request: web.Request) -> web.Response:
         return web.json_response(backends_payload(services))
 
-    async def get_openapi(_request: web.Request) -> web.Response:
+    async def get_openapi(request: web.Request) -> web.Response:
         from .openapi import openapi  # noqa: PLC0415 - only built when asked for
 
-        return web.json_response(openapi())
+        return web.json_response(openapi(await generate.settings_schemas(request) if generate else None))
 
     table = [("GET", f"{PREFIX}/models", get_models), ("POST", f"{PREFIX}/unload", post_unload),
              ("GET", f"{PREFIX}/summary", get_summary), ("GET", f"{PREFIX}/backends", get_backends),
              ("GET", f"{PREFIX}/openapi.json", get_openapi)]
     if generate is not None:
-        table.append(("POST", f"{PREFIX}/generate", generate))
+        table.append(("POST", f"{PREFIX}/generate", generate.handle))
     return [(m, p, json_errors(h)) for m, p, h in table]
 
 
@@ -122,21 +123,18 @@ def wrong_method(path: str, allowed: list[str]) -> Handler:
 
 def install(routes: web.RouteTableDef | web.Application, services: Services, generate: bool = True) -> None:
     """Add every Gentor route to a RouteTableDef (ComfyUI's ``PromptServer.instance.routes``) or an app,
-    each path followed by its wrong-method answer (a GET route answers HEAD too)."""
-    gen = None
-    if generate:
-        from .generate import GenerateRoute  # noqa: PLC0415
-
-        gen = GenerateRoute(services).handle
+    each path followed by its wrong-method answer. A GET route answers HEAD too (aiohttp's add_get adds it,
+    also when ComfyUI registers a RouteTableDef's GET route)."""
+    gen = GenerateRoute(services) if generate else None
     by_path: dict[str, list[tuple[str, Handler]]] = {}
     for method, path, handler in handlers(services, gen):
         by_path.setdefault(path, []).append((method, handler))
-        if method == "GET":
-            by_path[path].append(("HEAD", handler))
     for path, methods in by_path.items():
-        allowed = [m for m, _ in methods]
+        allowed = [m for m, _ in methods] + (["HEAD"] if any(m == "GET" for m, _ in methods) else [])
         for method, handler in [*methods, (hdrs.METH_ANY, wrong_method(path, allowed))]:
-            if isinstance(routes, web.Application):
-                routes.router.add_route(method, path, handler)
-            else:
+            if not isinstance(routes, web.Application):
                 routes.route(method, path)(handler)
+            elif method == "GET":
+                routes.router.add_get(path, handler)
+            else:
+                routes.router.add_route(method, path, handler)

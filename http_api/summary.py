@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from .. import registry
-from ..errors import GentorError
+from ..errors import GentorError, InputError
 from ..loaders.files import safe_name_parts
+from ..loaders.memory import MemoryOptions
 from .common import RouteError, Services, shown
 
 log = logging.getLogger(__name__)
 
 MAX_NAME_CHARS = 1024
+MEMORY_PARAMS = ("weight_dtype", "compute_dtype", "offload", "vram_budget_gb")  # Gentor Memory Options' inputs
 BYTES_PER_GB = 1e9
 BYTES_PER_MB = 1e6
 
@@ -53,28 +56,53 @@ def disk_bytes(path: Path) -> tuple[int, int]:
     return sum(p.stat().st_size for p in files), len(files)
 
 
-def default_describe(spec: registry.BackendSpec, path: Path) -> dict | None:
+def memory_options(query: Mapping[str, str]) -> MemoryOptions:
+    """The loader's wired Gentor Memory Options, sent as query parameters named like its inputs (the panel
+    reads them from the connected node); the node's defaults for the rest. Other parameters are refused."""
+    unknown = sorted(set(query) - {"folder", "name", *MEMORY_PARAMS})
+    if unknown:
+        raise RouteError(400, unknown[0], f"Gentor summary {unknown[0]}: unknown parameter (got {shown(unknown)}, "
+                                          f"expected folder, name and Gentor Memory Options inputs {MEMORY_PARAMS}). "
+                                          "Remove or rename it.")
+    given: dict[str, Any] = {k: query[k] for k in MEMORY_PARAMS if k in query}
+    if "vram_budget_gb" in given:
+        try:
+            given["vram_budget_gb"] = float(given["vram_budget_gb"])
+        except ValueError:
+            given["vram_budget_gb"] = math.nan
+        if not math.isfinite(given["vram_budget_gb"]):
+            raise RouteError(400, "vram_budget_gb", f"Gentor summary vram_budget_gb: not a number (got "
+                                                    f"{shown(query['vram_budget_gb'])}, expected GB >= 0). Send a "
+                                                    "number, 0 for no limit.")
+    try:
+        return MemoryOptions(**given)
+    except InputError as exc:  # the node's own check: "Gentor Memory Options <input>: ..."
+        name = str(exc).split(":", 1)[0].rsplit(" ", 1)[-1]
+        raise RouteError(400, name if name in MEMORY_PARAMS else None, str(exc)) from exc
+
+
+def default_describe(spec: registry.BackendSpec, path: Path, options: MemoryOptions) -> dict | None:
     """Variant by the backend's own loader check (``inspect_folder``, which raises GentorError for another
-    layout), then sizes and the peak-VRAM estimate from loaders/inspect.py (headers only, no weights)."""
+    layout), then sizes and the peak-VRAM estimate for ``options`` from loaders/estimates.py (headers only, no
+    weights)."""
     info: dict[str, Any] = {}
     module = importlib.import_module(f"..loaders.{spec.id}", __package__)
     inspect_folder = getattr(module, "inspect_folder", None)
     if inspect_folder is not None and path.is_dir():
         info["variant"] = getattr(inspect_folder(path), "variant", None)
-    from ..loaders import inspect as model_inspect  # noqa: PLC0415 - reads headers; imports torch
-    from ..loaders.memory import MemoryOptions  # noqa: PLC0415
+    from ..loaders import estimates, inspect as model_inspect  # noqa: PLC0415 - reads headers; imports torch
 
     report = model_inspect.inspect_path(path)
     if report.backend != spec.id:
         return info or None
-    est = model_inspect.estimate(report, MemoryOptions())
+    est = estimates.estimate(report, options)
     info.update(variant=info.get("variant") or report.variant, params=report.params,
                 resting_bytes=est.resting_bytes, peak_vram_bytes=est.peak_vram,
                 estimate_for=f"{est.options.weight_dtype}, offload {est.options.offload}")
     return info
 
 
-def summary(services: Services, key: str, name: str) -> dict:
+def summary(services: Services, key: str, name: str, options: MemoryOptions | None = None) -> dict:
     """What a loader node shows under its model choice: variant, size on disk, what is loaded."""
     keys = folder_keys(services)
     if key not in keys:
@@ -91,7 +119,7 @@ def summary(services: Services, key: str, name: str) -> dict:
         out["backend"] = out["backend"] or spec.id
         describe = services.describe or default_describe
         try:
-            info = describe(spec, path)
+            info = describe(spec, path, options or MemoryOptions())
         except (GentorError, OSError, ValueError) as exc:  # not this backend's layout: say so, try the next one
             problems.append(str(exc))
             continue

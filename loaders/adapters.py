@@ -7,6 +7,9 @@ adapters are active, at which strength, for any ``nn.Module`` that holds PEFT tu
 """
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -21,6 +24,20 @@ class Adapter:
     identity: tuple
     load: Callable[[torch.nn.Module, str], None]
     weight: float = 1.0
+
+
+# PEFT warns whenever an adapter is injected into a module that already holds one ("This will lead to having
+# multiple adapters in the model"): several named adapters per module, switched per call, is this design.
+SEVERAL_ADAPTERS_WARNING = r"Already found a `peft_config` attribute in the model"
+
+
+@contextmanager
+def adding_named_adapter() -> Iterator[None]:
+    """Inject one more named adapter (diffusers' ``load_lora_adapter``, ``peft.inject_adapter_in_model``) without
+    PEFT's warning about several adapters; every other warning still shows."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=SEVERAL_ADAPTERS_WARNING, category=UserWarning)
+        yield
 
 
 def _tuner_layers(module: torch.nn.Module):

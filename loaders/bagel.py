@@ -7,6 +7,7 @@ Everything is detected from the configs and the weight headers, never from names
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from importlib import import_module
@@ -60,6 +61,15 @@ def looks_like_bagel(path: Path) -> bool:
 
 def list_models() -> list[str]:
     return list_model_folders(FOLDER_KEYS, looks_like_bagel)
+
+
+def identify(path: Path) -> str | None:
+    """The variant of a BAGEL folder (for loaders/identify.py), or None when it is not one."""
+    if not (path.is_dir() and (path / LLM_CONFIG).is_file() and (path / EMA).is_file()):
+        return None
+    llm = json.loads((path / LLM_CONFIG).read_text(encoding="utf-8"))
+    hidden, layers = llm.get("hidden_size"), llm.get("num_hidden_layers")
+    return "BAGEL-7B-MoT" if (hidden, layers) == (3584, 28) else f"BAGEL ({layers} layers x {hidden})"
 
 
 def _found(path: Path) -> str:

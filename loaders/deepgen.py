@@ -53,6 +53,7 @@ LORA_ADAPTER = "deepgen_lora"
 LORA_ALPHA = 128
 OFFICIAL_LORA_RANK = 64
 OWN_VLM = "vlm"  # the diffusers form's VLM sub-folder
+MAX_LISTED = 10  # file names shown in a refusal
 # DiT tensors whose shapes tie it to the bridge: context_embedder [caption, joint], text embedder [inner, pooled]
 DIT_JOINT_KEY = "context_embedder.weight"
 DIT_POOLED_KEY = "time_text_embed.text_embedder.linear_1.weight"
@@ -134,13 +135,25 @@ def resolve_vlm(name: str) -> tuple[Path, bool]:
     return vlm_loader.resolve(name), False
 
 
+def _listing(folder: Path) -> list[str]:
+    """What a folder holds, for a refusal (hidden files aside)."""
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))[:MAX_LISTED]
+
+
 def check_own_vlm_files(folder: Path) -> None:
     """The diffusers form's vlm/ must carry the tokenizer and image-processor files the sampler needs."""
+    if not folder.is_dir():
+        raise _refuse(VLM_INPUT, f"{folder.parent.name} has no {OWN_VLM}/ folder",
+                      f"{_listing(folder.parent)} in {folder.parent.name}/",
+                      f"{folder.parent.name}/{OWN_VLM}/ holding DeepGen's Qwen2.5-VL (the diffusers release has it)",
+                      "Pick Qwen2.5-VL-3B-Instruct from models/vlm/ as the vlm, or download the release's vlm/ "
+                      f"folder into {folder.parent}")
     have = [f for f in vlm_loader.TOKENIZER_FILES + vlm_loader.IMAGE_PROCESSOR_FILES if (folder / f).is_file()]
     if not any(f in have for f in vlm_loader.TOKENIZER_FILES) or \
             not any(f in have for f in vlm_loader.IMAGE_PROCESSOR_FILES):
+        found = have or f"only {_listing(folder)}"
         raise _refuse(VLM_INPUT, f"{folder.parent.name}/{OWN_VLM} has no tokenizer or image-processor files",
-                      have or "only weights and config", "tokenizer.json (or vocab.json) and preprocessor_config.json",
+                      found, "tokenizer.json (or vocab.json) and preprocessor_config.json",
                       "Add the Qwen2.5-VL tokenizer files to that folder: hf download Qwen/Qwen2.5-VL-3B-Instruct "
                       "tokenizer.json tokenizer_config.json vocab.json merges.txt preprocessor_config.json "
                       f"chat_template.json --local-dir {folder}")
@@ -182,7 +195,8 @@ def inspect_checkpoint(path: Path) -> CheckpointInfo:
             shapes = ckpt.read_shapes(path)
         except ckpt.ConversionRefused as exc:
             if not exc.command:
-                raise _refuse(CHECKPOINT_INPUT, f"{path.name} is not a state dict", exc, "a flat dict of tensors",
+                raise _refuse(CHECKPOINT_INPUT, f"{path.name} could not be read as a state dict", exc,
+                              "a torch.save dict of tensors or safetensors",
                               "Pick DeepGen's model.pt or its safetensors conversion") from exc
             held = ", ".join(exc.found) or "objects other than tensors"
             raise ModelFolderError(

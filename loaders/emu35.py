@@ -21,7 +21,6 @@ then the card, then a config carrying Emu3.5-Image's 1048576 area; otherwise Emu
 from __future__ import annotations
 
 import logging
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,8 @@ from ..modeling.emu35.decoder import build_decoder, qwen3_config
 from ..modeling.emu35.ibq import IBQ, IBQConfig
 from ..modeling.emu35.tokenizer import TIKTOKEN_FILE, VISION_TOKENS_FILE, Emu35Tokenizer, find_files
 from .cache import ModelHandle, Session
-from .files import list_model_folders, read_json, resolve_model_folder, tensor_shapes
+from .files import list_model_folders, read_checkpoint, read_json, resolve_model_folder, tensor_shapes
+from .identify import variant_of
 from .memory import MemoryOptions, Precision
 from .streaming import component_files, load_module
 
@@ -87,6 +87,11 @@ def looks_like_model(path: Path) -> bool:
         return read_json(cfg, BACKEND, "config.json").get("model_type") in MODEL_TYPES
     except ModelFolderError:
         return False
+
+
+def identify(path: Path) -> str | None:
+    """The variant of an Emu3.5 model folder (for loaders/identify.py), or None when it is not one."""
+    return variant_of(path, looks_like_model, lambda p: inspect_model(p).variant, "(incomplete Emu3.5 folder)")
 
 
 def looks_like_vq(path: Path) -> bool:
@@ -250,14 +255,9 @@ def read_vq_state(path: Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file  # noqa: PLC0415
 
         return load_file(str(path))
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (pickle.UnpicklingError, RuntimeError, AttributeError) as exc:
-        # weights_only refuses any pickle that would run code: never fall back to a full unpickle here.
-        raise ModelFolderError(
-            f"{BACKEND} vision_tokenizer: {path.name} holds more than tensors and is refused (got "
-            f"{type(exc).__name__}, expected a plain state dict loadable with torch.load(weights_only=True)). "
-            f"If you trust the file, convert it once: {conversion_command(path)}") from exc
+    # weights_only only: a pickle that would run code is refused, naming its classes, never fully unpickled.
+    ckpt = read_checkpoint(path, BACKEND, "vision_tokenizer",
+                           f"If you trust the file, convert it once: {conversion_command(path)}")
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
         raise ModelFolderError(f"{BACKEND} vision_tokenizer: {path.name} is not a state dict (got "

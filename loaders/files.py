@@ -160,10 +160,14 @@ def checkpoint_kind(path: Path) -> str:
     return "pickle" if len(head) >= 2 and head[0] == PICKLE_PROTO and 2 <= head[1] <= 5 else "other"
 
 
-def read_checkpoint(path: Path, backend: str, what: str = "weights") -> object:
+UNSAFE_TODO = "Use the release's safetensors, or convert this file once where you trust it"
+
+
+def read_checkpoint(path: Path, backend: str, what: str = "weights", unsafe_todo: str = UNSAFE_TODO) -> object:
     """A torch.save file through ``torch.load(weights_only=True)`` only (memory-mapped when it is a zip):
     never unpickles code. A file that is no checkpoint, or pickles classes besides tensors, is refused
-    saying what was found (the classes are read from the archive without loading it)."""
+    saying what was found (the classes are read from the archive without loading it); ``unsafe_todo`` is
+    what such a refusal tells the user to do."""
     import pickle  # noqa: PLC0415
     import zipfile  # noqa: PLC0415
 
@@ -186,8 +190,7 @@ def read_checkpoint(path: Path, backend: str, what: str = "weights") -> object:
             shown = ", ".join(sorted(unsafe)[:MAX_SHOWN_GLOBALS]) + (" ..." if len(unsafe) > MAX_SHOWN_GLOBALS else "")
             raise ModelFolderError(
                 f"{backend} {what}: {path.name} cannot be read safely (got a torch checkpoint that pickles {shown} "
-                "besides tensors, expected only tensors for torch.load(weights_only=True)). Use the release's "
-                "safetensors, or convert this file once where you trust it.")
+                f"besides tensors, expected only tensors for torch.load(weights_only=True)). {unsafe_todo}.")
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True, mmap=kind == "zip")
     except pickle.UnpicklingError as exc:  # a legacy pickle: torch names the refused global in its message
@@ -195,8 +198,7 @@ def read_checkpoint(path: Path, backend: str, what: str = "weights") -> object:
         raise ModelFolderError(
             f"{backend} {what}: {path.name} cannot be read safely (got a legacy torch pickle holding "
             f"{', '.join(found) or 'objects torch refuses to load without running code'}, expected only tensors "
-            "for torch.load(weights_only=True)). Use the release's safetensors, or convert this file once where "
-            "you trust it.") from exc
+            f"for torch.load(weights_only=True)). {unsafe_todo}.") from exc
     except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as exc:
         raise _unreadable(backend, what, path, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from exc
 

@@ -33,7 +33,7 @@ import torch
 
 from .. import glue
 from ..errors import InputError, ModelFolderError
-from .adapters import Adapter
+from .adapters import Adapter, adding_named_adapter
 from .cache import ModelHandle, file_identity
 from .files import safe_name_parts, safetensors_header
 
@@ -245,7 +245,8 @@ def _injector(path: Path, display: str, compute_dtype: torch.dtype):
             # The file changed under the same name: its layers were deleted by the cache; drop the config too so
             # diffusers accepts the name again.
             del peft_config[name]
-        module.load_lora_adapter(converted, adapter_name=name, prefix=PREFIX)
+        with adding_named_adapter():
+            module.load_lora_adapter(converted, adapter_name=name, prefix=PREFIX)
         keep_lora_in_compute_dtype(module, name, compute_dtype)
     return load
 

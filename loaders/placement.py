@@ -29,6 +29,7 @@ import torch
 from .. import glue
 from ..errors import MemoryEstimateError, ModelFolderError
 from .cache import CACHE, Entry
+from .cancel import cancel_points
 from .memory import Plan
 
 log = logging.getLogger(__name__)
@@ -284,10 +285,12 @@ class Placement:
 
     @contextlib.contextmanager
     def running(self) -> Iterator[Plan]:
-        """Apply the plan for one run; release the device after an error or Cancel."""
+        """Apply the plan for one run (Cancel checked before every block); release the device after an error or
+        Cancel."""
         plan = self.apply()
         try:
-            yield plan
+            with cancel_points(entry.value for entry in self.components.values()):
+                yield plan
         except BaseException:
             self.release()
             raise

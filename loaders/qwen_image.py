@@ -17,6 +17,7 @@ from .. import registry
 from ..errors import ModelFolderError
 from .cache import ModelHandle, Session
 from .files import list_model_folders, read_json, resolve_model_folder, tensor_shapes, weight_files
+from .identify import variant_of
 from . import lora as lora_files
 from . import qwen_image21, streaming
 from .memory import MemoryOptions, Plan, Precision
@@ -81,6 +82,11 @@ def looks_like_pipeline(path: Path) -> bool:
 
 def list_models() -> list[str]:
     return list_model_folders(FOLDER_KEYS, looks_like_pipeline)
+
+
+def identify(path: Path) -> str | None:
+    """The variant of a Qwen-Image pipeline folder (for loaders/identify.py), or None when it is not one."""
+    return variant_of(path, looks_like_pipeline, lambda p: inspect_folder(p).variant, "(incomplete pipeline folder)")
 
 
 def inspect_folder(path: Path) -> QwenImageInfo:

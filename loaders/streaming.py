@@ -13,6 +13,7 @@ old and their new key layouts through transformers' own checkpoint conversion ma
 """
 from __future__ import annotations
 
+import functools
 import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import glue
 from ..errors import GentorError, ModelFolderError, fmt
 from .files import read_json, safetensors_header, weight_files
 from .memory import FP8, Precision, apply_layerwise_storage
@@ -35,6 +37,19 @@ READ_WINDOW_BYTES = 64 * 1024**2
 FLOAT32 = torch.float32
 
 Rename = Callable[[str], "str | None"]
+# Set on a (meta) parameter whose tensor rests exactly as the file stores it (FP8 with a scale, GGUF blocks):
+# no resting dtype is given to it and nothing converts it (loaders/comfy_quant.py).
+STORED_FORM = "_gentor_stored_form"
+
+
+class TensorSource:
+    """Tensors of a file that safetensors cannot map (GGUF): its keys' logical shapes, then the tensors."""
+
+    origin: str
+    shapes: dict[str, tuple]
+
+    def tensors(self, plan: dict[str, "str | None"]) -> Iterator[tuple[str, torch.Tensor]]:
+        raise NotImplementedError
 
 
 # ----------------------------------------------------------------------------- files and skeletons
@@ -116,30 +131,40 @@ def load_transformers(cls: type, folder: str | Path, precision: Precision | None
 # ----------------------------------------------------------------------------- the loader
 def load_module(build: Callable[[], nn.Module], precision: Precision | None, skip: Sequence[str] = (),
                 files: Iterable[str | Path] = (), source: nn.Module | None = None, rename: Rename | None = None,
-                display: str = "", component: str = "") -> nn.Module:
+                display: str = "", component: str = "", tensors: TensorSource | None = None,
+                prepare: Callable[[nn.Module, Rename], None] | None = None) -> nn.Module:
     """Build a skeleton with ``build()`` on meta and fill it from ``files`` or from ``source``.
 
     ``precision`` None keeps the on-disk dtypes; otherwise parameters rest in ``precision.base``, and when
     ``precision.cast`` diffusers' layerwise casting (``skip`` patterns) decides which rest in FP8.
     ``rename(checkpoint_key)`` returns the module key or None to leave that tensor out; transformers
     models also get transformers' own key conversion. ``source`` is a loaded module of the same
-    architecture (wider precision) converted tensor by tensor without touching the disk.
+    architecture (wider precision) converted tensor by tensor without touching the disk. ``tensors`` reads a
+    file safetensors cannot (GGUF) in place of ``files``. ``prepare(skeleton, mapper)`` may swap layers of the
+    meta skeleton for ones that compute from a stored form (scaled FP8, GGUF) before anything is filled.
     Returns the module in eval mode without gradients, on the CPU.
     """
     files = tuple(Path(f) for f in files)
-    if bool(files) == (source is not None):
+    if (bool(files) or tensors is not None) == (source is not None):
         raise GentorError(fmt(display or "Gentor", component or "weights", "nothing or two sources to load from",
                               f"{len(files)} files and {'a' if source is not None else 'no'} source module",
                               "either weight files or a source module", "Report this as a bug"))
     with _meta_skeleton():
         module = build()
+    label = Label(display or type(module).__name__, component or "weights")
+    if prepare is not None:
+        prepare(module, _key_mapper(module, rename, module.state_dict(keep_vars=True), label))
     _set_resting_dtypes(module, precision, tuple(skip))
     slots = module.state_dict(keep_vars=True)
-    label = Label(display or type(module).__name__, component or "weights")
     if source is not None:
         shapes = {key: tuple(t.shape) for key, t in source.state_dict(keep_vars=True).items()}
         plan = {key: key for key in shapes}
         origin = "the source module"
+    elif tensors is not None:
+        shapes = dict(tensors.shapes)
+        mapper = _key_mapper(module, rename, slots, label)
+        plan = {key: mapper(key) for key in shapes}
+        origin = tensors.origin
     else:
         # Headers only (no mapping): a truncated file or a wrong key fails before any weight is read.
         headers = {path: safetensors_header(path, f"{label.display} {label.component}") for path in files}
@@ -151,7 +176,10 @@ def load_module(build: Callable[[], nn.Module], precision: Precision | None, ski
     loaded: set[str] = set()
     aliases = _alias_groups(slots)
     base = precision.base if precision else None
-    for key, tensor in (_source_tensors(source) if source is not None else _file_tensors(headers, plan, label)):
+    reads = (_source_tensors(source) if source is not None else
+             tensors.tensors(plan) if tensors is not None else _file_tensors(headers, plan, label))
+    for key, tensor in reads:
+        glue.check_interrupt()  # Cancel lands within one tensor's read, also while a big model loads
         if plan[key] is not None:
             _assign(module, plan[key], tensor, slots[plan[key]], base, precision is None, aliases, loaded)
         del tensor  # a file tensor views the mapping: drop it before the reader closes its window
@@ -160,6 +188,7 @@ def load_module(build: Callable[[], nn.Module], precision: Precision | None, ski
     if leftover:
         raise label.error(f"{len(leftover)} weights were never filled", _few(leftover),
                           f"every weight read from {origin}", "Re-download the component's files")
+    release_freed_memory()
     conversions = module.__dict__.pop("_streaming_conversions", None)
     if conversions is not None:  # as from_pretrained: save_pretrained writes back the layout that was read
         module._weight_conversions = [c for c in conversions if c.was_used()]
@@ -232,7 +261,7 @@ def _set_resting_dtypes(module: nn.Module, precision: Precision | None, skip: tu
     replaced: dict[int, nn.Parameter] = {}
     for prefix, sub in module.named_modules(remove_duplicate=False):
         for name, param in list(sub._parameters.items()):
-            if param is None or not param.is_floating_point():
+            if param is None or not param.is_floating_point() or getattr(param, STORED_FORM, False):
                 continue
             full = f"{prefix}.{name}" if prefix else name
             if id(param) not in replaced:
@@ -269,6 +298,9 @@ def _keep_fp32(module: nn.Module, base: torch.dtype) -> Callable[[str], bool]:
 
 def _convert(tensor: torch.Tensor, slot: torch.Tensor, base: torch.dtype | None, keep_dtype: bool) -> torch.Tensor:
     """A CPU copy of ``tensor`` in its resting dtype (a copy, so nothing keeps a file mapping alive)."""
+    if getattr(slot, STORED_FORM, False):
+        # Stored form (FP8 weight of a scaled layer, GGUF blocks): kept bit for bit, already a private copy.
+        return tensor if getattr(tensor, "quant_type", None) is not None else tensor.to("cpu", copy=True)
     if keep_dtype or not tensor.is_floating_point():
         dtype = tensor.dtype
     elif isinstance(slot, nn.Parameter):
@@ -443,7 +475,10 @@ def _assign(module: nn.Module, target: str, tensor: torch.Tensor, slot: torch.Te
     value = _convert(tensor, slot, base, keep_dtype)
     del tensor
     names = [target] + [a for a in aliases.get(target, ()) if a != target and a not in loaded]
-    new = nn.Parameter(value, requires_grad=False) if isinstance(slot, nn.Parameter) else value
+    if isinstance(value, nn.Parameter):  # a parameter subclass of the stored form (GGUFParameter)
+        new = value
+    else:
+        new = nn.Parameter(value, requires_grad=False) if isinstance(slot, nn.Parameter) else value
     for name in names:
         parent_name, _, leaf = name.rpartition(".")
         parent = module.get_submodule(parent_name)
@@ -460,6 +495,32 @@ def _tie(module: nn.Module, slots: dict[str, Any], loaded: set[str]) -> None:
     if tie is None or not hasattr(module, "all_tied_weights_keys"):
         return
     tie(missing_keys=set(slots) - loaded, recompute_mapping=False)
+
+
+def release_freed_memory() -> None:
+    """Give the heap pages freed while loading back to the OS (glibc only).
+
+    glibc keeps freed memory of a thread's arena for reuse; on ComfyUI's executor thread that is hundreds of MB
+    of read buffers left counting as the process's RSS after a load (issue 19: +1,176 MB after an FP8 load,
+    +716 MB after ``malloc_trim(0)``, resting 688 MB). Elsewhere (musl, macOS, Windows) nothing is done.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Callable[[int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes  # noqa: PLC0415
+    import ctypes.util  # noqa: PLC0415
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc (e.g. musl has no malloc_trim)
+        return None
 
 
 def resting_bytes(module: nn.Module) -> int:

@@ -18,7 +18,9 @@ from typing import Any
 from .. import registry
 from ..errors import InputError, ModelFolderError
 from .cache import ModelHandle, Session
+from .estimates import human_count
 from .files import list_model_folders, read_json, resolve_model_folder, tensor_shapes, weight_files
+from .identify import identify as identify_folder, variant_of
 from .memory import MemoryOptions, Plan, Precision
 
 log = logging.getLogger(__name__)
@@ -31,6 +33,8 @@ PIPELINE_FOLDER_KEYS = ("qwen_image", "diffusers")  # Qwen-Image pipelines whose
 TEXT_ENCODER = "text_encoder"
 # VLMs inside other backends' folders, offered as '<folder>/<sub-folder>' so the enhancer can share one copy with
 # that backend: Qwen-Image pipelines' text encoders, DeepGen-1.0-diffusers' own vlm/ (Qwen2.5-VL-3B).
+COMFY_FILES = "text_encoders/"  # Comfy-format text-encoder files are offered under this name prefix
+COMFY_LAYOUT = "comfy_file"
 NESTED = ((PIPELINE_FOLDER_KEYS, TEXT_ENCODER, ()), (("deepgen",), "vlm", ("connector",)))
 
 
@@ -122,11 +126,58 @@ def list_models() -> list[str]:
     own = list_model_folders(FOLDER_KEYS, looks_like_vlm)
     nested = [f"{n}/{sub}" for keys, sub, markers in NESTED
               for n in list_model_folders(keys, _nested_filter(sub, markers))]
-    return own + [n for n in dict.fromkeys(nested) if n not in own]
+    return own + [n for n in dict.fromkeys(nested) if n not in own] + _comfy_text_encoders()
+
+
+def _comfy_text_encoders() -> list[str]:
+    """ComfyUI's Qwen2.5-VL text-encoder files that can generate text (they hold lm_head), as 'text_encoders/<file>':
+    the same file Gentor Load Qwen-Image (ComfyUI files) reads, so the two share one cached copy."""
+    from . import qwen_image_files  # noqa: PLC0415
+
+    return [COMFY_FILES + n for n in qwen_image_files.list_files(qwen_image_files.TEXT_KEYS, _generates)]
+
+
+def _generates(path: Path) -> bool:
+    from . import comfy_qwen  # noqa: PLC0415
+    from .comfy_files import read_header  # noqa: PLC0415
+
+    header = read_header(path, DISPLAY, INPUT)
+    return comfy_qwen.text_kind(header) == "qwen2_5_vl" and comfy_qwen.has_lm_head(header)
+
+
+def _comfy_file_handle(path: Path, memory: MemoryOptions | None) -> ModelHandle:
+    """A handle on a Comfy-format Qwen2.5-VL file: ComfyUI's bundled tokenizer, the released image processor."""
+    from . import comfy_qwen, qwen_image_files  # noqa: PLC0415
+    from .comfy_files import read_header, weight_format  # noqa: PLC0415
+
+    header = read_header(path, DISPLAY, INPUT)
+    if comfy_qwen.text_kind(header) != "qwen2_5_vl" or not comfy_qwen.has_lm_head(header):
+        raise ModelFolderError(
+            f"{DISPLAY} {INPUT}: {path.name} cannot generate text (got {comfy_qwen.describe(header)}"
+            f"{'' if comfy_qwen.has_lm_head(header) else ' without lm_head'}, expected a Qwen2.5-VL file with its "
+            "lm_head). Pick a Qwen-VL Instruct folder from models/vlm/.")
+    weight_format(header, DISPLAY, INPUT)
+    config = comfy_qwen.text_config(header)
+    hidden, layers = config.text_config.hidden_size, config.text_config.num_hidden_layers
+    params = sum(_numel(s) for s in header.shapes.values())
+    arch = ARCHITECTURES["qwen2_5_vl"]
+    tok = qwen_image_files.tokenizer_dir()
+    return ModelHandle(BACKEND, _variant("qwen2_5_vl", arch, hidden, layers, params),
+                       (("model", str(path)), ("tokenizer", str(tok)), ("processor", str(tok))),
+                       memory or MemoryOptions(), (
+        ("architecture", "qwen2_5_vl"), ("params", human_count(params)), ("layers", str(layers)),
+        ("hidden", str(hidden)), ("images", "yes"), ("chat_template", "built-in Qwen format"),
+        ("layout", COMFY_LAYOUT)))
 
 
 def resolve(name: str) -> Path:
-    """A dropdown value -> folder inside the registered roots (vlm first, then the nested VLMs)."""
+    """A dropdown value -> folder inside the registered roots (vlm first, then the nested VLMs), or a Comfy-format
+    text-encoder file ('text_encoders/<file>')."""
+    if isinstance(name, str) and name.startswith(COMFY_FILES):
+        from .comfy_files import resolve_file  # noqa: PLC0415
+        from .qwen_image_files import TEXT_KEYS  # noqa: PLC0415
+
+        return resolve_file(DISPLAY, INPUT, name[len(COMFY_FILES):], TEXT_KEYS)
     try:
         return resolve_model_folder(DISPLAY, INPUT, name, FOLDER_KEYS)
     except InputError:
@@ -147,23 +198,18 @@ def _variant(model_type: str, arch: Architecture, hidden: int, layers: int, para
     return f"{arch.family} ({human_count(params)} params, {layers} layers x {hidden})"
 
 
-def human_count(n: int) -> str:
-    """12345678 -> '12.3M' (parameter and FLOP counts in messages; B = billion)."""
-    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if n >= scale:
-            return f"{n / scale:.3g}{suffix}"
-    return str(n)
-
-
 def _not_vlm(folder: Path, found: str) -> ModelFolderError:
-    from .inspect import identify  # noqa: PLC0415 - inspect imports this module
-
-    what = identify(folder)
+    what = identify_folder(folder)
     said = f"{found}; it looks like {what.backend_display} {what.variant}" if what else found
     return ModelFolderError(
         f"{DISPLAY} {INPUT}: {folder.name} is not a Qwen-VL model (got {said}, expected a Qwen2-VL, Qwen2.5-VL or "
         "Qwen3-VL Instruct folder: config.json with model_type qwen2_vl / qwen2_5_vl / qwen3_vl, safetensors "
         "weights, tokenizer and preprocessor files). Pick another folder, or use the loader of that model.")
+
+
+def identify(path: Path) -> str | None:
+    """The variant of a Qwen-VL folder (for loaders/identify.py), or None when it is not one."""
+    return variant_of(path, looks_like_vlm, lambda p: inspect_folder(p).variant, "(incomplete Qwen-VL folder)")
 
 
 def inspect_folder(folder: Path) -> VlmInfo:
@@ -241,6 +287,8 @@ def _tokenizer_has_template(folder: Path) -> bool:
 def load_handle(model_name: str, memory: MemoryOptions | None) -> ModelHandle:
     """What GentorLoadPromptEnhancer does: resolve, validate, detect; weights load lazily at first use."""
     folder = resolve(model_name)
+    if folder.is_file():
+        return _comfy_file_handle(folder, memory)
     info = inspect_folder(folder)
     paths = [("model", str(info.model_dir)), ("tokenizer", str(info.tokenizer_dir))]
     if info.processor_dir is not None:
@@ -264,6 +312,10 @@ def load_qwen_vl(folder: str | Path, precision: Precision | None, source: Any = 
     from .streaming import load_transformers  # noqa: PLC0415
 
     folder = Path(folder)
+    if folder.is_file():  # a Comfy-format Qwen2.5-VL file: its own loader (shared with Qwen-Image's file loader)
+        from .qwen_image_files import load_text_encoder  # noqa: PLC0415
+
+        return load_text_encoder(folder, precision, source, skip)
     model_type = _model_type(folder)
     if model_type not in ARCHITECTURES:
         raise _not_vlm(folder, f"config.json model_type={model_type!r}")
@@ -303,9 +355,24 @@ def load_components(handle: ModelHandle, plan: Plan, session: Session) -> dict[s
     processor_dir = dict(handle.paths).get("processor")
     tokenizer_dir = handle.path("tokenizer")
     skip = tuple(s.fp8_skip)
+    precision = plan.precision
+    if handle.info_dict.get("layout") == COMFY_LAYOUT:
+        # As Qwen-Image's file loader decides for the same file, so both name one cache entry.
+        from .comfy_files import read_header, weight_format  # noqa: PLC0415
+        from .qwen_image_files import load_processor as comfy_processor, precision_for  # noqa: PLC0415
+
+        header = read_header(model_dir, DISPLAY, INPUT)
+        precision, skip = precision_for(header, weight_format(header, DISPLAY, INPUT), plan, handle.memory, skip,
+                                        False)
+        processor = session.get("qwen_vl_processor", tokenizer_dir, lambda _p, _s: comfy_processor(Path(tokenizer_dir)),
+                                None, user=BACKEND, display=DISPLAY)
+        processor.value.chat_template = processor.value.chat_template or QWEN_CHAT_TEMPLATE
+        processor.value.tokenizer.chat_template = processor.value.tokenizer.chat_template or QWEN_CHAT_TEMPLATE
     model = session.get(kind_of(handle), model_dir,
-                        lambda precision, source: load_qwen_vl(model_dir, precision, source, skip),
-                        plan.precision, user=BACKEND, display=DISPLAY, skip=skip)
+                        lambda prec, source: load_qwen_vl(model_dir, prec, source, skip),
+                        precision, user=BACKEND, display=DISPLAY, skip=skip)
+    if handle.info_dict.get("layout") == COMFY_LAYOUT:
+        return {"model": model, "processor": processor}
     processor = session.get("qwen_vl_processor", processor_dir or tokenizer_dir,
                             lambda _precision, _source: load_processor(tokenizer_dir, processor_dir),
                             None, user=BACKEND, display=DISPLAY)

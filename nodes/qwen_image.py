@@ -5,6 +5,7 @@ from comfy_api.v0_0_2 import io
 
 from ..loaders import qwen_image as loader
 from ..loaders import qwen_image_diffsynth as engines
+from ..loaders import qwen_image_files as files_loader
 from ..samplers import qwen_image_job
 from ..samplers import qwen_image_vae
 from ..samplers.common import library_errors
@@ -43,6 +44,47 @@ class GentorLoadQwenImage(io.ComfyNode):
             return io.NodeOutput(loader.load_handle(model_name, memory, engine))
 
 
+class GentorLoadQwenImageFiles(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="GentorLoadQwenImageFiles", display_name="Gentor Load Qwen-Image (ComfyUI files)",
+            category=SUBCATEGORY,
+            description="Load Qwen-Image / -2512 / Edit / Edit-2509 / Edit-2511 from the single files ComfyUI uses "
+                        "(bf16, FP8, scaled FP8, GGUF transformer + Qwen2.5-VL text encoder + VAE).",
+            inputs=[
+                io.Combo.Input("diffusion_model", options=files_loader.list_transformers(),
+                               tooltip="A Qwen-Image transformer file from models/diffusion_models/ or models/unet/ "
+                                       "(safetensors bf16 / fp8 / fp8 scaled / fp8mixed, or GGUF)."),
+                io.Combo.Input("text_encoder", options=files_loader.list_text_encoders(),
+                               tooltip="The Qwen2.5-VL-7B text encoder file from models/text_encoders/ or "
+                                       "models/clip/ (e.g. qwen_2.5_vl_7b_fp8_scaled.safetensors)."),
+                io.Combo.Input("vae", options=files_loader.list_vaes(),
+                               tooltip="The Qwen-Image VAE file from models/vae/ (qwen_image_vae.safetensors)."),
+                GentorMemory.Input("memory", optional=True,
+                                   tooltip="Optional Gentor Memory Options. Scaled-FP8 and GGUF files keep their "
+                                           "stored form; compute dtype and offload apply."),
+                io.Combo.Input("engine", options=list(engines.ENGINES), default=engines.DEFAULT_ENGINE,
+                               optional=True,
+                               tooltip="diffusers (default) or DiffSynth-Studio (bf16 / fp16 / plain FP8 files; "
+                                       "diffsynth-or-diffusers falls back to diffusers for scaled FP8 and GGUF)."),
+                io.Combo.Input("variant", options=list(files_loader.VARIANT_CHOICES), default=files_loader.AUTO,
+                               optional=True,
+                               tooltip="auto: detected from the weights. Qwen-Image, -2512, Edit and Edit-2509 have "
+                                       "identical weights' shapes: auto runs Text to Image with Qwen-Image's pipeline "
+                                       "and Edit Image with Edit-2509's; pick qwen-image-edit for the original Edit. "
+                                       "Edit-2511 files are recognised by ComfyUI's marker tensor."),
+            ],
+            outputs=[GentorModel.Output("model", tooltip="Connect to Gentor Text to Image or Gentor Edit Image.")])
+
+    @classmethod
+    def execute(cls, diffusion_model, text_encoder, vae, memory=None, engine=engines.DEFAULT_ENGINE,
+                variant=files_loader.AUTO) -> io.NodeOutput:
+        with library_errors("Qwen-Image", "diffusion_model", "readable Comfy-format Qwen-Image files",
+                            "Check the files and permissions, or download them again."):
+            return io.NodeOutput(files_loader.load_handle(diffusion_model, text_encoder, vae, memory, engine, variant))
+
+
 class GentorQwenImageSettings(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -73,4 +115,4 @@ class GentorQwenImageSettings(io.ComfyNode):
         return io.NodeOutput(qwen_image_job.make_settings(max_sequence_length, preview_every, schedule, vae_tiling))
 
 
-NODES = [GentorLoadQwenImage, GentorQwenImageSettings, GentorLoRA]
+NODES = [GentorLoadQwenImage, GentorLoadQwenImageFiles, GentorQwenImageSettings, GentorLoRA]

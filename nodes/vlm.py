@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from comfy_api.v0_0_2 import io, ui
 
-from ..loaders import inspect as inspection
+from ..loaders import estimates, inspect as inspection
 from ..loaders import vlm as loader
 from ..samplers import vlm as sampler
 from ..samplers import vlm_prompts as prompts
@@ -35,7 +35,7 @@ class GentorLoadPromptEnhancer(io.ComfyNode):
     @classmethod
     def execute(cls, model_name, memory=None) -> io.NodeOutput:
         handle = loader.load_handle(model_name, memory)
-        line = inspection.summary(inspection.inspect_path(handle.path()), handle.memory)
+        line = estimates.summary(inspection.inspect_path(handle.path()), handle.memory)
         return io.NodeOutput(handle, ui=ui.PreviewText(line))
 
 

@@ -277,7 +277,7 @@ def _preview(x0: torch.Tensor, job: BagelJob, cfg: Any) -> Image.Image:
 
 def _inputs(job: BagelJob, tokenizer: Any) -> list:
     """The reference's input list: images in order, then the instruction (as text, never control tokens)."""
-    return list(job.images) + [user_text(tokenizer, job.prompt, "prompt", DISPLAY)]
+    return list(job.images) + [user_text(tokenizer, job.prompt, "prompt", "bagel")]
 
 
 def run(handle: ModelHandle, task: str, request: Request,

@@ -198,8 +198,8 @@ def generate(components: dict[str, Any], job: DeepGenJob, device: torch.device,
         # The VLM is driven through grandchildren (model.visual, model.language_model), which model offload's
         # hooks on the component and its direct children do not see: put it on the device explicitly.
         activate(components["vlm"], device)
-    cond = encode(vlm, tokenizer, bridge, [user_text(tokenizer, job.prompt, "prompt", DISPLAY)] * b,
-                  [user_text(tokenizer, job.negative, "negative", DISPLAY)] * b, job.references, device)
+    cond = encode(vlm, tokenizer, bridge, [user_text(tokenizer, job.prompt, "prompt", "deepgen")] * b,
+                  [user_text(tokenizer, job.negative, "negative", "deepgen")] * b, job.references, device)
     positive, negative = cond.halves()
 
     def step(i: int, latents: torch.Tensor) -> None:

@@ -22,6 +22,7 @@ from .. import glue, registry
 from ..errors import GenerationError, InputError, MemoryEstimateError
 from ..loaders import emu35 as emu_loader
 from ..loaders.cache import CACHE, ModelHandle
+from ..loaders.cancel import cancel_points
 from ..loaders.memory import resolve
 from ..modeling.emu35 import image_tokens as IT, tokens as T
 from ..modeling.emu35.generate import StepInfo, generate
@@ -60,6 +61,7 @@ class Emu35Job:
     image_area: int
     images: list[Image.Image] = field(default_factory=list)
     grid_from_reference: bool = False
+    sized: bool = False  # width/height set the grid (they are the input to name when it is too small)
 
 
 def make_settings(max_new_tokens: int = T.MAX_NEW_TOKENS, image_area: int = 0, image_top_k: int = 0,
@@ -145,7 +147,7 @@ def plan_job(task: str, variant: str, request: Request) -> tuple[Emu35Job, list[
                              f"expected at least {need}). Raise max_new_tokens in {SETTINGS_NODE} to {need} or more, "
                              "or choose a smaller size.")
     job = Emu35Job(task, request.prompt, params.cfg, int(request.seed), max(1, int(request.batch_size)), grid, params,
-                   max_new, area, images, grid_from_reference=task == "edit" and not sized)
+                   max_new, area, images, grid_from_reference=task == "edit" and not sized, sized=sized)
     return job, notes
 
 
@@ -158,7 +160,7 @@ def _grid_from_size(width: int, height: int, notes: list[str]) -> tuple[int, int
 
 def build_prompts(job: Emu35Job, image_strings: list[str], tok: Any) -> tuple[list[int], list[int]]:
     """Conditional and unconditional ids (official templates; references in both; the prompt as text)."""
-    question = user_text(tok, job.prompt, "prompt", DISPLAY)
+    question = user_text(tok, job.prompt, "prompt", "emu35")
     if job.task == "t2i":
         cond, unc = T.T2I_TEMPLATE.format(question=question), T.T2I_UNCOND
     else:
@@ -173,10 +175,11 @@ def build_prompts(job: Emu35Job, image_strings: list[str], tok: Any) -> tuple[li
 
 # ----------------------------------------------------------------------------- running
 class RowProgress:
-    """Ticks per image row, sends a partial preview every few rows, checks Cancel on every token."""
+    """Ticks per image row, sends a partial preview every few rows (rows the vision tokenizer can decode),
+    checks Cancel on every token; ``finish`` shows the finished image, so no partial preview stays."""
 
-    def __init__(self, listener: Any, decode: Callable[[torch.Tensor], Image.Image]) -> None:
-        self.listener, self.decode = listener, decode
+    def __init__(self, listener: Any, decode: Callable[[torch.Tensor], Image.Image], min_positions: int = 1) -> None:
+        self.listener, self.decode, self.min_positions = listener, decode, min_positions
         self.progress: glue.Progress | None = None
         self.rows = 0
 
@@ -188,13 +191,33 @@ class RowProgress:
         if self.progress is None:
             self.progress = glue.Progress(h, self.listener)
         self.rows = info.rows_done
+        if self.rows >= h:  # the last row: finish() ticks it with the decoded image
+            return
         every = max(1, math.ceil(h / PREVIEWS_PER_IMAGE))
         preview = None
-        if self.rows % every == 0 and self.rows < h:
+        if self.rows % every == 0 and self.rows * w >= self.min_positions:
             parsed = IT.parse_output(_from_boi(info.tokens), lambda _ids: "")
             if parsed.partial is not None:
                 preview = self.decode(parsed.partial)
         self.progress.update(self.rows, preview)
+
+    def finish(self, image: torch.Tensor) -> None:
+        """The last tick, with the decoded image [1, H, W, 3] as its preview (never a partial one)."""
+        if self.progress is None:  # a grid the model chose without row ticks
+            self.progress = glue.Progress(1, self.listener)
+        self.progress.update(self.progress.total, _pil(image))
+
+
+def check_grid(grid: tuple[int, int], min_positions: int, input_name: str) -> None:
+    """Refuse a token grid smaller than the vision tokenizer can encode or decode (see IBQConfig)."""
+    rows, cols = grid
+    if rows * cols >= min_positions:
+        return
+    side = min_positions * T.DOWNSAMPLE
+    raise InputError(f"{DISPLAY} {input_name}: a {cols * T.DOWNSAMPLE}x{rows * T.DOWNSAMPLE} image is {rows * cols} "
+                     f"token(s), fewer than this vision tokenizer handles (got {rows}x{cols} tokens, expected at "
+                     f"least {min_positions} tokens, e.g. {side}x{T.DOWNSAMPLE} or {T.DOWNSAMPLE}x{side} pixels). "
+                     "Choose a larger size.")
 
 
 def _from_boi(tokens: list[int]) -> list[int]:
@@ -243,7 +266,9 @@ def run(handle: ModelHandle, task: str, request: Request,
             glue.make_room(comps["ibq"].nbytes, vq_device)
             ibq.to(vq_device)
             try:
-                images, texts = _generate_all(job, llm.value, ibq, tok, device, listener)
+                # The placement checks Cancel inside the LLM's forward; the IBQ decoder and a split LLM here.
+                with cancel_points([ibq] + ([llm.value] if placement is None else [])):
+                    images, texts = _generate_all(job, llm.value, ibq, tok, device, listener)
             finally:
                 if used.offload != "none" or vq_device.type == "cpu":
                     ibq.to("cpu")
@@ -262,19 +287,26 @@ def run(handle: ModelHandle, task: str, request: Request,
 
 def _generate_all(job: Emu35Job, model: Any, ibq: Any, tok: Any, device: torch.device,
                   listener: Any) -> tuple[list[torch.Tensor], list[str]]:
+    least = ibq.config.min_code_positions
+    for img in job.images:
+        check_grid((img.height // T.DOWNSAMPLE, img.width // T.DOWNSAMPLE), least, "image_area")
     strings = [IT.image_string(ibq.encode_codes(IT.to_pixels(img))[0].cpu()) for img in job.images]
     cond, unc = build_prompts(job, strings, tok)
     if job.task == "edit" and job.grid_from_reference:
         job.grid = IT.grid_in_prompt(unc)  # the output follows the last reference, parsed as officially
+    if job.grid is not None:
+        check_grid(job.grid, least, "width/height" if job.sized else "image_area")
     images, texts = [], []
     for item in range(job.batch):
-        progress = RowProgress(listener, lambda codes: _pil(_decode(ibq, codes)))
+        progress = RowProgress(listener, lambda codes: _pil(_decode(ibq, codes)), least)
         out = generate(model, cond, unc, job.params, seed=job.seed + item, max_new_tokens=job.max_new_tokens,
                        grid=job.grid, mode=MODE, device=device, on_token=progress)
         parsed = IT.parse_output(out.tokens, tok.decode_text)
         if not parsed.images:
             raise _no_image(job, out, parsed, tok)
+        check_grid(tuple(parsed.images[0].shape), least, "aspect")  # a size the model chose itself ("auto")
         images.append(_decode(ibq, parsed.images[0]))
+        progress.finish(images[-1])
         texts.append(parsed.text)
     return images, texts
 

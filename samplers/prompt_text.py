@@ -14,12 +14,16 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
+from .. import registry
 from ..errors import InputError
 
 BREAK = "\u200b"  # zero-width space: invisible, and not part of any control token's spelling
 NUL = "\x00"
 SURROGATES = re.compile("[\ud800-\udfff]")
 MAX_ROUNDS = 8  # breaking one spelling cannot create another; a few rounds are a safety bound
+# No backend takes more than 8,192 prompt tokens (registry max_prompt_tokens), and a token holds at most a few
+# characters of real text in any language: longer text is refused before a tokenizer spends time on it.
+MAX_TEXT_CHARS = 100_000
 
 
 def check_text(text: Any, name: str, display: str) -> str:
@@ -27,6 +31,9 @@ def check_text(text: Any, name: str, display: str) -> str:
     if not isinstance(text, str):
         raise InputError(f"{display} {name}: not text (got {type(text).__name__}, expected a string). "
                          "Connect a STRING or type the text in the widget.")
+    if len(text) > MAX_TEXT_CHARS:
+        raise InputError(f"{display} {name}: too long (got {len(text):,} characters, expected at most "
+                         f"{MAX_TEXT_CHARS:,}). Shorten the text; each model's own token limit is lower still.")
     if NUL in text:
         raise InputError(f"{display} {name}: contains a NUL character (got one at character {text.index(NUL)}, "
                          "expected text without control character 0). Remove it from the text.")
@@ -74,14 +81,32 @@ def escape_special(text: str, spellings: Iterable[str], patterns: Iterable[re.Pa
     return text
 
 
-def user_text(tokenizer: Any, text: str, name: str = "prompt", display: str = "Gentor") -> str:
-    """What a backend puts in its template where the user's ``text`` goes (checked, control tokens broken)."""
-    check_text(text, name, display)
-    return escape_special(text, special_strings(tokenizer), special_patterns(tokenizer))
+def user_text(tokenizer: Any, text: str, name: str, backend: str) -> str:
+    """What ``backend`` puts in its template where the user's ``text`` goes: checked, control tokens broken,
+    and within the backend's ``max_prompt_tokens`` (registry.py), counted before any model work."""
+    spec = registry.get(backend)
+    check_text(text, name, spec.display_name)
+    escaped = escape_special(text, special_strings(tokenizer), special_patterns(tokenizer))
+    limit = spec.max_prompt_tokens
+    # Byte-level tokenizers (all of ours) give a token at least one UTF-8 byte: short texts need no count.
+    if limit and len(escaped.encode("utf-8")) > limit:
+        count = count_tokens(tokenizer, escaped)
+        if count > limit:
+            raise InputError(f"{spec.display_name} {name}: too long (got {count} tokens, expected at most {limit} "
+                             f"tokens for {spec.display_name}). Shorten the text.")
+    return escaped
 
 
-def pipeline_texts(pipe: Any, prompt: str, negative: str | None, display: str) -> tuple[str, str | None]:
+def count_tokens(tokenizer: Any, text: str) -> int:
+    """Tokens of plain ``text`` (no BOS/EOS) by a transformers tokenizer, a processor, or one of our own."""
+    tok = getattr(tokenizer, "tokenizer", tokenizer)
+    if callable(getattr(tok, "special_strings", None)):
+        return len(tok.encode(text))
+    return len(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def pipeline_texts(pipe: Any, prompt: str, negative: str | None, backend: str = "qwen_image") -> tuple[str, str | None]:
     """``user_text`` for a diffusers / DiffSynth pipeline's prompt and negative (its tokenizer, else its processor)."""
     tokenizer = getattr(pipe, "tokenizer", None) or getattr(pipe, "processor", None)
-    return (user_text(tokenizer, prompt, "prompt", display),
-            None if negative is None else user_text(tokenizer, negative, "negative", display))
+    return (user_text(tokenizer, prompt, "prompt", backend),
+            None if negative is None else user_text(tokenizer, negative, "negative", backend))

@@ -19,6 +19,7 @@ from PIL import Image
 from .. import glue
 from ..errors import InputError, MemoryEstimateError
 from ..loaders import qwen_image as qwen_loader
+from ..loaders import qwen_image_files as qwen_files
 from ..loaders.cache import CACHE, ModelHandle
 from ..loaders.memory import Plan
 from . import qwen_image21
@@ -132,30 +133,32 @@ def estimate_bytes(job: Job1x, transformer_cfg: dict, vae_cfg: dict, dtype: torc
 
 
 def weight_bytes_to_load(path: Path, task: str, plan: Plan) -> int:
-    """Resting bytes of the weighted components not in the cache yet (from weight headers, nothing read)."""
-    from ..loaders.files import tensor_shapes, weight_files  # noqa: PLC0415
+    """Resting bytes of the weighted components not in the cache yet: the shared estimate from the weight
+    headers (loaders/estimates.py; FP8 storage counts only the layers it casts), nothing read."""
+    from ..loaders import estimates, inspect as inspection  # noqa: PLC0415
 
     cached = {e.source for e in CACHE.entries()}
-    total = 0
-    for comp in qwen_loader.WEIGHTED:
-        folder = path / comp
-        if str(folder.resolve()) in cached:
-            continue
-        itemsize = plan.precision.base.itemsize if comp == "vae" else plan.precision.storage.itemsize
-        numel = sum(math.prod(shape) for shape in tensor_shapes(weight_files(folder, DISPLAY, comp)).values())
-        total += numel * itemsize
-    return total
+    report = inspection.inspect_path(path)
+    return sum(estimates.resting_bytes(c, plan.precision.storage, plan.precision.base) for c in report.components
+               if c.role in qwen_loader.WEIGHTED and str(Path(c.path).resolve()) not in cached)
 
 
-def check_memory(job: Job1x, path: Path, plan: Plan) -> list[str]:
+def check_memory(job: Job1x, path: Path, plan: Plan, files: ModelHandle | None = None) -> list[str]:
     """Refuse a run that cannot fit BEFORE any weight is read (configs and weight headers only); decide the
-    VAE tiling on the way (sets ``job.tiled_vae``) and return the notes for the text output."""
+    VAE tiling on the way (sets ``job.tiled_vae``) and return the notes for the text output. ``files``: a handle
+    of single Comfy-format files (their headers give the sizes) instead of the pipeline folder at ``path``."""
     from ..loaders.files import read_json  # noqa: PLC0415
 
-    transformer_cfg = read_json(path / "transformer" / "config.json", DISPLAY, "transformer config")
-    vae_cfg = read_json(path / "vae" / "config.json", DISPLAY, "vae config")
+    if files is not None:
+        transformer_cfg, vae_cfg = qwen_files.configs(files)
+    else:
+        transformer_cfg = read_json(path / "transformer" / "config.json", DISPLAY, "transformer config")
+        vae_cfg = read_json(path / "vae" / "config.json", DISPLAY, "vae config")
     # On a CPU the device memory IS the RAM the weights still have to be read into.
-    weights = weight_bytes_to_load(path, job.task, plan) if plan.device.type == "cpu" else 0
+    weights = 0
+    if plan.device.type == "cpu":
+        weights = (qwen_files.bytes_to_load(files, plan) if files is not None else
+                   weight_bytes_to_load(path, job.task, plan))
     free = glue.free_memory_bytes(plan.device)
     whole = estimate_bytes(job, transformer_cfg, vae_cfg, plan.compute, tiled_vae=False)
     job.tiled_vae, note = vae_tiling.choose(job.vae_tiling, whole + weights <= free)
@@ -212,7 +215,7 @@ class DiffusersEngine:
             on_step(i + 1, preview)
             return {}
 
-        prompt, negative = pipeline_texts(pipe, job.prompt, job.negative, DISPLAY)
+        prompt, negative = pipeline_texts(pipe, job.prompt, job.negative)
         args: dict[str, Any] = dict(
             prompt=prompt, negative_prompt=negative, true_cfg_scale=job.true_cfg,
             num_inference_steps=job.steps, width=job.width, height=job.height,
@@ -260,5 +263,21 @@ def run(handle: ModelHandle, task: str, request: Request,
         listener: Callable[[int, int, Any], None] | None = None) -> Result:
     """Generate with a Qwen-Image handle (1.x or 2.1); ``task`` is "t2i" or "edit"; the engine is the handle's."""
     handle.check_exists(DISPLAY)
+    if qwen_files.is_files_handle(handle):
+        handle, notes = qwen_files.for_task(handle, task)
+        return execute(files_generation(handle, notes), handle, task, request, listener)
     generation = qwen_image21.GENERATION if handle.info_dict["task"] == qwen_loader.TASK_21 else GENERATION
     return execute(generation, handle, task, request, listener)
+
+
+def files_generation(handle: ModelHandle, task_notes: list[str]) -> Generation:
+    """The 1.x generation on ComfyUI's single files (loaders/qwen_image_files.py) instead of a pipeline folder."""
+    def plan(task: str, handle_task: str, request: Request, _path: Path) -> tuple[Job1x, list[str]]:
+        job, notes = plan_job(task, handle_task, request)
+        return job, task_notes + notes
+
+    return Generation(
+        plan=plan, check_memory=lambda job, path, plan_: check_memory(job, path, plan_, handle),
+        load_components=lambda _path, handle_task, plan_, session: qwen_files.load_components(
+            handle, handle_task, plan_, session),
+        make_engine=make_engine, finish=finish)

@@ -171,7 +171,7 @@ class Engine21:
             on_step(i + 1, preview)
             return {}
 
-        prompt, negative = pipeline_texts(self.pipe, job.prompt, job.negative, DISPLAY)
+        prompt, negative = pipeline_texts(self.pipe, job.prompt, job.negative)
         # References the vision processor would resize again get a resize area inside its pixel range.
         resolution = fit_resolution(job.resolution, self.processor) if job.images else job.resolution
         args: dict[str, Any] = dict(

@@ -207,7 +207,7 @@ class DiffSynthEngine:
 
     def generate(self, job: Any, on_step: Callable[[int, Image.Image | None], None]) -> torch.Tensor:
         noise = draw_noise(job, LATENT_CHANNELS, VAE_SCALE, self.plan.compute)
-        prompt, negative = pipeline_texts(self.pipe, job.prompt, job.negative, "Qwen-Image")
+        prompt, negative = pipeline_texts(self.pipe, job.prompt, job.negative)
         args: dict[str, Any] = dict(
             prompt=prompt, negative_prompt=negative,
             # diffusers runs true CFG only above 1; DiffSynth whenever the scale is not 1.
@@ -263,7 +263,7 @@ class DiffSynthEngine21:
     def generate(self, job: Any, on_step: Callable[[int, Image.Image | None], None]) -> torch.Tensor:
         """[B, 4, H, W] in 0..1 (RGBA, as the diffusers engine returns it)."""
         noise = draw_noise(job, LATENT21_CHANNELS, VAE21_SCALE, self.plan.compute)
-        prompt, negative = pipeline_texts(self.pipe, job.prompt, job.negative, "Qwen-Image")
+        prompt, negative = pipeline_texts(self.pipe, job.prompt, job.negative)
         args: dict[str, Any] = dict(
             prompt=prompt, negative_prompt=negative,
             cfg_scale=job.true_cfg if job.true_cfg > NO_CFG else NO_CFG,

@@ -157,7 +157,7 @@ def as_text(processor: Any, messages: list[dict]) -> list[dict]:
     names = {"system": "system_prompt", "user": "prompt"}
 
     def text(role: str, value: str) -> str:
-        return user_text(processor, value, names.get(role, role), DISPLAY)
+        return user_text(processor, value, names.get(role, role), loader.BACKEND)
 
     return [dict(m, content=text(m["role"], m["content"]) if isinstance(m["content"], str) else
                  [dict(c, text=text(m["role"], c["text"])) if c.get("type") == "text" else c for c in m["content"]])
@@ -242,16 +242,16 @@ def stop_ids(config: Any) -> set[int]:
 
 
 def check_memory(handle: ModelHandle, plan: Any, images: list[Image.Image], gen: Generation) -> None:
-    """Refuse before reading any weight when the estimate (loaders.inspect, from headers) does not fit the
-    device; weights already cached for this model count as free."""
-    from ..loaders import inspect as inspection  # noqa: PLC0415
+    """Refuse before reading any weight when the estimate (loaders/estimates.py, from headers) does not fit
+    the device; weights already cached for this model count as free."""
+    from ..loaders import estimates, inspect as inspection  # noqa: PLC0415
 
     if plan.device.type == "cpu":
         return
     report = inspection.inspect_path(handle.path("model"))
     cached = sum(e.nbytes for e in CACHE.entries(loader.kind_of(handle)) if e.source == handle.path("model"))
     side = int(gen.max_image_pixels ** 0.5)
-    inspection.check_fits(report, handle.memory, plan.device, glue.free_memory_bytes(plan.device) + cached,
+    estimates.check_fits(report, handle.memory, plan.device, glue.free_memory_bytes(plan.device) + cached,
                           "model", side, side, max(1, len(images)))
 
 

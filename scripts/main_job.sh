@@ -9,13 +9,16 @@
 # 3. uses a real Qwen-Image pipeline from ComfyUI/models/qwen_image/ when there is one, otherwise writes
 #    the tiny random-weight models (no download) and uses those;
 # 4. queues workflows/api/qwen_image_t2i.json through the HTTP API with the headless client and saves the
-#    image into OUT_DIR (default: ./gentor-out); then stops ComfyUI.
+#    image into OUT_DIR (default: ./gentor-out); then stops ComfyUI and removes its scratch folder (the
+#    server's log is kept as OUT_DIR/comfyui.log).
+#
+# Environment: GENTOR_PORT (default: a free loopback port, so a ComfyUI already running on 8188/8189 is
+# never hit), GENTOR_NO_INSTALL=1 (skip step 1 when the requirements are already installed).
 set -euo pipefail
 COMFY="${1:?usage: bash scripts/main_job.sh /path/to/ComfyUI [OUT_DIR]}"
 COMFY="$(cd "$COMFY" && pwd)"
 OUT="$(mkdir -p "${2:-gentor-out}" && cd "${2:-gentor-out}" && pwd)"
 PACK="$(cd "$(dirname "$0")/.." && pwd)"
-PORT="${GENTOR_PORT:-8189}"
 [ -f "$COMFY/main.py" ] || { echo "no ComfyUI checkout at $COMFY (expected main.py there)" >&2; exit 2; }
 
 PY=python3
@@ -23,10 +26,20 @@ for cand in "$COMFY/.venv/bin/python" "$COMFY/venv/bin/python" "$COMFY/../python
   if [ -x "$cand" ]; then PY="$cand"; break; fi
 done
 echo "[gentor] ComfyUI Python: $PY"
-"$PY" -m pip install -q -r "$PACK/requirements.txt"
+if [ "${GENTOR_NO_INSTALL:-0}" != 1 ]; then "$PY" -m pip install -q -r "$PACK/requirements.txt"; fi
+PORT="${GENTOR_PORT:-$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
 
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/gentor-main.XXXXXX")"
-mkdir -p "$WORK/custom_nodes" "$WORK/input" "$WORK/output"
+SERVER=""
+cleanup() {
+  if [ -n "$SERVER" ]; then kill "$SERVER" 2>/dev/null || true; wait "$SERVER" 2>/dev/null || true; fi
+  [ -f "$WORK/comfyui.log" ] && cp "$WORK/comfyui.log" "$OUT/comfyui.log"
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+# user/ holds ComfyUI's settings and its database (by default the database would go to the checkout's user/,
+# which a fresh clone lacks: "Failed to initialize database").
+mkdir -p "$WORK/custom_nodes" "$WORK/input" "$WORK/output" "$WORK/user"
 ln -s "$PACK" "$WORK/custom_nodes/comfyui-gentor"
 MODEL_ARGS=()
 # A real pipeline is told from a tiny or partial one by its weights, never by its folder name: the
@@ -80,11 +93,11 @@ gentor:
 EOF
 DEVICE_ARGS=()
 "$PY" -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)" || DEVICE_ARGS=(--cpu)
-echo "[gentor] starting ComfyUI on 127.0.0.1:$PORT (log: $WORK/comfyui.log)"
+echo "[gentor] starting ComfyUI on 127.0.0.1:$PORT (log: $OUT/comfyui.log when it stops)"
 (cd "$COMFY" && exec "$PY" main.py "${DEVICE_ARGS[@]}" --listen 127.0.0.1 --port "$PORT" --disable-auto-launch \
-  --base-directory "$WORK" --extra-model-paths-config "$WORK/extra_model_paths.yaml") >"$WORK/comfyui.log" 2>&1 &
+  --base-directory "$WORK" --extra-model-paths-config "$WORK/extra_model_paths.yaml" \
+  --database-url "sqlite:///$WORK/user/comfyui.db") >"$WORK/comfyui.log" 2>&1 &
 SERVER=$!
-trap 'kill $SERVER 2>/dev/null; wait $SERVER 2>/dev/null || true' EXIT
 for _ in $(seq 1 180); do
   curl -sf "http://127.0.0.1:$PORT/object_info/GentorTextToImage" >/dev/null 2>&1 && break
   kill -0 $SERVER 2>/dev/null || { tail -40 "$WORK/comfyui.log"; exit 1; }

@@ -220,7 +220,9 @@ class ComfyServer:
         self.env = {**os.environ, **OFFLINE, **QUIET_THREADS, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.cmd = [self.python, ENTRY_SCRIPT, "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                     "--disable-auto-launch", "--base-directory", str(self.base_dir),
-                    "--extra-model-paths-config", str(self.base_dir / "extra_model_paths.yaml"), *extra_args]
+                    "--extra-model-paths-config", str(self.base_dir / "extra_model_paths.yaml"),
+                    # ComfyUI's default database is the checkout's user/comfyui.db (absent in a fresh clone)
+                    "--database-url", f"sqlite:///{self.base_dir / 'user' / 'comfyui.db'}", *extra_args]
         if cpus and shutil.which("taskset"):  # pin to these cores (benchmarks)
             self.cmd = ["taskset", "-c", cpus, *self.cmd]
         self.proc: subprocess.Popen | None = None
@@ -244,6 +246,7 @@ class ComfyServer:
         link = nodes / PACK_LINK_NAME
         if self.link_pack and not link.exists():
             link.symlink_to(PACK_ROOT, target_is_directory=True)
+        (self.base_dir / "user").mkdir(exist_ok=True)
         inputs = self.base_dir / "input"
         inputs.mkdir(exist_ok=True)
         for img in self.input_images:

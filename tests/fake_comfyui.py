@@ -43,6 +43,9 @@ def object_info(models: list[str]) -> dict:
                                         "optional": {"settings": ["GENTOR_SETTINGS", {}]}}},
         "GentorEditImage": {"input": {"required": dict(COMMON), "optional": {
             **{f"image_{i}": ["IMAGE", {}] for i in range(1, 5)}, "settings": ["GENTOR_SETTINGS", {}]}}},
+        "GentorQwenImageSettings": {"input": {"required": {
+            "max_sequence_length": ["INT", {"default": 1024, "min": 1, "max": 1024}],
+            "schedule": ["COMBO", {"options": ["model", "lightning"], "default": "model"}]}}},
         "LoadImage": {"input": {"required": {"image": [["a.png"], {"image_upload": True}]}}},
         "PreviewImage": {"input": {"required": {"images": ["IMAGE", {}]}}},
         "PreviewAny": {"input": {"required": {"source": ["*", {}]}}},

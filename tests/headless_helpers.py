@@ -132,13 +132,20 @@ class _WS:
 
 
 # --------------------------------------------------------------------------- fake server
+HOLD_S = 120.0  # a held prompt ends by itself after this, so a failing test cannot hang forever
+
+
 class FakeComfy:
     """Speaks the endpoints the client uses: /prompt /history /view /upload/image /interrupt /queue
     /object_info /ws (+ /static/<name> to serve dataset image URLs). ``kill()`` makes it vanish."""
 
     def __init__(self, delay: float = 0.0, websocket: bool = True,
-                 fail: Callable[[dict[str, Any]], str | None] | None = None) -> None:
+                 fail: Callable[[dict[str, Any]], str | None] | None = None,
+                 hold: Callable[[dict[str, Any]], bool] | None = None) -> None:
         self.delay, self.websocket, self.fail = delay, websocket, fail
+        # A prompt for which hold(prompt) is true runs until it is interrupted (at most HOLD_S): a test can
+        # then act while it is certainly in flight, whatever the machine's load.
+        self.hold = hold
         self.object_info = json.loads(json.dumps(FAKE_OBJECT_INFO))
         self.uploads: dict[str, bytes] = {}
         self.files: dict[tuple[str, str, str], bytes] = {}
@@ -283,8 +290,9 @@ class FakeComfy:
             if isinstance(steps, int):
                 for i in range(1, steps + 1):
                     self.emit(client_id, "progress", {"value": i, "max": steps, "prompt_id": pid, "node": node_id})
-            if node_id == next(iter(prompt)) and self.delay:
-                if self._interrupt.wait(self.delay):
+            wait = HOLD_S if self.hold is not None and self.hold(prompt) else self.delay
+            if node_id == next(iter(prompt)) and wait:
+                if self._interrupt.wait(wait):
                     if self._killed.is_set():
                         return
                     status = "interrupted"

@@ -15,8 +15,10 @@ import sys
 from pathlib import Path
 
 from tests import workflow_check as wc
+from tests import workflow_files as wf
+from tests import workflow_specs as wspec
+from tests import workflow_static as wstatic
 
-OPTIONAL_SHAPE = 7
 NOTE_SIZE = [420, 260]
 NODE_SIZE = [320, 200]
 COLUMN = 380
@@ -28,7 +30,7 @@ NEW_WIDGET_DEFAULTS = {("GentorQwenImageSettings", "schedule"): "model",
 def _socket(spec_input, link=None) -> dict:
     out = {"name": spec_input.name, "type": spec_input.type, "link": link}
     if spec_input.optional:
-        out["shape"] = OPTIONAL_SHAPE
+        out["shape"] = wc.OPTIONAL_SHAPE
     return out
 
 
@@ -58,11 +60,11 @@ def upgrade(ui: dict, specs: dict) -> dict:
 
 
 def save_pair(name: str, ui: dict, specs: dict) -> None:
-    (wc.WORKFLOWS_DIR / f"{name}.json").write_text(wc.dump_json(ui))
-    api_path = wc.WORKFLOWS_DIR / "api" / f"{name}.json"
+    (wf.WORKFLOWS_DIR / f"{name}.json").write_text(wf.dump_json(ui))
+    api_path = wf.WORKFLOWS_DIR / "api" / f"{name}.json"
     api = wc.ui_to_api(ui, specs)
-    if not api_path.is_file() or wc.load_json(api_path) != api:  # same graph: keep the file as it was
-        api_path.write_text(wc.dump_json(api))
+    if not api_path.is_file() or wf.load_json(api_path) != api:  # same graph: keep the file as it was
+        api_path.write_text(wf.dump_json(api))
 
 
 def build(nodes: list[tuple], edges: list[tuple], note: str, specs: dict) -> dict:
@@ -106,8 +108,20 @@ Q21_NOTE = ("Qwen-Image 2.1 (non-commercial licence): edit / compose with up to 
             "gives it; Join Image with Alpha rebuilds the RGBA).")
 
 
+FILES_NOTE = ("Qwen-Image from the files ComfyUI's own templates download (Gentor Load Qwen-Image (ComfyUI files)): "
+              "models/diffusion_models/qwen_image_fp8_e4m3fn.safetensors (or _bf16, _fp8mixed, the 2512 / Edit / "
+              "Edit-2509 / Edit-2511 files), models/text_encoders/qwen_2.5_vl_7b_fp8_scaled.safetensors, "
+              "models/vae/qwen_image_vae.safetensors. No second download: the tokenizer is ComfyUI's own. variant "
+              "auto: Text to Image runs Qwen-Image, Edit Image runs Edit-2509 (the weights cannot tell them apart); "
+              "Edit-2511 files are recognised.")
+GGUF_NOTE = ("Qwen-Image from a GGUF transformer (city96/Qwen-Image-gguf, QuantStack's Edit / Edit-2509, unsloth's "
+             "Edit-2511; Q8_0 ... Q4_0) in models/unet/ or models/diffusion_models/, with ComfyUI's text encoder and "
+             "VAE files. The weights stay quantised in memory (about the file's size) and are dequantised layer by "
+             "layer while computing.")
+
+
 def write_examples() -> None:
-    specs = wc.allowed_specs(wc.static_specs())
+    specs = wspec.allowed_specs(wstatic.static_specs())
     t2i_w = ["a red fox sitting in fresh snow, watercolor", "", 7, "fixed", 2, 0.0, 32, 32, 1]
     save_pair("qwen_image_lora", build(
         [("GentorLoadQwenImage", ["tiny-qwen-image"]),
@@ -124,17 +138,23 @@ def write_examples() -> None:
         LIGHTNING_NOTE + TAIL, specs), specs)
     edit_w = ["Put the object of picture 1 on the background of picture 2 in the style of picture 3", "", 7, "fixed",
               2, 0.0, 64, 64]
-    inputs = sorted(p.name for p in wc.INPUTS_DIR.glob("*.png"))[:3]
+    inputs = sorted(p.name for p in wf.INPUTS_DIR.glob("*.png"))[:3]
     nodes = [("GentorLoadQwenImage", ["tiny-qwen-image-2.1"])] + [("LoadImage", [n, "image"]) for n in inputs]
     nodes += [("GentorEditImage", edit_w), ("SaveImage", ["gentor/qwen_image21_multiref"])]
     edit = len(inputs) + 1
     edges = [(0, 0, edit, "model")] + [(k + 1, 0, edit, f"image_{k + 1}") for k in range(len(inputs))]
     edges += [(edit, 0, edit + 1, "images")]
     save_pair("qwen_image21_multiref", build(nodes, edges, Q21_NOTE + TAIL, specs), specs)
+    for name, dm, note in (("qwen_image_comfy_files_t2i", "qwen_image_fp8_e4m3fn.safetensors", FILES_NOTE),
+                           ("qwen_image_comfy_gguf_t2i", "qwen_image-Q4_K_M.gguf", GGUF_NOTE)):
+        loader = ("GentorLoadQwenImageFiles", [dm, "qwen_2.5_vl_7b_fp8_scaled.safetensors", "qwen_image_vae.safetensors",
+                                               "diffusers", "auto"])
+        save_pair(name, build([loader, ("GentorTextToImage", t2i_w), ("SaveImage", [f"gentor/{name}"])],
+                              [(0, 0, 1, "model"), (1, 0, 2, "images")], note + TAIL, specs), specs)
 
 
 def main(argv: list[str]) -> int:
-    specs = wc.allowed_specs(wc.static_specs())
+    specs = wspec.allowed_specs(wstatic.static_specs())
     if argv[:1] == ["upgrade"]:
         for path in argv[1:]:
             ui = upgrade(json.loads(Path(path).read_text()), specs)

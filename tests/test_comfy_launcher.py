@@ -69,6 +69,8 @@ def test_server_command_is_cpu_loopback_and_quiet(tmp_path):
     srv = cs.ComfyServer(_fake_comfy(tmp_path, "venv"), tmp_path / "base")
     assert srv.cmd[1:4] == ["main.py", "--cpu", "--listen"] and "127.0.0.1" in srv.cmd
     assert srv.env["OMP_NUM_THREADS"] == "1" and srv.env["HF_HUB_OFFLINE"] == "1"
+    database = srv.cmd[srv.cmd.index("--database-url") + 1]
+    assert database == f"sqlite:///{tmp_path / 'base' / 'user' / 'comfyui.db'}"  # not the checkout's user/
     assert os.path.basename(os.path.dirname(os.path.dirname(srv.python))) == "venv"
 
 

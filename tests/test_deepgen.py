@@ -1,9 +1,11 @@
 """DeepGen 1.0 end to end on the tiny models, through the real loader, cache, placement and sampler."""
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -220,31 +222,57 @@ def test_own_vlm_with_a_lora_checkpoint_is_refused():
         handle(LORA, vlm=OWN_VLM)
 
 
-def test_own_vlm_without_tokenizer_says_how_to_add_it(models):
-    copy = models / tiny.DEEPGEN_FOLDER / "no-tokenizer"
+@contextlib.contextmanager
+def diffusers_copy(models: Path, name: str) -> Iterator[Path]:
+    """A copy of the tiny diffusers folder in the DeepGen models folder (removed afterwards) to break."""
+    copy = models / tiny.DEEPGEN_FOLDER / name
     shutil.copytree(models / tiny.DEEPGEN_FOLDER / tiny.DIFFUSERS_FOLDER, copy)
-    for f in ("tokenizer.json", "vocab.json"):
-        (copy / "vlm" / f).unlink()
     try:
-        with pytest.raises(ModelFolderError, match=r"no-tokenizer/vlm has no tokenizer.*hf download "
-                                                   r"Qwen/Qwen2.5-VL-3B-Instruct tokenizer.json .*--local-dir"):
-            handle("no-tokenizer", vlm="no-tokenizer/vlm")
+        yield copy
     finally:
         shutil.rmtree(copy)
 
 
-def test_diffusers_folder_without_connector(models):
-    copy = models / tiny.DEEPGEN_FOLDER / "no-connector"
-    shutil.copytree(models / tiny.DEEPGEN_FOLDER / tiny.DIFFUSERS_FOLDER, copy)
-    shutil.rmtree(copy / "connector")
+def test_own_vlm_without_tokenizer_says_how_to_add_it(models):
+    with diffusers_copy(models, "no-tokenizer") as copy:
+        for f in ("tokenizer.json", "vocab.json"):
+            (copy / "vlm" / f).unlink()
+        with pytest.raises(ModelFolderError, match=r"no-tokenizer/vlm has no tokenizer.*hf download "
+                                                   r"Qwen/Qwen2.5-VL-3B-Instruct tokenizer.json .*--local-dir"):
+            handle("no-tokenizer", vlm="no-tokenizer/vlm")
+
+
+def test_own_vlm_choice_of_a_folder_without_vlm_says_so(models):
+    with diffusers_copy(models, "no-vlm") as copy:
+        shutil.rmtree(copy / "vlm")
+        with pytest.raises(ModelFolderError, match=r"DeepGen vlm: no-vlm has no vlm/ folder \(got \['connector', "
+                                                   r"'model_index.json', 'scheduler', 'transformer', 'vae'\] in no-vlm/"
+                                                   r".*Pick Qwen2.5-VL-3B-Instruct from models/vlm/"):
+            handle("no-vlm", vlm="no-vlm/vlm")
+
+
+def test_random_bytes_model_pt_is_called_what_it_is(models):
+    folder = models / tiny.DEEPGEN_FOLDER / "noise"
+    folder.mkdir()
+    (folder / "model.pt").write_bytes(bytes(range(7, 207)))
     try:
+        with pytest.raises(ModelFolderError, match=r"model.pt could not be read as a state dict \(got model.pt is not "
+                                                   r"a torch checkpoint: neither a zip archive nor a pickle \(its "
+                                                   r"first bytes are 07 08 09 0a\)") as err:
+            handle("noise/model.pt")
+        assert "objects other than tensors" not in str(err.value)
+    finally:
+        shutil.rmtree(folder)
+
+
+def test_diffusers_folder_without_connector(models):
+    with diffusers_copy(models, "no-connector") as copy:
+        shutil.rmtree(copy / "connector")
         assert "no-connector" not in loader.list_checkpoints() and "no-connector/vlm" not in loader.list_vlms()
         with pytest.raises(ModelFolderError, match=r"not a DeepGen diffusers folder \(got no connector/\*.safetensors"
                                                    r".*expected transformer/, vae/, scheduler/ and "
                                                    r"connector/model.safetensors"):
             handle("no-connector")
-    finally:
-        shutil.rmtree(copy)
 
 
 def test_checkpoint_of_another_model(models, tmp_path):

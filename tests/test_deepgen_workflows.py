@@ -10,16 +10,13 @@ from gentor import glue
 from gentor.loaders import deepgen as loader
 from gentor.samplers import deepgen as sampler
 from tests import tiny_deepgen as tiny
-from tests import workflow_check as wc
-from tests.workflow_runs import task_request
+from tests import workflow_files as wf
+from tests.workflow_runs import Backend, run_api as run_workflow
 from tests.deepgen_helpers import deepgen_models
 
 EXAMPLES = {"deepgen_t2i": 0, "deepgen_edit": 1, "deepgen_edit_2refs": 2}
-SETTINGS_KEYS = ("reference_resize", "edit_negative", "lora", "preview_every")
-
-
-def _by_class(api: dict, class_type: str) -> list[tuple[str, dict]]:
-    return [(nid, n) for nid, n in api.items() if n["class_type"] == class_type]
+DEEPGEN = Backend("GentorLoadDeepGen", loader.load_handle, sampler.run, "GentorDeepGenSettings", sampler.make_settings,
+                  ("reference_resize", "edit_negative", "lora", "preview_every"), image_mode="RGBA")
 
 
 @pytest.fixture(scope="module")
@@ -31,13 +28,8 @@ def models(tmp_path_factory) -> Path:
 
 
 def run_api(api: dict):
-    (_, load), = _by_class(api, "GentorLoadDeepGen")
-    li = load["inputs"]
-    handle = loader.load_handle(li["checkpoint"], li["diffusion"], li["vlm"], None)
-    (_, settings), = _by_class(api, "GentorDeepGenSettings")
-    s = sampler.make_settings(**{k: settings["inputs"][k] for k in SETTINGS_KEYS})
-    task, req = task_request(api, s, image_mode="RGBA")
-    return sampler.run(handle, task, req), req.images
+    run = run_workflow(api, DEEPGEN)
+    return run.result, run.request.images
 
 
 # Both distribution forms: the diffusers folder with its own vlm/ (T2I, two references), model.pt with a
@@ -48,19 +40,19 @@ LOADERS = {"deepgen_t2i": DIFFUSERS, "deepgen_edit_2refs": DIFFUSERS,
 
 
 def test_examples_present_and_name_the_tiny_models():
-    assert set(EXAMPLES) <= set(wc.workflow_names())
+    assert set(EXAMPLES) <= set(wf.workflow_names())
     for name in EXAMPLES:
-        _, api = wc.load_pair(name)
-        (_, load), = _by_class(api, "GentorLoadDeepGen")
+        _, api = wf.load_pair(name)
+        (_, load), = wf.by_class(api, "GentorLoadDeepGen")
         li = load["inputs"]
         assert (li["checkpoint"], li["diffusion"], li["vlm"]) == LOADERS[name]
 
 
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
 def test_examples_run_on_the_tiny_models(models, name):
-    _, api = wc.load_pair(name)
+    _, api = wf.load_pair(name)
     out, images = run_api(api)
     assert len(images) == EXAMPLES[name]
-    _, task = wc.sampler_of(api)
+    _, task = wf.sampler_of(api)
     assert out.image.shape == (1, task["inputs"]["height"], task["inputs"]["width"], 3)
     assert f"references={EXAMPLES[name]}" in out.text

@@ -236,7 +236,9 @@ def test_pickle_beyond_weights_is_refused_with_a_conversion_command(emu_root):
     state = torch.load(bad / "model.ckpt", weights_only=True)
     state["args"] = argparse.Namespace(lr=1)  # not a plain tensor container: weights_only refuses it
     torch.save(state, bad / "model.ckpt")
-    with pytest.raises(ModelFolderError, match=r"refused.*weights_only=True.*save_file"):
+    with pytest.raises(ModelFolderError, match=r"vision_tokenizer: model.ckpt cannot be read safely \(got a torch "
+                                               r"checkpoint that pickles argparse.Namespace besides tensors.*"
+                                               r"weights_only=True.*save_file"):
         loader.load_ibq(bad, 64)
 
 
@@ -314,3 +316,46 @@ def test_block_offload_runs_the_same_image():
     llm = [e for e in CACHE.entries("emu35_llm") if e.placement.startswith("block")][0]
     assert has_block_offload(llm.value)
     assert torch.equal(plain.image, blocked.image)
+
+
+# ----------------------------------------------------------------------------- the smallest grids
+# The tiny IBQ runs its narrowest GroupNorms with ch * ch_mult[-1] = 32 channels in 32 groups: one value per
+# group at a 1x1 grid, which torch refuses. So it handles 2 code positions at least (1 row of 2, 2 rows of 1).
+TINY_MIN_TOKENS = 2
+
+
+def test_smallest_grid_follows_the_tokenizers_config():
+    from gentor.modeling.emu35.ibq import IBQConfig
+
+    tiny = IBQConfig.from_yaml_dict({"ddconfig": tiny_emu35.IBQ_DDCONFIG, "n_embed": 64, "embed_dim": 256})
+    assert tiny.min_code_positions == TINY_MIN_TOKENS
+    wide = IBQConfig.from_yaml_dict({"ddconfig": {**tiny_emu35.IBQ_DDCONFIG, "ch": 64}, "n_embed": 64,
+                                     "embed_dim": 256})
+    assert wide.min_code_positions == 1
+
+
+@pytest.mark.parametrize("width, height", [(16, 48), (48, 16), (16, 32)])
+def test_one_token_wide_or_tall_images_run(width, height):
+    calls = []
+    out = sampler.run(handle(), "t2i", Request(prompt="thin", seed=2, width=width, height=height),
+                      listener=lambda v, total, preview: calls.append((v, total, preview)))
+    assert out.image.shape == (1, height, width, 3) and torch.isfinite(out.image).all()
+    rows = height // 16
+    assert [v for v, _, _ in calls][:rows] == list(range(1, rows + 1))
+
+
+def test_a_grid_smaller_than_the_tokenizer_handles_is_refused_naming_the_input():
+    with pytest.raises(InputError, match=r"Emu3\.5 width/height: a 16x16 image is 1 token\(s\).*got 1x1 tokens, "
+                                         r"expected at least 2 tokens, e\.g\. 32x16 or 16x32 pixels"):
+        t2i(width=16, height=16)
+
+
+def test_last_preview_is_the_finished_image():
+    """No partial preview stays on the node after a run: the last preview is the decoded image."""
+    calls = []
+    out = sampler.run(handle(), "t2i", Request(prompt="rows", seed=2, width=48, height=48),
+                      listener=lambda v, total, preview: calls.append((v, total, preview)))
+    value, total, last = calls[-1]
+    assert (value, total) == (3, 3) and isinstance(last, Image.Image) and last.size == (48, 48)
+    shown = np.asarray(last, dtype=np.float32) / 255.0
+    assert np.abs(shown - out.image[0].numpy()).max() <= 1 / 255 + 1e-6

@@ -14,15 +14,12 @@ from gentor import glue  # noqa: E402
 from gentor.loaders import emu35 as loader  # noqa: E402
 from gentor.samplers import emu35 as sampler  # noqa: E402
 from tests import tiny_emu35  # noqa: E402
-from tests import workflow_check as wc  # noqa: E402
-from tests.workflow_runs import task_request  # noqa: E402
+from tests import workflow_files as wf  # noqa: E402
+from tests.workflow_runs import Backend, run_api as run_workflow  # noqa: E402
 
 EXAMPLES = ("emu35_t2i", "emu35_edit", "emu35_edit_3refs")
-SETTINGS_KEYS = ("max_new_tokens", "image_area", "image_top_k", "text_top_k", "text_top_p", "aspect", "vq_type")
-
-
-def _by_class(api: dict, class_type: str) -> list[tuple[str, dict]]:
-    return [(nid, n) for nid, n in api.items() if n["class_type"] == class_type]
+EMU35 = Backend("GentorLoadEmu35", loader.load_handle, sampler.run, "GentorEmu35Settings", sampler.make_settings,
+                ("max_new_tokens", "image_area", "image_top_k", "text_top_k", "text_top_p", "aspect", "vq_type"))
 
 
 @pytest.fixture(scope="module")
@@ -35,44 +32,39 @@ def emu_root(tmp_path_factory) -> Path:
 
 def run_api(api: dict):
     """Run an API workflow's Gentor part the way the nodes do (loader -> settings -> task)."""
-    (_, load), = _by_class(api, "GentorLoadEmu35")
-    handle = loader.load_handle(**{k: v for k, v in load["inputs"].items() if k != "memory"})
-    (_, settings), = _by_class(api, "GentorEmu35Settings")
-    s = sampler.make_settings(**{k: settings["inputs"][k] for k in SETTINGS_KEYS})
-    tasks = _by_class(api, "GentorTextToImage") + _by_class(api, "GentorEditImage")
+    tasks = wf.by_class(api, "GentorTextToImage") + wf.by_class(api, "GentorEditImage")
     assert len(tasks) == 1, tasks
-    task, req = task_request(api, s)
-    return sampler.run(handle, task, req)
+    return run_workflow(api, EMU35).result
 
 
 def test_examples_present_and_name_the_tiny_models():
-    assert set(EXAMPLES) <= set(wc.workflow_names())
+    assert set(EXAMPLES) <= set(wf.workflow_names())
     for name in EXAMPLES:
-        _, api = wc.load_pair(name)
-        (_, load), = _by_class(api, "GentorLoadEmu35")
+        _, api = wf.load_pair(name)
+        (_, load), = wf.by_class(api, "GentorLoadEmu35")
         assert load["inputs"]["model_name"] == tiny_emu35.MODEL and load["inputs"]["vision_tokenizer"] == tiny_emu35.IBQ
 
 
 def test_edit_examples_wire_one_and_three_references():
     for name, count in (("emu35_edit", 1), ("emu35_edit_3refs", 3)):
-        _, api = wc.load_pair(name)
-        (_, edit), = _by_class(api, "GentorEditImage")
+        _, api = wf.load_pair(name)
+        (_, edit), = wf.by_class(api, "GentorEditImage")
         assert [k for k in edit["inputs"] if k.startswith("image_")] == [f"image_{i}" for i in range(1, count + 1)]
 
 
 @pytest.mark.parametrize("name,size", [("emu35_t2i", (32, 48)), ("emu35_edit", None), ("emu35_edit_3refs", None)])
 def test_examples_run_on_the_tiny_models(emu_root, name, size):
-    _, api = wc.load_pair(name)
+    _, api = wf.load_pair(name)
     out = run_api(api)
     assert out.image.ndim == 4 and torch.isfinite(out.image).all()
     if size:
         assert tuple(out.image.shape[1:3]) == size
     else:  # the output follows the last reference at the settings' image_area
-        edit = _by_class(api, "GentorEditImage")[0][1]["inputs"]
+        edit = wf.by_class(api, "GentorEditImage")[0][1]["inputs"]
         last = max(k for k in range(1, 5) if edit.get(f"image_{k}"))
         ref = api[edit[f"image_{last}"][0]]["inputs"]["image"]
-        area = _by_class(api, "GentorEmu35Settings")[0][1]["inputs"]["image_area"]
-        with Image.open(wc.INPUTS_DIR / ref) as img:
+        area = wf.by_class(api, "GentorEmu35Settings")[0][1]["inputs"]["image_area"]
+        with Image.open(wf.INPUTS_DIR / ref) as img:
             from gentor.modeling.emu35.image_tokens import smart_resize  # noqa: PLC0415
 
             want = smart_resize(img.convert("RGB"), area).size

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests import browser_tools
-from tests import workflow_check as wc
+from tests import workflow_files as wf
 from tests.comfy_server import ComfyServer
 
 pytestmark = pytest.mark.server
@@ -35,22 +35,22 @@ def tools() -> tuple[str, str, str]:
 def frontend_output(comfy_server: ComfyServer, tools, tmp_path_factory) -> dict:
     node, chromium, driver = tools
     info = comfy_server.object_info()
-    names = [n for n in wc.workflow_names()
-             if {v["class_type"] for v in wc.load_json(wc.API_DIR / f"{n}.json").values()} <= set(info)]
+    names = [n for n in wf.workflow_names()
+             if {v["class_type"] for v in wf.load_json(wf.API_DIR / f"{n}.json").values()} <= set(info)]
     out = tmp_path_factory.mktemp("frontend") / "converted.json"
-    files = [str(wc.WORKFLOWS_DIR / f"{n}.json") for n in names]
+    files = [str(wf.WORKFLOWS_DIR / f"{n}.json") for n in names]
     run = subprocess.run([node, str(SCRIPT), driver, chromium, comfy_server.url, str(out), *files],
                          capture_output=True, text=True, timeout=CONVERT_TIMEOUT_S)
     assert run.returncode == 0, f"frontend conversion failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
     return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("name", wc.workflow_names())
+@pytest.mark.parametrize("name", wf.workflow_names())
 def test_api_copy_equals_the_frontends_conversion(frontend_output, name):
     results = frontend_output["results"]
     if name not in results:
         pytest.skip(f"{name}: the server lacks one of its nodes (see tests/test_server.py)")
-    frontend, ours = results[name], wc.load_json(wc.API_DIR / f"{name}.json")
+    frontend, ours = results[name], wf.load_json(wf.API_DIR / f"{name}.json")
     assert sorted(frontend, key=int) == sorted(ours, key=int), "node ids differ"
     for nid, node in ours.items():
         got = frontend[nid]

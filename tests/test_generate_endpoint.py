@@ -132,18 +132,24 @@ def test_edit_uploads_base64_images_and_passes_names_through():
         [[f"gentor_image_{i}", 0] for i in (1, 2, 3)]
 
 
-def test_memory_options_fill_the_node_defaults():
-    fake = FakeComfy()
+def section_round_trip(section: str, good: dict, typo: str) -> tuple[dict, tuple[int, dict]]:
+    """POST ``good`` under a request ``section`` (must be accepted), then ``typo`` as its only key: the first
+    queued graph and the answer to the typo."""
+    fake, refused = FakeComfy(), []
 
     async def check(client: TestClient) -> None:
-        status, body = await generate(client, {"model": "tiny-qwen-image", "prompt": "x",
-                                               "memory": {"weight_dtype": "fp8_e4m3fn"}})
+        status, body = await generate(client, {"model": "tiny-qwen-image", "prompt": "x", section: good})
         assert status == 200, body
-        status, body = await generate(client, {"model": "tiny-qwen-image", "prompt": "x", "memory": {"wd": "x"}})
-        assert status == 400 and body["input"] == "memory.wd" and "weight_dtype" in body["error"]
+        refused.append(await generate(client, {"model": "tiny-qwen-image", "prompt": "x", section: {typo: "x"}}))
 
     with_fake(fake, check)
-    graph = fake.prompts[0]
+    assert len(fake.prompts) == 1  # the refused request never reached the queue
+    return fake.prompts[0], refused[0]
+
+
+def test_memory_options_fill_the_node_defaults():
+    graph, (status, body) = section_round_trip("memory", {"weight_dtype": "fp8_e4m3fn"}, "wd")
+    assert status == 400 and body["input"] == "memory.wd" and "weight_dtype" in body["error"]
     assert graph["gentor_memory"]["inputs"] == {"weight_dtype": "fp8_e4m3fn", "compute_dtype": "auto",
                                                 "offload": "none", "vram_budget_gb": 0.0}
     assert graph["gentor_loader"]["inputs"]["memory"] == ["gentor_memory", 0]
@@ -174,6 +180,9 @@ BIG = b64(png(101, 100))  # 10,100 pixels > SMALL.image_pixels
     ({"model": "tiny-qwen-image", "prompt": "x", "images": [b64(png(8, 8))], "batch_size": 2}, 400, "batch_size"),
     ({"model": "tiny-qwen-image", "prompt": "x", "memory": {"offload": ["none"]}}, 400, "memory.offload"),
     ({"model": "tiny-qwen-image", "prompt": "x", "loader": {"engin": "diffusers"}}, 400, "loader.engin"),
+    ({"model": "tiny-qwen-image", "prompt": "x", "settings": {"max_sequence_length": 5000}}, 400,
+     "settings.max_sequence_length"),
+    ({"model": "tiny-qwen-image", "prompt": "x", "settings": {"schedule": ["lightning"]}}, 400, "settings.schedule"),
     ({"model": "tiny-qwen-image", "prompt": "x", "loader": {"model_name": "other"}}, 400, "loader.model_name"),
     ({"model": "tiny-qwen-image", "prompt": "x", "loader": {"memory": "x"}}, 400, "loader.memory"),
     ({"model": "tiny-qwen-image", "prompt": "x", "images": ["data:image/png;base64"]}, 400, "images[0]"),
@@ -222,17 +231,24 @@ def test_run_errors_name_the_field(message, field, status):
 
 
 def test_loader_inputs_pass_through_and_unknown_ones_name_the_choices():
-    fake = FakeComfy()
+    graph, (status, body) = section_round_trip("loader", {"engine": "diffsynth-or-diffusers"}, "engin")
+    assert status == 400 and body["input"] == "loader.engin" and "expected one of ['engine']" in body["error"]
+    assert graph["gentor_loader"]["inputs"]["engine"] == "diffsynth-or-diffusers"
 
-    async def check(client: TestClient) -> None:
-        status, body = await generate(client, {"model": "tiny-qwen-image", "prompt": "x",
-                                               "loader": {"engine": "diffsynth-or-diffusers"}})
-        assert status == 200, body
-        status, body = await generate(client, {"model": "tiny-qwen-image", "prompt": "x", "loader": {"engin": "x"}})
-        assert status == 400 and "expected one of ['engine']" in body["error"]
 
-    with_fake(fake, check)
-    assert fake.prompts[0]["gentor_loader"]["inputs"]["engine"] == "diffsynth-or-diffusers"
+def test_backend_settings_go_through_its_settings_node():
+    graph, (status, body) = section_round_trip("settings", {"schedule": "lightning"}, "shedule")
+    assert status == 400 and body["input"] == "settings.shedule" and "'schedule'" in body["error"]
+    assert graph["gentor_settings"] == {"class_type": "GentorQwenImageSettings",
+                                        "inputs": {"schedule": "lightning", "max_sequence_length": 1024}}
+    assert graph["gentor_task"]["inputs"]["settings"] == ["gentor_settings", 0]
+
+
+def test_every_settings_node_in_the_registry_is_a_pack_node():
+    from tests import workflow_check as wc
+
+    named = {b.settings_node for b in registry.BACKENDS if b.settings_node}
+    assert named and named <= set(wc.static_specs())
 
 
 def test_too_many_images_for_the_model_says_what_to_send():

@@ -233,25 +233,30 @@ def test_resume_skips_ok_rows_and_refuses_silent_overwrite(tmp_path, capsys):
 
 
 def test_ctrl_c_interrupts_and_resume_completes(tmp_path):
-    with FakeComfy(delay=0.3) as fake:
+    # Rows 0 and 1 run quickly; row 2 runs until interrupted, so Ctrl-C certainly lands while a prompt is in
+    # flight (with a fixed delay a loaded machine could send it between two prompts: nothing to interrupt).
+    held = {"make it 2"}
+    with FakeComfy(delay=0.05, hold=lambda prompt: prompt["14"]["inputs"]["text"] in held) as fake:
         wf, data = edit_setup(tmp_path, fake, rows=6)
         cmd = [sys.executable, str(ROOT / "headless.py"), "batch", str(wf), "--data", str(data),
                "--out", str(tmp_path / "out"), "--server", fake.url, "--name-column", "out_name", *EDIT_MAPS]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         results_csv = tmp_path / "out" / "results.csv"
         try:
-            assert wait_for(lambda: results_csv.exists() and len(read_results(results_csv)) >= 2, 20)
-            assert wait_for(lambda: fake._running is not None, 5)
+            assert wait_for(lambda: results_csv.exists() and len(read_results(results_csv)) >= 2, 60)
+            assert wait_for(lambda: fake._running is not None, 20)  # row 2, held until interrupted
+            running = fake._running
             proc.send_signal(signal.SIGINT)
             _, err = proc.communicate(timeout=20)
         finally:
             if proc.poll() is None:
                 proc.kill()
         assert proc.returncode == 130, err
-        assert fake.interrupts  # the prompt in flight was interrupted on the server
+        assert running in fake.interrupts, (running, fake.interrupts)  # the prompt in flight was interrupted
         first = read_results(results_csv)
-        assert "interrupted" in {r["status"] for r in first}
+        assert [(r["row_id"], r["status"]) for r in first] == [("0", "ok"), ("1", "ok"), ("2", "interrupted")]
         done = {r["row_id"] for r in first if r["status"] == "ok"}
+        held.clear()
         rc = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=60).returncode
         assert rc == 0
         ids = [p[1]["14"]["inputs"]["text"] for p in fake.posted if p[0] in fake.history

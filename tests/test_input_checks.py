@@ -1,7 +1,7 @@
 """The shared node-input check (samplers/common.check_inputs, applied to every node by nodes/common.checked):
 every float of every node refuses NaN / ±inf / out-of-range values naming the node and the input; a socket
 given a plain string and text no tokenizer takes are refused naming the input. The node schemas are read
-statically (tests/workflow_check.py) so this runs without ComfyUI; tests/test_server_inputs.py sends the
+statically (tests/workflow_static.py) so this runs without ComfyUI; tests/test_server_inputs.py sends the
 same values through a real ComfyUI."""
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from gentor.errors import InputError
 from gentor.loaders.cache import ModelHandle
 from gentor.loaders.memory import MemoryOptions
 from gentor.samplers.common import InputField, Settings, check_inputs
-from tests import workflow_check as wc
+from tests import workflow_static as wstatic
 
-SPECS = wc.static_specs()
+SPECS = wstatic.static_specs()
 FLOATS = [(spec, item) for spec in SPECS.values() for item in spec.inputs if item.type == "FLOAT"]
 SOCKET_TYPES = {"GENTOR_MODEL": ModelHandle, "GENTOR_MEMORY": MemoryOptions, "GENTOR_SETTINGS": Settings}
 SOCKETS = [(spec, item) for spec in SPECS.values() for item in spec.inputs if item.type in SOCKET_TYPES]

@@ -17,8 +17,10 @@ import torch
 
 from gentor import glue
 from gentor.errors import InputError, MemoryEstimateError, ModelFolderError
+from gentor.loaders import estimates
 from gentor.loaders import inspect as inspection
 from gentor.loaders import vlm as vlm_loader
+from gentor.loaders.identify import Identity, identify
 from gentor.loaders.memory import MemoryOptions, Precision
 from tests import tiny_vlm
 
@@ -62,6 +64,16 @@ def test_every_tiny_backend_folder_is_identified(roots):
             assert report.variant == qwen_image.inspect_folder(folder).variant
 
 
+def test_a_loader_names_the_backend_of_a_folder_it_cannot_load(roots):
+    """loaders/identify.py asks every backend's loader: the Qwen-VL loader refusing a Qwen-Image pipeline says
+    what the folder is (identification lives outside inspection, so loaders use it without an import circle)."""
+    folder = roots / "qwen_image" / "tiny-qwen-image"
+    with pytest.raises(ModelFolderError, match="it looks like Qwen-Image qwen-image"):
+        vlm_loader.inspect_folder(folder)
+    assert identify(folder) == Identity("qwen_image", "Qwen-Image", "qwen-image")
+    assert identify(roots / "vlm" / tiny_vlm.QWEN2_VL).backend == "vlm"
+
+
 def test_pickle_checkpoint_counted_through_a_memory_map(tmp_path):
     state = {"state_dict": {"enc.weight": torch.zeros(8, 4), "enc.bias": torch.zeros(8), "embed.weight": torch.zeros(3, 2)}}
     torch.save(state, tmp_path / "model.ckpt")
@@ -101,7 +113,7 @@ def test_resting_bytes_equal_the_loaded_module(roots, storage):
     folder = roots / "vlm" / tiny_vlm.QWEN2_5_VL
     report = inspection.inspect_path(folder)
     options = MemoryOptions(weight_dtype=storage, compute_dtype="bf16")
-    est = inspection.estimate(report, options, torch.device("cpu"))
+    est = estimates.estimate(report, options, torch.device("cpu"))
     precision = Precision(torch.float8_e4m3fn if storage.startswith("fp8") else torch.bfloat16, torch.bfloat16)
     module = vlm_loader.load_qwen_vl(folder, precision, None, vlm_loader.spec().fp8_skip)
     measured = sum(p.numel() * p.element_size() for p in module.parameters())
@@ -114,7 +126,7 @@ def test_host_ram_estimate_vs_measured_peak(tmp_path):
     _write_mid_model(folder)
     report = inspection.inspect_path(folder)
     options = MemoryOptions(weight_dtype="bf16", compute_dtype="bf16")
-    est = inspection.estimate(report, options, torch.device("cpu"))
+    est = estimates.estimate(report, options, torch.device("cpu"))
     measured = _measure_load_peak(folder)
     error = (est.peak_host_load - measured) / measured
     print(f"\nhost RAM while loading {report.params / 1e6:.1f}M params bf16: estimate {est.peak_host_load / 2**20:.1f} "
@@ -164,27 +176,27 @@ def _measure_load_peak(folder: Path) -> int:
 
 def test_offload_modes_order_and_work_formula(roots):
     report = inspection.inspect_path(roots / "qwen_image" / "tiny-qwen-image")
-    none, model, block = (inspection.estimate(report, MemoryOptions(weight_dtype="bf16", offload=o)) for o in
+    none, model, block = (estimates.estimate(report, MemoryOptions(weight_dtype="bf16", offload=o)) for o in
                           ("none", "model", "block"))
     assert none.peak_vram > model.peak_vram > block.peak_vram > 0
-    fp8 = inspection.estimate(report, MemoryOptions(weight_dtype="fp8_e4m3fn"))
+    fp8 = estimates.estimate(report, MemoryOptions(weight_dtype="fp8_e4m3fn"))
     assert fp8.resting_bytes < none.resting_bytes
     # Work per step: 2 FLOPs per transformer weight per token + attention 4*T^2*d*layers (naive formula here).
     t = next(c for c in report.components if c.role == "transformer")
     cfg = json.loads((roots / "qwen_image" / "tiny-qwen-image" / "transformer" / "config.json").read_text())
     d, layers = cfg["num_attention_heads"] * cfg["attention_head_dim"], cfg["num_layers"]
-    tokens = (1024 // 16) ** 2 + inspection.DEFAULT_TEXT_TOKENS
+    tokens = (1024 // 16) ** 2 + estimates.DEFAULT_TEXT_TOKENS
     assert none.flops == pytest.approx(2 * t.params * tokens + 4 * tokens**2 * d * layers)
 
 
 def test_too_large_is_refused_with_a_cheaper_option(roots):
     report = inspection.inspect_path(roots / "qwen_image" / "tiny-qwen-image")
-    none = inspection.estimate(report, MemoryOptions(weight_dtype="bf16"), torch.device("cuda"))
-    block = inspection.estimate(report, MemoryOptions(weight_dtype="fp8_e4m3fn", offload="block"), torch.device("cuda"))
+    none = estimates.estimate(report, MemoryOptions(weight_dtype="bf16"), torch.device("cuda"))
+    block = estimates.estimate(report, MemoryOptions(weight_dtype="fp8_e4m3fn", offload="block"), torch.device("cuda"))
     free = (none.peak_vram + block.peak_vram) // 2
     with pytest.raises(MemoryEstimateError, match="will not fit .*Use weight_dtype="):
-        inspection.check_fits(report, MemoryOptions(weight_dtype="bf16"), torch.device("cuda"), free)
-    assert inspection.check_fits(report, MemoryOptions(weight_dtype="bf16"), torch.device("cuda"), none.peak_vram)
+        estimates.check_fits(report, MemoryOptions(weight_dtype="bf16"), torch.device("cuda"), free)
+    assert estimates.check_fits(report, MemoryOptions(weight_dtype="bf16"), torch.device("cuda"), none.peak_vram)
 
 
 # ----------------------------------------------------------------------------- text, choices, bad input
@@ -206,3 +218,22 @@ def test_bad_paths(roots, tmp_path):
         inspection.resolve_inspectable("nope/x")
     with pytest.raises(InputError):
         inspection.resolve_inspectable("vlm/../../etc")
+
+
+@pytest.mark.parametrize("storage", ["bf16", "fp8_e4m3fn"])
+def test_qwen_image_refusal_weighs_what_loading_takes(fresh_cache, qwen_roots, storage):
+    """Qwen-Image's "will not fit" check counts the weights still to read with the shared estimate: exactly
+    the bytes the cache then holds for the folder, and nothing once they are cached."""
+    from gentor.loaders.cache import CACHE
+    from gentor.loaders.memory import resolve
+    from gentor.samplers import qwen_image as qwen_sampler
+    from tests.qwen_helpers import T2I, t2i
+
+    folder = (qwen_roots / T2I).resolve()
+    memory = MemoryOptions(weight_dtype=storage, compute_dtype="bf16")
+    plan = resolve(memory, torch.device("cpu"))
+    before = qwen_sampler.weight_bytes_to_load(folder, "t2i", plan)
+    t2i(memory=memory)
+    loaded = sum(e.nbytes for e in CACHE.entries() if Path(e.source).resolve().is_relative_to(folder))
+    assert before == loaded > 0
+    assert qwen_sampler.weight_bytes_to_load(folder, "t2i", plan) == 0

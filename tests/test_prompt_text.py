@@ -35,10 +35,10 @@ def qwen_image(root: Path):
     tok = AutoTokenizer.from_pretrained(root / "qwen_image" / "tiny-qwen-image" / "tokenizer")
 
     def encode(text: str, escape: bool = True) -> list[int]:
-        prompt = pipeline_texts(SimpleNamespace(tokenizer=tok), text, None, "Qwen-Image")[0] if escape else text
+        prompt = pipeline_texts(SimpleNamespace(tokenizer=tok), text, None)[0] if escape else text
         return tok(CHAT.format(prompt)).input_ids
 
-    return encode, special_strings(tok), hf_structural(tok)
+    return encode, special_strings(tok), hf_structural(tok), tok, "qwen_image"
 
 
 def qwen_image21(root: Path):
@@ -48,10 +48,10 @@ def qwen_image21(root: Path):
 
     def encode(text: str, escape: bool = True) -> list[int]:
         pipe = SimpleNamespace(tokenizer=None, processor=proc)  # the 2.1 pipelines hold a processor only
-        prompt = pipeline_texts(pipe, text, None, "Qwen-Image")[0] if escape else text
+        prompt = pipeline_texts(pipe, text, None)[0] if escape else text
         return proc(text=[CHAT.format(prompt)]).input_ids[0]
 
-    return encode, special_strings(proc), hf_structural(proc.tokenizer)
+    return encode, special_strings(proc), hf_structural(proc.tokenizer), proc, "qwen_image"
 
 
 def deepgen(root: Path):
@@ -62,9 +62,9 @@ def deepgen(root: Path):
     tok = AutoTokenizer.from_pretrained(root / "deepgen" / "tiny-deepgen-diffusers" / "vlm")
 
     def encode(text: str, escape: bool = True) -> list[int]:
-        return tok(t2i_texts([user_text(tok, text) if escape else text])).input_ids[0]
+        return tok(t2i_texts([user_text(tok, text, "prompt", "deepgen") if escape else text])).input_ids[0]
 
-    return encode, special_strings(tok), hf_structural(tok)
+    return encode, special_strings(tok), hf_structural(tok), tok, "deepgen"
 
 
 def bagel(root: Path):
@@ -78,7 +78,7 @@ def bagel(root: Path):
         prompt = _inputs(SimpleNamespace(images=[], prompt=text), tok)[-1] if escape else text
         return tok.encode(prompt, add_special_tokens=False)  # as modeling/bagel/inference.py encodes text
 
-    return encode, special_strings(tok), hf_structural(tok)
+    return encode, special_strings(tok), hf_structural(tok), tok, "bagel"
 
 
 def emu35(root: Path):
@@ -96,7 +96,7 @@ def emu35(root: Path):
         return build_prompts(SimpleNamespace(task="t2i", prompt=text), [], tok)[0]
 
     structural = set(tok.special_ids.values()) | set(range(T.BOV, T.BOV + tok.n_codes))
-    return encode, special_strings(tok) + (VISUAL,), structural
+    return encode, special_strings(tok) + (VISUAL,), structural, tok, "emu35"
 
 
 def vlm(root: Path):
@@ -112,7 +112,7 @@ def vlm(root: Path):
                                         add_generation_prompt=True, tokenize=False)
         return proc.tokenizer(chat).input_ids
 
-    return encode, special_strings(proc), hf_structural(proc.tokenizer)
+    return encode, special_strings(proc), hf_structural(proc.tokenizer), proc, "vlm"
 
 
 BACKENDS = {"qwen_image": qwen_image, "qwen_image21": qwen_image21, "deepgen": deepgen, "bagel": bagel,
@@ -129,7 +129,7 @@ def structural_counts(ids: list[int], structural: set[int]) -> Counter:
 
 
 def test_every_control_token_of_every_backend_is_plain_text(backend):
-    encode, spellings, structural = backend
+    encode, spellings, structural = backend[:3]
     assert len(spellings) >= 3, spellings
     baseline = structural_counts(encode("draw  now"), structural)  # the template's own control tokens
     hazards = 0
@@ -148,7 +148,7 @@ def test_every_control_token_of_every_backend_is_plain_text(backend):
 
 
 def test_ordinary_prompts_are_untouched(backend):
-    encode, _, _ = backend
+    encode = backend[0]
     for text in ("a red apple on a table", "把天空变成紫色", "x < y | z > w", "<|not a token|>"):
         assert encode(text) == encode(text, escape=False), text
 
@@ -167,4 +167,40 @@ def test_text_no_tokenizer_accepts_is_refused_naming_the_input(bad, what):
     with pytest.raises(InputError, match=rf"^BAGEL prompt: contains a {what}"):
         check_text(bad, "prompt", "BAGEL")
     with pytest.raises(InputError, match=r"^Qwen-Image negative: "):
-        pipeline_texts(SimpleNamespace(tokenizer=None), "fine", bad, "Qwen-Image")
+        pipeline_texts(SimpleNamespace(tokenizer=None), "fine", bad)
+
+
+def test_prompt_token_limit_of_every_backend_is_checked_naming_the_input(backend):
+    from gentor import registry
+    from gentor.samplers.prompt_text import count_tokens
+
+    tok, backend_id = backend[3], backend[4]
+    spec = registry.get(backend_id)
+    limit = spec.max_prompt_tokens
+    assert limit > 0, f"{backend_id} states no prompt limit"
+    words = ["mountain", "river", "sunset", "forest", "cloud"]
+    def text_of(n: int) -> str:
+        return " ".join(words[i % len(words)] for i in range(n))
+
+    low, high = 1, limit  # the most words within the limit (each word is at least one token)
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if count_tokens(tok, text_of(mid)) <= limit else (low, mid - 1)
+    text = text_of(low)
+    assert user_text(tok, text, "prompt", backend_id) == text
+    too_long = text + " " + " ".join(words * 4)
+    with pytest.raises(InputError) as info:
+        user_text(tok, too_long, "negative", backend_id)
+    message = str(info.value)
+    assert message.startswith(f"{spec.display_name} negative: too long (got ") and f"at most {limit} tokens" in message
+
+
+def test_a_megabyte_prompt_is_refused_before_any_tokenizer_runs():
+    class NoTokenizer:
+        def __call__(self, *_a, **_k):
+            raise AssertionError("the tokenizer must not see a 1 MB prompt")
+
+        encode = __call__
+
+    with pytest.raises(InputError, match=r"^Qwen-VL prompt: too long \(got 1,000,000 characters, expected at most "):
+        user_text(NoTokenizer(), "x" * 1_000_000, "prompt", "vlm")

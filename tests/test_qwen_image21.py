@@ -16,7 +16,7 @@ from gentor.samplers import qwen_image as sampler
 from gentor.samplers import qwen_image21 as sampler21
 from gentor.samplers.common import Request
 from tests import tiny_qwen21
-from tests import workflow_check as wc
+from tests import workflow_static as wstatic
 
 NAME = tiny_qwen21.VARIANT
 SIZE, STEPS = 64, 2
@@ -125,6 +125,6 @@ def test_text_encoder_shared_with_the_prompt_enhancer_kind():
 
 def test_edit_node_inputs_reach_the_largest_maximum():
     assert registry.get("qwen_image").max_references == loader21.MAX_REFERENCES
-    assert wc.static_constant("nodes/common.py", "EDIT_IMAGE_INPUTS") == registry.max_references()
-    specs = wc.static_specs()
+    assert wstatic.static_constant("nodes/common.py", "EDIT_IMAGE_INPUTS") == registry.max_references()
+    specs = wstatic.static_specs()
     assert [t for _, t in specs["GentorEditImage"].outputs] == ["IMAGE", "STRING", "MASK"], "MASK appended last"

@@ -111,6 +111,17 @@ def test_lora_switches_per_run_without_rereading_the_base():
     assert CACHE.disk_reads == reads
 
 
+def test_a_second_lora_on_one_model_raises_no_peft_warning():
+    import warnings
+
+    CACHE.unload()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run(handle_with((kit.file_name("kohya"), 1.0), (kit.LIGHTNING, 1.0)))
+    assert any(len(e.adapters) >= 2 for e in CACHE.entries()), "both LoRAs were injected into one module"
+    assert not [w for w in caught if "peft_config" in str(w.message)], [str(w.message) for w in caught]
+
+
 def test_strength_zero_is_a_no_op_without_reading(monkeypatch):
     h = loader.load_handle(T2I, None)
     monkeypatch.setattr(lora, "header_keys", lambda *a: pytest.fail("strength 0 must not read the file"))

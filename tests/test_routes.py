@@ -21,6 +21,9 @@ from aiohttp.test_utils import TestClient, TestServer  # noqa: E402
 
 from gentor import registry  # noqa: E402
 from gentor.http_api import routes  # noqa: E402
+from gentor.loaders import estimates  # noqa: E402
+from gentor.loaders import inspect as inspection  # noqa: E402
+from gentor.loaders.memory import MemoryOptions  # noqa: E402
 from tests import tiny_models  # noqa: E402
 
 QWEN = registry.get("qwen_image")
@@ -351,6 +354,9 @@ def test_backends_and_openapi_cover_every_route():
         assert served == described
         gen = spec["paths"]["/gentor/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
         assert set(gen["required"]) == {"model", "prompt"} and not gen["additionalProperties"]
+        settings = gen["properties"]["settings"]  # no ComfyUI here: the nodes are named, not read
+        assert all(f"{b.id}: {b.settings_node}" in settings["description"] for b in registry.available()
+                   if b.settings_node) and "anyOf" not in settings
 
     serve(services_for(cache), check, generate=True)
 
@@ -417,3 +423,27 @@ def test_summary_of_unreadable_weights_says_what_was_found_and_runs_no_code(tmp_
 
     serve(svc, check)
     assert not marker.exists(), "a pickle's code ran while describing it"
+
+
+def test_summary_estimate_follows_the_wired_memory_options(summary_services):
+    svc, root = summary_services
+    name = tiny_models.QWEN_IMAGE_T2I
+    report = inspection.inspect_path(root / name)
+
+    async def get(client: TestClient, **memory: str) -> tuple[int, dict]:
+        resp = await client.get("/gentor/summary", params={"folder": "qwen_image", "name": name, **memory})
+        return resp.status, await resp.json()
+
+    async def check(client: TestClient) -> None:
+        _, plain = await get(client)
+        status, fp8 = await get(client, weight_dtype="fp8_e4m3fn", offload="block")
+        assert status == 200, fp8
+        want = estimates.estimate(report, MemoryOptions(weight_dtype="fp8_e4m3fn", offload="block"))
+        assert fp8["peak_vram_bytes"] == want.peak_vram < plain["peak_vram_bytes"]
+        assert "(fp8_e4m3fn, offload block)" in fp8["line"]
+        for params, field in (({"weight_dtype": "fp4"}, "weight_dtype"), ({"vram_budget_gb": "nan"}, "vram_budget_gb"),
+                              ({"offlaod": "block"}, "offlaod")):
+            status, body = await get(client, **params)
+            assert status == 400 and body["input"] == field and "(got " in body["error"], body
+
+    serve(svc, check)

@@ -9,7 +9,8 @@ import math
 
 import pytest
 
-from tests import workflow_check as wc
+from tests import workflow_files as wf
+from tests import workflow_static as wstatic
 from tests.comfy_server import ComfyServer, refusal
 
 pytestmark = pytest.mark.server
@@ -19,9 +20,9 @@ SOCKET_TYPES = ("GENTOR_MODEL", "GENTOR_MEMORY", "GENTOR_SETTINGS")
 
 def cases(types: tuple[str, ...]) -> list[tuple[str, str, str]]:
     """(workflow, node id, input) for each Gentor node input of ``types``, in the first example using it."""
-    specs, found, seen = wc.static_specs(), [], set()
-    for name in wc.workflow_names():
-        for nid, node in wc.load_json(wc.API_DIR / f"{name}.json").items():
+    specs, found, seen = wstatic.static_specs(), [], set()
+    for name in wf.workflow_names():
+        for nid, node in wf.load_json(wf.API_DIR / f"{name}.json").items():
             spec = specs.get(node["class_type"])
             for item in spec.inputs if spec else ():
                 key = (node["class_type"], item.name)
@@ -37,7 +38,7 @@ def server(comfy_server: ComfyServer) -> ComfyServer:
 
 
 def refused(server: ComfyServer, name: str, node_id: str, input_name: str, value: object) -> str:
-    api = copy.deepcopy(wc.load_json(wc.API_DIR / f"{name}.json"))
+    api = copy.deepcopy(wf.load_json(wf.API_DIR / f"{name}.json"))
     if api[node_id]["class_type"] not in server.get_json("/object_info"):
         pytest.skip(f"{api[node_id]['class_type']} is not on this server")
     api[node_id]["inputs"][input_name] = value
@@ -63,3 +64,20 @@ SOCKETS = cases(SOCKET_TYPES)
 def test_a_string_in_every_gentor_socket_is_refused_naming_what_to_connect(server, name, node_id, input_name):
     text = refused(server, name, node_id, input_name, "tiny-qwen-image")
     assert "Connect " in text and "got str" in text, text
+
+
+def test_a_megabyte_prompt_to_the_enhancer_is_refused_at_once(server):
+    name = "vlm_enhance_t2i"
+    node_id = next(nid for nid, n in wf.load_json(wf.API_DIR / f"{name}.json").items()
+                   if n["class_type"] == "GentorEnhancePrompt")
+    text = refused(server, name, node_id, "prompt", "a cat " * 170_000)
+    assert "too long (got 1,020,000 characters" in text, text
+
+
+@pytest.mark.parametrize("bad", ["a\x00b", "cat \ud83d dog"])
+def test_text_no_tokenizer_takes_is_refused_naming_the_input(server, bad):
+    name = "vlm_enhance_t2i"
+    node_id = next(nid for nid, n in wf.load_json(wf.API_DIR / f"{name}.json").items()
+                   if n["class_type"] == "GentorEnhancePrompt")
+    text = refused(server, name, node_id, "prompt", bad)
+    assert "contains a" in text, text

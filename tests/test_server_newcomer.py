@@ -123,7 +123,32 @@ def test_users_own_extra_model_paths_is_not_read(readme_server):
     assert "users-models" not in readme_server.log_text()  # ComfyUI logs each extra search path it adds
 
 
+def test_no_database_error_in_the_log(readme_server):
+    assert "Failed to initialize database" not in readme_server.log_text()
+
+
 def test_lora_example_runs_through_the_readme_yaml(readme_server):
     api = json.loads((API_DIR / "qwen_image_lora.json").read_text())
     entry = readme_server.run(api, RUN_TIMEOUT_S)
     assert status_of(entry) == "success", describe(entry)
+
+
+def _emu35_t2i(width: int, height: int) -> dict:
+    api = json.loads((API_DIR / "emu35_t2i.json").read_text())
+    (node,) = [n for n in api.values() if n["class_type"] == "GentorTextToImage"]
+    node["inputs"].update(width=width, height=height)
+    return api
+
+
+def test_emu35_one_token_wide_image_runs_and_a_too_small_grid_is_named(readme_server):
+    """Width 16 (one token per row) runs, previews and all; a grid below what the vision tokenizer handles
+    fails naming width/height and the smallest size, never with torch's own GroupNorm message."""
+    entry = readme_server.run(_emu35_t2i(16, 48), RUN_TIMEOUT_S)
+    assert status_of(entry) == "success", describe(entry)
+    (image,) = readme_server.output_images(entry, "4")
+    assert image.size == (16, 48)
+    entry = readme_server.run(_emu35_t2i(16, 16), RUN_TIMEOUT_S)
+    assert status_of(entry) == "error"
+    message = describe(entry)
+    assert "Emu3.5 width/height: a 16x16 image is 1 token(s)" in message and "32x16 or 16x32" in message, message
+    assert "per channel" not in message, message

@@ -2,14 +2,13 @@
 checks are in tests/test_server.py; same session server, skipped unless COMFYUI_DIR is set)."""
 from __future__ import annotations
 
-import copy
 import json
 import time
 
 import pytest
 
 from tests import tiny_models
-from tests import workflow_check as wc
+from tests import workflow_files as wf
 from tests.comfy_server import DECOY_OTHER, DECOY_PLAIN, DECOYS, ComfyServer, refusal
 
 pytestmark = pytest.mark.server
@@ -22,14 +21,6 @@ PREVIEW_STEPS = 4
 @pytest.fixture(scope="module")
 def server(comfy_server: ComfyServer) -> ComfyServer:
     return comfy_server
-
-
-def api_workflow(name: str) -> dict:
-    return copy.deepcopy(wc.load_json(wc.API_DIR / f"{name}.json"))
-
-
-def node_of(api: dict, class_type: str) -> tuple[str, dict]:
-    return next((nid, n) for nid, n in api.items() if n["class_type"] == class_type)
 
 
 def test_dropdown_lists_exactly_the_pipelines(server, server_models):
@@ -51,8 +42,8 @@ def test_dropdown_lists_exactly_the_pipelines(server, server_models):
 def test_bad_folder_refused_naming_model_name(server, model_name, expect):
     """0.3.64 lets any string reach the loader, which says what is wrong; 0.8.0 refuses a value outside
     the dropdown with HTTP 400 naming model_name before the loader runs."""
-    api = api_workflow(T2I_WORKFLOW)
-    loader_id, loader = node_of(api, LOADER)
+    api = wf.load_api(T2I_WORKFLOW)
+    loader_id, loader = wf.first_of(api, LOADER)
     loader["inputs"]["model_name"] = model_name
     how, node_id, text = refusal(server, api, RUN_TIMEOUT_S)
     assert node_id == loader_id and "model_name" in text, (how, text)
@@ -63,9 +54,9 @@ def test_bad_folder_refused_naming_model_name(server, model_name, expect):
 def test_progress_and_previews_over_websocket(server):
     """Every step ticks a progress message; preview_every=1 sends a preview image (binary frame) per step."""
     websocket = pytest.importorskip("websocket", reason="websocket-client is needed to watch progress")
-    api = api_workflow(T2I_WORKFLOW)
-    _, settings = node_of(api, "GentorQwenImageSettings")
-    _, t2i = node_of(api, "GentorTextToImage")
+    api = wf.load_api(T2I_WORKFLOW)
+    _, settings = wf.first_of(api, "GentorQwenImageSettings")
+    _, t2i = wf.first_of(api, "GentorTextToImage")
     settings["inputs"]["preview_every"] = 1
     t2i["inputs"].update(steps=PREVIEW_STEPS, seed=24_680)
     ws = websocket.create_connection(server.ws_url, timeout=RUN_TIMEOUT_S)
@@ -98,8 +89,8 @@ def test_diffsynth_engine_runs_in_comfyui_or_says_why_not(server):
     """The DiffSynth example in a real ComfyUI: DiffSynth runs when ComfyUI's Python has diffsynth, otherwise
     the run falls back (engine diffsynth-or-diffusers) and the text output says so; engine = diffsynth without
     the package fails naming the input and the pip command."""
-    api = api_workflow("qwen_image_t2i_diffsynth")
-    t2i_id, _ = node_of(api, "GentorTextToImage")
+    api = wf.load_api("qwen_image_t2i_diffsynth")
+    t2i_id, _ = wf.first_of(api, "GentorTextToImage")
     entry = server.run(api, RUN_TIMEOUT_S)
     assert entry.get("status", {}).get("status_str") == "success", entry.get("status")
     text = "\n".join(entry["outputs"][t2i_id]["text"])
@@ -107,7 +98,7 @@ def test_diffsynth_engine_runs_in_comfyui_or_says_why_not(server):
     not_installed = "fell back to diffusers because diffsynth is not installed (pip install "
     assert ("engine=diffsynth" in text) if installed else (not_installed in text), text
     if not installed:
-        _, loader = node_of(api, LOADER)
+        _, loader = wf.first_of(api, LOADER)
         loader["inputs"]["engine"] = "diffsynth"
         how, node_id, message = refusal(server, api, RUN_TIMEOUT_S)
         assert "engine" in message and "pip install" in message, (how, message)
@@ -116,10 +107,10 @@ def test_diffsynth_engine_runs_in_comfyui_or_says_why_not(server):
 def test_qwen_image21_multiref_runs_on_the_diffsynth_engine_in_comfyui(server):
     """Qwen-Image 2.1's three-reference example with the loader's engine switched to DiffSynth (falling back,
     and saying so, where ComfyUI's Python has no diffsynth): IMAGE and MASK come out, the text names the engine."""
-    api = api_workflow("qwen_image21_multiref")
-    _, loader = node_of(api, LOADER)
+    api = wf.load_api("qwen_image21_multiref")
+    _, loader = wf.first_of(api, LOADER)
     loader["inputs"]["engine"] = "diffsynth-or-diffusers"
-    edit_id, _ = node_of(api, "GentorEditImage")
+    edit_id, _ = wf.first_of(api, "GentorEditImage")
     entry = server.run(api, RUN_TIMEOUT_S)
     assert entry.get("status", {}).get("status_str") == "success", entry.get("status")
     text = "\n".join(entry["outputs"][edit_id]["text"])

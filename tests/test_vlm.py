@@ -24,6 +24,8 @@ from gentor.samplers import vlm as sampler
 from gentor.samplers import vlm_prompts as prompts
 from gentor.samplers.common import Request
 from tests import tiny_vlm
+from tests import workflow_files as wf
+from tests.workflow_runs import input_image, only
 
 NAMES = tiny_vlm.NAMES
 TOKENS = 12
@@ -342,26 +344,16 @@ def _truncate(path: Path) -> None:
 
 # ----------------------------------------------------------------------------- example workflows
 def _api(name: str) -> dict:
-    from tests import workflow_check as wc
-
-    return wc.load_pair(name)[1]
+    return wf.load_pair(name)[1]
 
 
 def _node(api: dict, class_type: str) -> dict:
-    (node,) = [n for n in api.values() if n["class_type"] == class_type]
-    return node["inputs"]
-
-
-def _input_image(api: dict, link: list) -> Image.Image:
-    from tests import workflow_check as wc
-
-    with Image.open(wc.INPUTS_DIR / api[link[0]]["inputs"]["image"]) as img:
-        return img.convert("RGB")
+    return only(api, class_type)[1]["inputs"]
 
 
 def _enhance_from(api: dict) -> tuple[str, list[Image.Image]]:
     e = _node(api, "GentorEnhancePrompt")
-    images = [_input_image(api, e[f"image_{i}"]) for i in range(1, 5) if f"image_{i}" in e]
+    images = [input_image(api, e[f"image_{i}"]) for i in range(1, 5) if f"image_{i}" in e]
     settings = sampler.make_settings(e["preset"], e["language"], e["system_prompt"], e["sampling"], e["temperature"],
                                      e["top_p"], max_image_pixels=e["max_image_pixels"])
     handle = loader.load_handle(_node(api, "GentorLoadPromptEnhancer")["model_name"], None)
@@ -403,5 +395,5 @@ def test_describe_workflow_runs_on_the_tiny_model():
     d = _node(api, "GentorDescribeImage")
     handle = loader.load_handle(_node(api, "GentorLoadPromptEnhancer")["model_name"], None)
     result = sampler.run(handle, "understand", Request(prompt=d["question"], seed=d["seed"], steps=d["max_new_tokens"],
-                                                      images=[_input_image(api, d["image_1"])]))
+                                                      images=[input_image(api, d["image_1"])]))
     assert result.text and f"cut at max_new_tokens={d['max_new_tokens']}" in result.text

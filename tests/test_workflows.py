@@ -12,10 +12,12 @@ import copy
 import json
 
 import pytest
-from PIL import Image
 
 from gentor import registry
 from tests import workflow_check as wc
+from tests import workflow_files as wf
+from tests import workflow_specs as wspec
+from tests import workflow_static as wstatic
 
 SHARED_NODES = ("GentorMemoryOptions", "GentorSpeedOptions", "GentorTextToImage", "GentorEditImage", "GentorInspectModel")
 TASK_NODES = ("GentorTextToImage", "GentorEditImage")
@@ -25,8 +27,12 @@ MAX_INPUT_IMAGE_BYTES = 20_000
 MAX_EXAMPLE_STEPS = 8  # a distilled 8-step example runs its real step count; the tiny models keep it fast
 
 
+# Loaders of files in ComfyUI's own folders: their examples name the published files (the kit uses those names).
+PUBLISHED_NAME_LOADERS = ("GentorLoadQwenImageFiles",)
+
+
 def loader_nodes() -> list[str]:
-    return [b.loader_node for b in registry.BACKENDS if b.loader_node]
+    return [b.loader_node for b in registry.BACKENDS if b.loader_node] + list(PUBLISHED_NAME_LOADERS)
 
 
 def is_placeholder(value: str) -> bool:
@@ -37,26 +43,26 @@ def is_placeholder(value: str) -> bool:
 def landed() -> list[registry.BackendSpec]:
     """Registered backends whose node file exists (a backend lands its registry entry and nodes together;
     while one is half-way, the shared checks leave it to its own tests)."""
-    return [b for b in registry.BACKENDS if (wc.NODES_DIR / f"{b.id}.py").is_file()]
+    return [b for b in registry.BACKENDS if (wf.NODES_DIR / f"{b.id}.py").is_file()]
 
 
 def first_with(*class_types: str) -> str:
     """The first example workflow (by name) that uses every one of ``class_types``."""
-    for name in wc.workflow_names():
-        kinds = {n["class_type"] for n in wc.load_pair(name)[1].values()}
+    for name in wf.workflow_names():
+        kinds = {n["class_type"] for n in wf.load_pair(name)[1].values()}
         if set(class_types) <= kinds:
             return name
     pytest.skip(f"no example workflow uses {', '.join(class_types)}")
 
 
 @pytest.fixture(scope="module")
-def gentor_specs() -> dict[str, wc.NodeSpec]:
-    return wc.static_specs()
+def gentor_specs() -> dict[str, wspec.NodeSpec]:
+    return wstatic.static_specs()
 
 
 @pytest.fixture(scope="module")
-def specs(gentor_specs) -> dict[str, wc.NodeSpec]:
-    return wc.allowed_specs(gentor_specs)
+def specs(gentor_specs) -> dict[str, wspec.NodeSpec]:
+    return wspec.allowed_specs(gentor_specs)
 
 
 # ----------------------------------------------------------------------------- the static schema reader
@@ -68,7 +74,7 @@ def test_static_parse_finds_the_contract_nodes(gentor_specs):
 
 
 def test_static_parse_follows_helpers_and_loops(gentor_specs):
-    n_images = wc.static_constant("nodes/common.py", "EDIT_IMAGE_INPUTS")
+    n_images = wstatic.static_constant("nodes/common.py", "EDIT_IMAGE_INPUTS")
     assert n_images == max(MIN_EDIT_IMAGE_INPUTS, registry.max_references()), n_images
     t2i, edit = gentor_specs["GentorTextToImage"], gentor_specs["GentorEditImage"]
     common = ["model", "prompt", "negative", "seed", "steps", "cfg", "width", "height"]
@@ -101,24 +107,24 @@ def test_every_loader_takes_memory_and_gives_a_model(backend, gentor_specs):
     assert [t for _, t in loader.outputs] == ["GENTOR_MODEL"]
     assert loader.category.startswith("Gentor/"), loader.category
     # model dropdowns are filled from the model folders at run time
-    assert any(i.type == "COMBO" and i.options is wc.UNKNOWN for i in loader.inputs), loader.inputs
+    assert any(i.type == "COMBO" and i.options is wspec.UNKNOWN for i in loader.inputs), loader.inputs
 
 
 # ----------------------------------------------------------------------------- files present
 def test_every_backend_has_examples_and_api_copies_exist():
-    names = wc.workflow_names()
+    names = wf.workflow_names()
     for spec in landed():
         if {registry.TASK_T2I, registry.TASK_EDIT} & set(spec.tasks):
             assert any(n.startswith(f"{spec.id}_") for n in names), f"no workflows/{spec.id}_*.json example"
-    ui_names = set(wc.workflow_names())
-    api_names = {p.stem for p in wc.API_DIR.glob("*.json")}
+    ui_names = set(wf.workflow_names())
+    api_names = {p.stem for p in wf.API_DIR.glob("*.json")}
     assert ui_names == api_names, f"UI without API copy: {ui_names - api_names}; API without UI: {api_names - ui_names}"
 
 
 # ----------------------------------------------------------------------------- each workflow
-@pytest.fixture(params=sorted(p.stem for p in wc.WORKFLOWS_DIR.glob("*.json")))
+@pytest.fixture(params=sorted(p.stem for p in wf.WORKFLOWS_DIR.glob("*.json")))
 def pair(request):
-    ui, api = wc.load_pair(request.param)
+    ui, api = wf.load_pair(request.param)
     return request.param, ui, api
 
 
@@ -154,7 +160,7 @@ def test_saves_under_gentor_prefix_and_runs_tiny(pair, specs):
         assert outputs and all(c.startswith("Gentor") for c in outputs), (name, outputs)
     else:
         assert [s["inputs"]["filename_prefix"] for s in saves] == [f"gentor/{name}"]
-        _, sampler = wc.sampler_of(api)
+        _, sampler = wf.sampler_of(api)
         assert sampler["class_type"] in TASK_NODES
         ins = sampler["inputs"]
         backends = [b for b in registry.BACKENDS if any(n["class_type"] == b.loader_node for n in api.values())]
@@ -167,9 +173,11 @@ def test_saves_under_gentor_prefix_and_runs_tiny(pair, specs):
     loaders = [n for n in api.values() if n["class_type"] in loader_nodes()]
     assert loaders, f"{name}: no Gentor loader"
     for loader in loaders:  # every model dropdown names a tiny kit folder
+        if loader["class_type"] in PUBLISHED_NAME_LOADERS:
+            continue  # ComfyUI's own file names, which tests/tiny_comfy.py writes (tests/test_workflows_qwen_image.py)
         spec = specs[loader["class_type"]]
         picked = [v for k, v in loader["inputs"].items() if spec.input(k).type == "COMBO"
-                  and spec.input(k).options is wc.UNKNOWN and not is_placeholder(v)]
+                  and spec.input(k).options is wspec.UNKNOWN and not is_placeholder(v)]
         assert picked and all(v.startswith(TINY_PREFIX) for v in picked), (name, picked)
 
 
@@ -177,13 +185,9 @@ def test_loaded_images_are_shipped(pair):
     _, _, api = pair
     for node in api.values():
         if node["class_type"] == "LoadImage":
-            path = wc.INPUTS_DIR / node["inputs"]["image"]
+            path = wf.INPUTS_DIR / node["inputs"]["image"]
             assert path.is_file(), f"{path} missing"
             assert path.stat().st_size < MAX_INPUT_IMAGE_BYTES
-
-
-def _by_class(api: dict, class_type: str) -> list[tuple[str, dict]]:
-    return [(nid, n) for nid, n in api.items() if n["class_type"] == class_type]
 
 
 # ----------------------------------------------------------------------------- the checker is not vacuous
@@ -201,10 +205,10 @@ def _node_of(ui: dict, node_type: str) -> dict:
     ("dangling_link", "links to missing node"),
 ])
 def test_check_api_catches(mutation, expect, specs):
-    _, api = wc.load_pair(first_with("GentorTextToImage", "GentorMemoryOptions"))
+    _, api = wf.load_pair(first_with("GentorTextToImage", "GentorMemoryOptions"))
     api = copy.deepcopy(api)
-    (_, t2i), = _by_class(api, "GentorTextToImage")
-    (_, mem), = _by_class(api, "GentorMemoryOptions")
+    (_, t2i), = wf.by_class(api, "GentorTextToImage")
+    (_, mem), = wf.by_class(api, "GentorMemoryOptions")
     if mutation == "unknown_input":
         t2i["inputs"]["guidance"] = 3.0
     elif mutation == "missing_required":
@@ -224,7 +228,7 @@ def test_check_api_catches(mutation, expect, specs):
 
 
 def test_check_ui_and_compare_catch_drift(specs):
-    ui, api = wc.load_pair(first_with("GentorTextToImage"))
+    ui, api = wf.load_pair(first_with("GentorTextToImage"))
     # a widget value dropped (e.g. the seed's control value missing): count mismatch
     broken = copy.deepcopy(ui)
     t2i = _node_of(broken, "GentorTextToImage")
@@ -237,7 +241,7 @@ def test_check_ui_and_compare_catch_drift(specs):
     assert wc.compare_pair(shifted, api, specs) != []
     # a link in the UI that the API copy lacks
     api2 = copy.deepcopy(api)
-    (_, t2i_api), = _by_class(api2, "GentorTextToImage")
+    (_, t2i_api), = wf.by_class(api2, "GentorTextToImage")
     del t2i_api["inputs"]["settings"]
     assert any("only in UI" in e for e in wc.compare_pair(ui, api2, specs))
     # sockets: an older save may lack appended optional sockets, but a renamed or missing required one is drift
@@ -265,7 +269,7 @@ def test_notes_are_left_out_of_the_api(pair):
 
 def test_workflow_json_is_plain(pair):
     name, ui, api = pair
-    for path in (wc.WORKFLOWS_DIR / f"{name}.json", wc.API_DIR / f"{name}.json"):
+    for path in (wf.WORKFLOWS_DIR / f"{name}.json", wf.API_DIR / f"{name}.json"):
         json.loads(path.read_text(encoding="utf-8"), parse_constant=_reject)  # strict JSON: no NaN/Infinity
 
 

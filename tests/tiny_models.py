@@ -475,17 +475,20 @@ BACKENDS: dict[str, Callable[..., dict[str, Path]]] = {
     "emu35": _kit("tiny_emu35"),
     "vlm": _kit("tiny_vlm"),
 }
+# Written only when named (--backend ID): larger files. qwen_image_comfy = Comfy-format Qwen-Image (tests/tiny_comfy.py).
+OPT_IN_BACKENDS: dict[str, Callable[..., dict[str, Path]]] = {"qwen_image_comfy": _kit("tiny_comfy")}
 
 
 def write_all(out_dir: Path | str, backends: Iterable[str] | None = None, force: bool = False) -> dict[str, Path]:
     """Write every variant of the given backends (default: all known); return {variant folder name: path}."""
     backends = list(BACKENDS if backends is None else dict.fromkeys(backends))
-    unknown = [b for b in backends if b not in BACKENDS]
+    known = {**BACKENDS, **OPT_IN_BACKENDS}
+    unknown = [b for b in backends if b not in known]
     if unknown:
-        raise ValueError(f"unknown backend(s) {unknown}; known backends: {', '.join(BACKENDS)}")
+        raise ValueError(f"unknown backend(s) {unknown}; known backends: {', '.join(known)}")
     result: dict[str, Path] = {}
     for backend in backends:
-        result.update(BACKENDS[backend](out_dir, force=force))
+        result.update(known[backend](out_dir, force=force))
     return result
 
 
@@ -503,9 +506,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--force", action="store_true", help="rewrite variant folders that are already complete")
     args = parser.parse_args(argv)
-    unknown = [b for b in (args.backend or []) if b not in BACKENDS]
+    unknown = [b for b in (args.backend or []) if b not in {**BACKENDS, **OPT_IN_BACKENDS}]
     if unknown:
-        parser.error(f"unknown backend(s): {', '.join(unknown)}; known backends: {', '.join(BACKENDS)}")
+        parser.error(f"unknown backend(s): {', '.join(unknown)}; known backends: {', '.join([*BACKENDS, *OPT_IN_BACKENDS])}")
     t0 = time.perf_counter()
     written = write_all(args.out, args.backend, force=args.force)
     for name, path in written.items():

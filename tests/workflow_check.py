@@ -2,11 +2,12 @@
 
 Node schemas come from one of two places, both giving the same ``NodeSpec`` shape:
 
-- ``static_specs()``: the pack's node files parsed with ``ast`` (no ComfyUI, no ``comfy_api`` import):
-  ``io.Schema(node_id=..., inputs=...)`` in each ``define_schema``, following helper calls such as
-  ``common_inputs()`` / ``settings_input()``, local names and ``for i in range(1, EDIT_IMAGE_INPUTS + 1)``
-  comprehensions, with constants resolved across the pack's relative imports;
-- ``specs_from_object_info()``: a live ComfyUI's ``GET /object_info``.
+- ``workflow_static.static_specs()``: the pack's node files parsed with ``ast`` (no ComfyUI import);
+- ``workflow_specs.specs_from_object_info()``: a live ComfyUI's ``GET /object_info``.
+
+This module checks a workflow against them: an API prompt (``check_api``), a UI file (``check_ui``) and
+that the two agree (``compare_pair``, through the pack's one converter). Reading the files is
+tests/workflow_files.py.
 
 Core nodes the examples may use form an explicit allow-list (``CORE_SPECS``); UI-only nodes (notes) are
 skipped when a UI workflow is converted, as the frontend does.
@@ -18,417 +19,20 @@ example in ComfyUI and saving it).
 from __future__ import annotations
 
 import argparse
-import ast
-import json
 import sys
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-PACK_ROOT = Path(__file__).resolve().parents[1]
-NODES_DIR = PACK_ROOT / "nodes"
-WORKFLOWS_DIR = PACK_ROOT / "workflows"
-API_DIR = WORKFLOWS_DIR / "api"
-INPUTS_DIR = WORKFLOWS_DIR / "inputs"
+from tests.workflow_files import API_DIR, WORKFLOWS_DIR, dump_json, is_link, load_json, workflow_names
+from tests.workflow_specs import CORE_SPECS, InputSpec, NodeSpec, allowed_specs, object_info_from_specs
+from tests.workflow_static import static_specs
 
-WIDGET_TYPES = frozenset({"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"})
 SEED_CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
 UI_ONLY_TYPES = frozenset({"Note", "MarkdownNote"})  # frontend-only: never in an API prompt
 UI_SCHEMA_VERSION = 0.4
 UI_TOP_KEYS = ("last_node_id", "last_link_id", "nodes", "links", "groups", "config", "extra", "version")
 UI_NODE_KEYS = ("id", "type", "pos", "size", "flags", "order", "mode", "inputs", "outputs", "properties",
                 "widgets_values")
-MODE_ALWAYS, MODE_NEVER, MODE_BYPASS = 0, 2, 4
 OPTIONAL_SHAPE = 7  # LiteGraph slot shape the frontend saves for optional inputs
-
-
-class Unknown:
-    """A value the static parser cannot know (e.g. a dropdown filled at run time)."""
-
-    def __repr__(self) -> str:
-        return "<unknown>"
-
-
-UNKNOWN = Unknown()
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    name: str
-    type: str
-    optional: bool = False
-    control_after_generate: bool = False
-    image_upload: bool = False
-    force_input: bool = False
-    options: Any = None  # tuple of allowed COMBO values, UNKNOWN, or None (not a combo)
-    min: Any = None
-    max: Any = None
-
-    @property
-    def is_widget(self) -> bool:
-        return self.type in WIDGET_TYPES and not self.force_input
-
-
-@dataclass
-class NodeSpec:
-    node_id: str
-    display_name: str
-    category: str
-    inputs: list[InputSpec]
-    outputs: list[tuple[str, str]]  # (slot name as ComfyUI 0.3.64's UI shows it: display name or type, type)
-    output_node: bool = False
-    source: str = ""
-    output_ids: list[str] = field(default_factory=list)  # the V3 output ids (ComfyUI 0.8.0 shows these)
-
-    def input(self, name: str) -> InputSpec | None:
-        return next((i for i in self.inputs if i.name == name), None)
-
-    def sockets(self) -> list[InputSpec]:
-        """Inputs the UI shows as sockets, in the order the frontend lists them."""
-        return [i for i in self.inputs if not i.is_widget]
-
-    def widget_slots(self) -> list[tuple[str, str]]:
-        """(input name, kind) per ``widgets_values`` entry; kind: value | control | upload."""
-        slots = []
-        for i in self.inputs:
-            if not i.is_widget:
-                continue
-            slots.append((i.name, "value"))
-            if i.control_after_generate:
-                slots.append((i.name, "control"))
-            if i.image_upload:
-                slots.append((i.name, "upload"))
-        return slots
-
-    def signature(self) -> dict:
-        """What must agree between the static parse and a live server."""
-        return {"node_id": self.node_id, "display_name": self.display_name, "category": self.category,
-                "inputs": [(i.name, i.type, i.optional) for i in self.inputs],
-                # Output TYPES: the names differ between ComfyUI versions (0.3.64 shows the type, 0.8.0 the id).
-                "widgets": self.widget_slots(), "outputs": [t for _, t in self.outputs],
-                "output_node": self.output_node}
-
-    def output_names(self, slot: int) -> set[str]:
-        """Names a saved UI workflow may give output ``slot`` (whichever ComfyUI version saved it)."""
-        shown, typ = self.outputs[slot]
-        return {shown, typ} | ({self.output_ids[slot]} if slot < len(self.output_ids) else set())
-
-
-# The only core nodes the examples may use (explicit allow-list; schemas as ComfyUI 0.3.64 reports them).
-CORE_SPECS: dict[str, NodeSpec] = {
-    "LoadImage": NodeSpec("LoadImage", "Load Image", "image",
-                          [InputSpec("image", "COMBO", image_upload=True, options=UNKNOWN)],
-                          [("IMAGE", "IMAGE"), ("MASK", "MASK")], source="core"),
-    "SaveImage": NodeSpec("SaveImage", "Save Image", "image",
-                          [InputSpec("images", "IMAGE"), InputSpec("filename_prefix", "STRING")], [],
-                          output_node=True, source="core"),
-    "PreviewImage": NodeSpec("PreviewImage", "Preview Image", "image", [InputSpec("images", "IMAGE")], [],
-                             output_node=True, source="core"),
-}
-
-
-# ============================================================================ static parse of nodes/*.py
-class _Module:
-    def __init__(self, path: Path, parser: "_StaticParser") -> None:
-        self.path = path
-        self.parser = parser
-        self.tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-        self.consts: dict[str, ast.expr] = {}
-        self.funcs: dict[str, ast.FunctionDef] = {}
-        self.classes: dict[str, ast.ClassDef] = {}
-        self.imports: dict[str, tuple[Path, str | None]] = {}  # alias -> (module file, name or None=module)
-        for node in self.tree.body:
-            if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-                self.consts[node.targets[0].id] = node.value
-            elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None:
-                self.consts[node.target.id] = node.value
-            elif isinstance(node, ast.FunctionDef):
-                self.funcs[node.name] = node
-            elif isinstance(node, ast.ClassDef):
-                self.classes[node.name] = node
-            elif isinstance(node, ast.ImportFrom) and node.level > 0:
-                base = path.parent
-                for _ in range(node.level - 1):
-                    base = base.parent
-                pkg = base.joinpath(*node.module.split(".")) if node.module else base
-                for alias in node.names:
-                    sub = pkg / f"{alias.name}.py"
-                    if sub.is_file():  # `from ..samplers import qwen_image as sampler`
-                        self.imports[alias.asname or alias.name] = (sub, None)
-                    else:
-                        target = pkg.with_suffix(".py") if pkg.with_suffix(".py").is_file() else pkg / "__init__.py"
-                        self.imports[alias.asname or alias.name] = (target, alias.name)
-
-
-class _StaticParser:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.modules: dict[Path, _Module] = {}
-
-    def module(self, path: Path) -> _Module:
-        path = path.resolve()
-        if path not in self.modules:
-            self.modules[path] = _Module(path, self)
-        return self.modules[path]
-
-    # ------------------------------------------------------------------ values
-    def value(self, expr: ast.expr, mod: _Module, local: dict[str, Any]) -> Any:
-        if isinstance(expr, ast.Constant):
-            return expr.value
-        if isinstance(expr, ast.JoinedStr):
-            parts = []
-            for v in expr.values:
-                got = self.value(v.value, mod, local) if isinstance(v, ast.FormattedValue) else v.value
-                if isinstance(got, Unknown):
-                    return UNKNOWN
-                parts.append(str(got))
-            return "".join(parts)
-        if isinstance(expr, (ast.Tuple, ast.List)):
-            items = [self.value(e, mod, local) for e in expr.elts]
-            return UNKNOWN if any(isinstance(i, Unknown) for i in items) else tuple(items)
-        if isinstance(expr, ast.Name):
-            return self.name(expr.id, mod, local)
-        if isinstance(expr, ast.Attribute) and isinstance(expr.value, ast.Name):
-            imp = mod.imports.get(expr.value.id)
-            if imp and imp[1] is None:
-                return self.name(expr.attr, self.module(imp[0]), {})
-            return UNKNOWN
-        if isinstance(expr, ast.UnaryOp) and isinstance(expr.op, ast.USub):
-            v = self.value(expr.operand, mod, local)
-            return UNKNOWN if isinstance(v, Unknown) else -v
-        if isinstance(expr, ast.BinOp):
-            a, b = self.value(expr.left, mod, local), self.value(expr.right, mod, local)
-            if isinstance(a, Unknown) or isinstance(b, Unknown):
-                return UNKNOWN
-            ops = {ast.Add: lambda x, y: x + y, ast.Sub: lambda x, y: x - y, ast.Mult: lambda x, y: x * y,
-                   ast.FloorDiv: lambda x, y: x // y, ast.Div: lambda x, y: x / y}
-            return ops[type(expr.op)](a, b) if type(expr.op) in ops else UNKNOWN
-        if (isinstance(expr, ast.Call) and isinstance(expr.func, ast.Name) and expr.func.id in ("list", "tuple")
-                and len(expr.args) == 1):
-            v = self.value(expr.args[0], mod, local)
-            return v if isinstance(v, Unknown) else tuple(v)
-        return UNKNOWN
-
-    def name(self, name: str, mod: _Module, local: dict[str, Any]) -> Any:
-        if name in local:
-            got = local[name]
-            return self.value(got, mod, local) if isinstance(got, ast.expr) else got
-        if name in mod.consts:
-            return self.value(mod.consts[name], mod, {})
-        if name in mod.imports:
-            path, attr = mod.imports[name]
-            return self.name(attr, self.module(path), {}) if attr else UNKNOWN
-        return UNKNOWN
-
-    def _resolve_def(self, name: str, mod: _Module, kind: str) -> tuple[Any, _Module] | None:
-        table = mod.funcs if kind == "func" else mod.consts
-        if name in table:
-            return table[name], mod
-        if name in mod.imports and mod.imports[name][1]:
-            path, attr = mod.imports[name]
-            return self._resolve_def(attr, self.module(path), kind)
-        return None
-
-    # ------------------------------------------------------------------ io types
-    def io_type(self, type_expr: ast.expr, mod: _Module) -> str:
-        """``io.Int`` -> INT, ``GentorModel`` (= io.Custom("GENTOR_MODEL")) -> GENTOR_MODEL."""
-        if isinstance(type_expr, ast.Attribute):  # io.Int, io.Image, io.Combo ...
-            return {"Int": "INT", "Float": "FLOAT", "String": "STRING", "Boolean": "BOOLEAN", "Combo": "COMBO",
-                    "Image": "IMAGE", "Mask": "MASK", "Latent": "LATENT"}.get(type_expr.attr, type_expr.attr.upper())
-        if isinstance(type_expr, ast.Name):
-            found = self._resolve_def(type_expr.id, mod, "const")
-            if found:
-                call, owner = found
-                if (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute) and call.func.attr == "Custom"
-                        and call.args):
-                    return str(self.value(call.args[0], owner, {}))
-        raise ValueError(f"{mod.path.name}:{type_expr.lineno}: cannot tell the socket type of "
-                         f"{ast.unparse(type_expr)}")
-
-    def make_input(self, call: ast.Call, mod: _Module, local: dict[str, Any]) -> InputSpec:
-        kw = {k.arg: k.value for k in call.keywords if k.arg}
-        id_expr = call.args[0] if call.args else kw.get("id")
-        name = self.value(id_expr, mod, local) if id_expr is not None else UNKNOWN
-        if not isinstance(name, str):
-            raise ValueError(f"{mod.path.name}:{call.lineno}: input id is not a literal: {ast.unparse(call)}")
-        typ = self.io_type(call.func.value, mod)
-
-        def flag(key: str) -> bool:
-            return key in kw and self.value(kw[key], mod, local) is True
-
-        options = None
-        if typ == "COMBO":
-            options = self.value(kw["options"], mod, local) if "options" in kw else UNKNOWN
-        return InputSpec(name, typ, optional=flag("optional"), control_after_generate=flag("control_after_generate"),
-                         image_upload=flag("image_upload"), force_input=flag("force_input"), options=options,
-                         min=self.value(kw["min"], mod, local) if "min" in kw else None,
-                         max=self.value(kw["max"], mod, local) if "max" in kw else None)
-
-    def make_output(self, call: ast.Call, mod: _Module, local: dict[str, Any]) -> tuple[str, str, str]:
-        """(shown name, type, id) of an ``X.Output(id, ...)``."""
-        kw = {k.arg: k.value for k in call.keywords if k.arg}
-        typ = self.io_type(call.func.value, mod)
-        shown = self.value(kw["display_name"], mod, local) if "display_name" in kw else None
-        id_expr = call.args[0] if call.args else kw.get("id")
-        out_id = self.value(id_expr, mod, local) if id_expr is not None else None
-        return (shown if isinstance(shown, str) else typ), typ, (out_id if isinstance(out_id, str) else typ)
-
-    # ------------------------------------------------------------------ input / output lists
-    def items(self, expr: ast.expr, mod: _Module, local: dict[str, Any], what: str) -> list:
-        """Evaluate an inputs=/outputs= expression to a list of InputSpec / (name, type)."""
-        if isinstance(expr, ast.List):
-            out = []
-            for e in expr.elts:
-                out.extend(self.items(e.value if isinstance(e, ast.Starred) else e, mod, local, what))
-            return out
-        if isinstance(expr, ast.BinOp) and isinstance(expr.op, ast.Add):
-            return self.items(expr.left, mod, local, what) + self.items(expr.right, mod, local, what)
-        if isinstance(expr, ast.Call) and isinstance(expr.func, ast.Attribute) and expr.func.attr in ("Input", "Output"):
-            if expr.func.attr != what:
-                raise ValueError(f"{mod.path.name}:{expr.lineno}: {expr.func.attr} in a list of {what}s")
-            return [self.make_input(expr, mod, local) if what == "Input" else self.make_output(expr, mod, local)]
-        if isinstance(expr, ast.Call) and isinstance(expr.func, ast.Name):
-            found = self._resolve_def(expr.func.id, mod, "func")
-            if found:
-                func, owner = found
-                return self.items(self._returned(func), owner, self._locals(func), what)
-        if isinstance(expr, ast.Name) and isinstance(local.get(expr.id), ast.expr):
-            return self.items(local[expr.id], mod, local, what)
-        if isinstance(expr, ast.ListComp) and len(expr.generators) == 1:
-            gen = expr.generators[0]
-            if (isinstance(gen.target, ast.Name) and isinstance(gen.iter, ast.Call)
-                    and isinstance(gen.iter.func, ast.Name) and gen.iter.func.id == "range" and not gen.ifs):
-                bounds = [self.value(a, mod, local) for a in gen.iter.args]
-                if all(isinstance(b, int) for b in bounds):
-                    out = []
-                    for i in range(*bounds):
-                        out.extend(self.items(expr.elt, mod, {**local, gen.target.id: i}, what))
-                    return out
-        raise ValueError(f"{mod.path.name}:{expr.lineno}: cannot read the node {what}s from "
-                         f"{ast.unparse(expr)!r}; teach tests/workflow_check.py this form")
-
-    @staticmethod
-    def _locals(func: ast.FunctionDef) -> dict[str, Any]:
-        local: dict[str, Any] = {}
-        for node in ast.walk(func):
-            if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-                local[node.targets[0].id] = node.value
-        return local
-
-    @staticmethod
-    def _returned(func: ast.FunctionDef) -> ast.expr:
-        rets = [n for n in ast.walk(func) if isinstance(n, ast.Return) and n.value is not None]
-        if len(rets) != 1:
-            raise ValueError(f"{func.name}: expected one return statement, found {len(rets)}")
-        return rets[0].value
-
-    # ------------------------------------------------------------------ schemas
-    def node_spec(self, cls: ast.ClassDef, mod: _Module) -> NodeSpec | None:
-        schema_fn = next((n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "define_schema"), None)
-        if schema_fn is None:
-            return None
-        local = self._locals(schema_fn)
-        call = next((n for n in ast.walk(schema_fn) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
-                     and n.func.attr == "Schema"), None)
-        if call is None:
-            raise ValueError(f"{mod.path.name}: {cls.name}.define_schema builds no io.Schema")
-        kw = {k.arg: k.value for k in call.keywords if k.arg}
-
-        def text(key: str) -> str:
-            v = self.value(kw[key], mod, local) if key in kw else ""
-            if not isinstance(v, str):
-                raise ValueError(f"{mod.path.name}: {cls.name} {key} is not a literal string")
-            return v
-
-        node_id = text("node_id")
-        inputs = self.items(kw["inputs"], mod, local, "Input") if "inputs" in kw else []
-        outputs = self.items(kw["outputs"], mod, local, "Output") if "outputs" in kw else []
-        output_node = "is_output_node" in kw and self.value(kw["is_output_node"], mod, local) is True
-        # ComfyUI lists required inputs first, then optional ones (object_info input_order).
-        ordered = [i for i in inputs if not i.optional] + [i for i in inputs if i.optional]
-        return NodeSpec(node_id, text("display_name") or node_id, text("category"), ordered,
-                        [(shown, typ) for shown, typ, _ in outputs], output_node,
-                        source=f"{mod.path.relative_to(self.root).as_posix()}:{cls.name}",
-                        output_ids=[out_id for _, _, out_id in outputs])
-
-    def registered_class_names(self, nodes_dir: Path) -> dict[str, Path]:
-        """Classes the pack hands to ComfyUI: node_list()'s literal list + every backend module's NODES."""
-        names: dict[str, Path] = {}
-        for path in sorted(nodes_dir.glob("*.py")):
-            mod = self.module(path)
-            lists = [mod.consts["NODES"]] if "NODES" in mod.consts else []
-            if "node_list" in mod.funcs:
-                for n in ast.walk(mod.funcs["node_list"]):
-                    if isinstance(n, (ast.Assign, ast.AnnAssign)) and isinstance(n.value, ast.List):
-                        lists.append(n.value)
-            for lst in lists:
-                for e in getattr(lst, "elts", []):
-                    if isinstance(e, ast.Name):
-                        names[e.id] = path
-        return names
-
-
-def static_specs(root: Path = PACK_ROOT) -> dict[str, NodeSpec]:
-    """Every node the pack registers, by node id, read from nodes/*.py without importing ComfyUI."""
-    parser = _StaticParser(root)
-    nodes_dir = root / "nodes"
-    specs: dict[str, NodeSpec] = {}
-    by_class: dict[str, NodeSpec] = {}
-    for path in sorted(nodes_dir.glob("*.py")):
-        mod = parser.module(path)
-        for cls in mod.classes.values():
-            spec = parser.node_spec(cls, mod)
-            if spec is not None:
-                by_class[cls.name] = spec
-    for cls_name in parser.registered_class_names(nodes_dir):
-        if cls_name not in by_class:
-            raise ValueError(f"nodes/: {cls_name} is registered but no class with define_schema was found")
-        spec = by_class[cls_name]
-        if spec.node_id in specs:
-            raise ValueError(f"node id {spec.node_id} is defined twice ({specs[spec.node_id].source}, {spec.source})")
-        specs[spec.node_id] = spec
-    return specs
-
-
-def static_constant(module: str, name: str, root: Path = PACK_ROOT) -> Any:
-    """A module-level constant of the pack, e.g. ``static_constant("nodes/common.py", "EDIT_IMAGE_INPUTS")``."""
-    parser = _StaticParser(root)
-    return parser.name(name, parser.module(root / module), {})
-
-
-# ============================================================================ live server schemas
-def specs_from_object_info(object_info: dict, names: list[str] | None = None) -> dict[str, NodeSpec]:
-    specs = {}
-    for node_id in names if names is not None else list(object_info):
-        info = object_info[node_id]
-        inputs = []
-        for section in ("required", "optional"):
-            for name in info.get("input_order", {}).get(section, list(info["input"].get(section, {}))):
-                raw = info["input"][section][name]
-                kind, opts = raw[0], (raw[1] if len(raw) > 1 and isinstance(raw[1], dict) else {})
-                options = None
-                if isinstance(kind, list):
-                    kind, options = "COMBO", tuple(kind)
-                elif kind == "COMBO":
-                    options = tuple(opts.get("options", ()))
-                inputs.append(InputSpec(name, kind, optional=section == "optional",
-                                        control_after_generate=bool(opts.get("control_after_generate")),
-                                        image_upload=bool(opts.get("image_upload")),
-                                        force_input=bool(opts.get("forceInput")), options=options,
-                                        min=opts.get("min"), max=opts.get("max")))
-        outputs = list(zip(info.get("output_name") or info["output"], info["output"]))
-        specs[node_id] = NodeSpec(node_id, info.get("display_name") or node_id, info.get("category", ""), inputs,
-                                  outputs, bool(info.get("output_node")), source="object_info",
-                                  output_ids=[name for name, _ in outputs])
-    return specs
-
-
-def allowed_specs(gentor: dict[str, NodeSpec]) -> dict[str, NodeSpec]:
-    """Gentor nodes plus the allow-listed core nodes."""
-    clash = set(gentor) & set(CORE_SPECS)
-    if clash:
-        raise ValueError(f"Gentor node ids collide with core ids: {sorted(clash)}")
-    return {**CORE_SPECS, **gentor}
 
 
 # ============================================================================ value checks
@@ -452,10 +56,6 @@ def check_widget_value(spec: InputSpec, value: Any) -> str | None:
             return f"{value!r} is above the maximum {spec.max}"
     return None
 
-
-def is_link(value: Any) -> bool:
-    return (isinstance(value, list) and len(value) == 2 and isinstance(value[0], str)
-            and isinstance(value[1], int) and not isinstance(value[1], bool))
 
 
 # ============================================================================ API format
@@ -633,29 +233,6 @@ def check_ui(ui: dict, specs: dict[str, NodeSpec]) -> list[str]:
     return errs
 
 
-def object_info_from_specs(specs: dict[str, NodeSpec]) -> dict[str, dict]:
-    """The ``/object_info`` entries a server would report for ``specs`` (what the converter reads)."""
-    info: dict[str, dict] = {}
-    for node_id, spec in specs.items():
-        sections: dict[str, dict] = {"required": {}, "optional": {}}
-        for i in spec.inputs:
-            opts: dict[str, Any] = {}
-            if i.control_after_generate:
-                opts["control_after_generate"] = True
-            if i.image_upload:
-                opts["image_upload"] = True
-            if i.force_input:
-                opts["forceInput"] = True
-            if i.type == "COMBO":
-                opts["options"] = list(i.options) if isinstance(i.options, tuple) else []
-            sections["optional" if i.optional else "required"][i.name] = [i.type, opts]
-        info[node_id] = {"input": sections, "input_order": {k: list(v) for k, v in sections.items()},
-                         "output": [t for _, t in spec.outputs], "output_name": [n for n, _ in spec.outputs],
-                         "name": node_id, "display_name": spec.display_name, "category": spec.category,
-                         "output_node": spec.output_node}
-    return info
-
-
 def ui_to_api(ui: dict, specs: dict[str, NodeSpec]) -> dict:
     """The pack's one UI -> API converter (gentor_headless.convert, which follows the frontend's
     graphToPrompt), fed with the node schemas ``specs`` instead of a live server's /object_info."""
@@ -692,30 +269,6 @@ def compare_pair(ui: dict, api: dict, specs: dict[str, NodeSpec]) -> list[str]:
                 errs.append(f"node {nid} ({w['class_type']}): input {name!r} UI {w['inputs'][name]!r} "
                             f"vs API {ai[name]!r}")
     return errs
-
-
-# ============================================================================ files
-def load_json(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def workflow_names() -> list[str]:
-    return sorted(p.stem for p in WORKFLOWS_DIR.glob("*.json"))
-
-
-def load_pair(name: str) -> tuple[dict, dict]:
-    return load_json(WORKFLOWS_DIR / f"{name}.json"), load_json(API_DIR / f"{name}.json")
-
-
-def dump_json(data: Any) -> str:
-    return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
-
-
-def sampler_of(api: dict) -> tuple[str, dict]:
-    """(node id, node) of the node whose IMAGE the first SaveImage saves."""
-    save = next(n for n in api.values() if n["class_type"] == "SaveImage")
-    src = save["inputs"]["images"][0]
-    return src, api[src]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,8 @@ const SUMMARY_WIDGET = "gentor_summary";
 const TEXT_WIDGET = "gentor_text";
 const LINE_HEIGHT = 22;
 const SUMMARY_HEIGHT = 40; // the line wraps onto a second row on narrow nodes; the full text is its tooltip
+const MEMORY_NODE = "GentorMemoryOptions";
+const MEMORY_INPUTS = ["weight_dtype", "compute_dtype", "offload", "vram_budget_gb"]; // /gentor/summary params
 
 function addDomWidget(node, name, element, height) {
   const widget = node.addDOMWidget(name, name, element, {
@@ -60,7 +62,20 @@ export class LoaderSummaries {
     return widgets.find((w) => w.name === "model_name") || widgets.find((w) => w.type === "combo");
   }
 
+  // The widget values of the Gentor Memory Options node wired to the loader's memory input (the summary's
+  // VRAM estimate follows them), or {} when none is wired.
+  memoryOptions(node) {
+    const input = node.inputs?.find((i) => i.name === "memory");
+    const links = node.graph?.links;
+    const link = input?.link != null ? (links?.get?.(input.link) ?? links?.[input.link]) : null;
+    const source = link ? node.graph.getNodeById(link.origin_id) : null;
+    if ((source?.comfyClass || source?.type) !== MEMORY_NODE) return {};
+    const values = (source.widgets || []).filter((w) => MEMORY_INPUTS.includes(w.name));
+    return Object.fromEntries(values.map((w) => [w.name, String(w.value)]));
+  }
+
   attach(node) {
+    const summaries = this;
     const choice = this.modelWidget(node);
     if (!choice) return;
     if (!node.widgets.find((w) => w.name === SUMMARY_WIDGET)) {
@@ -72,6 +87,12 @@ export class LoaderSummaries {
       choice.callback = (...args) => {
         const out = callback?.apply(choice, args);
         this.refresh(node);
+        return out;
+      };
+      const onConnectionsChange = node.onConnectionsChange;
+      node.onConnectionsChange = function (...args) {
+        const out = onConnectionsChange?.apply(this, args);
+        summaries.refresh(node); // a Memory Options node wired or unwired changes the estimate
         return out;
       };
     }
@@ -97,7 +118,7 @@ export class LoaderSummaries {
     for (const key of await this.folderKeys(node)) {
       let response;
       try {
-        const query = new URLSearchParams({ folder: key, name: String(name) });
+        const query = new URLSearchParams({ folder: key, name: String(name), ...this.memoryOptions(node) });
         response = await this.api.fetchApi(`/gentor/summary?${query}`, { cache: "no-store" });
       } catch {
         line.textContent = "server disconnected";

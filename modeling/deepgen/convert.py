@@ -27,6 +27,8 @@ import torch
 WRAPPER_KEYS = ("module", "state_dict", "model")
 STRIP_PREFIXES = ("module.",)
 GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
+ZIP_MAGIC = b"PK\x03\x04"
+PICKLE_PROTO = 0x80
 
 
 class ConversionRefused(Exception):
@@ -50,7 +52,14 @@ def _import_global(dotted: str) -> Any:
 
 
 def load_pickle(path: str | Path, allow: Sequence[str] = ()) -> Any:
-    """``torch.load(weights_only=True)``, with ``allow``-listed classes; refusals name the class."""
+    """``torch.load(weights_only=True)``, with ``allow``-listed classes; refusals name the class (or say the
+    file is no torch checkpoint at all)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive (newer) or a pickle starting with PROTO 2..5 (older).
+    if head != ZIP_MAGIC and not (len(head) >= 2 and head[0] == PICKLE_PROTO and 2 <= head[1] <= 5):
+        raise ConversionRefused(f"{Path(path).name} is not a torch checkpoint: neither a zip archive nor a pickle "
+                                f"(its first bytes are {head.hex(' ') or 'missing: the file is empty'})")
     try:
         with torch.serialization.safe_globals([_import_global(g) for g in allow]):
             return torch.load(str(path), map_location="cpu", weights_only=True, mmap=_is_zip(path))
@@ -64,7 +73,7 @@ def load_pickle(path: str | Path, allow: Sequence[str] = ()) -> Any:
 
 def _is_zip(path: str | Path) -> bool:
     with open(path, "rb") as f:
-        return f.read(4) == b"PK\x03\x04"  # torch >= 1.6 zip format supports mmap
+        return f.read(4) == ZIP_MAGIC  # torch >= 1.6 zip format supports mmap
 
 
 def unwrap(obj: Any) -> dict[str, torch.Tensor]:

@@ -18,6 +18,7 @@ from torch import nn
 
 GROUPS = 32
 NORM_EPS = 1e-6
+MIN_NORM_VALUES = 2  # values a GroupNorm group must hold (one value has no variance: torch raises)
 # Bytes of one chunk of dot-product scores in the quantiser (rows x codebook slice, fp32).
 QUANT_CHUNK_BYTES = 64 * 1024 * 1024
 QUANT_ROWS = 1024  # latent positions scored per chunk
@@ -44,6 +45,15 @@ class IBQConfig:
     @property
     def downsample(self) -> int:
         return 2 ** (len(self.ch_mult) - 1)
+
+    @property
+    def min_code_positions(self) -> int:
+        """Fewest code positions (rows x columns) the encoder and decoder accept: torch's GroupNorm refuses
+        a group that holds a single value, and the narrowest norms run at the code grid's own size with
+        ``ch * ch_mult[-1]`` channels in GROUPS groups: 1 with 64 or more channels there, 2 for the test
+        kit's 32-channel tokenizer."""
+        per_group = max(1, self.ch * self.ch_mult[-1] // GROUPS)
+        return -(-MIN_NORM_VALUES // per_group)
 
     @classmethod
     def from_hf_dict(cls, cfg: Mapping[str, Any]) -> "IBQConfig":
