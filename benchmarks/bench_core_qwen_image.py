@@ -1,9 +1,10 @@
 """ComfyUI core's own Qwen-Image vs Gentor on the same Comfy-format transformer file, in one ComfyUI process.
 
-Core: UNETLoader + KSampler (euler / simple, cfg 4: one batched cond+uncond pass per step) on an empty 16-channel
-latent, conditioning from a benchmark-only helper node (random tensors of the width core's Qwen-Image reads:
-its text encoder is fixed at the 7B size). Gentor: Gentor Load Qwen-Image (ComfyUI files) on the same file plus
-a text encoder and VAE file, Gentor Text to Image with true CFG 4 (two passes per step). Both at the same size.
+Core: UNETLoader + KSampler (euler / simple, cfg 4: one batched cond+uncond pass per step; ``--cfg 1``: one
+pass) on an empty 16-channel latent, conditioning from a benchmark-only helper node (random tensors of the width
+core's Qwen-Image reads: its text encoder is fixed at the 7B size). Gentor: Gentor Load Qwen-Image (ComfyUI
+files) on the same file plus a text encoder and VAE file, Gentor Text to Image with true CFG 4 (two passes per
+step). Both at the same size.
 
 Core builds its Qwen-Image with 24 heads x 128 and a 3584-wide text input whatever the file holds (only the
 layer count and input channels come from the weights), so the file is full width with ``--layers`` blocks; the
@@ -34,7 +35,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 CORE_HEADS, CORE_TEXT_WIDTH = 24, 3584  # comfy/ldm/qwen_image/model.py defaults, not read from the file
 TEXT_TOKENS = 32
 HELPER = "GentorBenchRandomConditioning"
-HELPER_SOURCE = f'''"""Benchmark-only: random CONDITIONING of a given shape (written by benchmarks/bench_core_qwen_image.py)."""
+HELPER_SOURCE = f'''"""Benchmark-only: random CONDITIONING of a given shape (benchmarks/bench_core_qwen_image.py)."""
 import torch
 
 
@@ -75,25 +76,25 @@ def write_files(out: Path, layers: int) -> dict[str, Path]:
     return files
 
 
-def core_prompt(dm: str, steps: int, seed: int, size: int) -> dict:
+def core_prompt(dm: str, steps: int, seed: int, size: int, cfg: float) -> dict:
     return {"1": {"class_type": "UNETLoader", "inputs": {"unet_name": dm, "weight_dtype": "default"}},
             "2": {"class_type": HELPER, "inputs": {"tokens": TEXT_TOKENS, "width": CORE_TEXT_WIDTH, "seed": 1}},
             "3": {"class_type": HELPER, "inputs": {"tokens": TEXT_TOKENS, "width": CORE_TEXT_WIDTH, "seed": 2}},
             "4": {"class_type": "EmptySD3LatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
             "5": {"class_type": "KSampler", "inputs": {
-                "model": ["1", 0], "seed": seed, "steps": steps, "cfg": 4.0, "sampler_name": "euler",
+                "model": ["1", 0], "seed": seed, "steps": steps, "cfg": cfg, "sampler_name": "euler",
                 "scheduler": "simple", "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0],
                 "denoise": 1.0}},
             "6": {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": "bench/core"}}}
 
 
-def gentor_prompt(files: dict[str, Path], steps: int, seed: int, size: int) -> dict:
+def gentor_prompt(files: dict[str, Path], steps: int, seed: int, size: int, cfg: float) -> dict:
     return {"1": {"class_type": "GentorLoadQwenImageFiles", "inputs": {
                 "diffusion_model": files["transformer:bf16"].name, "text_encoder": files["text_encoder:bf16"].name,
                 "vae": files["vae"].name, "engine": "diffusers", "variant": "auto"}},
             "2": {"class_type": "GentorTextToImage", "inputs": {
                 "model": ["1", 0], "prompt": "a lighthouse on a cliff at dusk", "negative": "", "seed": seed,
-                "steps": steps, "cfg": 4.0, "width": size, "height": size, "batch_size": 1}},
+                "steps": steps, "cfg": cfg, "width": size, "height": size, "batch_size": 1}},
             "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}}}
 
 
@@ -120,6 +121,7 @@ def main() -> None:
     ap.add_argument("--steps-lo", type=int, default=2)
     ap.add_argument("--steps-hi", type=int, default=6)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--cfg", type=float, default=4.0, help="1.0: one pass per step on both sides (no guidance)")
     ap.add_argument("--timeout", type=float, default=1800.0)
     a = ap.parse_args()
     from tests.comfy_server import ComfyServer, comfy_dir_or_skip, describe, status_of
@@ -132,8 +134,8 @@ def main() -> None:
         (base / "custom_nodes").mkdir(parents=True, exist_ok=True)
         (base / "custom_nodes" / "gentor_bench_conditioning.py").write_text(HELPER_SOURCE, encoding="utf-8")
         dm = files["transformer:bf16"].name
-        makers = {"core": lambda steps, seed: core_prompt(dm, steps, seed, a.size),
-                  "gentor": lambda steps, seed: gentor_prompt(files, steps, seed, a.size)}
+        makers = {"core": lambda steps, seed: core_prompt(dm, steps, seed, a.size, a.cfg),
+                  "gentor": lambda steps, seed: gentor_prompt(files, steps, seed, a.size, a.cfg)}
         times: dict[tuple[str, int], list[float]] = {(k, s): [] for k in makers for s in (a.steps_lo, a.steps_hi)}
         seeds = itertools.count(100)
         with ComfyServer(comfy_dir, base, base / "models") as srv:
@@ -152,7 +154,8 @@ def main() -> None:
         span = a.steps_hi - a.steps_lo
         per_step = {k: (statistics.median(times[(k, a.steps_hi)]) - statistics.median(times[(k, a.steps_lo)])) / span
                     for k in makers}
-        print(f"Qwen-Image {a.layers}-layer full-width (3072, 24 heads) Comfy-format bf16 file, {a.size}px, cfg 4, "
+        print(f"Qwen-Image {a.layers}-layer full-width (3072, 24 heads) Comfy-format bf16 file, {a.size}px, "
+              f"cfg {a.cfg:g}, "
               f"{a.steps_lo} vs {a.steps_hi} steps, median of {a.repeats} interleaved runs, one ComfyUI process "
               f"({comfy_dir.name}), CPU")
         print("| | s/step | s at lo | s at hi |")

@@ -326,7 +326,8 @@ def table(rows: list[dict]) -> str:
         notes = ", ".join(f"{k}={v}" for k, v in r.items() if k not in
                           {"section", "backend", "mode", "value", "unit", "peak_vram_gib", "peak_rss_gib"} and v != "")
         lines.append(f"| {r['section']} | {r.get('backend', '')} | {r.get('mode', '')} | {r.get('value', '')} | "
-                     f"{r.get('unit', '')} | {dash(r.get('peak_vram_gib'))} | {dash(r.get('peak_rss_gib'))} | {notes} |")
+                     f"{r.get('unit', '')} | {dash(r.get('peak_vram_gib'))} | {dash(r.get('peak_rss_gib'))} | "
+                     f"{notes} |")
     return "\n".join(lines)
 
 
@@ -366,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
                 r["section_s"] = round(time.perf_counter() - t, 1)
             rows.extend(section_rows)
     print(table(rows))
-    print(f"\ntotal {time.perf_counter() - started:.0f} s on {'CPU (smoke)' if a.smoke else torch.cuda.get_device_name()}")
+    where = "CPU (smoke)" if a.smoke else torch.cuda.get_device_name()
+    print(f"\ntotal {time.perf_counter() - started:.0f} s on {where}")
     Path(a.json).write_text(json.dumps({"smoke": a.smoke, "torch": torch.__version__, "rows": rows}, indent=1))
     failed = [r for r in rows if str(r.get("mode", "")).startswith(("failed", "skipped"))]
     return 1 if failed else 0
