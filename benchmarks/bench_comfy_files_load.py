@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,8 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.bench_streaming_load import (MB, PeakSampler, high_water, import_pack, reset_high_water,  # noqa: E402
-                                             rss, write_model)
+from benchmarks.bench_streaming_load import MB, import_pack, measure_load, run_script, write_model  # noqa: E402
 
 FORMS = ("bf16", "fp8_scaled", "Q8_0", "Q4_0")
 TARGET_AFTER = 1.1
@@ -59,29 +56,19 @@ def child(path: Path) -> dict:
     from gentor.loaders.streaming import resting_bytes
     from gentor.registry import COMMON_FP8_SKIP
 
+    # Everything the load imports lazily is imported before the baseline, so only the weights are measured.
     import accelerate  # noqa: F401
-    import diffusers  # noqa: F401
     import gguf  # noqa: F401
     import safetensors.torch  # noqa: F401
+    from diffusers import QwenImageTransformer2DModel  # noqa: F401
+    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers  # noqa: F401
     from diffusers.quantizers.gguf import utils  # noqa: F401
 
     bf16 = torch.bfloat16
-    gc.collect()
-    kernel_peak = reset_high_water()
-    baseline = rss()
-    sampler = PeakSampler()
-    sampler.start()
-    t = time.perf_counter()
-    model = qf.load_transformer(path, Precision(bf16, bf16), None, COMMON_FP8_SKIP, False)
-    seconds = time.perf_counter() - t
-    gc.collect()
-    sampler.stop.set()
-    sampler.join()
-    after = rss()
-    hwm = high_water() if kernel_peak else 0
-    mapped = sum(1 for line in open("/proc/self/maps", encoding="utf-8") if line.rstrip().endswith(path.name))
-    return {"seconds": seconds, "peak": max(sampler.peak, hwm) - baseline, "after": after - baseline,
-            "resting": resting_bytes(model), "mapped_after": mapped}
+    model, m = measure_load(lambda: qf.load_transformer(path, Precision(bf16, bf16), None, COMMON_FP8_SKIP, False),
+                            path.name)
+    return {"seconds": m["seconds"], "peak": m["peak"], "after": m["after"], "resting": resting_bytes(model),
+            "mapped_after": m["mapped"]}
 
 
 def main() -> None:
@@ -89,6 +76,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--heads", type=int, default=6)
     parser.add_argument("--forms", nargs="+", default=list(FORMS), choices=FORMS)
+    parser.add_argument("--keep", type=Path, help="write the files here (and reuse them) instead of a temp dir")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -100,15 +88,16 @@ def main() -> None:
     window = READ_WINDOW_BYTES
     with tempfile.TemporaryDirectory(prefix="gentor-comfy-") as tmp:
         t = time.perf_counter()
-        paths = write_files(Path(tmp), args.layers, args.heads, args.forms)
+        out = args.keep or Path(tmp)
+        names = {f: out / (f"qwen_image_{f}.safetensors" if f in ("bf16", "fp8_scaled") else f"qwen_image-{f}.gguf")
+                 for f in args.forms}
+        paths = names if all(p.is_file() for p in names.values()) else write_files(out, args.layers, args.heads,
+                                                                                  args.forms)
         print(f"wrote {len(paths)} files in {time.perf_counter() - t:.0f} s")
         print(f"{'form':<12}{'file MB':>9}{'resting MB':>11}{'peak MB':>9}{'after MB':>10}{'peak/(rest+win)':>17}"
               f"{'after/rest':>11}{'s':>6}  mapped")
         for form, path in paths.items():
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(path)]
-            env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-            done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
-            r = json.loads(done.stdout.strip().splitlines()[-1])
+            r = run_script(Path(__file__), ["--child", str(path)])
             bound = r["resting"] + window
             ok = r["peak"] <= bound and r["after"] <= TARGET_AFTER * r["resting"] and not r["mapped_after"]
             print(f"{form:<12}{path.stat().st_size / MB:>9,.0f}{r['resting'] / MB:>11,.0f}{r['peak'] / MB:>9,.0f}"

@@ -26,7 +26,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 MB = 1024**2
@@ -121,6 +123,29 @@ class PeakSampler(threading.Thread):
             time.sleep(SAMPLE_SECONDS)
 
 
+def measure_load(load: Callable[[], Any], mapped_suffix: str) -> tuple[Any, dict]:
+    """Run ``load()`` once while sampling RSS: (its result, {seconds, baseline, peak, sampled_peak, after,
+    mapped}); bytes are relative to the RSS before the load, ``mapped`` counts mappings of files whose path
+    ends with ``mapped_suffix`` that are left after it."""
+    gc.collect()
+    kernel_peak = reset_high_water()
+    baseline = rss()
+    sampler = PeakSampler()
+    sampler.start()
+    t = time.perf_counter()
+    model = load()
+    seconds = time.perf_counter() - t
+    gc.collect()
+    sampler.stop.set()
+    sampler.join()
+    after = rss()
+    hwm = high_water() if kernel_peak else 0
+    with open("/proc/self/maps", encoding="utf-8") as maps:
+        mapped = sum(1 for line in maps if line.rstrip().endswith(mapped_suffix))
+    return model, {"seconds": seconds, "baseline": baseline, "peak": max(sampler.peak, hwm) - baseline,
+                   "sampled_peak": sampler.peak - baseline, "after": after - baseline, "mapped": mapped}
+
+
 def child(mode: str, folder: Path) -> dict:
     import torch
     from diffusers import QwenImageTransformer2DModel
@@ -136,34 +161,31 @@ def child(mode: str, folder: Path) -> dict:
     import safetensors.torch  # noqa: F401
 
     fp8, bf16 = torch.float8_e4m3fn, torch.bfloat16
-    gc.collect()
-    kernel_peak = reset_high_water()
-    baseline = rss()
-    sampler = PeakSampler()
-    sampler.start()
-    t = time.perf_counter()
-    if mode == "from_pretrained":
-        model = QwenImageTransformer2DModel.from_pretrained(folder, torch_dtype=bf16)
-        apply_layerwise_casting(model, storage_dtype=fp8, compute_dtype=bf16, skip_modules_pattern=COMMON_FP8_SKIP)
-    else:
+
+    def load():
+        if mode == "from_pretrained":
+            model = QwenImageTransformer2DModel.from_pretrained(folder, torch_dtype=bf16)
+            apply_layerwise_casting(model, storage_dtype=fp8, compute_dtype=bf16,
+                                    skip_modules_pattern=COMMON_FP8_SKIP)
+            return model
         storage = fp8 if mode == "streaming" else bf16
-        model = load_diffusers(QwenImageTransformer2DModel, folder, Precision(storage, bf16), COMMON_FP8_SKIP,
-                               None, "bench", "transformer")
-    seconds = time.perf_counter() - t
-    gc.collect()
-    sampler.stop.set()
-    sampler.join()
-    after = rss()
-    hwm = high_water() if kernel_peak else 0
-    mapped = sum(1 for line in open("/proc/self/maps", encoding="utf-8") if line.rstrip().endswith(".safetensors"))
-    return {"mode": mode, "seconds": seconds, "baseline": baseline, "peak": max(sampler.peak, hwm) - baseline,
-            "sampled_peak": sampler.peak - baseline, "after": after - baseline, "resting": resting_bytes(model),
-            "mapped_files_after": mapped}
+        return load_diffusers(QwenImageTransformer2DModel, folder, Precision(storage, bf16), COMMON_FP8_SKIP,
+                              None, "bench", "transformer")
+
+    model, m = measure_load(load, ".safetensors")
+    return {"mode": mode, "seconds": m["seconds"], "baseline": m["baseline"], "peak": m["peak"],
+            "sampled_peak": m["sampled_peak"], "after": m["after"], "resting": resting_bytes(model),
+            "mapped_files_after": m["mapped"]}
 
 
 # ----------------------------------------------------------------------------- driver
 def run_child(mode: str, folder: Path) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", mode, "--folder", str(folder)]
+    return run_script(Path(__file__), ["--child", mode, "--folder", str(folder)])
+
+
+def run_script(script: Path, args: list[str]) -> dict:
+    """Run a benchmark script in a fresh process (offline, the pack importable); its last line as JSON."""
+    cmd = [sys.executable, str(script.resolve()), *args]
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -13,11 +13,13 @@ from collections.abc import Sequence
 from . import __version__
 from .client import ComfyClient, output_files
 from .convert import ui_to_api
-from .dataset import apply_name_column, load_dataset, parse_maps
-from .errors import Cancelled, ExecutionFailed, HeadlessError, NoServer, PromptRejected, ServerDown, \
-    UsageError, WorkflowError, format_execution_error
+from .dataset import Dataset, apply_name_column, load_dataset, missing_column, parse_maps
+from .errors import Cancelled, ExecutionFailed, HeadlessError, NoServer, PromptRejected, \
+    ServerDown, UsageError, WorkflowError, format_execution_error
 from .results import ResultsTable, RowResult
-from .scheduler import BatchOptions, BatchRunner, write_atomic
+from .files import write_atomic
+from .rowjob import RowJob
+from .scheduler import BatchOptions, BatchRunner, Summary
 from .workflow import Workflow, apply_seed_policy, apply_sets, is_ui_format, load_json, unwrap_api
 
 log = logging.getLogger("gentor_headless")
@@ -70,6 +72,28 @@ def build_parser() -> argparse.ArgumentParser:
                        help="prompts in flight per server (default 1)")
     batch.add_argument("--server-wait", type=float, default=60.0,
                        help="seconds to wait when every server is down before giving up (default 60)")
+    on_ray = batch.add_argument_group(
+        "Ray Data (pip install 'gentor[ray]')",
+        "--ray runs the same rows on a Ray cluster: --data may then be a folder or any URI pyarrow reads "
+        "(CSV, JSONL, Parquet); results go to OUT/results.parquet (+ results.csv when small)")
+    on_ray.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                        help="run on Ray: the cluster at ADDRESS (e.g. ray://head:10001 or auto), or "
+                             "$RAY_ADDRESS / a new local Ray when no address is given")
+    on_ray.add_argument("--rows-per-task", type=int, default=1, metavar="N",
+                        help="rows per Ray task (x --per-server; default 1): raise it for rows that take "
+                             "well under a second, to spread Ray's per-task cost")
+    on_ray.add_argument("--comfyui", metavar="DIR",
+                        help="each actor starts its own ComfyUI from DIR on its GPU (instead of --server)")
+    on_ray.add_argument("--comfyui-args", default="", metavar="ARGS",
+                        help="extra arguments for the actors' ComfyUI, e.g. '--cpu' or '--highvram'")
+    on_ray.add_argument("--comfyui-python", metavar="PYTHON",
+                        help="Python for the actors' ComfyUI (default: DIR/.venv, DIR/venv, else this one)")
+    on_ray.add_argument("--actors", type=int, default=0,
+                        help="actors (= servers) with --comfyui (default 1); with --server one per URL")
+    on_ray.add_argument("--gpus-per-actor", type=float, default=1.0,
+                        help="GPUs each --comfyui actor reserves (default 1; 0 on CPU-only nodes)")
+    on_ray.add_argument("--cpus-per-actor", type=float, default=1.0,
+                        help="CPUs each --comfyui actor reserves (default 1)")
     return parser
 
 
@@ -164,11 +188,34 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def print_row(result: RowResult, done: int, total: int) -> None:
+    """One line per finished row (total < 0: not known while streaming)."""
+    label = f"row {result.row_id}" + (f" ({result.name})" if result.name else "")
+    tail = f"-> {result.output_files}" if result.status == "ok" else result.error
+    where = f"[{done}/{total}]" if total >= 0 else f"[{done}]"
+    print(f"{where} {result.status} {label} {result.seconds}s {result.server} {tail}", flush=True)
+
+
+def finish(summary: Summary, results: str) -> int:
+    """Print the summary; the exit status of a batch run."""
+    print(f"{summary.total} rows: {summary.ok} ok, {summary.failed} failed, {summary.interrupted} interrupted, "
+          f"{summary.skipped} skipped (already ok) in {summary.seconds:.1f}s; results: {results}")
+    if summary.fatal:
+        print(summary.fatal, file=sys.stderr)
+    if summary.cancelled:
+        return EXIT_INTERRUPTED
+    if summary.fatal.startswith("ComfyUI rejected"):
+        return EXIT_USAGE
+    return EXIT_FAILED if summary.failed or summary.fatal else EXIT_OK
+
+
 def cmd_batch(args: argparse.Namespace) -> int:
     """One prompt per dataset row, shared among the servers; results.csv after every row."""
-    servers = args.server or [DEFAULT_SERVER]
     if args.retries < 0 or args.per_server < 1:
         raise UsageError("--retries must be >= 0 and --per-server >= 1")
+    if args.ray is not None:
+        return cmd_batch_ray(args)
+    servers = args.server or [DEFAULT_SERVER]
     dataset = load_dataset(args.data)
     apply_name_column(dataset, args.name_column)
     prompt, extra = load_workflow(args.workflow, servers, args.set)
@@ -188,23 +235,53 @@ def cmd_batch(args: argparse.Namespace) -> int:
     options = BatchOptions(out_dir=out, seed_policy=args.seed_policy, retries=args.retries,
                            per_server=args.per_server, timeout=args.timeout, server_wait=args.server_wait,
                            use_websocket=not args.no_websocket, extra_data=extra)
+    runner = BatchRunner(prompt, dataset, mappings, servers, results, options, print_row)
+    return finish(runner.run(), str(results.path))
 
-    def on_row(result: RowResult, done: int, total: int) -> None:
-        label = f"row {result.row_id}" + (f" ({result.name})" if result.name else "")
-        tail = f"-> {result.output_files}" if result.status == "ok" else result.error
-        print(f"[{done}/{total}] {result.status} {label} {result.seconds}s {result.server} {tail}", flush=True)
 
-    runner = BatchRunner(prompt, dataset, mappings, servers, results, options, on_row)
-    summary = runner.run()
-    print(f"{summary.total} rows: {summary.ok} ok, {summary.failed} failed, {summary.interrupted} interrupted, "
-          f"{summary.skipped} skipped (already ok) in {summary.seconds:.1f}s; results: {results.path}")
-    if summary.fatal:
-        print(summary.fatal, file=sys.stderr)
-    if summary.cancelled:
-        return EXIT_INTERRUPTED
-    if summary.fatal.startswith("ComfyUI rejected"):
-        return EXIT_USAGE
-    return EXIT_FAILED if summary.failed or summary.fatal else EXIT_OK
+def cmd_batch_ray(args: argparse.Namespace) -> int:
+    """The same contract on Ray Data (gentor_headless.ray_runner); imported only here, ray is optional."""
+    try:
+        from . import ray_data, ray_runner  # noqa: PLC0415
+    except ImportError as exc:
+        raise UsageError(f"--ray needs Ray Data ({exc}); install it with pip install 'gentor[ray]' "
+                         f"(or pip install 'ray[data]')") from exc
+    if args.comfyui and args.server:
+        raise UsageError("--comfyui (actors start their own servers) and --server (attach to running ones) "
+                         "exclude each other; pass one of them")
+    if args.rows_per_task < 1:
+        raise UsageError(f"--rows-per-task must be >= 1 (got {args.rows_per_task})")
+    if args.results:
+        raise UsageError("--results is not used with --ray: results go to OUT/results.parquet "
+                         "(and OUT/results.csv when small)")
+    servers = [] if args.comfyui else (args.server or [DEFAULT_SERVER])
+    fs, files, kind = ray_data.dataset_files(args.data)
+    local = isinstance(fs, ray_data.pa_fs.LocalFileSystem)
+    columns = ray_data.dataset_columns(fs, files[0], kind)
+    header = Dataset(Path(files[0]) if local else Path(Path(files[0]).name), columns)
+    if args.name_column and args.name_column not in columns:
+        raise missing_column(header, args.name_column, "--name-column")
+    if not servers and is_ui_format(load_json(args.workflow)):
+        raise UsageError(f"{args.workflow} is a UI workflow; with --comfyui there is no server to convert it "
+                         f"with: export it in the API format (File > Export (API)), or pass --server")
+    prompt, extra = load_workflow(args.workflow, servers, args.set)
+    if not args.map:
+        raise UsageError(f"batch needs at least one --map COLUMN=NODE.INPUT; the dataset's columns are: "
+                         f"{', '.join(columns)}")
+    mappings = parse_maps(prompt, header, args.map, args.image_column)
+    out = Path(args.out).resolve()
+    options = ray_runner.RayOptions(
+        data=args.data, out_dir=out, servers=servers, comfyui=args.comfyui, comfyui_args=args.comfyui_args,
+        comfyui_python=args.comfyui_python, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
+        cpus_per_actor=args.cpus_per_actor, per_server=args.per_server, rows_per_task=args.rows_per_task,
+        retries=args.retries, server_wait=args.server_wait, use_websocket=not args.no_websocket,
+        name_column=args.name_column, resume=args.resume, overwrite=args.overwrite)
+    ray_runner.check_out_dir(ray_data.Ledger(out, bool(args.name_column)), options)
+    job = RowJob(prompt, tuple(mappings), header.path.parent.resolve() if local else Path.cwd(), out,
+                 args.seed_policy, args.timeout, 30.0, extra, "seed" in columns)
+    ray_runner.connect(args.ray)
+    summary = ray_runner.run_on_ray(job, options, print_row)
+    return finish(summary, str(out / ray_data.RESULTS_DIR))
 
 
 def _check_resume(results: ResultsTable, dataset: Any) -> None:

@@ -19,6 +19,9 @@ from .workflow import Target, Workflow, apply_seed_policy, clone, drop_node, is_
 
 Uploader = Callable[[bytes, str], str]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# Leading bytes of the formats ComfyUI's LoadImage (PIL) reads; WebP is RIFF....WEBP.
+IMAGE_MAGIC = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
+               (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
 
 
 @dataclass
@@ -60,12 +63,7 @@ def load_dataset(path: str | Path) -> Dataset:
         for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
             if not line.strip():
                 continue
-            try:
-                obj = json.loads(line)
-            except ValueError as exc:
-                raise DatasetError(f"{p}: line {n} is not JSON ({exc}); expected one object per line") from exc
-            if not isinstance(obj, dict):
-                raise DatasetError(f"{p}: line {n} is {type(obj).__name__}, expected a JSON object")
+            obj = json_row(line, p, n)
             rows.append(obj)
             columns += [k for k in obj if k not in columns]
     else:
@@ -79,7 +77,19 @@ def load_dataset(path: str | Path) -> Dataset:
     return Dataset(p, columns, [Row(str(i), i, r) for i, r in enumerate(rows)])
 
 
-def _missing_column(ds: Dataset, column: str, what: str) -> DatasetError:
+def json_row(line: str, path: str | Path, n: int) -> dict[str, Any]:
+    """One line of a JSON-lines dataset: a JSON object, else a DatasetError naming the file and line."""
+    try:
+        obj = json.loads(line)
+    except ValueError as exc:
+        raise DatasetError(f"{path}: line {n} is not JSON ({exc}); expected one object per line") from exc
+    if not isinstance(obj, dict):
+        raise DatasetError(f"{path}: line {n} is {type(obj).__name__}, expected a JSON object")
+    return obj
+
+
+def missing_column(ds: Dataset, column: str, what: str) -> DatasetError:
+    """The error for an option naming a column the dataset lacks (lists the columns it has)."""
     return DatasetError(f"{what} names column {column!r}, which {ds.path.name} does not have; "
                         f"its columns are: {', '.join(ds.columns) or '(none)'}")
 
@@ -91,13 +101,13 @@ def parse_maps(workflow: Workflow, ds: Dataset, maps: list[str],
     for item in maps:
         column, target_text = parse_assignment(item, "--map")
         if column not in ds.columns:
-            raise _missing_column(ds, column, f"--map {item}")
+            raise missing_column(ds, column, f"--map {item}")
         target = parse_target(workflow, target_text.strip(), f"--map {item}")
         image = is_image_target(workflow, target) or column in (image_columns or [])
         out.append(Mapping(column, target, image))
     for column in image_columns or []:
         if column not in ds.columns:
-            raise _missing_column(ds, column, "--image-column")
+            raise missing_column(ds, column, "--image-column")
     return out
 
 
@@ -114,7 +124,7 @@ def apply_name_column(ds: Dataset, column: str | None) -> None:
     if not column:
         return
     if column not in ds.columns:
-        raise _missing_column(ds, column, "--name-column")
+        raise missing_column(ds, column, "--name-column")
     seen: dict[str, str] = {}
     for row in ds.rows:
         value = str(row.values.get(column) or "").strip()
@@ -147,8 +157,24 @@ def read_image(value: str, base_dir: Path, timeout: float = 30.0) -> tuple[bytes
     for candidate in candidates:
         if candidate.is_file():
             return candidate.read_bytes(), candidate.name
-    raise RowError(f"image file {value!r} not found (looked in "
-                   f"{', '.join(str(c.parent.resolve()) for c in candidates)})")
+    # the dataset's folder is often the working directory: name each folder once
+    folders = dict.fromkeys(str(c.parent.resolve()) for c in candidates)
+    raise RowError(f"image file {value!r} not found (looked in {', '.join(folders)})")
+
+
+def image_kind(data: bytes) -> str | None:
+    """The image format the bytes start with (PNG, JPEG, GIF, WebP, BMP, TIFF), or None."""
+    if data[:4] == b"RIFF":
+        return "WebP" if data[8:12] == b"WEBP" else None
+    return next((kind for magic, kind in IMAGE_MAGIC if data.startswith(magic)), None)
+
+
+def check_image(data: bytes, name: str, where: str) -> None:
+    """Refuse a reference that is not an image before it is uploaded (ComfyUI would fail the row later,
+    and a retry cannot help)."""
+    if image_kind(data) is None:
+        raise RowError(f"{where}: {name!r} is not an image (got {len(data)} bytes starting with {data[:16]!r}, "
+                       f"expected a PNG, JPEG, WebP, GIF, BMP or TIFF file). Point the column at an image.")
 
 
 def upload_name(data: bytes, name: str) -> str:
@@ -178,6 +204,7 @@ def build_prompt(workflow: Workflow, row: Row, mappings: list[Mapping], base_dir
         where = f"row {row.row_id} column {m.column!r} (-> {m.target})"
         if m.image:
             data, name = read_image(str(value), base_dir, url_timeout)
+            check_image(data, name, where)
             value = upload(data, upload_name(data, name))
         try:
             set_value(prompt, m.target, value, where)

@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import csv
 import io
-import os
-import tempfile
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import DatasetError
+from .files import write_atomic
 
 COLUMNS = ["row_id", "status", "output_files", "seed", "server", "seconds", "error"]
 OK = "ok"
@@ -69,6 +68,11 @@ class ResultsTable:
             self.rows[result.row_id] = result
             self._write()
 
+    def save(self) -> None:
+        """Rewrite the file from ``rows`` (atomically)."""
+        with self._lock:
+            self._write()
+
     def _write(self) -> None:
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=self.columns, extrasaction="ignore", lineterminator="\n")
@@ -76,15 +80,4 @@ class ResultsTable:
         for key in sorted(self.rows, key=lambda k: (0, int(k)) if k.isdigit() else (1, k)):
             writer.writerow(asdict(self.rows[key]))
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".results-", suffix=".tmp", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-                fh.write(buf.getvalue())
-                fh.flush()
-                if self.fsync:
-                    os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_atomic(self.path, buf.getvalue().encode("utf-8"), fsync=self.fsync)

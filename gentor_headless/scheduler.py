@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import collections
 import logging
-import os
 import random
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -13,12 +11,13 @@ from pathlib import Path
 from typing import Any
 from collections.abc import Callable
 
-from .client import ComfyClient, execution_seconds, output_files
-from .dataset import Dataset, Mapping, Row, build_prompt
+from .client import ComfyClient, execution_seconds
+from .dataset import Dataset, Mapping, Row
 from .errors import Cancelled, ExecutionFailed, HeadlessError, NoServer, PromptRejected, RowError, \
     ServerDown
 from .results import OK, ResultsTable, RowResult
-from .workflow import Workflow, seed_targets, seeds_used
+from .rowjob import RowAttempt, RowJob
+from .workflow import Workflow
 
 log = logging.getLogger(__name__)
 
@@ -78,19 +77,6 @@ class Summary:
 RowCallback = Callable[[RowResult, int, int], None]
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write a file through a temp file + os.replace, so a stopped run never leaves half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=".dl-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 class BatchRunner:
     """Shares the rows of a dataset among servers; every finished row is written to results.csv."""
 
@@ -102,6 +88,8 @@ class BatchRunner:
         self.servers = [ServerState(url) for url in servers]
         self.results = results
         self.options = options
+        self.job = RowJob(workflow, tuple(mappings), dataset.path.parent, options.out_dir, options.seed_policy,
+                          options.timeout, options.url_timeout, options.extra_data, "seed" in dataset.columns)
         self.on_row = on_row
         self.summary = Summary(total=len(dataset.rows))
         self._queue: collections.deque[Task] = collections.deque()
@@ -246,47 +234,32 @@ class BatchRunner:
         finally:
             client.close()
 
-    def _upload(self, client: ComfyClient, state: ServerState, data: bytes, name: str) -> str:
-        if name not in state.uploads:
-            state.uploads[name] = client.upload_image(data, name)
-        return state.uploads[name]
-
     def _run_task(self, task: Task, state: ServerState, client: ComfyClient) -> None:
-        row, t0 = task.row, time.perf_counter()
-        base = RowResult(row.row_id, "error", server=state.url, name=row.name or "")
-        prompt: Workflow = {}
-        prompt_id = ""
+        row = task.row
+        attempt = RowAttempt(self.job, client, row, task.seed_salt, state.uploads)
         try:
-            prompt = build_prompt(self.workflow, row, self.mappings, self.dataset.path.parent,
-                                  self.options.seed_policy, random.Random(task.seed_salt),
-                                  lambda data, name: self._upload(client, state, data, name),
-                                  self.options.url_timeout)
-            base.seed = seeds_used(prompt)
-            prompt_id = client.queue_prompt(prompt, self.options.extra_data)
-            entry = client.wait(prompt_id, self.options.timeout, should_stop=self._cancel.is_set)
-            base.output_files = ";".join(self._download(client, entry, row))
-            base.status, base.seconds = OK, f"{time.perf_counter() - t0:.3f}"
-            self._finish(base)
-            self.summary.timings[row.row_id] = (time.perf_counter() - t0, execution_seconds(entry))
+            self._finish(attempt.run(should_stop=self._cancel.is_set))
+            self.summary.timings[row.row_id] = (time.perf_counter() - attempt.t0,
+                                                execution_seconds(attempt.entry or {}))
         except ServerDown as exc:
             state.down_since, state.reason = time.monotonic(), exc.reason
             task.server_losses += 1
             log.warning("%s went away during row %s (%s); the row goes back to the queue",
                         state.url, row.row_id, exc.reason)
             if task.server_losses > len(self.servers) + self.options.retries:
-                self._fail(base, t0, f"servers went away {task.server_losses} times while running this "
-                                     f"row; last: {exc}")
+                self._finish(attempt.failed(f"servers went away {task.server_losses} times while running "
+                                            f"this row; last: {exc}"))
             else:
                 self._requeue(task)
         except Cancelled:
-            self._cancelled(client, state, prompt_id, row, base, t0)
+            self._finish(attempt.cancel())
         except RowError as exc:
-            self._fail(base, t0, str(exc))
+            self._finish(attempt.failed(str(exc)))
         except PromptRejected as exc:
-            if not self._row_specific(exc):  # the workflow itself is invalid: queue nothing more
+            if not self.job.is_row_specific(exc):  # the workflow itself is invalid: queue nothing more
                 self.summary.fatal = f"ComfyUI rejected the prompt of row {row.row_id}:\n{exc}"
                 self._stop.set()
-            self._fail(base, t0, " | ".join(str(exc).splitlines()))
+            self._finish(attempt.failed(" | ".join(str(exc).splitlines())))
         except (ExecutionFailed, HeadlessError) as exc:
             task.attempts += 1
             if task.attempts <= self.options.retries and not self._stop.is_set():
@@ -295,54 +268,10 @@ class BatchRunner:
                 task.avoid = state.url
                 self._requeue(task)
             else:
-                self._fail(base, t0, str(exc))
+                self._finish(attempt.failed(str(exc)))
         except Exception as exc:  # noqa: BLE001 - a bug must not lose the row or the results file
             log.exception("unexpected error in row %s", row.row_id)
-            self._fail(base, t0, f"{type(exc).__name__}: {exc}")
-
-    def _row_specific(self, exc: PromptRejected) -> bool:
-        """True when every validation error names an input fed from the row (a bad cell, not the workflow)."""
-        fed = {(m.target.node, m.target.input) for m in self.mappings}
-        if "seed" in self.dataset.columns:
-            fed |= {(t.node, t.input) for t in seed_targets(self.workflow)}
-        reasons = [(node_id, (r.get("extra_info") or {}).get("input_name"))
-                   for node_id, info in exc.node_errors.items() for r in info.get("errors", [])]
-        return bool(reasons) and all(reason in fed for reason in reasons)
-
-    def _cancelled(self, client: ComfyClient, state: ServerState, prompt_id: str, row: Row,
-                   base: RowResult, t0: float) -> None:
-        entry = None
-        if prompt_id:
-            try:
-                entry = client.cancel(prompt_id)
-            except HeadlessError as exc:
-                log.warning("could not interrupt %s on %s: %s", prompt_id, state.url, exc)
-        if entry is not None:  # it had finished before the interrupt reached it: keep it
-            try:
-                base.output_files = ";".join(self._download(client, entry, row))
-                base.status, base.seconds = OK, f"{time.perf_counter() - t0:.3f}"
-                self._finish(base)
-                return
-            except HeadlessError as exc:
-                log.warning("row %s finished but its outputs could not be fetched: %s", row.row_id, exc)
-        self._fail(base, t0, "stopped by the user (Ctrl-C); run again with --resume", status="interrupted")
-
-    def _fail(self, result: RowResult, t0: float, error: str, status: str = "error") -> None:
-        result.status, result.error = status, error
-        result.seconds = f"{time.perf_counter() - t0:.3f}"
-        self._finish(result)
-
-    def _download(self, client: ComfyClient, entry: dict[str, Any], row: Row) -> list[str]:
-        out = self.options.out_dir
-        out.mkdir(parents=True, exist_ok=True)
-        names = []
-        for i, item in enumerate(output_files(entry)):
-            data = client.view(item["filename"], item["subfolder"], item["type"])
-            suffix = Path(item["filename"]).suffix or ".bin"
-            name = f"{row.name or row.row_id}_{i}{suffix}"
-            write_atomic(out / name, data)
-            names.append(name)
-        return names
+            self._finish(attempt.failed(f"{type(exc).__name__}: {exc}"))
 
     def _finish(self, result: RowResult) -> None:
         with self._lock:

@@ -1,8 +1,12 @@
 """Gentor's HTTP API on ComfyUI's own server, all under ``/gentor/``.
 
-    routes.py    the route table, request/response helpers, GET /gentor/models, POST /gentor/unload,
-                 GET /gentor/backends, GET /gentor/summary
+    common.py    what every route shares: RouteError (JSON errors naming the input), Services, body reading
+    routes.py    the route table (405 for a wrong method), GET /gentor/models, POST /gentor/unload,
+                 GET /gentor/backends
+    summary.py   GET /gentor/summary: a loader's one-line summary of a model, from headers only
     generate.py  POST /gentor/generate: one call -> images, through ComfyUI's queue
+    request.py   its body: fields, limits, checks, reference images
+    graph.py     its graph of Gentor nodes, and ComfyUI's answers mapped back to request fields
     openapi.py   GET /gentor/openapi.json
 
 Installed once from the pack's entry point (``install_on_server``); nothing else in the pack imports
@@ -13,7 +17,8 @@ from __future__ import annotations
 from typing import Any
 
 from .. import glue
-from .routes import Services, install
+from .common import Services
+from .routes import install
 
 _installed = False
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import registry
-from .generate import FIELDS, Limits
+from .request import FIELDS, Limits
 from .summary import MEMORY_PARAMS
 
 VERSION = "1.0.0"

@@ -10,7 +10,7 @@ from typing import Any, Mapping
 
 from .. import registry
 from ..errors import GentorError, InputError
-from ..loaders.files import safe_name_parts
+from ..loaders.files import first_under_roots, safe_name_parts
 from ..loaders.memory import MemoryOptions
 from .common import RouteError, Services, shown
 
@@ -40,10 +40,9 @@ def resolve_name(services: Services, key: str, name: str) -> Path:
         raise RouteError(400, "name", f"Gentor summary name: outside the model folders (got {shown(name)}, expected "
                                       f"a name relative to models/{key}/, no absolute path or '..'). Pick a name "
                                       "from the loader's list.")
-    for root in roots:
-        cand = root.joinpath(*parts)
-        if cand.exists():
-            return cand.resolve()
+    found = first_under_roots(roots, parts, Path.exists)
+    if found is not None:
+        return found
     raise RouteError(404, "name", f"Gentor summary name: not found (got {shown(name)}, expected a file or folder "
                                   f"inside {', '.join(map(str, roots)) or f'models/{key}/'}). Refresh the node list.")
 

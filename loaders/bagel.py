@@ -8,11 +8,12 @@ Everything is detected from the configs and the weight headers, never from names
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass
 from importlib import import_module
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from ..errors import ModelFolderError
 from .cache import ModelHandle, Session
@@ -37,6 +38,12 @@ KIND_MODEL = "bagel_mot"
 KIND_AE = "flux_ae"
 KIND_TOKENIZER = "qwen2_tokenizer"
 BYTES_PER_PARAM_BF16 = 2
+# Modules a BAGEL checkpoint may carry that the reference never builds (its load_state_dict(strict=False) skips
+# them): SigLIP's attention-pooling head (BAGEL takes the ViT's token features, never a pooled vector).
+UNUSED_PREFIXES = ("vit_model.vision_model.head.",)
+SHOWN = 6  # tensor names quoted in a log line or an error
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -48,6 +55,7 @@ class BagelInfo:
     vit_layers: int
     params: int  # parameters in ema.safetensors
     ae_ch: int
+    skipped: tuple[str, ...] = ()  # tensors of ema.safetensors the model does not use (named in the log)
 
 
 def _modeling():
@@ -127,10 +135,59 @@ def inspect_folder(path: Path) -> BagelInfo:
         raise ModelFolderError(
             f"{BACKEND} {AE}: latent channels do not fit the model (got {ae.z_channels} channels, expected "
             f"{shapes['vae2llm.weight'][1] // 4} for vae2llm). Use the ae.safetensors shipped with this model.")
-    params = sum(math.prod(s) for s in shapes.values())
+    skipped, needed, parts = sort_extra_tensors(shapes, mb.BagelConfig(llm, vit, ae))
+    if needed:
+        raise ModelFolderError(
+            f"{BACKEND} {EMA}: {len(needed)} tensors belong to layers this model runs but have no place in it (got "
+            f"{', '.join(needed[:SHOWN])}, expected only the BAGEL-7B-MoT parameters of those layers). Skipping them "
+            "would change the results: use the ema.safetensors of ByteDance-Seed/BAGEL-7B-MoT, or a model whose "
+            "layers this loader implements.")
+    if skipped:
+        log.warning("BAGEL %s/%s: %d tensors are not used by the model and are skipped, as the reference loader "
+                    "skips them: %s", path.name, EMA, len(skipped),
+                    ", ".join(f"{part} ({n} tensor{'s' if n > 1 else ''})" for part, n in parts.items()))
+    params = sum(math.prod(s) for k, s in shapes.items() if k not in set(skipped))
     variant = "bagel-7b-mot" if (llm.hidden_size, llm.num_layers) == (3584, 28) else \
         f"bagel-mot-{llm.num_layers}x{llm.hidden_size}"
-    return BagelInfo(path, variant, llm.num_layers, llm.hidden_size, vit.num_layers, params, ae.ch)
+    return BagelInfo(path, variant, llm.num_layers, llm.hidden_size, vit.num_layers, params, ae.ch, tuple(skipped))
+
+
+def sort_extra_tensors(keys: Iterable[str], cfg: Any) -> tuple[list[str], list[str], dict[str, int]]:
+    """(skipped, needed, skipped parts): the checkpoint tensors the model has no slot for, split by whether a
+    computation the model runs would use them; the parts are the skipped modules with their tensor counts.
+
+    Skipped, as the reference's ``load_state_dict(strict=False)`` skips them: tensors of parts the model does not
+    build (a top-level module it lacks, ``UNUSED_PREFIXES``), layers beyond the configured depth (the ViT's last
+    layer, which the reference drops), and buffers it computes itself (rotary ``inv_freq``). Needed: a parameter
+    of a layer the model runs, or a sub-layer inside one (e.g. an ``o_proj.bias`` or a router): refused.
+    """
+    import torch  # noqa: PLC0415
+    from torch import nn  # noqa: PLC0415
+
+    with torch.device("meta"):
+        model = _modeling().Bagel(cfg)
+    slots = set(model.state_dict())
+    modules = dict(model.named_modules())
+    skipped: list[str] = []
+    needed: list[str] = []
+    parts_count: dict[str, int] = {}
+    for key in sorted(keys):
+        if key in slots:
+            continue
+        parts = key.split(".")
+        depth = len(parts) - 1
+        while depth > 0 and ".".join(parts[:depth]) not in modules:
+            depth -= 1
+        owner = modules[".".join(parts[:depth])]
+        computed_buffer = depth == len(parts) - 1 and parts[-1] in owner._buffers
+        beyond_depth = isinstance(owner, nn.ModuleList) and parts[depth].isdigit()
+        if depth == 0 or key.startswith(UNUSED_PREFIXES) or computed_buffer or beyond_depth:
+            skipped.append(key)
+            part = key if computed_buffer else ".".join(parts[:depth + 1])
+            parts_count[part] = parts_count.get(part, 0) + 1
+        else:
+            needed.append(key)
+    return skipped, needed, parts_count
 
 
 def _check_sizes(shapes: dict[str, tuple], llm: Any, vit: Any) -> None:
@@ -142,7 +199,8 @@ def _check_sizes(shapes: dict[str, tuple], llm: Any, vit: Any) -> None:
     checks = (
         (LLM_CONFIG, "hidden_size / vocab_size", (llm.vocab_size, llm.hidden_size), tuple(embed)),
         (LLM_CONFIG, "num_hidden_layers", llm.num_layers, layers),
-        (VIT_CONFIG, "num_hidden_layers - 1", vit.num_layers, vit_layers),
+        # the reference builds num_hidden_layers - 1 layers: a file with all of them is fine (the last is skipped)
+        (VIT_CONFIG, "num_hidden_layers - 1", vit.num_layers, vit_layers - (vit_layers == vit.num_layers + 1)),
         (VIT_CONFIG, "patch embedding (Linear form)", (vit.hidden_size, vit.num_channels * vit.patch_size**2),
          tuple(patch)),
     )
@@ -159,7 +217,8 @@ def load_handle(model_name: str, memory: MemoryOptions | None) -> ModelHandle:
     info = inspect_folder(path)
     return ModelHandle(BACKEND_ID, info.variant, (("model", str(path)),), memory or MemoryOptions(),
                        (("layers", str(info.layers)), ("hidden", str(info.hidden)),
-                        ("vit_layers", str(info.vit_layers)), ("params_b", f"{info.params / 1e9:.2f}")))
+                        ("vit_layers", str(info.vit_layers)), ("params_b", f"{info.params / 1e9:.2f}"),
+                        ("skipped_tensors", str(len(info.skipped)))))
 
 
 def parameter_count(path: Path) -> int:
@@ -186,9 +245,13 @@ def load_components(path: Path, cfg: Any, precision: Precision, skip: tuple[str,
     mb = _modeling()
     full = Precision(precision.base, precision.base)  # the autoencoder stays out of FP8 (fp8_exclude)
 
+    header = safetensors_header(path / EMA, BACKEND)
+    unused = set(sort_extra_tensors((k for k in header if k != "__metadata__"), cfg)[0])  # named by inspect_folder
+
     def load_model(prec: Precision | None, source: Any) -> Any:
         return load_module(lambda: mb.Bagel(cfg), prec, skip, files=() if source is not None else (path / EMA,),
-                           source=source, display=BACKEND, component="model")
+                           source=source, rename=lambda k: None if k in unused else k, display=BACKEND,
+                           component="model")
 
     def load_ae(prec: Precision | None, source: Any) -> Any:
         return load_module(lambda: mb.AutoEncoder(cfg.ae), prec, (), files=() if source is not None else (path / AE,),

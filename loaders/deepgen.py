@@ -28,7 +28,8 @@ import torch
 from .. import glue, registry
 from ..errors import InputError, ModelFolderError
 from ..modeling.deepgen import checkpoint as ckpt
-from ..modeling.deepgen.bridge import NUM_STACKED_LAYERS, QUERIES_KEY, BridgeConfig, DeepGenBridge, selected_layers
+from ..modeling.deepgen.bridge import (NUM_STACKED_LAYERS, QUERIES_KEY, BridgeConfig, ConnectorHeadsUnknown,
+                                       DeepGenBridge, selected_layers)
 from ..modeling.deepgen.encode import compute_dtype
 from . import vlm as vlm_loader
 from .adapters import Adapter
@@ -45,6 +46,13 @@ CHECKPOINT_INPUT, DIFFUSION_INPUT, VLM_INPUT = "checkpoint", "diffusion", "vlm"
 SAME_FOLDER = "(checkpoint folder)"  # diffusion dropdown: the folder the checkpoint sits in / the diffusers folder
 DIFFUSION_PARTS = ("transformer", "vae", "scheduler")
 DIT_CLASS = "SD3Transformer2DModel"
+# Tensors every SD3-class DiT has (diffusers names), read from the weights: the transformer is accepted by these,
+# whatever class name its config gives (UniPic2-SD3.5M-Kontext-2B may name SD3Transformer2DKontextModel, the
+# same parameters as SD3Transformer2DModel).
+DIT_TENSORS = ("pos_embed.proj.weight", "context_embedder.weight", "time_text_embed.text_embedder.linear_1.weight",
+               "transformer_blocks.0.attn.add_q_proj.weight", "norm_out.linear.weight", "proj_out.weight")
+DIT_CONFIG_KEYS = ("num_layers", "num_attention_heads", "attention_head_dim", "joint_attention_dim",
+                   "pooled_projection_dim", "in_channels", "patch_size")
 VLM_TYPE = "qwen2_5_vl"
 LORA_ADAPTER = "deepgen_lora"
 # Official SFT LoRA: r 64, alpha 128, dropout 0.05 (training only), every Linear/Embedding of the VLM
@@ -70,6 +78,7 @@ class CheckpointInfo:
     lora_rank: int
     shapes: dict[str, tuple[int, ...]]
     unused: int = 0  # tensors that belong to none of bridge / DiT / LoRA (reported, not loaded)
+    heads_source: str = ""  # where the connector's head count came from
 
 
 # ----------------------------------------------------------------------------- listing / resolving
@@ -140,23 +149,24 @@ def _listing(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))[:MAX_LISTED]
 
 
-def check_own_vlm_files(folder: Path) -> None:
-    """The diffusers form's vlm/ must carry the tokenizer and image-processor files the sampler needs."""
+def own_vlm_tokenizer(folder: Path) -> Path:
+    """Where the diffusers form's tokenizer is: in ``vlm/`` or in the folder's top-level ``tokenizer/`` (the
+    published DeepGen-1.0-diffusers has ``tokenizer/``). DeepGen needs only the tokenizer: its ViT input is
+    preprocessed by its own code, so image-processor files are not required."""
     if not folder.is_dir():
         raise _refuse(VLM_INPUT, f"{folder.parent.name} has no {OWN_VLM}/ folder",
                       f"{_listing(folder.parent)} in {folder.parent.name}/",
                       f"{folder.parent.name}/{OWN_VLM}/ holding DeepGen's Qwen2.5-VL (the diffusers release has it)",
                       "Pick Qwen2.5-VL-3B-Instruct from models/vlm/ as the vlm, or download the release's vlm/ "
                       f"folder into {folder.parent}")
-    have = [f for f in vlm_loader.TOKENIZER_FILES + vlm_loader.IMAGE_PROCESSOR_FILES if (folder / f).is_file()]
-    if not any(f in have for f in vlm_loader.TOKENIZER_FILES) or \
-            not any(f in have for f in vlm_loader.IMAGE_PROCESSOR_FILES):
-        found = have or f"only {_listing(folder)}"
-        raise _refuse(VLM_INPUT, f"{folder.parent.name}/{OWN_VLM} has no tokenizer or image-processor files",
-                      found, "tokenizer.json (or vocab.json) and preprocessor_config.json",
-                      "Add the Qwen2.5-VL tokenizer files to that folder: hf download Qwen/Qwen2.5-VL-3B-Instruct "
-                      "tokenizer.json tokenizer_config.json vocab.json merges.txt preprocessor_config.json "
-                      f"chat_template.json --local-dir {folder}")
+    for cand in (folder, folder.parent / "tokenizer"):
+        if any((cand / f).is_file() for f in vlm_loader.TOKENIZER_FILES):
+            return cand
+    raise _refuse(VLM_INPUT, f"{folder.parent.name} has no tokenizer for its {OWN_VLM}/",
+                  f"no tokenizer.json or vocab.json in {OWN_VLM}/ ({_listing(folder)}) or tokenizer/",
+                  "the Qwen2.5-VL tokenizer files in tokenizer/ (as published) or in vlm/",
+                  "Download the tokenizer/ folder of deepgenteam/DeepGen-1.0-diffusers (vocab.json, merges.txt, "
+                  f"tokenizer_config.json) into {folder.parent / 'tokenizer'}")
 
 
 def resolve_checkpoint(name: str) -> Path:
@@ -208,8 +218,13 @@ def inspect_checkpoint(path: Path) -> CheckpointInfo:
                           "a torch or safetensors checkpoint", "Re-download the checkpoint") from exc
         form, bridge_file = "checkpoint", path
         dit = any(k.startswith(ckpt.TRANSFORMER_PREFIX) for k in shapes)
+    connector = _connector_config(path)
     try:
-        bridge = ckpt.bridge_config(shapes)
+        bridge = ckpt.bridge_config(shapes, connector)
+    except ConnectorHeadsUnknown as exc:
+        raise ModelFolderError(
+            f"{DISPLAY} {CHECKPOINT_INPUT}: {path.name}: {exc}. Add {ckpt.connector_config_file(path)} with the "
+            f"connector's num_attention_heads (the config it was trained with)") from exc
     except KeyError as exc:
         prefixes = sorted({k.split(".")[0] for k in shapes})[:6]
         raise _refuse(CHECKPOINT_INPUT, f"{path.name} is not a DeepGen checkpoint", f"tensors under {prefixes}",
@@ -225,7 +240,19 @@ def inspect_checkpoint(path: Path) -> CheckpointInfo:
         # Not used by inference (the official state_dict() keeps only these parts); said, not silently dropped.
         log.warning("DeepGen checkpoint %s: %d tensors are not used (e.g. %s)", path.name, len(unknown),
                     ", ".join(sorted(unknown)[:4]))
-    return CheckpointInfo(form, path, bridge_file, bridge, dit, ckpt.lora_rank(shapes), shapes, len(unknown))
+    heads_source = "connector config" if connector and connector.get("num_attention_heads") is not None else \
+        "the official DeepGen 1.0 config"
+    return CheckpointInfo(form, path, bridge_file, bridge, dit, ckpt.lora_rank(shapes), shapes, len(unknown),
+                          heads_source)
+
+
+def _connector_config(path: Path) -> dict | None:
+    """The connector config beside a checkpoint / in a diffusers folder (``connector/config.json``), if any."""
+    file = ckpt.connector_config_file(path)
+    if not file.is_file():
+        return None
+    config = read_json(file, DISPLAY, "connector config")
+    return config.get("connector", config) if isinstance(config.get("connector"), dict) else config
 
 
 def inspect_diffusion(folder: Path, info: CheckpointInfo) -> dict:
@@ -236,9 +263,7 @@ def inspect_diffusion(folder: Path, info: CheckpointInfo) -> dict:
                           sorted(p.name for p in folder.iterdir() if p.is_dir()), "transformer/, vae/, scheduler/",
                           "Download the complete UniPic2-SD3.5M-Kontext-2B (or SD3.5-Medium) folder")
     config = read_json(folder / "transformer" / "config.json", DISPLAY, "transformer config")
-    if config.get("_class_name") != DIT_CLASS:
-        raise _refuse(DIFFUSION_INPUT, "the transformer is not an SD3 DiT", config.get("_class_name"), DIT_CLASS,
-                      "Pick an SD3.5-Medium-class diffusion folder")
+    _check_dit(folder, config, info)
     read_json(folder / "vae" / "config.json", DISPLAY, "vae config")
     read_json(folder / "scheduler" / "scheduler_config.json", DISPLAY, "scheduler config")
     joint, pooled = int(config.get("joint_attention_dim", 0)), int(config.get("pooled_projection_dim", 0))
@@ -258,6 +283,47 @@ def inspect_diffusion(folder: Path, info: CheckpointInfo) -> dict:
                           f"{config['num_layers']} blocks, ({inner}, {pooled})",
                           "Use the diffusion folder that belongs to this checkpoint")
     return config
+
+
+def _dit_shapes(folder: Path, info: CheckpointInfo) -> tuple[dict[str, tuple[int, ...]], str]:
+    """Shapes of the DiT weights that will be loaded: the checkpoint's ``transformer.*`` or the folder's files."""
+    if info.dit_in_checkpoint:
+        n = len(ckpt.TRANSFORMER_PREFIX)
+        return {k[n:]: v for k, v in info.shapes.items() if k.startswith(ckpt.TRANSFORMER_PREFIX)}, info.path.name
+    from .streaming import component_files  # noqa: PLC0415
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in component_files(folder / "transformer", DISPLAY, "transformer"):
+        shapes.update(ckpt.safetensors_shapes(Path(file)))
+    return shapes, f"{folder.name}/transformer"
+
+
+def _check_dit(folder: Path, config: dict, info: CheckpointInfo) -> None:
+    """The transformer is an SD3-class DiT by its tensors and its config's SD3 parameters, not by class name."""
+    cls = config.get("_class_name")
+    missing_cfg = [k for k in DIT_CONFIG_KEYS if k not in config]
+    if missing_cfg:
+        raise _refuse(DIFFUSION_INPUT, f"the transformer config is not an SD3 DiT's ({cls})",
+                      f"no {', '.join(missing_cfg)}", "the SD3Transformer2DModel parameters",
+                      "Pick an SD3.5-Medium-class diffusion folder (UniPic2-SD3.5M-Kontext-2B)")
+    shapes, where = _dit_shapes(folder, info)
+    absent = [k for k in DIT_TENSORS if k not in shapes]
+    if absent:
+        found = sorted({k.split(".")[0] for k in shapes})[:6]
+        raise _refuse(DIFFUSION_INPUT, f"the transformer weights in {where} are not an SD3 DiT's ({cls})",
+                      f"no {absent[0]} (tensors under {found})", ", ".join(DIT_TENSORS[:3]) + " ...",
+                      "Pick an SD3.5-Medium-class diffusion folder (UniPic2-SD3.5M-Kontext-2B)")
+    inner = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
+    layers = len({k.split(".")[1] for k in shapes if k.startswith("transformer_blocks.")})
+    got = (tuple(shapes["context_embedder.weight"]), layers)
+    want = ((inner, int(config["joint_attention_dim"])), int(config["num_layers"]))
+    if got != want:
+        raise _refuse(DIFFUSION_INPUT, f"the transformer weights in {where} do not match its config",
+                      f"context_embedder {got[0]}, {got[1]} blocks", f"{want[0]}, {want[1]} blocks",
+                      "Use the config.json shipped with these transformer weights")
+    if cls != DIT_CLASS:
+        log.info("DeepGen: %s/transformer names %s; accepted as an SD3 DiT by its tensors and parameters",
+                 folder.name, cls)
 
 
 def check_vlm(vlm_info: Any, bridge: BridgeConfig) -> None:
@@ -289,9 +355,10 @@ def load_handle(checkpoint: str, diffusion: str, vlm: str, memory: MemoryOptions
         folder = resolve_model_folder(DISPLAY, DIFFUSION_INPUT, diffusion, FOLDER_KEYS)
     config = inspect_diffusion(folder, info)
     vlm_folder, own = resolve_vlm(vlm)
-    if own:
-        check_own_vlm_files(vlm_folder)
-    vlm_info = vlm_loader.inspect_folder(vlm_folder)
+    # DeepGen reads only the VLM's weights, config and tokenizer (not its image-processor files).
+    has_tokenizer = any((vlm_folder / f).is_file() for f in vlm_loader.TOKENIZER_FILES)
+    vlm_info = vlm_loader.inspect_folder(vlm_folder, own_vlm_tokenizer(vlm_folder) if own else
+                                         vlm_folder if has_tokenizer else None)
     check_vlm(vlm_info, info.bridge)
     if own and info.lora_rank:
         # The diffusers vlm/ already holds the LoRA: applying the checkpoint's copy too would add it twice.
@@ -315,7 +382,8 @@ def load_handle(checkpoint: str, diffusion: str, vlm: str, memory: MemoryOptions
     return ModelHandle(BACKEND, "deepgen-1.0" + ("-diffusers" if info.form == "diffusers" else ""), tuple(paths),
                        memory or MemoryOptions(), (
                            ("form", info.form), ("queries", str(b.num_queries)),
-                           ("connector", f"{b.hidden}x{b.num_layers}"), ("lora_rank", str(info.lora_rank)),
+                           ("connector", f"{b.hidden}x{b.num_layers}"), ("connector_heads", str(b.num_heads)),
+                           ("heads_from", info.heads_source), ("lora_rank", str(info.lora_rank)),
                            ("dit_layers", str(config["num_layers"])), ("vlm", vlm_info.variant),
                            ("vlm_source", vlm_source),
                            ("dit", "checkpoint" if info.dit_in_checkpoint else "folder"),
@@ -381,10 +449,11 @@ def load_components(handle: ModelHandle, plan: Plan, session: Session) -> dict[s
     full = Precision(precision.base, precision.base)
     skip = tuple(spec.fp8_skip) if precision.cast else ()
     shapes = ckpt.safetensors_shapes(bridge_file) if bridge_file.suffix == ckpt.SAFETENSORS_SUFFIX else None
-    config = ckpt.bridge_config(shapes) if shapes is not None else None
+    heads = {"num_attention_heads": int(info["connector_heads"])}  # resolved by inspect_checkpoint
+    config = ckpt.bridge_config(shapes, heads) if shapes is not None else None
 
     def bridge_build() -> torch.nn.Module:
-        return DeepGenBridge(config or ckpt.bridge_config(ckpt.read_shapes(bridge_file)))
+        return DeepGenBridge(config or ckpt.bridge_config(ckpt.read_shapes(bridge_file), heads))
 
     def pick_bridge(key: str) -> str | None:
         return key if ckpt.is_bridge_key(key) else None

@@ -5,7 +5,7 @@ import json
 import re
 import struct
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 from .. import glue
 from ..errors import InputError, ModelFolderError
@@ -22,16 +22,17 @@ def list_model_folders(folder_keys: tuple[str, ...], accept: Callable[[Path], bo
     searched two levels deep so ``org/model`` layouts work.
     """
     seen: dict[str, Path] = {}
-    for key in folder_keys:
-        for root in glue.model_roots(key):
-            base = Path(root)
-            if not base.is_dir():
-                continue
-            for cand in sorted(list(base.glob("*/")) + list(base.glob("*/*/"))):
-                if cand.is_dir() and accept(cand):
-                    name = cand.relative_to(base).as_posix()
-                    seen.setdefault(name, cand)
+    for base in existing_roots(folder_keys):
+        for cand in sorted(list(base.glob("*/")) + list(base.glob("*/*/"))):
+            if cand.is_dir() and accept(cand):
+                name = cand.relative_to(base).as_posix()
+                seen.setdefault(name, cand)
     return sorted(seen)
+
+
+def existing_roots(folder_keys: Iterable[str]) -> list[Path]:
+    """The registered roots of ``folder_keys`` that exist as folders, in registration order (first wins)."""
+    return [Path(root) for key in folder_keys for root in glue.model_roots(key) if Path(root).is_dir()]
 
 
 def resolve_model_folder(backend: str, input_name: str, name: str, folder_keys: tuple[str, ...]) -> Path:
@@ -51,16 +52,25 @@ def resolve_model_folder(backend: str, input_name: str, name: str, folder_keys: 
             f"empty part, expected a name relative to models/{folder_keys[0]}/ such as "
             f"{list_model_names_hint(roots)}). Pick a model from the dropdown; paths outside the model "
             "folders are refused.")
-    for root in roots:
-        # The NAME is confined (checked above); what it points at is the user's choice: a folder that is
-        # a symlink inside a registered root (models kept on another disk) is followed.
-        cand = root.joinpath(*parts)
-        if cand.is_dir():
-            return cand.resolve()
+    # The NAME is confined (checked above); what it points at is the user's choice: a folder that is
+    # a symlink inside a registered root (models kept on another disk) is followed.
+    found = first_under_roots(roots, parts, Path.is_dir)
+    if found is not None:
+        return found
     raise InputError(
         f"{backend} {input_name}: {name!r} is not a folder inside the registered model folders "
         f"(got {name!r}, expected one of {list_model_names_hint(roots)} under {', '.join(map(str, roots))}). "
         "Pick a model from the dropdown; paths outside the model folders are refused.")
+
+
+def first_under_roots(roots: Iterable[Path], parts: tuple[str, ...], accept: Callable[[Path], bool]) -> Path | None:
+    """``root/parts`` in the first root where ``accept`` takes it, resolved (a symlink is followed); None if none.
+    ``parts`` must come from ``safe_name_parts``, so the name itself cannot leave its root."""
+    for root in roots:
+        cand = Path(root).joinpath(*parts)
+        if accept(cand):
+            return cand.resolve()
+    return None
 
 
 def safe_name_parts(name: str) -> tuple[str, ...] | None:

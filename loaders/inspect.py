@@ -1,7 +1,7 @@
 """Model inspection: which model a folder holds and what it will cost to run — without loading weights.
 
-The backend and the variant are detected by each backend's loader (``loaders.<id>.identify``, from layouts
-and configs, never from folder names); the components' parameters, dtypes and bytes come from the weight
+The backend and the variant come from loaders/identify.py (each backend's loader answers for its own
+layout, from files, never folder names); the components' parameters, dtypes and bytes come from the weight
 headers (loaders/headers.py); the memory and work numbers from loaders/estimates.py.
 
 ``inspect_path`` / ``inspect_handle`` return a ``ModelReport``; ``format_report`` / ``inspect_text`` are
@@ -16,9 +16,8 @@ import torch
 from .. import registry
 from ..errors import ModelFolderError
 from .estimates import Estimate, estimate, estimates, human_bytes, human_count, human_flops
-from .identify import identify
 from .headers import ModelReport, dims_from_config, read_component, safetensors_files, weight_files
-
+from .identify import identify
 
 
 # ----------------------------------------------------------------------------- reports

@@ -35,7 +35,7 @@ from .. import glue
 from ..errors import InputError, ModelFolderError
 from .adapters import Adapter, adding_named_adapter
 from .cache import ModelHandle, file_identity
-from .files import safe_name_parts, safetensors_header
+from .files import existing_roots, safe_name_parts, safetensors_header
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +83,7 @@ class LoraRef:
 def list_loras() -> list[str]:
     """LoRA files under every registered ``loras`` root ('/'-separated names; the first root wins)."""
     seen: dict[str, Path] = {}
-    for root in glue.model_roots(FOLDER_KEY):
-        base = Path(root)
-        if not base.is_dir():
-            continue
+    for base in existing_roots((FOLDER_KEY,)):
         for f in sorted(base.rglob("*")):
             if f.is_file() and f.suffix.lower() in EXTENSIONS:
                 seen.setdefault(f.relative_to(base).as_posix(), f)

@@ -228,9 +228,9 @@ def _file_loader(build, header: FileHeader, wfmt: WeightFormat, rename, componen
             return streaming.load_module(build, prec, skip, source=lora_files.base_view(source), display=BACKEND,
                                          component=component)
         prepare = stored_form_preparer(header, wfmt, prec.base) if wfmt.keeps_stored_form else None
-        kwargs = {"tensors": GGUFTensors(header)} if wfmt.gguf else {"files": (header.path,)}
+        source_kw = {"tensors": GGUFTensors(header)} if wfmt.gguf else {"files": (header.path,)}
         return streaming.load_module(build, prec, skip, rename=rename, display=BACKEND, component=component,
-                                     prepare=prepare, **kwargs)
+                                     prepare=prepare, **source_kw)
     return load
 
 

@@ -212,8 +212,11 @@ def identify(path: Path) -> str | None:
     return variant_of(path, looks_like_vlm, lambda p: inspect_folder(p).variant, "(incomplete Qwen-VL folder)")
 
 
-def inspect_folder(folder: Path) -> VlmInfo:
-    """Validate a Qwen-VL folder and detect its architecture and size; errors say what was found."""
+def inspect_folder(folder: Path, tokenizer_dir: Path | None = None) -> VlmInfo:
+    """Validate a Qwen-VL folder and detect its architecture and size; errors say what was found.
+
+    ``tokenizer_dir``: where the caller found the tokenizer (a user that needs no image processor, e.g. DeepGen,
+    whose vision input is preprocessed by its own code); the folder's processor files are then optional."""
     if not folder.is_dir():
         raise _not_vlm(folder, "no folder")
     if not (folder / "config.json").is_file():
@@ -240,7 +243,10 @@ def inspect_folder(folder: Path) -> VlmInfo:
             f"{DISPLAY} weights: no vision tower (got only language-model weights, expected visual.* tensors). This is "
             "a text-only checkpoint: download the full Qwen-VL Instruct folder.")
     in_pipeline = folder.name == TEXT_ENCODER and (folder.parent / "model_index.json").is_file()
-    processor_dir, tokenizer_dir = _companions(folder, in_pipeline)
+    if tokenizer_dir is None:
+        processor_dir, tokenizer_dir = _companions(folder, in_pipeline)
+    else:
+        processor_dir = folder if any((folder / f).is_file() for f in IMAGE_PROCESSOR_FILES) else None
     chat = any((d / f).is_file() for d in {processor_dir or folder, tokenizer_dir} for f in CHAT_TEMPLATE_FILES) or \
         _tokenizer_has_template(tokenizer_dir)
     return VlmInfo(model_type, arch, _variant(model_type, arch, hidden, layers, params), params, hidden, layers,

@@ -101,7 +101,7 @@ def checked(node: type[io.ComfyNode]) -> type[io.ComfyNode]:
 
     One wrapper for every node, applied where the pack lists its nodes, so no node can forget it and each
     node's ``execute`` stays wiring only."""
-    if getattr(node, "_gentor_checked", False):
+    if node.__dict__.get("_gentor_checked"):  # this class itself (a subclass has its own schema to check)
         return node
     schema = node.define_schema()
     fields, display = input_fields(schema), schema.display_name or schema.node_id

@@ -4,7 +4,6 @@ from __future__ import annotations
 from comfy_api.v0_0_2 import io
 
 from ..loaders.memory import COMPUTE_DTYPES, OFFLOAD_MODES, WEIGHT_DTYPES, MemoryOptions
-from ..samplers.common import check_number
 from .common import CATEGORY, GentorMemory
 
 MAX_BUDGET_GB = 1024.0
@@ -34,5 +33,5 @@ class GentorMemoryOptions(io.ComfyNode):
 
     @classmethod
     def execute(cls, weight_dtype, compute_dtype, offload, vram_budget_gb) -> io.NodeOutput:
-        budget = check_number(vram_budget_gb, "vram_budget_gb", "Gentor Memory Options", 0.0, MAX_BUDGET_GB)
-        return io.NodeOutput(MemoryOptions(weight_dtype, compute_dtype, offload, float(budget)))
+        # vram_budget_gb is checked (finite, in range) by the shared input check (nodes/common.checked).
+        return io.NodeOutput(MemoryOptions(weight_dtype, compute_dtype, offload, float(vram_budget_gb)))

@@ -5,17 +5,21 @@ import torch
 from comfy_api.v0_0_2 import io, ui
 
 from .. import registry
-from ..samplers.common import Request, check_number, collect_references, library_errors
-from .common import (CATEGORY, EDIT_IMAGE_INPUTS, MAX_BATCH, MAX_CFG, common_inputs, settings_input, speed_input,
+from ..samplers.common import Request, collect_references, library_errors
+from .common import (CATEGORY, EDIT_IMAGE_INPUTS, MAX_BATCH, common_inputs, settings_input, speed_input,
                      task_outputs)
 
 T2I_DISPLAY = "Gentor Text to Image"
 EDIT_DISPLAY = "Gentor Edit Image"
 
 
+def reference_limits() -> str:
+    """'Qwen-Image 10, DeepGen 4, …': the most references each registered backend takes (its largest model's)."""
+    return ", ".join(f"{b.display_name} {b.max_references}" for b in registry.BACKENDS if b.max_references)
+
+
 def _run(task: str, display: str, model, images: list, **kw) -> io.NodeOutput:
     spec = registry.get(model.backend)
-    check_number(kw["cfg"], "cfg", f"{spec.display_name} ({display})", 0.0, MAX_CFG)
     request = Request(images=images, **kw)
     # Weights are read lazily by the sampler: a file-system / tokenizer / PIL failure names the model input.
     with library_errors(spec.display_name, "model", "readable model files",
@@ -53,7 +57,9 @@ class GentorEditImage(io.ComfyNode):
         images = [io.Image.Input(f"image_{i}", optional=True,
                                  tooltip=f"Reference image {i} ('Picture {i}' in the instruction), one image per "
                                          "input. Sizes may differ; RGBA is composited on white, grayscale "
-                                         "expanded.")
+                                         f"expanded. At most: {reference_limits()} (a model that takes fewer, "
+                                         "e.g. single-image Qwen-Image-Edit, names its own limit). The editor "
+                                         "shows the connected inputs and one free one.")
                   for i in range(1, EDIT_IMAGE_INPUTS + 1)]
         return io.Schema(
             node_id="GentorEditImage", display_name=EDIT_DISPLAY, category=CATEGORY,

@@ -7,7 +7,7 @@ from ..loaders import estimates, inspect as inspection
 from ..loaders import vlm as loader
 from ..samplers import vlm as sampler
 from ..samplers import vlm_prompts as prompts
-from ..samplers.common import Request, check_number, collect_references, library_errors
+from ..samplers.common import Request, collect_references, library_errors
 from .common import CATEGORY, EDIT_IMAGE_INPUTS, MAX_SEED, GentorMemory, GentorModel
 
 SUBCATEGORY = f"{CATEGORY}/Qwen-VL"
@@ -83,8 +83,6 @@ class GentorEnhancePrompt(io.ComfyNode):
     @classmethod
     def execute(cls, model, prompt, preset, language, system_prompt, max_new_tokens, seed, sampling, temperature,
                 top_p, max_image_pixels, **images) -> io.NodeOutput:
-        check_number(temperature, "temperature", ENHANCE_DISPLAY, 0.01, 2.0)
-        check_number(top_p, "top_p", ENHANCE_DISPLAY, 0.01, 1.0)
         refs = collect_references([(f"image_{i}", images.get(f"image_{i}")) for i in range(1, EDIT_IMAGE_INPUTS + 1)],
                                   ENHANCE_DISPLAY, EDIT_IMAGE_INPUTS)
         settings = sampler.make_settings(preset, language, system_prompt, sampling, temperature, top_p,

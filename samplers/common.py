@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from ..errors import GenerationError, GentorError, InputError
+from .prompt_text import check_text
 
 SIZE_STEP = 16
 WHITE = (255, 255, 255)
@@ -185,8 +186,6 @@ def check_inputs(display: str, fields: list[InputField], values: dict[str, Any])
         if item.kind in ("float", "int"):
             check_number(value, item.name, display, item.minimum, item.maximum)
         elif item.kind == "text":
-            from .prompt_text import check_text  # noqa: PLC0415 - prompt_text imports this module
-
             check_text(value, item.name, display)
         elif item.kind == "socket" and item.expected is not None and not isinstance(value, item.expected):
             raise InputError(f"{display} {item.name}: not the kind of value this socket takes (got "

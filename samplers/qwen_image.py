@@ -27,8 +27,8 @@ from . import qwen_image_vae as vae_tiling
 from .common import Request, Result, check_aspect, check_settings, chw_to_image, latent_preview, round_size, to_rgb
 from .prompt_text import pipeline_texts
 from .qwen_image_job import (DEFAULT_MAX_SEQUENCE_LENGTH, DEFAULT_PREVIEW_EVERY, DISPLAY, Generation, OnStep, Pairs,
-                             QwenImageEngine, QwenJob, check_steps, execute, make_settings, negative_of, require_image,
-                             summary_pairs, transformer_bytes)
+                             QwenImageEngine, QwenJob, check_steps, diffusers_callback, execute, make_settings,
+                             negative_of, require_image, summary_pairs, transformer_bytes)
 
 DEFAULT_STEPS = {"t2i": 50, "edit": 50, "edit_plus": 40}
 DEFAULT_TRUE_CFG = 4.0
@@ -207,14 +207,7 @@ class DiffusersEngine:
 
     def generate(self, job: Job1x, on_step: OnStep) -> torch.Tensor:
         pipe = self.pipe
-
-        def callback(_pipe: Any, i: int, _t: Any, kwargs: dict) -> dict:
-            preview = None
-            if job.preview_every > 0 and (i + 1) % job.preview_every == 0 and i + 1 < job.steps:
-                preview = self._preview(kwargs["latents"], job)
-            on_step(i + 1, preview)
-            return {}
-
+        callback = diffusers_callback(job, on_step, lambda _pipe, latents: self._preview(latents, job))
         prompt, negative = pipeline_texts(pipe, job.prompt, job.negative)
         args: dict[str, Any] = dict(
             prompt=prompt, negative_prompt=negative, true_cfg_scale=job.true_cfg,

@@ -30,7 +30,8 @@ from . import qwen_image_vae as vae_tiling
 from .common import Request, check_settings, round_size, to_rgb
 from .prompt_text import pipeline_texts
 from .qwen_image_job import (DEFAULT_PREVIEW_EVERY, DISPLAY, Generation, OnStep, Pairs, QwenImageEngine, QwenJob,
-                             check_steps, make_settings, negative_of, require_image, summary_pairs, transformer_bytes)
+                             check_steps, diffusers_callback, make_settings, negative_of, require_image, summary_pairs,
+                             transformer_bytes)
 from .vae_preview import decode_preview
 
 DEFAULT_STEPS = 40
@@ -162,15 +163,12 @@ class Engine21:
         return []
 
     def generate(self, job: Job21, on_step: OnStep) -> torch.Tensor:
-        def callback(pipe: Any, i: int, _t: Any, kwargs: dict) -> dict:
-            preview = None
-            if job.preview_every > 0 and (i + 1) % job.preview_every == 0 and i + 1 < job.steps:
-                # No published RGB map for the 64-channel latent: a small decode by the model's own VAE.
-                preview = decode_preview(pipe.vae, pipe._unpack_latents(kwargs["latents"][:1], job.height, job.width,
-                                                                        pipe.vae_scale_factor))
-            on_step(i + 1, preview)
-            return {}
+        def preview(pipe: Any, latents: torch.Tensor) -> Image.Image:
+            # No published RGB map for the 64-channel latent: a small decode by the model's own VAE.
+            return decode_preview(pipe.vae, pipe._unpack_latents(latents[:1], job.height, job.width,
+                                                                 pipe.vae_scale_factor))
 
+        callback = diffusers_callback(job, on_step, preview)
         prompt, negative = pipeline_texts(self.pipe, job.prompt, job.negative)
         # References the vision processor would resize again get a resize area inside its pixel range.
         resolution = fit_resolution(job.resolution, self.processor) if job.images else job.resolution

@@ -28,6 +28,8 @@ from ..loaders import qwen_image_diffsynth as views
 from ..loaders.memory import Plan
 from .common import chw_to_image, latent_preview
 from .prompt_text import pipeline_texts
+from .qwen_image_job import OnStep, wants_preview
+from .vae_preview import decode_preview
 
 LATENT_CHANNELS = 16
 VAE_SCALE = 8
@@ -161,6 +163,16 @@ def run_images(pipe: Any, noise: torch.Tensor, args: dict,
     return torch.cat(images)
 
 
+def job_args(pipe: Any, job: Any) -> dict[str, Any]:
+    """The arguments both DiffSynth pipelines take from a job (prompts as text, never control tokens)."""
+    prompt, negative = pipeline_texts(pipe, job.prompt, job.negative)
+    return dict(prompt=prompt, negative_prompt=negative,
+                # diffusers runs true CFG only above 1; DiffSynth whenever the scale is not 1.
+                cfg_scale=job.true_cfg if job.true_cfg > NO_CFG else NO_CFG,
+                height=job.height, width=job.width, seed=job.seed, num_inference_steps=job.steps,
+                tiled=job.tiled_vae, progress_bar_cmd=_quiet)
+
+
 def engine_notes(setup: views.VramSetup, lora_layers: int) -> list[str]:
     out = [f"DiffSynth VRAM management: {setup.describe}"]
     if lora_layers:
@@ -205,15 +217,9 @@ class DiffSynthEngine:
     def notes(self) -> list[str]:
         return engine_notes(self.setup, self.lora_layers)
 
-    def generate(self, job: Any, on_step: Callable[[int, Image.Image | None], None]) -> torch.Tensor:
+    def generate(self, job: Any, on_step: OnStep) -> torch.Tensor:
         noise = draw_noise(job, LATENT_CHANNELS, VAE_SCALE, self.plan.compute)
-        prompt, negative = pipeline_texts(self.pipe, job.prompt, job.negative)
-        args: dict[str, Any] = dict(
-            prompt=prompt, negative_prompt=negative,
-            # diffusers runs true CFG only above 1; DiffSynth whenever the scale is not 1.
-            cfg_scale=job.true_cfg if job.true_cfg > NO_CFG else NO_CFG,
-            height=job.height, width=job.width, seed=job.seed, num_inference_steps=job.steps,
-            tiled=job.tiled_vae, progress_bar_cmd=_quiet)
+        args = job_args(self.pipe, job)
         if job.task != "t2i":
             args.update(edit_image=job.images[0] if job.task == "edit" else list(job.images),
                         edit_image_auto_resize=True, zero_cond_t=self.zero_cond_t)
@@ -221,12 +227,9 @@ class DiffSynthEngine:
         return chw_to_image(run_images(self.pipe, noise, args,
                                        lambda index: functools.partial(self._tick, job, on_step, index * job.steps)))
 
-    def _tick(self, job: Any, on_step: Callable[[int, Image.Image | None], None], offset: int, done: int,
+    def _tick(self, job: Any, on_step: OnStep, offset: int, done: int,
               latents: torch.Tensor) -> None:
-        preview = None
-        if job.preview_every > 0 and done % job.preview_every == 0 and done < job.steps:
-            preview = self.preview(latents[0])
-        on_step(offset + done, preview)
+        on_step(offset + done, self.preview(latents[0]) if wants_preview(job, done) else None)
 
 
 class DiffSynthEngine21:
@@ -253,6 +256,7 @@ class DiffSynthEngine21:
         pipe.vram_management_enabled = True
         self.lora_layers = views.copy_loras(transformer, pipe.dit)
         self.pipe = pipe
+        self.preview_vae = components["vae"].value  # the same weights in diffusers' class: decode_preview reads it
 
     def total_steps(self, job: Any) -> int:
         return job.steps * job.batch_size  # one image per call
@@ -260,21 +264,23 @@ class DiffSynthEngine21:
     def notes(self) -> list[str]:
         return engine_notes(self.setup, self.lora_layers) + ([self.schedule_note] if self.schedule_note else [])
 
-    def generate(self, job: Any, on_step: Callable[[int, Image.Image | None], None]) -> torch.Tensor:
+    def generate(self, job: Any, on_step: OnStep) -> torch.Tensor:
         """[B, 4, H, W] in 0..1 (RGBA, as the diffusers engine returns it)."""
         noise = draw_noise(job, LATENT21_CHANNELS, VAE21_SCALE, self.plan.compute)
-        prompt, negative = pipeline_texts(self.pipe, job.prompt, job.negative)
-        args: dict[str, Any] = dict(
-            prompt=prompt, negative_prompt=negative,
-            cfg_scale=job.true_cfg if job.true_cfg > NO_CFG else NO_CFG,
-            edit_image=list(job.images) or None, height=job.height, width=job.width, seed=job.seed,
-            # The folder's own grid (steps = 0) is passed on, which DiffSynth samples unshifted; an explicit
-            # step count gets DiffSynth's own schedule (the plain grid the job carries then is diffusers' input).
-            num_inference_steps=job.steps, sigmas=job.sigmas if job.sigmas == self.sample_sigmas else None,
-            use_kv_cache=self.kv_cache, tiled=job.tiled_vae,
-            progress_bar_cmd=_quiet)
-        return run_images(self.pipe, noise, args,
-                          lambda index: lambda done, _latents: on_step(index * job.steps + done, None))
+        args = job_args(self.pipe, job)
+        # The folder's own grid (steps = 0) is passed on, which DiffSynth samples unshifted; an explicit step
+        # count gets DiffSynth's own schedule (the plain grid the job carries then is diffusers' input).
+        args.update(edit_image=list(job.images) or None, use_kv_cache=self.kv_cache,
+                    sigmas=job.sigmas if job.sigmas == self.sample_sigmas else None)
+
+        def ticker(index: int) -> Callable[[int, torch.Tensor], None]:
+            def tick(done: int, latents: torch.Tensor) -> None:
+                # The same latent space as the diffusers engine: the cached VAE decodes a small preview.
+                preview = decode_preview(self.preview_vae, latents) if wants_preview(job, done) else None
+                on_step(index * job.steps + done, preview)
+            return tick
+
+        return run_images(self.pipe, noise, args, ticker)
 
 
 def schedule_note(config: dict) -> str | None:

@@ -138,6 +138,20 @@ def transformer_bytes(tokens: int, inner: int, itemsize: int, job: QwenJob) -> i
     return tokens * inner * itemsize * TOKEN_ACTIVATION_FACTOR * job.batch_size * cfg_mult
 
 
+def wants_preview(job: QwenJob, done: int) -> bool:
+    """A preview after step ``done`` (1-based): every ``preview_every`` steps, never after the last."""
+    return job.preview_every > 0 and done % job.preview_every == 0 and done < job.steps
+
+
+def diffusers_callback(job: QwenJob, on_step: OnStep,
+                       preview: Callable[[Any, torch.Tensor], Image.Image]) -> Callable[..., dict]:
+    """diffusers' ``callback_on_step_end``: progress after every step, ``preview(pipe, latents)`` when due."""
+    def callback(pipe: Any, i: int, _t: Any, kwargs: dict) -> dict:
+        on_step(i + 1, preview(pipe, kwargs["latents"]) if wants_preview(job, i + 1) else None)
+        return {}
+    return callback
+
+
 def choose_engine(handle: ModelHandle, handle_task: str) -> tuple[str, list[str]]:
     """The engine the handle asks for, checked: DiffSynth installed (else the pip command), the model and job
     supported (else an error, or diffusers when the user allowed a fallback)."""

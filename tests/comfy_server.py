@@ -204,7 +204,8 @@ class ComfyServer:
     def __init__(self, comfy_dir: Path | str, base_dir: Path | str, models_dir: Path | str | None = None,
                  input_images: Iterable[Path] = (), env: dict[str, str] | None = None, link_pack: bool = True,
                  extra_args: tuple[str, ...] = (), cpus: str | None = None,
-                 start_timeout: float = START_TIMEOUT_S, extra_model_paths: str | None = None) -> None:
+                 start_timeout: float = START_TIMEOUT_S, extra_model_paths: str | None = None,
+                 cpu: bool = True) -> None:
         self.comfy_dir = Path(comfy_dir).resolve()
         self.checkout = Path(base_dir) / CHECKOUT_VIEW
         self.extra_model_paths = extra_model_paths  # the yaml's text; None: every folder key under models_dir
@@ -218,7 +219,8 @@ class ComfyServer:
         self.log_path = self.base_dir / "comfyui.log"
         self.client_id = uuid.uuid4().hex
         self.env = {**os.environ, **OFFLINE, **QUIET_THREADS, "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.cmd = [self.python, ENTRY_SCRIPT, "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+        device = ("--cpu",) if cpu else ()  # cpu=False: ComfyUI picks the GPU (GPU benchmarks)
+        self.cmd = [self.python, ENTRY_SCRIPT, *device, "--listen", "127.0.0.1", "--port", str(self.port),
                     "--disable-auto-launch", "--base-directory", str(self.base_dir),
                     "--extra-model-paths-config", str(self.base_dir / "extra_model_paths.yaml"),
                     # ComfyUI's default database is the checkout's user/comfyui.db (absent in a fresh clone)

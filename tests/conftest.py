@@ -20,6 +20,17 @@ from tests.tiny_common import import_pack  # noqa: E402 - needs ROOT on sys.path
 import_pack()  # the checkout folder may be named "comfyui-gentor" (not importable): load it as ``gentor``
 
 
+@pytest.fixture(scope="module", autouse=True)
+def module_starts_with_empty_cache():
+    """Every test module starts with an empty model cache. The cache is process-wide and counts entries per
+    architecture, so a module that left Qwen-Image's text encoder (kind qwen2_5_vl) loaded made the next
+    module's "one VLM copy" checks see two copies, depending on the order the files ran in."""
+    from gentor.loaders.cache import CACHE
+
+    CACHE.unload()
+    yield
+
+
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A models folder with every backend's tiny models (tests.tiny_models.write_all; once per session)."""

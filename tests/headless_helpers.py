@@ -76,6 +76,17 @@ def blend_workflow(prefix: str = "blend") -> dict[str, Any]:
             "13": {"class_type": "SaveImage", "inputs": {"images": ["12", 0], "filename_prefix": prefix}}}
 
 
+def write_csv_rows(path: Path, rows: list[dict[str, Any]]) -> Path:
+    """A dataset file: a header row from the first row's keys, then the rows."""
+    import csv  # noqa: PLC0415
+
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
 def png_bytes(width: int = 2, height: int = 2, rgb: tuple[int, int, int] = (200, 30, 30)) -> bytes:
     """A small valid RGB PNG (stdlib zlib), for datasets that real ComfyUI must load."""
     import zlib

@@ -254,6 +254,59 @@ def test_config_that_does_not_match_the_weights(folder, tmp_path):
         loader.load_handle("bad", None)
 
 
+def _with_extra_tensors(folder: Path, tmp_path: Path, name: str, extra: dict) -> str:
+    """A copy of the tiny folder whose ema.safetensors also holds ``extra``; returns its dropdown name."""
+    from safetensors.torch import load_file, save_file
+
+    copy = tmp_path / "bagel" / name
+    shutil.copytree(folder, copy)
+    state = load_file(str(folder / "ema.safetensors"))
+    save_file({**state, **extra}, str(copy / "ema.safetensors"))
+    glue.set_fallback_roots("bagel", [copy.parent])
+    return name
+
+
+def test_tensors_the_reference_skips_are_named_and_skipped(folder, tmp_path, caplog):
+    """The ViT's last layer (the reference builds num_hidden_layers - 1), SigLIP's pooling head, a training
+    counter and a rotary inv_freq buffer: loaded as the reference loads them (skipped), named in the log, and the
+    image is the clean folder's."""
+    from safetensors.torch import load_file
+
+    clean = t2i().image
+    state = load_file(str(folder / "ema.safetensors"))
+    vit = json.loads((folder / "vit_config.json").read_text())
+    last = vit["num_hidden_layers"] - 1  # the file index of the layer the reference drops
+    layer0 = "vit_model.vision_model.encoder.layers.0."
+    extra = {k.replace(layer0, f"vit_model.vision_model.encoder.layers.{last}."): v.clone()
+             for k, v in state.items() if k.startswith(layer0)}
+    extra.update({"vit_model.vision_model.head.probe": torch.zeros(1, 1, 32),
+                  "vit_model.vision_model.head.mlp.fc1.weight": torch.zeros(8, 32), "training_step": torch.zeros(1)})
+    rotary = [k for k, m in loader._modeling().Bagel(loader.build_config(folder)).named_modules()
+              if "inv_freq" in m._buffers]
+    if rotary:
+        extra[f"{rotary[0]}.inv_freq"] = torch.zeros(4)
+    name = _with_extra_tensors(folder, tmp_path, "extra", extra)
+    with caplog.at_level("WARNING"):
+        h = loader.load_handle(name, None)
+    assert h.info_dict["skipped_tensors"] == str(len(extra))
+    assert f"{len(extra)} tensors are not used by the model and are skipped" in caplog.text
+    n_layer = sum(1 for k in extra if ".encoder.layers." in k)
+    assert f"vit_model.vision_model.encoder.layers.{last} ({n_layer} tensors)" in caplog.text
+    assert "vit_model.vision_model.head (2 tensors)" in caplog.text and "training_step (1 tensor)" in caplog.text
+    req = dict(prompt="a red fox", seed=3, steps=3, width=48, height=32, settings=settings())
+    assert torch.equal(sampler.run(h, "t2i", Request(**req)).image, clean)
+
+
+@pytest.mark.parametrize("key,shape", [("language_model.model.layers.0.self_attn.o_proj.bias", (64,)),
+                                       ("language_model.model.layers.1.mlp.router.weight", (4, 64)),
+                                       ("connector.fc3.weight", (64, 64))])
+def test_unknown_tensors_a_computation_would_need_are_refused(folder, tmp_path, key, shape):
+    name = _with_extra_tensors(folder, tmp_path, "needs", {key: torch.zeros(shape)})
+    with pytest.raises(ModelFolderError, match=r"BAGEL ema.safetensors: 1 tensors belong to layers this model runs "
+                                               rf"but have no place in it \(got {re.escape(key)}, "):
+        loader.load_handle(name, None)
+
+
 def test_sizes_over_1024_are_refused_and_off_grid_sizes_rounded():
     with pytest.raises(InputError, match="width: larger than BAGEL can generate"):
         t2i(width=1040, height=32)

@@ -15,8 +15,11 @@ from tests import tiny_vlm
 
 @pytest.fixture(autouse=True)
 def roots(model_roots):
+    from gentor.loaders.cache import CACHE
+
     yield model_roots
     glue._interrupt.clear()  # a test that failed before its cancel landed leaves no request behind
+    CACHE.unload()  # later test files count the cache's entries
 
 
 class CancelAtFirst:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Iterator
@@ -223,12 +224,37 @@ def test_own_vlm_with_a_lora_checkpoint_is_refused():
 
 
 @contextlib.contextmanager
-def diffusers_copy(models: Path, name: str) -> Iterator[Path]:
-    """A copy of the tiny diffusers folder in the DeepGen models folder (removed afterwards) to break."""
+def diffusers_copy(models: Path, name: str, src: str = tiny.DIFFUSERS_FOLDER) -> Iterator[Path]:
+    """A copy of a tiny DeepGen folder (the diffusers one by default) in the models folder, removed afterwards."""
     copy = models / tiny.DEEPGEN_FOLDER / name
-    shutil.copytree(models / tiny.DEEPGEN_FOLDER / tiny.DIFFUSERS_FOLDER, copy)
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(models / tiny.DEEPGEN_FOLDER / src, copy)
     try:
         yield copy
+    finally:
+        shutil.rmtree(copy)
+
+
+def test_own_vlm_needs_only_weights_config_and_a_tokenizer(models):
+    """The published layout: tokenizer/ at the top level, vlm/ without tokenizer or image-processor files."""
+    with diffusers_copy(models, "vlm-weights-only") as copy:
+        for f in (copy / "vlm").iterdir():
+            if not f.name.startswith(("model", "config", "generation_config")):
+                f.unlink()
+        img = picture(64, 64, 6)
+        h = handle("vlm-weights-only", vlm="vlm-weights-only/vlm")
+        assert dict(h.paths)["tokenizer"] == str(copy / "tokenizer") and "processor" not in dict(h.paths)
+        assert torch.equal(edit([img], h=h).image, edit([img], h=handle(tiny.DIFFUSERS_FOLDER, vlm=OWN_VLM)).image)
+
+
+def test_separate_vlm_without_image_processor_files(models):
+    vlm_root = models / tiny.VLM_FOLDER
+    copy = vlm_root / "vlm-no-preprocessor"
+    shutil.copytree(vlm_root / tiny.VLM_NAME, copy)
+    for f in ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json"):
+        (copy / f).unlink(missing_ok=True)
+    try:
+        assert torch.equal(t2i(h=handle(vlm="vlm-no-preprocessor")).image, t2i().image)
     finally:
         shutil.rmtree(copy)
 
@@ -237,8 +263,10 @@ def test_own_vlm_without_tokenizer_says_how_to_add_it(models):
     with diffusers_copy(models, "no-tokenizer") as copy:
         for f in ("tokenizer.json", "vocab.json"):
             (copy / "vlm" / f).unlink()
-        with pytest.raises(ModelFolderError, match=r"no-tokenizer/vlm has no tokenizer.*hf download "
-                                                   r"Qwen/Qwen2.5-VL-3B-Instruct tokenizer.json .*--local-dir"):
+        shutil.rmtree(copy / "tokenizer")
+        with pytest.raises(ModelFolderError, match=r"DeepGen vlm: no-tokenizer has no tokenizer for its vlm/ .*"
+                                                   r"Download the tokenizer/ folder of deepgenteam/DeepGen-1.0-"
+                                                   r"diffusers"):
             handle("no-tokenizer", vlm="no-tokenizer/vlm")
 
 
@@ -246,9 +274,63 @@ def test_own_vlm_choice_of_a_folder_without_vlm_says_so(models):
     with diffusers_copy(models, "no-vlm") as copy:
         shutil.rmtree(copy / "vlm")
         with pytest.raises(ModelFolderError, match=r"DeepGen vlm: no-vlm has no vlm/ folder \(got \['connector', "
-                                                   r"'model_index.json', 'scheduler', 'transformer', 'vae'\] in no-vlm/"
-                                                   r".*Pick Qwen2.5-VL-3B-Instruct from models/vlm/"):
+                                                   r"'model_index.json', 'scheduler', 'tokenizer', 'transformer', "
+                                                   r"'vae'\] in no-vlm/.*Pick Qwen2.5-VL-3B-Instruct from "
+                                                   r"models/vlm/"):
             handle("no-vlm", vlm="no-vlm/vlm")
+
+
+# ----------------------------------------------------------------------------- released layouts
+def test_connector_heads_are_read_from_its_config(models):
+    """4 heads of 32 (not the released head size 64): read from connector/config.json in both forms."""
+    for name in (CKPT, tiny.DIFFUSERS_FOLDER):
+        info = handle(name, vlm=tiny.VLM_NAME).info_dict
+        assert (info["connector_heads"], info["heads_from"]) == ("4", "connector config")
+
+
+def test_connector_without_config_is_refused_unless_released_sizes(models):
+    with diffusers_copy(models, "no-connector-config") as copy:
+        (copy / tiny.CONNECTOR_CONFIG_FILE).unlink()
+        with pytest.raises(ModelFolderError, match=r"DeepGen checkpoint: no-connector-config: the connector's head "
+                                                   r"count is not stored in its weights .*got width 128, MLP 96, 2 "
+                                                   r"layers .*expected the released sizes 2048 / 11946 / 6 .*Add "
+                                                   r".*no-connector-config/connector/config.json"):
+            handle("no-connector-config")
+        config = tiny.CONNECTOR_CONFIG
+        (copy / tiny.CONNECTOR_CONFIG_FILE).write_text(json.dumps(dict(config, hidden_size=64)))
+        with pytest.raises(ModelFolderError, match=r"connector config does not describe these weights \(got "
+                                                   r"hidden_size 64, expected hidden_size 128\)"):
+            handle("no-connector-config")
+        (copy / tiny.CONNECTOR_CONFIG_FILE).write_text(json.dumps(dict(config, num_attention_heads=3)))
+        with pytest.raises(ModelFolderError, match=r"does not divide the width \(got 3 heads for width 128"):
+            handle("no-connector-config")
+
+
+def test_kontext_class_name_is_accepted_by_its_tensors(models, caplog):
+    """UniPic2-SD3.5M-Kontext-2B's config may name SD3Transformer2DKontextModel: same parameters, same image."""
+    with diffusers_copy(models, "kontext-name", tiny.CHECKPOINT_FOLDER) as copy:
+        cfg = json.loads((copy / "transformer" / "config.json").read_text())
+        cfg["_class_name"] = "SD3Transformer2DKontextModel"
+        (copy / "transformer" / "config.json").write_text(json.dumps(cfg))
+        with caplog.at_level(logging.INFO, logger="gentor.loaders.deepgen"):
+            h = handle("kontext-name/" + tiny.CHECKPOINT_FILE)
+        assert "names SD3Transformer2DKontextModel; accepted as an SD3 DiT by its tensors" in caplog.text
+        assert torch.equal(t2i(h=h).image, t2i().image)
+
+
+def test_transformer_of_another_kind_is_refused_by_its_tensors(models):
+    from safetensors.torch import save_file
+
+    with diffusers_copy(models, "not-sd3") as copy:
+        for f in (copy / "transformer").glob("*.safetensors"):
+            f.unlink()
+        save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(48, 16)},
+                  str(copy / "transformer" / "diffusion_pytorch_model.safetensors"))
+        with pytest.raises(ModelFolderError, match=r"DeepGen diffusion: the transformer weights in not-sd3/"
+                                                   r"transformer are not an SD3 DiT's \(SD3Transformer2DModel\) "
+                                                   r"\(got no pos_embed.proj.weight \(tensors under "
+                                                   r"\['double_blocks'\]\)"):
+            handle("not-sd3")
 
 
 def test_random_bytes_model_pt_is_called_what_it_is(models):
@@ -314,7 +396,7 @@ def test_pickle_needing_more_is_refused_with_the_command(models):
     bad = models / tiny.DEEPGEN_FOLDER / "custom.pt"
     torch.save({"state_dict": {"meta_queries": torch.zeros(2, 2)}, "meta": Exotic()}, bad)
     try:
-        with pytest.raises(ModelFolderError, match=r"weights_only=True.*convert.py.*--allow-global"):
+        with pytest.raises(ModelFolderError, match=r"weights_only=True.*deepgen/cli.py.*--allow-global"):
             handle("custom.pt")
     finally:
         bad.unlink()

@@ -12,8 +12,8 @@ from PIL import Image
 
 from gentor.modeling.deepgen import checkpoint as ckpt
 from gentor.modeling.deepgen.bridge import DeepGenBridge, selected_layers, stack_hidden_states
+from gentor.modeling.deepgen.cli import main as convert_main
 from gentor.modeling.deepgen.convert import ConversionRefused, convert, load_pickle
-from gentor.modeling.deepgen.convert import main as convert_main
 from gentor.modeling.deepgen.encode import encode
 from gentor.modeling.deepgen.prompts import reference_size, to_pixels, vit_patches
 from gentor.modeling.deepgen.sampling import denoise, generator, initial_noise
@@ -50,7 +50,8 @@ def vlm(models):
 @pytest.fixture(scope="module")
 def bridge(state) -> DeepGenBridge:
     parts = ckpt.split(state)
-    module = DeepGenBridge(ckpt.bridge_config({k: v.shape for k, v in parts.bridge.items()})).eval()
+    config = ckpt.bridge_config({k: v.shape for k, v in parts.bridge.items()}, tiny.CONNECTOR_CONFIG)
+    module = DeepGenBridge(config).eval()
     module.load_state_dict(parts.bridge, strict=True)
     return module
 
@@ -64,7 +65,7 @@ def picture(w: int, h: int, seed: int) -> Image.Image:
 def test_checkpoint_form_loads_strictly(state, folder):
     parts = ckpt.split(state)
     assert not parts.unknown and not parts.lora
-    cfg = ckpt.bridge_config({k: v.shape for k, v in parts.bridge.items()})
+    cfg = ckpt.bridge_config({k: v.shape for k, v in parts.bridge.items()}, tiny.CONNECTOR_CONFIG)
     assert (cfg.num_queries, cfg.hidden, cfg.num_layers, cfg.intermediate) == (8, 128, 2, 96)
     assert DeepGenBridge(cfg).load_state_dict(parts.bridge, strict=True)
     dit = DeepGenTransformer.from_config(DeepGenTransformer.load_config(folder / "transformer"))
@@ -106,7 +107,7 @@ def test_diffusers_form_loads_strictly_and_matches_checkpoint(models, state):
     bridge_state = load_file(str(files[0]))
     assert len(bridge_state) == 7 + 16 * 2 and all(v.dtype == torch.float32 for v in bridge_state.values())
     assert not any("lora" in k for k in bridge_state)
-    cfg = ckpt.bridge_config({k: v.shape for k, v in bridge_state.items()})
+    cfg = ckpt.bridge_config({k: v.shape for k, v in bridge_state.items()}, tiny.CONNECTOR_CONFIG)
     DeepGenBridge(cfg).load_state_dict(bridge_state, strict=True)
     dit = load_file(str(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
     ours = DeepGenTransformer.from_config(DeepGenTransformer.load_config(folder / "transformer"))
@@ -178,8 +179,28 @@ def test_connector_matches_naive_formulas(bridge, state):
     stacked = torch.randn(3, 11, 6 * 32, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         pooled, seq = bridge(stacked)
-    exp_pooled, exp_seq = naive_bridge(parts.bridge, stacked.double(), heads=2)
+    exp_pooled, exp_seq = naive_bridge(parts.bridge, stacked.double(), heads=tiny.BRIDGE["num_heads"])
     assert rel_err(pooled, exp_pooled) < TOL and rel_err(seq, exp_seq) < TOL
+
+
+def test_connector_head_count_comes_from_a_config_or_the_released_sizes(bridge, state):
+    from gentor.modeling.deepgen.bridge import OFFICIAL_CONNECTOR, ConnectorHeadsUnknown, connector_heads
+
+    assert connector_heads(128, 96, 2, tiny.CONNECTOR_CONFIG) == (4, "connector config")
+    assert connector_heads(2048, 11946, 6, None) == (32, "the official DeepGen 1.0 config")
+    assert OFFICIAL_CONNECTOR["num_attention_heads"] == 32
+    with pytest.raises(ConnectorHeadsUnknown, match="not stored in its weights"):
+        connector_heads(128, 96, 2, None)  # never guessed from the width
+    with pytest.raises(ConnectorHeadsUnknown, match="does not describe these weights"):
+        connector_heads(128, 96, 2, dict(tiny.CONNECTOR_CONFIG, num_hidden_layers=6))
+    # the count changes the numbers: the old width // 64 guess (2 heads) is measurably wrong here
+    parts = ckpt.split(state)
+    wrong = DeepGenBridge(ckpt.bridge_config({k: v.shape for k, v in parts.bridge.items()},
+                                             {"num_attention_heads": 2})).eval()
+    wrong.load_state_dict(parts.bridge, strict=True)
+    stacked = torch.randn(2, 5, 6 * 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert rel_err(wrong(stacked)[1], bridge(stacked)[1]) > 1e-2
 
 
 def test_six_layers_selected_from_36(vlm):
@@ -224,7 +245,7 @@ def _reference_encode(model, tok, bridge_state, texts, queries, image_embeds=Non
             pad.append(x + layer.mlp(layer.post_attention_layernorm(x)))
         pad_row = torch.cat([pad[i] for i in (35, 29, 23, 17, 11, 5)], -1)
         stacked.append(torch.cat([pad_row.expand(longest - len(rows[n]), -1), real]))
-    return naive_bridge(bridge_state, torch.stack(stacked).double(), heads=2)
+    return naive_bridge(bridge_state, torch.stack(stacked).double(), heads=tiny.BRIDGE["num_heads"])
 
 
 def test_text_to_image_conditioning_matches_official_algorithm(vlm, bridge, state):
@@ -329,11 +350,11 @@ def test_convert_round_trip_and_refusal(folder, tmp_path, state, capsys):
     assert n == len(state) and set(back) == set(state) and all(torch.equal(back[k], state[k]) for k in state)
     bad = tmp_path / "wrapped.pt"
     torch.save({"state_dict": dict(state), "meta": Stranger()}, bad)
-    with pytest.raises(ConversionRefused, match="weights_only=True.*Stranger.*convert.py"):
+    with pytest.raises(ConversionRefused, match="weights_only=True.*Stranger.*deepgen/cli.py"):
         load_pickle(bad)
     assert convert_main([str(bad)]) == 1 and "--allow-global" in capsys.readouterr().err
     # the command works as a plain script, whatever the pack folder is called
-    script = Path(ckpt.__file__).with_name("convert.py")
+    script = Path(ckpt.__file__).with_name("cli.py")
     wrapped = tmp_path / "ds.pt"
     torch.save({"module": {f"module.{k}": v for k, v in list(state.items())[:5]}}, wrapped)
     proc = subprocess.run([sys.executable, str(script), str(wrapped)], capture_output=True, text=True)

@@ -26,7 +26,8 @@ from PIL import Image  # noqa: E402
 
 from gentor import registry  # noqa: E402
 from gentor.http_api.common import Services, json_errors  # noqa: E402
-from gentor.http_api.generate import GenerateRoute, Limits  # noqa: E402
+from gentor.http_api.generate import GenerateRoute  # noqa: E402
+from gentor.http_api.request import Limits  # noqa: E402
 from tests.fake_comfyui import FakeComfy, color_of  # noqa: E402
 
 SMALL = Limits(body_bytes=200_000, image_bytes=20_000, image_pixels=100 * 100, timeout_s=5.0)

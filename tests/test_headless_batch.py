@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -16,8 +18,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from gentor_headless.cli import main  # noqa: E402
-from tests.headless_helpers import PNG_MAGIC, FakeComfy, blend_workflow, free_port, png_bytes, \
-    trivial_workflow, wait_for  # noqa: E402
+from tests.headless_helpers import FakeComfy, PNG_MAGIC, blend_workflow, free_port, png_bytes, \
+    trivial_workflow, wait_for, write_csv_rows  # noqa: E402
 
 SAMPLER = {"class_type": "FakeSampler", "inputs": {"image": ["12", 0], "seed": 100, "steps": 2, "text": "x",
                                                     "mode": "a"}}
@@ -47,10 +49,7 @@ def edit_setup(tmp_path: Path, fake: FakeComfy, rows: int = 6) -> tuple[Path, Pa
         lines.append({"image_url": f"img/a{i}.png", "image_url_2": f"{fake.url}/static/b{i}.png",
                       "instruction": f"make it {i}", "out_name": f"pic{i}.png"})
     data = tmp_path / "rows.csv"
-    with data.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(lines[0]))
-        writer.writeheader()
-        writer.writerows(lines)
+    write_csv_rows(data, lines)
     return tmp_path / "wf.json", data
 
 
@@ -276,6 +275,54 @@ def test_unwritable_results_stops_cleanly(tmp_path, capsys, monkeypatch):
 
     with FakeComfy() as fake:
         wf, data = edit_setup(tmp_path, fake, rows=3)
-        monkeypatch.setattr(results_module.tempfile, "mkstemp", broken)
+        monkeypatch.setattr(results_module, "write_atomic", broken)
         rc = batch(wf, data, tmp_path / "out", [fake.url])
     assert rc == 1 and "could not be recorded" in capsys.readouterr().err
+
+
+def test_non_image_reference_is_refused_before_upload_and_not_retried(tmp_path):
+    with FakeComfy() as fake:
+        wf, data = edit_setup(tmp_path, fake, rows=2)
+        (tmp_path / "img" / "notes.txt").write_text("hello, not a picture\n")
+        data.write_text(data.read_text().replace("img/a1.png", "img/notes.txt"))
+        rc = batch(wf, data, tmp_path / "out", [fake.url], "--retries", "2")
+        uploaded = list(fake.uploads)
+    results = read_results(tmp_path / "out" / "results.csv")
+    assert rc == 1 and [r["status"] for r in results] == ["ok", "error"]
+    assert results[1]["error"].startswith("row 1 column 'image_url' (-> 10.image): 'notes.txt' is not an image")
+    assert "expected a PNG, JPEG, WebP, GIF, BMP or TIFF file" in results[1]["error"]
+    assert not [n for n in uploaded if "notes" in n] and len(fake.posted) == 1  # no upload, no retry
+
+
+def test_missing_image_names_each_folder_once(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with FakeComfy() as fake:
+        wf, data = edit_setup(tmp_path, fake, rows=1)
+        (tmp_path / "img" / "a0.png").unlink()
+        rc = batch(wf, data, tmp_path / "out", [fake.url])
+    (result,) = read_results(tmp_path / "out" / "results.csv")
+    assert rc == 1 and result["error"] == f"image file 'img/a0.png' not found (looked in {tmp_path / 'img'})"
+
+
+def test_outputs_and_results_get_the_umask_mode(tmp_path):
+    from gentor_headless import files
+
+    old = os.umask(0o002)
+    files._umask.cache_clear()
+    try:
+        with FakeComfy() as fake:
+            wf, data = edit_setup(tmp_path, fake, rows=1)
+            assert batch(wf, data, tmp_path / "out", [fake.url]) == 0
+    finally:
+        os.umask(old)
+        files._umask.cache_clear()
+    for name in ("0_0.png", "results.csv"):
+        assert stat.S_IMODE((tmp_path / "out" / name).stat().st_mode) == 0o664, name
+
+
+def test_client_never_imports_ray_unless_asked(tmp_path):
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import gentor_headless.cli, gentor_headless.scheduler; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'pyarrow', 'torch')))")
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, timeout=60,
+                         cwd=tmp_path)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr

@@ -20,7 +20,10 @@ PROMPT = "a red fox sitting in fresh snow"
 
 @pytest.fixture(autouse=True)
 def roots(model_roots):
+    from gentor.loaders.cache import CACHE
+
     yield model_roots
+    CACHE.unload()  # later test files count the cache's entries
 
 
 @pytest.fixture(scope="module")
@@ -58,3 +61,33 @@ def test_a_21_run_sends_previews():
     previews = [(v, p) for v, _, p in seen if p is not None]
     assert [v for v, _ in previews] == [1, 2], seen  # every step but the last (the image itself comes next)
     assert all(p.size == (SIZE, SIZE) and p.mode == "RGB" for _, p in previews)
+
+
+def test_the_diffsynth_engine_previews_the_same_latents(model_roots):
+    """On a folder whose schedule is DiffSynth's own the two engines sample the same latents (their images agree,
+    tests/test_qwen_image21_diffsynth.py): their previews, both small decodes, agree too."""
+    pytest.importorskip("diffsynth", reason="the optional DiffSynth engine is not installed")
+    import json
+    import shutil
+
+    from gentor.samplers import qwen_image_diffsynth as ds_sampler
+
+    same = model_roots["qwen_image"] / "tiny-21-preview-same-schedule"
+    shutil.copytree(model_roots["qwen_image"] / NAME, same)
+    try:
+        config = json.loads((same / "scheduler" / "scheduler_config.json").read_text())
+        config.update(ds_sampler.DIFFSYNTH_SCHEDULE)
+        (same / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+        previews: dict[str, list] = {}
+        for engine in ("diffusers", "diffsynth"):
+            seen = previews.setdefault(engine, [])
+            request = Request(prompt=PROMPT, seed=5, steps=3, width=SIZE, height=SIZE, cfg=1.0,
+                              settings=sampler.make_settings(preview_every=1))
+            sampler.run(loader.load_handle(same.name, None, engine), "t2i", request,
+                        lambda _v, _t, preview, seen=seen: seen.append(preview) if preview is not None else None)
+    finally:
+        shutil.rmtree(same)
+    assert len(previews["diffusers"]) == len(previews["diffsynth"]) == 2
+    for ours, ref in zip(previews["diffsynth"], previews["diffusers"]):
+        diff = np.abs(np.asarray(ours, dtype=np.float64) - np.asarray(ref, dtype=np.float64))
+        assert ours.size == ref.size == (SIZE, SIZE) and diff.max() <= 2.0, diff.max()

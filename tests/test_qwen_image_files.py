@@ -258,3 +258,47 @@ def test_prompt_enhancer_lists_the_text_encoder_file_and_shares_its_copy(roots):
     assert [id(e) for e in CACHE.entries("qwen2_5_vl")] == [id(e) for e in copies] and len(copies) == 1
     # Only the enhancer's processor may be new (the model entry was reused, nothing else read from disk).
     assert CACHE.disk_reads - reads <= 1
+
+
+def _write_lora(folder: Path) -> str:
+    """A diffusers-layout LoRA on every block's attention projections of the kit's transformer (rank 4)."""
+    from safetensors.torch import save_file
+
+    inner = kit.TRANSFORMER_CONFIG["num_attention_heads"] * kit.TRANSFORMER_CONFIG["attention_head_dim"]
+    gen = torch.Generator().manual_seed(5)
+    out = {}
+    for block in range(kit.TRANSFORMER_CONFIG["num_layers"]):
+        for target in ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"):
+            name = f"transformer.transformer_blocks.{block}.{target}"
+            out[f"{name}.lora_A.weight"] = torch.randn(4, inner, generator=gen) * 0.3
+            out[f"{name}.lora_B.weight"] = torch.randn(inner, 4, generator=gen) * 0.3
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(out, str(folder / "comfy_kit_lora.safetensors"))
+    return "comfy_kit_lora.safetensors"
+
+
+@pytest.mark.parametrize("dm, tolerance", [(FORMAT_FILES["bf16"], 0.0), ("qwen_image-Q8_0.gguf", 2.5e-3),
+                                           (FORMAT_FILES["fp8_scaled"], FP8_TOLERANCE)])
+def test_lora_on_comfy_files_matches_the_folder_with_the_lora(roots, dm, tolerance):
+    from gentor.loaders import lora
+
+    name = _write_lora(roots["root"] / "loras")
+    glue.set_fallback_roots("loras", [roots["root"] / "loras"])
+    plain = folder_image()
+    want = sampler.run(lora.with_lora(folder_loader.load_handle(kit.T2I, None), name, 1.0), "t2i", request()).image
+    handle = lora.with_lora(files_loader.load_handle(dm, TE_BF16, VAE, None), name, 1.0)
+    got = sampler.run(handle, "t2i", request()).image
+    assert rel_err(want, plain) > 3 * max(tolerance, 1e-4)  # the LoRA changes the image (~7%)
+    assert rel_err(got, want) <= tolerance
+
+
+def test_diffsynth_engine_on_the_bf16_file_matches_the_folder_and_stored_forms_fall_back(roots):
+    pytest.importorskip("diffsynth", reason="the optional DiffSynth engine is not installed")
+    want = sampler.run(folder_loader.load_handle(kit.T2I, None, "diffsynth"), "t2i", request()).image
+    handle = files_loader.load_handle(FORMAT_FILES["bf16"], TE_BF16, VAE, None, "diffsynth")
+    result = sampler.run(handle, "t2i", request())
+    assert torch.equal(result.image, want) and "engine=diffsynth" in result.text
+    with pytest.raises(InputError, match="stored form"):
+        files_loader.load_handle("qwen_image-Q8_0.gguf", TE_BF16, VAE, None, "diffsynth")
+    fallback = files_loader.load_handle("qwen_image-Q8_0.gguf", TE_BF16, VAE, None, "diffsynth-or-diffusers")
+    assert fallback.info_dict["engine"] == "diffusers"

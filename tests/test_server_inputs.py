@@ -43,6 +43,9 @@ def refused(server: ComfyServer, name: str, node_id: str, input_name: str, value
         pytest.skip(f"{api[node_id]['class_type']} is not on this server")
     api[node_id]["inputs"][input_name] = value
     how, where, text = refusal(server, api, RUN_TIMEOUT_S)
+    if how == "validation" and "value_not_in_list" in text and f"{input_name}:" not in text:
+        # The workflow's model files (e.g. ComfyUI-format single files) are not among the test server's models.
+        pytest.skip(f"{name}: this server lacks its model files ({text[:200]})")
     assert where == node_id and input_name in text, (how, where, text)
     assert "AttributeError" not in text and "Traceback" not in text, text
     return text

@@ -22,6 +22,9 @@ README = ROOT / "README.md"
 API_DIR = ROOT / "workflows" / "api"
 USERS_PREFIX = "users-own-"  # names only the decoy user configuration offers
 RUN_TIMEOUT_S = 300.0
+# Loaders of ComfyUI's own single files: their examples need the opt-in kit (--backend qwen_image_comfy, about
+# 1 GB) in ComfyUI's own folders, as the README's "Already have Qwen-Image in ComfyUI?" says.
+OPT_IN_LOADERS = {"GentorLoadQwenImageFiles"}
 
 
 def readme_yaml() -> str:
@@ -108,7 +111,10 @@ def test_every_example_name_resolves_through_the_readme_yaml(readme_server):
     combos = gentor_combos(readme_server.object_info())
     missing = []
     for path in sorted(API_DIR.glob("*.json")):
-        for node_id, node in json.loads(path.read_text()).items():
+        prompt = json.loads(path.read_text())
+        if any(node["class_type"] in OPT_IN_LOADERS for node in prompt.values()):
+            continue
+        for node_id, node in prompt.items():
             for name, value in node["inputs"].items():
                 options = combos.get((node["class_type"], name))
                 if options is not None and isinstance(value, str) and value not in options:
@@ -152,3 +158,13 @@ def test_emu35_one_token_wide_image_runs_and_a_too_small_grid_is_named(readme_se
     message = describe(entry)
     assert "Emu3.5 width/height: a 16x16 image is 1 token(s)" in message and "32x16 or 16x32" in message, message
     assert "per channel" not in message, message
+
+
+def test_edit_image_tooltip_names_each_backends_reference_limit(readme_server):
+    from tests.comfy_server import pack_registry
+
+    info = readme_server.object_info()["GentorEditImage"]["input"]["optional"]
+    tooltip = info["image_1"][1]["tooltip"]
+    for spec in pack_registry().BACKENDS:
+        if spec.max_references:
+            assert f"{spec.display_name} {spec.max_references}" in tooltip, tooltip

@@ -114,7 +114,11 @@ def test_bf16_file_gives_the_folders_image(server):
         for key in [k for k, n in prompt.items() if n["class_type"] == "GentorQwenImageSettings"]:
             del prompt[key]
             t2i["inputs"].pop("settings", None)
-    assert png_of(server, files) == png_of(server, folder)
+    from PIL import Image
+
+    # Pixels, not bytes: SaveImage embeds each workflow in its PNG.
+    got, want = (Image.open(io.BytesIO(png_of(server, p))) for p in (files, folder))
+    assert got.tobytes() == want.tobytes()
 
 
 def _status(pid: int) -> dict[str, int]:

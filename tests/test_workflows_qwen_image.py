@@ -1,11 +1,30 @@
-"""What each Qwen-Image example workflow shows (the shared checks are in tests/test_workflows.py)."""
+"""What each Qwen-Image example workflow shows, and that each runs on the tiny models (without ComfyUI: the
+API copy's inputs go through the real loader, LoRA and sampler, as the nodes pass them; the shared checks are
+in tests/test_workflows.py)."""
 from __future__ import annotations
 
+import pytest
+import torch
 from PIL import Image
 
+from gentor.loaders import qwen_image as loader
+from gentor.samplers import qwen_image as sampler
+from gentor.samplers import qwen_image_job
 from tests import tiny_models
 from tests import workflow_check as wc
 from tests import workflow_files as wf
+from tests.workflow_runs import Backend, run_api
+
+SETTINGS_KEYS = ("max_sequence_length", "preview_every", "schedule", "vae_tiling")
+
+
+def _settings(max_sequence_length: int, preview_every: int, schedule: str, vae_tiling: str):
+    """What GentorQwenImageSettings does with its widgets."""
+    return qwen_image_job.make_settings(max_sequence_length, preview_every, schedule, vae_tiling)
+
+
+QWEN_IMAGE = Backend("GentorLoadQwenImage", loader.load_handle, sampler.run, "GentorQwenImageSettings", _settings,
+                     SETTINGS_KEYS)
 
 
 COMFY_FILE_EXAMPLES = "qwen_image_comfy_"  # Gentor Load Qwen-Image (ComfyUI files): tested below
@@ -89,3 +108,21 @@ def test_comfy_file_examples_name_the_published_files():
         assert loader["inputs"]["vae"] == "qwen_image_vae.safetensors"
         (_, t2i), = wf.by_class(api, "GentorTextToImage")
         assert t2i["inputs"]["model"] == [lid, 0]
+
+
+@pytest.mark.parametrize("name", [n for n in wf.workflow_names()
+                                  if n.startswith("qwen_image") and not n.startswith(COMFY_FILE_EXAMPLES)])
+def test_examples_run_on_the_tiny_models(fresh_cache, name):
+    _, api = wf.load_pair(name)
+    run = run_api(api, QWEN_IMAGE)
+    task = wf.sampler_of(api)[1]["inputs"]
+    image = run.result.image
+    assert image.ndim == 4 and image.shape[-1] == 3 and torch.isfinite(image).all()
+    assert image.shape[0] == task.get("batch_size", 1)
+    if task["width"] and task["height"]:
+        assert tuple(image.shape[1:3]) == (task["height"], task["width"])
+    assert f"steps={task['steps']}" in run.result.text and f"seed={task['seed']}" in run.result.text
+    loras = [n["inputs"]["lora_name"] for _, n in wf.by_class(api, "GentorLoRA")]
+    assert [ref.name for ref in run.handle.adapters] == loras
+    if loras:
+        assert "LoRA " in run.result.text

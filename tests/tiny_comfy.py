@@ -85,18 +85,26 @@ def _torch():
 # Diffusers folders (the reference)
 # ----------------------------------------------------------------------------------------------------------------
 
+def text_encoder_config(text: dict | None = None, vision: dict | None = None, tie: bool = False):
+    """Qwen2_5_VLConfig of the kit: TEXT_CONFIG / VISION_CONFIG with ``text`` / ``vision`` overrides (other sizes)."""
+    from transformers import Qwen2_5_VLConfig
+
+    ids = QWEN25_TOKEN_IDS
+    text_cfg = dict(TEXT_CONFIG, tie_word_embeddings=tie, **(text or {}))
+    vision_cfg = dict(VISION_CONFIG, out_hidden_size=text_cfg["hidden_size"], **(vision or {}))
+    return Qwen2_5_VLConfig(
+        text_config=text_cfg, vision_config=vision_cfg, tie_word_embeddings=tie,
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+
+
 def build_text_encoder():
     """Qwen2_5_VLForConditionalGeneration with the real non-shape config values (tiny widths)."""
     import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
-    ids = QWEN25_TOKEN_IDS
-    config = Qwen2_5_VLConfig(
-        text_config=dict(TEXT_CONFIG), vision_config=dict(VISION_CONFIG), tie_word_embeddings=False,
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
     torch.manual_seed(SEEDS["text_encoder"])
-    return Qwen2_5_VLForConditionalGeneration(config).eval()
+    return Qwen2_5_VLForConditionalGeneration(text_encoder_config()).eval()
 
 
 def build_processor(tokenizer):
@@ -140,9 +148,9 @@ def write_comfy_qwen_image(out_dir: Path | str, variants: Iterable[str] | None =
     todo = [v for v in variants if force or not (root / v / COMPLETE_MARKER).is_file()]
     if not todo:
         return result
-    from tests.tiny_models import _import_libs, _write_legacy_tokenizer_files  # noqa: F401  (quiet logging)
+    from tests.tiny_models import _import_libs
 
-    _import_libs()
+    _import_libs()  # quiet library logging
     root.mkdir(parents=True, exist_ok=True)
     tok_dir = write_qwen25_tokenizer(root / f".tokenizer-{os.getpid()}")
     try:
@@ -197,9 +205,10 @@ def _save(sd: dict, path: Path | str, metadata: dict[str, str] | None = None) ->
 # Transformer (diffusion_models/)
 # ----------------------------------------------------------------------------------------------------------------
 
-def _is_block_linear(name: str, tensor) -> bool:
-    """A 2-D Linear weight inside ``transformer_blocks`` (the layers Comfy's scaled files store in FP8)."""
-    return name.startswith("transformer_blocks.") and name.endswith(".weight") and tensor.ndim == 2
+def _is_linear(name: str, tensor) -> bool:
+    """A Linear weight (every 2-D weight of the Qwen-Image transformer and of the text encoder's layers). Scaled
+    files store each in FP8 with its scale: ComfyUI 0.3.x's scaled-FP8 ops expect a scale for every Linear."""
+    return name.endswith(".weight") and tensor.ndim == 2
 
 
 def _fp8_scaled(weight):
@@ -211,14 +220,18 @@ def _fp8_scaled(weight):
 
 
 def transformer_file_state_dict(folder: Path | str, fmt: str = "bf16", prefix: bool = False,
-                                bf16_blocks: Iterable[int] = (0,)) -> tuple[dict, dict[str, str] | None]:
+                                bf16_blocks: Iterable[int] = (0,), scale_input: bool = True,
+                                ) -> tuple[dict, dict[str, str] | None]:
     """(tensors, safetensors metadata) of a Comfy-Org split transformer file made from ``folder``'s transformer.
 
     ``fmt``: ``bf16`` / ``fp16`` (cast); ``fp8_e4m3fn`` (every floating tensor downcast, no scales);
-    ``fp8_scaled_old`` (``scaled_fp8`` marker + ``<layer>.scale_weight`` per block Linear, the rest bf16);
+    ``fp8_scaled_old`` (``scaled_fp8`` marker + ``<layer>.scale_weight`` per Linear, the rest bf16);
     ``fp8_scaled`` (``<layer>.comfy_quant`` JSON bytes + ``<layer>.weight_scale``); ``fp8_mixed`` (as
-    ``fp8_scaled`` but the blocks in ``bf16_blocks`` stay bf16 without ``comfy_quant``); ``fp8_scaled_metadata``
+    ``fp8_scaled`` for the blocks, but the blocks in ``bf16_blocks`` and the layers outside the blocks stay bf16
+    without ``comfy_quant``); ``fp8_scaled_metadata``
     (the per-layer formats in the ``_quantization_metadata`` header entry instead of ``comfy_quant`` tensors).
+    ``scale_input``: old form only, also write a unit ``<layer>.scale_input`` per layer, as ComfyUI 0.3.x's own
+    saver does (its scaled ops expect one; 0.4+ drops unit input scales when loading).
     Edit-2511 folders (``zero_cond_t``) add ComfyUI's ``__index_timestep_zero__`` marker (float32, shape [0]).
     """
     torch = _torch()
@@ -227,6 +240,8 @@ def transformer_file_state_dict(folder: Path | str, fmt: str = "bf16", prefix: b
     src = read_component(folder, "transformer")
     config = json.loads((Path(folder) / "transformer" / "config.json").read_text())
     keep_bf16 = {f"transformer_blocks.{i}." for i in bf16_blocks} if fmt == "fp8_mixed" else set()
+    quantise = (lambda n, t: _is_linear(n, t) and n.startswith("transformer_blocks.")  # noqa: E731
+                and not n.startswith(tuple(keep_bf16))) if fmt == "fp8_mixed" else _is_linear
     out: dict = {}
     layers: dict[str, dict] = {}
     for name, t in src.items():
@@ -234,11 +249,13 @@ def transformer_file_state_dict(folder: Path | str, fmt: str = "bf16", prefix: b
             out[name] = t.to(torch.bfloat16 if fmt == "bf16" else torch.float16)
         elif fmt == "fp8_e4m3fn":
             out[name] = t.to(torch.float8_e4m3fn) if t.is_floating_point() else t
-        elif _is_block_linear(name, t) and not any(name.startswith(p) for p in keep_bf16):
+        elif quantise(name, t):
             layer = name[: -len(".weight")]
             out[name], scale = _fp8_scaled(t)
             if fmt == "fp8_scaled_old":
                 out[f"{layer}.scale_weight"] = scale
+                if scale_input:
+                    out[f"{layer}.scale_input"] = torch.ones((), dtype=torch.float32)
             else:
                 out[f"{layer}.weight_scale"] = scale
                 layers[layer] = {"format": "float8_e4m3fn"}
@@ -281,7 +298,9 @@ def _te_key(name: str) -> str:
 
 def text_encoder_file_state_dict(folder: Path | str, fmt: str = "bf16", lm_head: bool = True) -> dict:
     """Tensors of ``qwen_2.5_vl_7b.safetensors`` (``bf16``) or ``qwen_2.5_vl_7b_fp8_scaled.safetensors``
-    (``fp8_scaled``: the language model's Linear weights in FP8 with ``scale_weight``, ``scaled_fp8`` marker)."""
+    (``fp8_scaled``: every Linear weight of the language model and the vision tower in FP8 with ``scale_weight``,
+    ``scaled_fp8`` marker; embeddings, ``lm_head``, the patch-embedding conv, norms and biases bf16 — the split
+    that reproduces the published file's 9,384,670,680 bytes, see comfy_headers.json)."""
     torch = _torch()
     if fmt not in ("bf16", "fp8_scaled"):
         raise ValueError(f"unknown text-encoder format {fmt!r}; known: bf16, fp8_scaled")
@@ -290,7 +309,7 @@ def text_encoder_file_state_dict(folder: Path | str, fmt: str = "bf16", lm_head:
         key = _te_key(name)
         if key == "lm_head.weight" and not lm_head:
             continue
-        if fmt == "fp8_scaled" and key.startswith("model.layers.") and key.endswith("_proj.weight") and t.ndim == 2:
+        if fmt == "fp8_scaled" and key.startswith(("model.layers.", "visual.")) and _is_linear(key, t):
             out[key], out[key[: -len(".weight")] + ".scale_weight"] = _fp8_scaled(t)
         else:
             out[key] = t.to(torch.bfloat16)
@@ -414,7 +433,7 @@ def write_int8_convrot(folder: Path | str, path: Path | str) -> Path:
     torch = _torch()
     out: dict = {}
     for name, t in read_component(folder, "transformer").items():
-        if _is_block_linear(name, t):
+        if _is_linear(name, t):
             layer = name[: -len(".weight")]
             scale = (t.float().abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-12)
             out[name] = (t.float() / scale).round().clamp(-127, 127).to(torch.int8)
@@ -465,7 +484,8 @@ def write_bad_files(folder: Path | str, out_dir: Path | str) -> dict[str, Path]:
             folder, out_dir / "diffusion_models" / "qwen_image_fp8_scaled_noscale.safetensors"),
         "scaled_missing_scales_v2": write_scaled_missing_scales(
             folder, out_dir / "diffusion_models" / "qwen_image_fp8mixed_noscale.safetensors", "fp8_mixed"),
-        "int8_convrot": write_int8_convrot(folder, out_dir / "diffusion_models" / "qwen_image_edit_2511_int8.safetensors"),
+        "int8_convrot": write_int8_convrot(
+            folder, out_dir / "diffusion_models" / "qwen_image_edit_2511_int8.safetensors"),
     }
 
 
@@ -489,3 +509,37 @@ def write(out_dir: Path | str, force: bool = False) -> dict[str, Path]:
         marker.write_text("comfyui_models\n")
     result["comfyui_models"] = models
     return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Qwen-Image 2.1 transformer (the Comfy file fuses img_mlp's gate and up projections)
+# ----------------------------------------------------------------------------------------------------------------
+
+# QwenImage21Transformer2DModel's defaults are the released values (head 128, rope (16, 56, 56), patch 1, 64
+# channels, MLP ratio 3, block-causal condition); only depth and widths shrink.
+TRANSFORMER21_CONFIG = {"num_layers": 2, "num_attention_heads": 2, "context_in_dim": 256}
+GATE_UP, GATE, UP = "img_mlp.gate_up.weight", "img_mlp.gate_layer.weight", "img_mlp.proj.weight"
+
+
+def write_transformer21(out_dir: Path | str, prefix: bool = True, seed: int = 31) -> tuple[Path, Path]:
+    """(diffusers ``transformer/`` folder, Comfy file) of a real-config tiny Qwen-Image 2.1 transformer. The Comfy
+    file holds diffusers' names with each block's ``img_mlp.gate_layer`` and ``img_mlp.proj`` fused into
+    ``img_mlp.gate_up`` (gate rows first), the layout diffusers' converter for that file undoes."""
+    torch = _torch()
+    import diffusers
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    model = diffusers.QwenImage21Transformer2DModel(**TRANSFORMER21_CONFIG).eval().to(torch.bfloat16)
+    folder = out_dir / "qwen_image_21_transformer"
+    model.save_pretrained(folder, safe_serialization=True)
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    fused: dict = {}
+    for name, t in sd.items():
+        if name.endswith(GATE):
+            fused[name[: -len(GATE)] + GATE_UP] = torch.cat([t, sd[name[: -len(GATE)] + UP]], dim=0)
+        elif not name.endswith(UP):
+            fused[name] = t
+    if prefix:
+        fused = {COMFY_PREFIX + k: v for k, v in fused.items()}
+    return folder, _save(fused, out_dir / "diffusion_models" / "qwen_image_2.1_bf16.safetensors")

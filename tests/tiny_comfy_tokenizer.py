@@ -158,8 +158,8 @@ def write_qwen25_tokenizer(folder: Path | str, comfy_version: str = "0.8.0") -> 
     vocab, merges = qwen25_vocab_merges()
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(comfy_version), indent=2, ensure_ascii=False),
-                                                  encoding="utf-8")
+    config = json.dumps(tokenizer_config(comfy_version), indent=2, ensure_ascii=False)
+    (folder / "tokenizer_config.json").write_text(config, encoding="utf-8")
     return folder
 
 

@@ -22,11 +22,14 @@ the released sizes, checked in test_deepgen_modeling), ``transformer/`` and ``va
 (``diffusion_pytorch_model.safetensors``: 909 and 244 tensors), ``scheduler/``, ``vlm/``
 (``model-0000{1,2}-of-00002.safetensors`` + index: 824 tensors / 3,754,622,976 values = Qwen2.5-VL-3B with
 tied embeddings, re-sharded; DeepGen's VLM with its LoRA merged, per a public audit of
-``deepgen_pipeline.py``), ``model_index.json`` (pipeline class ``DeepGenPipeline``) and ``deepgen_pipeline.py``.
+``deepgen_pipeline.py``), ``tokenizer/`` (``vocab.json``, ``merges.txt``, ``tokenizer_config.json``: the hub's
+file pages), ``model_index.json`` (pipeline class ``DeepGenPipeline``) and ``deepgen_pipeline.py``.
 The LoRA settings are deepgenteam/deepgen's (e6cb0c2) ``configs/finetune/deepgen_joint_sft_scb.py``: r 64,
 alpha 128, targets = every Linear / Embedding of the VLM. Not known: whether ``vlm/`` also ships tokenizer
-files and the component entries of ``model_index.json``; the kit writes tokenizer files into ``vlm/`` and
-only ``_class_name`` in the index (the loader reads neither the index nor the pipeline script).
+files, whether ``connector/`` has a config, and the component entries of ``model_index.json``; the kit writes
+tokenizer files into ``vlm/`` as well as ``tokenizer/``, ``connector/config.json`` (the head count, which the
+weights do not hold) and only ``_class_name`` in the index (the loader reads neither the index nor the pipeline
+script; tests remove the optional files to check each layout).
 
 Weights are random but deterministic. Folders are written to a temporary sibling and renamed into place
 (with a ``.complete`` marker); complete folders are skipped.
@@ -65,10 +68,18 @@ VAE = {"in_channels": 3, "out_channels": 3, "down_block_types": ["DownEncoderBlo
        "latent_channels": 16, "norm_num_groups": 4, "use_quant_conv": False, "use_post_quant_conv": False,
        "scaling_factor": 1.5305, "shift_factor": 0.0609}
 SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0}
-# Bridge: llm hidden 32 (= VLM), 8 queries, connector 128 wide (2 heads of 64), MLP 96, 2 layers.
+# Bridge: llm hidden 32 (= VLM), 8 queries, connector 128 wide (4 heads of 32: not the released head size 64, so
+# a loader that assumed it would compute with 2 heads), MLP 96, 2 layers.
 BRIDGE = {"llm_hidden": 32, "num_queries": 8, "hidden": 128, "intermediate": 96, "num_layers": 2,
-          "num_heads": 2, "pooled_dim": 24, "joint_dim": 32}
+          "num_heads": 4, "pooled_dim": 24, "joint_dim": 32}
 CONNECTOR_FILE = "connector/model.safetensors"
+# The head count is not in the weights: connector/config.json (DeepGen's ConnectorConfig fields) gives it, beside
+# model.pt and in the diffusers folder.
+CONNECTOR_CONFIG_FILE = "connector/config.json"
+CONNECTOR_CONFIG = {"hidden_size": BRIDGE["hidden"], "intermediate_size": BRIDGE["intermediate"],
+                    "num_hidden_layers": BRIDGE["num_layers"], "num_attention_heads": BRIDGE["num_heads"],
+                    "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6}
+TOKENIZER_SUBFOLDER = "tokenizer"  # the published diffusers folder has tokenizer/ at the top level
 VLM_SUBFOLDER = "vlm"
 LORA_RANK = 64  # official SFT config: lora_rank 64, lora_alpha 128 (configs/finetune/deepgen_joint_sft_scb.py)
 LORA_ALPHA = 128
@@ -222,6 +233,19 @@ def write_merged_vlm(folder: Path, lora: dict) -> None:
     _write_legacy_tokenizer_files(folder)
 
 
+def write_connector_config(folder: Path) -> None:
+    (folder / CONNECTOR_CONFIG_FILE).parent.mkdir(parents=True, exist_ok=True)
+    (folder / CONNECTOR_CONFIG_FILE).write_text(json.dumps(CONNECTOR_CONFIG, indent=2))
+
+
+def write_tokenizer(folder: Path) -> None:
+    """The top-level ``tokenizer/`` of the diffusers form: vocab.json, merges.txt, tokenizer_config.json."""
+    from tests.tiny_models import _write_legacy_tokenizer_files, build_qwen_tokenizer
+
+    build_qwen_tokenizer().save_pretrained(folder)
+    _write_legacy_tokenizer_files(folder)
+
+
 def _scheduler_and_vae(tmp: Path) -> None:
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
@@ -260,6 +284,7 @@ def write(out_dir: Path, force: bool = False) -> dict[str, Path]:
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
         state = checkpoint_state()
         torch.save(state, tmp / CHECKPOINT_FILE)
+        write_connector_config(tmp)
         save_file({**state, **lora_state()}, str(tmp / LORA_CHECKPOINT_FILE))
 
     def fill_diffusers(tmp: Path) -> None:
@@ -272,7 +297,9 @@ def write(out_dir: Path, force: bool = False) -> dict[str, Path]:
         (tmp / "connector").mkdir()
         save_file({k: v.float() for k, v in state.items() if not k.startswith("transformer.")},
                   str(tmp / CONNECTOR_FILE), metadata={"format": "pt"})
+        write_connector_config(tmp)
         write_merged_vlm(tmp / VLM_SUBFOLDER, lora_state())
+        write_tokenizer(tmp / TOKENIZER_SUBFOLDER)
         # Only the pipeline class is known of the released index; Gentor reads none of it.
         (tmp / "model_index.json").write_text(json.dumps(
             {"_class_name": "DeepGenPipeline", "_diffusers_version": index["_diffusers_version"]}, indent=2))

@@ -14,6 +14,7 @@ writes ``DIR/<folder key>/tiny-<variant>/``. For Qwen-Image (folder key ``qwen_i
 - ``tiny-qwen-image-2512``       T2I with the Qwen-Image-2512 model card (README.md), as the hub repository has
 - ``tiny-qwen-image-2.1``        QwenImage21Pipeline with a tiny Qwen3-VL encoder (tests/tiny_qwen21.py)
 - ``DIR/loras/tiny-qwen-image-lora-<format>.safetensors``  one LoRA in every key layout (tests/tiny_qwen_lora.py)
+- opt-in ``--backend qwen_image_comfy``: real-config folders + the Comfy-format files (tests/tiny_comfy.py)
 
 Each folder is what ``DiffusionPipeline.save_pretrained`` writes (``model_index.json``, ``scheduler/``,
 ``text_encoder/``, ``tokenizer/``, ``transformer/``, ``vae/`` and for edit models ``processor/``). The
@@ -32,7 +33,6 @@ import argparse
 import functools
 import json
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -42,7 +42,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-COMPLETE_MARKER = ".complete"
+from tests.tiny_common import COMPLETE_MARKER, atomic_folder  # noqa: E402 - after the offline environment
 
 # --------------------------------------------------------------------------------------------------------------
 # Qwen-Image
@@ -427,10 +427,7 @@ def write_qwen_image(
             components["processor"] = processor
         pipe = getattr(diffusers, class_name)(**components)
 
-        final = root / variant
-        tmp = root / f".{variant}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
+        def fill(tmp: Path, pipe=pipe, edit=edit, sharded=sharded, variant=variant) -> None:
             pipe.save_pretrained(tmp, safe_serialization=True)
             _write_legacy_tokenizer_files(tmp / "tokenizer")
             if edit:
@@ -439,16 +436,8 @@ def write_qwen_image(
                 _reshard(tmp, pipe)
             if variant in QWEN_IMAGE_MODEL_CARDS:
                 (tmp / "README.md").write_text(QWEN_IMAGE_MODEL_CARDS[variant], encoding="utf-8")
-            (tmp / COMPLETE_MARKER).write_text(f"{variant}\n")
-            if final.exists():
-                shutil.rmtree(final)
-            try:
-                tmp.rename(final)
-            except OSError:
-                if not _is_complete(final):  # lost a race against another writer: theirs is as good
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+
+        atomic_folder(root / variant, fill, force=True)  # ``todo`` already holds only what must be (re)written
     return result
 
 

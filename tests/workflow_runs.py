@@ -1,6 +1,8 @@
-"""Run an example API workflow's Gentor part without ComfyUI, the way the nodes pass it on: the loader node's
-widgets to the backend's ``load_handle``, the settings node's widgets to ``make_settings``, the task node's
-widgets and LoadImage inputs to the sampler (shared by the per-backend workflow tests)."""
+"""Run an example API workflow's Gentor part without ComfyUI, the way the nodes pass it on (shared by the
+per-backend workflow tests). From the task node (the one whose image is saved) back along its links: the
+model (loader widgets + its Memory Options node to ``load_handle``, then each Gentor LoRA on the way), the
+settings node's widgets to ``make_settings``, the task's own widgets, LoadImage inputs and Speed Options to the
+sampler."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,11 +10,17 @@ from typing import Any, Callable
 
 from PIL import Image
 
+from gentor.loaders import lora
 from gentor.loaders.cache import ModelHandle
+from gentor.loaders.memory import MemoryOptions
 from gentor.samplers.common import Request, Result
+from gentor.samplers.speed import SpeedOptions
 from tests import workflow_files as wf
 
 MAX_IMAGE_INPUTS = 10
+LORA_NODE = "GentorLoRA"
+MEMORY_NODE = "GentorMemoryOptions"
+SPEED_NODE = "GentorSpeedOptions"
 
 
 @dataclass(frozen=True)
@@ -52,35 +60,60 @@ def input_image(api: dict, link: list, mode: str = "RGB") -> Image.Image:
 
 
 def task_request(api: dict, settings: Any = None, image_mode: str = "RGB") -> tuple[str, Request]:
-    """(task, Request) of the workflow's one task node: its widgets, its LoadImage inputs in image_k order."""
+    """(task, Request) of the workflow's one task node: its widgets, its LoadImage inputs in image_k order, its
+    Speed Options node."""
     _, task = wf.sampler_of(api)
     inputs = task["inputs"]
     images = [input_image(api, inputs[f"image_{k}"], image_mode) for k in range(1, MAX_IMAGE_INPUTS + 1)
               if inputs.get(f"image_{k}") is not None]
+    speed = linked(api, task, "speed")
+    if speed is not None:
+        assert speed["class_type"] == SPEED_NODE, speed["class_type"]
+        speed = SpeedOptions(**widgets(speed))
     request = Request(prompt=inputs["prompt"], negative=inputs["negative"], seed=inputs["seed"],
                       steps=inputs["steps"], cfg=inputs["cfg"], width=inputs["width"], height=inputs["height"],
-                      batch_size=inputs.get("batch_size", 1), images=images, settings=settings)
+                      batch_size=inputs.get("batch_size", 1), images=images, settings=settings, speed=speed)
     return ("edit" if images else "t2i"), request
 
 
-def load_handle(api: dict, backend: Backend) -> ModelHandle:
-    """The loader node's widgets to ``load_handle`` (the memory socket: default options, as unconnected)."""
-    _, load = only(api, backend.loader_node)
-    widgets = {k: v for k, v in load["inputs"].items() if not wf.is_link(v)}
-    return backend.load_handle(**widgets, memory=None)
+def widgets(node: dict) -> dict:
+    """A node's widget values (its inputs that are not links)."""
+    return {k: v for k, v in node["inputs"].items() if not wf.is_link(v)}
 
 
-def settings_of(api: dict, backend: Backend) -> Any:
-    """The settings node's bundle, or None where the backend has no settings node."""
-    if not backend.settings_node:
+def linked(api: dict, node: dict, name: str) -> dict | None:
+    """The node behind ``node``'s input ``name`` (None when the input is not connected)."""
+    link = node["inputs"].get(name)
+    return api[link[0]] if link is not None else None
+
+
+def model_of(api: dict, node: dict, backend: Backend) -> ModelHandle:
+    """The handle ``node``'s model input carries: the loader's (with its memory options), plus each LoRA."""
+    source = linked(api, node, "model")
+    if source["class_type"] == LORA_NODE:
+        w = widgets(source)
+        return lora.with_lora(model_of(api, source, backend), w["lora_name"], w["strength"])
+    assert source["class_type"] == backend.loader_node, source["class_type"]
+    memory = linked(api, source, "memory")
+    if memory is not None:
+        assert memory["class_type"] == MEMORY_NODE, memory["class_type"]
+        memory = MemoryOptions(**widgets(memory))
+    return backend.load_handle(**widgets(source), memory=memory)
+
+
+def settings_of(api: dict, node: dict, backend: Backend) -> Any:
+    """The bundle of the settings node wired to ``node`` (None when its settings input is not connected)."""
+    source = linked(api, node, "settings")
+    if source is None:
         return None
-    _, node = only(api, backend.settings_node)
-    return backend.make_settings(**{k: node["inputs"][k] for k in backend.settings_keys})
+    assert source["class_type"] == backend.settings_node, source["class_type"]
+    return backend.make_settings(**{k: source["inputs"][k] for k in backend.settings_keys})
 
 
 def run_api(api: dict, backend: Backend) -> WorkflowRun:
-    """Run the workflow's loader -> settings -> task chain on the backend's real loader and sampler."""
-    handle = load_handle(api, backend)
-    settings = settings_of(api, backend)
+    """Run the workflow's task node on the backend's real loader and sampler, as the nodes wire it."""
+    _, task_node = wf.sampler_of(api)
+    handle = model_of(api, task_node, backend)
+    settings = settings_of(api, task_node, backend)
     task, request = task_request(api, settings, backend.image_mode)
     return WorkflowRun(handle, settings, request, backend.run(handle, task, request))

@@ -4,11 +4,13 @@
 //  - a "Gentor models" sidebar tab (or a toggle button + panel where the frontend has no sidebar API)
 //    listing the shared model cache with sizes and placement, with Unload buttons;
 //  - a one-line summary under the model choice of every Gentor loader node;
-//  - the text output (notes, reasoning, enhanced prompt) shown on the Gentor nodes that return one.
+//  - the text output (notes, reasoning, enhanced prompt) shown on the Gentor nodes that return one;
+//  - only the connected reference inputs (image_N) plus one free one on the nodes that take images.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import { GentorPanel } from "./gentor_panel.js";
 import { LoaderSummaries, showText } from "./gentor_nodes.js";
+import { fitImageInputs, followImageInputs } from "./gentor_inputs.js";
 
 const TAB_ID = "gentor-models";
 const REFRESH_EVENTS = ["execution_success", "execution_error", "execution_interrupted"];
@@ -47,6 +49,12 @@ function mountToggle(panel) {
 
 const panel = new GentorPanel(api);
 const summaries = new LoaderSummaries(api);
+const imageInputs = new Map(); // node type -> its image_N input specs
+
+function fitInputs(node) {
+  const specs = imageInputs.get(node.comfyClass || node.type);
+  if (specs) fitImageInputs(node, specs);
+}
 
 app.registerExtension({
   name: "gentor.models",
@@ -91,13 +99,17 @@ app.registerExtension({
       onExecuted?.apply(this, arguments);
       if (Array.isArray(message?.text)) showText(this, message.text.join("\n"));
     };
+    const specs = followImageInputs(nodeType, nodeData);
+    if (specs) imageInputs.set(nodeData.name, specs);
   },
 
   async nodeCreated(node) {
     if (summaries.isLoader(node)) summaries.attach(node);
+    fitInputs(node);
   },
 
   async loadedGraphNode(node) {
     if (summaries.isLoader(node)) summaries.attach(node);
+    fitInputs(node);
   },
 });

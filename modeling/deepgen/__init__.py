@@ -3,5 +3,5 @@
 Modules: ``bridge`` (meta queries, six-layer stacking, projectors, connector), ``transformer`` (the
 "dynamic" SD3 forward with reference latents), ``prompts`` (templates and image preprocessing),
 ``encode`` (the VLM pass), ``sampling`` (flow-matching loop), ``checkpoint`` (reading and checking the
-released files) and ``convert`` (pickle -> safetensors command). No ComfyUI imports here.
+released files), ``convert`` (pickle -> safetensors) and ``cli`` (its command line). No ComfyUI imports here.
 """

@@ -16,7 +16,12 @@ from torch import nn
 
 NUM_STACKED_LAYERS = 6
 LAYER_STRIDE = 6  # hidden states at L-1, L-7, ... (every sixth layer from the top)
-CONNECTOR_HEAD_DIM = 64  # official: hidden 2048 with 32 heads; the head count is not stored in the weights
+# The connector's head count is not in the weights (q/k/v are [hidden, hidden] for any count): it is read from a
+# connector config (``num_attention_heads``, the field of DeepGen's ConnectorConfig), or, for the released sizes
+# only, taken from the official model config (deepgenteam/deepgen e6cb0c2 configs/models/deepgen_scb.py:
+# connector hidden_size 2048, intermediate_size 11946, num_hidden_layers 6, num_attention_heads 32).
+HEADS_KEY = "num_attention_heads"
+OFFICIAL_CONNECTOR = {"hidden_size": 2048, "intermediate_size": 11946, "num_hidden_layers": 6, HEADS_KEY: 32}
 LAYER_NORM_EPS = 1e-6
 QUERIES_KEY = "meta_queries"
 BRIDGE_PREFIXES = ("connector.", "projector_1.", "projector_2.", "projector_3.")
@@ -37,16 +42,49 @@ class BridgeConfig:
     num_stacked: int = NUM_STACKED_LAYERS
 
     @classmethod
-    def from_shapes(cls, shapes: Mapping[str, Sequence[int]]) -> "BridgeConfig":
-        """Sizes from ``{key: shape}`` of the bridge tensors (official names, no prefix)."""
+    def from_shapes(cls, shapes: Mapping[str, Sequence[int]], connector: Mapping | None = None) -> "BridgeConfig":
+        """Sizes from ``{key: shape}`` of the bridge tensors (official names, no prefix); the head count from
+        ``connector`` (a connector config) or the official config (``connector_heads``)."""
         queries = shapes[QUERIES_KEY]
         hidden, stacked = shapes["projector_1.weight"]
         layers = {k.split(".")[2] for k in shapes if k.startswith("connector.layers.")}
+        intermediate = int(shapes["connector.layers.0.mlp.fc1.weight"][0])
         return cls(
-            llm_hidden=int(queries[1]), num_queries=int(queries[0]), hidden=int(hidden),
-            intermediate=int(shapes["connector.layers.0.mlp.fc1.weight"][0]), num_layers=len(layers),
-            num_heads=max(1, int(hidden) // CONNECTOR_HEAD_DIM), pooled_dim=int(shapes["projector_2.weight"][0]),
-            joint_dim=int(shapes["projector_3.weight"][0]), num_stacked=int(stacked) // int(queries[1]))
+            llm_hidden=int(queries[1]), num_queries=int(queries[0]), hidden=int(hidden), intermediate=intermediate,
+            num_layers=len(layers), num_heads=connector_heads(int(hidden), intermediate, len(layers), connector)[0],
+            pooled_dim=int(shapes["projector_2.weight"][0]), joint_dim=int(shapes["projector_3.weight"][0]),
+            num_stacked=int(stacked) // int(queries[1]))
+
+
+class ConnectorHeadsUnknown(ValueError):
+    """The connector's head count is neither in a config nor implied by the released sizes."""
+
+
+def connector_heads(hidden: int, intermediate: int, layers: int, config: Mapping | None) -> tuple[int, str]:
+    """(head count, where it came from) for a connector of these sizes.
+
+    A config must agree with the weights (its widths, when it gives them) and divide the width; without one, only
+    the released sizes have a known head count: any other width is refused rather than guessed.
+    """
+    sizes = {"hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers}
+    if config is not None and config.get(HEADS_KEY) is not None:
+        heads = int(config[HEADS_KEY])
+        wrong = {k: (config[k], v) for k, v in sizes.items() if config.get(k) is not None and int(config[k]) != v}
+        if wrong:
+            raise ConnectorHeadsUnknown(f"the connector config does not describe these weights (got "
+                                        f"{', '.join(f'{k} {c}' for k, (c, _) in wrong.items())}, expected "
+                                        f"{', '.join(f'{k} {w}' for k, (_, w) in wrong.items())})")
+        if heads < 1 or hidden % heads:
+            raise ConnectorHeadsUnknown(f"the connector config's {HEADS_KEY} does not divide the width (got {heads} "
+                                        f"heads for width {hidden}, expected a divisor of {hidden})")
+        return heads, "connector config"
+    if all(OFFICIAL_CONNECTOR[k] == v for k, v in sizes.items()):
+        return OFFICIAL_CONNECTOR[HEADS_KEY], "the official DeepGen 1.0 config"
+    raise ConnectorHeadsUnknown(
+        f"the connector's head count is not stored in its weights and no connector config gives it (got width "
+        f"{hidden}, MLP {intermediate}, {layers} layers and no {HEADS_KEY}, expected the released sizes "
+        f"{OFFICIAL_CONNECTOR['hidden_size']} / {OFFICIAL_CONNECTOR['intermediate_size']} / "
+        f"{OFFICIAL_CONNECTOR['num_hidden_layers']} or a config.json with {HEADS_KEY})")
 
 
 class ConnectorAttention(nn.Module):

@@ -33,6 +33,7 @@ SAFETENSORS_SUFFIX = ".safetensors"
 HEADER_LIMIT = 100 * 1024 * 1024
 CONNECTOR_FOLDER = "connector"  # diffusers form: connector/model.safetensors
 CONNECTOR_FILE = "model.safetensors"
+CONNECTOR_CONFIG = "config.json"  # optional: {"num_attention_heads": ..., "hidden_size": ..., ...}
 # LoRA key names by transformers version of the training code -> this transformers' module names.
 LORA_RENAMES = (("model.layers.", "model.language_model.layers."),
                 ("model.embed_tokens.", "model.language_model.embed_tokens."), ("visual.", "model.visual."))
@@ -107,9 +108,16 @@ def lora_module_key(key: str) -> str:
     return name
 
 
-def bridge_config(shapes: Mapping[str, Sequence[int]]) -> BridgeConfig:
-    """Bridge sizes from the shapes of its tensors (raises KeyError naming a missing one)."""
-    return BridgeConfig.from_shapes({k: tuple(v) for k, v in shapes.items() if is_bridge_key(k)})
+def bridge_config(shapes: Mapping[str, Sequence[int]], connector: Mapping | None = None) -> BridgeConfig:
+    """Bridge sizes from the shapes of its tensors (raises KeyError naming a missing one) and the connector
+    config (the head count; ConnectorHeadsUnknown without one for sizes other than the released ones)."""
+    return BridgeConfig.from_shapes({k: tuple(v) for k, v in shapes.items() if is_bridge_key(k)}, connector)
+
+
+def connector_config_file(path: Path) -> Path:
+    """Where the connector config of a checkpoint file or a diffusers-form folder is: ``connector/config.json``
+    beside it (the diffusers form's connector folder, or one next to ``model.pt``)."""
+    return (path if path.is_dir() else path.parent) / CONNECTOR_FOLDER / CONNECTOR_CONFIG
 
 
 def lora_rank(shapes: Mapping[str, Sequence[int]]) -> int:
@@ -153,7 +161,8 @@ def bridge_files(folder: Path) -> list[Path]:
     return out
 
 
-__all__ = ["ConversionRefused", "Parts", "bridge_config", "bridge_files", "is_bridge_key", "is_lora_key",
+__all__ = ["ConversionRefused", "Parts", "bridge_config", "bridge_files", "connector_config_file",
+           "is_bridge_key", "is_lora_key",
            "key_report", "lora_module_key", "lora_rank", "lora_targets", "read_shapes", "read_state",
            "safetensors_shapes", "split", "CONNECTOR_FILE", "CONNECTOR_FOLDER", "PICKLE_SUFFIXES",
            "SAFETENSORS_SUFFIX", "TRANSFORMER_PREFIX"]

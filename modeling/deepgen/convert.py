@@ -1,23 +1,23 @@
 """Convert a DeepGen pickle checkpoint (``model.pt``) to safetensors next to it, and verify the round trip.
 
-Run it as a plain file, so it works whatever the pack's folder is called::
+The command line is ``cli.py`` beside this file, run as a plain file so it works whatever the pack's
+folder is called::
 
-    python <pack folder>/modeling/deepgen/convert.py /path/to/model.pt [--allow-global module.Class ...]
+    python <pack folder>/modeling/deepgen/cli.py /path/to/model.pt [--allow-global module.Class ...]
 
 It writes ``model.safetensors`` beside the original (``--out`` to choose), reloads it and checks that
 every tensor is bit-identical. Pickles are only ever read with ``torch.load(weights_only=True)``; a file
 that pickles other objects (e.g. training metadata classes) is refused, naming the class; if you trust
 the file, allow exactly that class with ``--allow-global`` (it must be importable).
 
-This file imports nothing from the pack (only torch and safetensors) for that reason.
+This file imports nothing from the pack (only torch and safetensors) for that reason: ``cli.py`` imports it
+as a top-level module.
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import pickle
 import re
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -29,6 +29,7 @@ STRIP_PREFIXES = ("module.",)
 GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
 ZIP_MAGIC = b"PK\x03\x04"
 PICKLE_PROTO = 0x80
+CLI_FILE = "cli.py"  # the command line, beside this file
 
 
 class ConversionRefused(Exception):
@@ -43,7 +44,7 @@ class ConversionRefused(Exception):
 
 def command_for(path: str | Path) -> str:
     """The exact command that converts ``path`` (shown in loader errors)."""
-    return f'python "{Path(__file__).resolve()}" "{path}"'
+    return f'python "{Path(__file__).resolve().with_name(CLI_FILE)}" "{path}"'
 
 
 def _import_global(dotted: str) -> Any:
@@ -119,22 +120,3 @@ def convert(path: str | Path, out: str | Path | None = None, allow: Sequence[str
     tmp.replace(dst)
     return dst, len(plain)
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Convert a DeepGen .pt checkpoint to safetensors (verified).")
-    parser.add_argument("checkpoint", type=Path)
-    parser.add_argument("--out", type=Path, default=None, help="output file (default: <checkpoint>.safetensors)")
-    parser.add_argument("--allow-global", action="append", default=[], metavar="MODULE.CLASS",
-                        help="a class the pickle may contain (only for files you trust)")
-    args = parser.parse_args(argv)
-    try:
-        dst, n = convert(args.checkpoint, args.out, args.allow_global)
-    except (ConversionRefused, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(f"wrote {dst} ({n} tensors, {dst.stat().st_size / 1e6:.1f} MB); round trip verified")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
