@@ -16,7 +16,7 @@ killed and reported as skipped. Sections:
 - ``deepgen``: DeepGen's SD3.5-Medium DiT at 1024², batched CFG: seconds per step per memory mode, and with
   TaylorSeer;
 - ``bagel``: BAGEL 7B MoT (28 layers x 3584), 1024² T2I 50 steps, text CFG: seconds plain and with TaylorSeer;
-- ``emu35``: the Emu3.5 decoder (64 x 5120) on a 32x32-token image: tokens/s with the CFG branch (batched,
+- ``emu35``: the Emu3.5 decoder (64 x 5120, bf16) on a 16x16-token image: tokens/s with the CFG branch (batched,
   static cache, static + compiled step) and without it; the CFG cost ratio.
 
 It prints one Markdown table and writes the rows as JSON.
@@ -81,6 +81,18 @@ def fresh(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def build(make, device: torch.device, dtype: torch.dtype):  # noqa: ANN001, ANN201
+    """``make()`` with its parameters created directly in ``dtype`` on ``device`` (a full-size model built in
+    fp32 first would not fit: BAGEL's 14B or Emu3.5's 34B parameters)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return make()
+    finally:
+        torch.set_default_dtype(old)
+
+
 def place(module: torch.nn.Module, mode: str, device: torch.device, blocks: tuple[str, ...], display: str,
           skip: tuple[str, ...]) -> torch.nn.Module:
     """Gentor's own storage / placement code: FP8 layerwise storage, block offload (blocks stream from RAM)."""
@@ -104,8 +116,7 @@ def qwen_pipe(device: torch.device, smoke: bool, mode: str = "bf16"):  # noqa: A
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
-    with torch.device(device):
-        tr = QwenImageTransformer2DModel(**(QWEN_SMOKE if smoke else QWEN_FULL)).to(dtype)
+    tr = build(lambda: QwenImageTransformer2DModel(**(QWEN_SMOKE if smoke else QWEN_FULL)), device, dtype)
     tr = place(tr, mode, device, ("transformer_blocks",), "Qwen-Image", tuple(tr._skip_layerwise_casting_patterns))
     sched = FlowMatchEulerDiscreteScheduler(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=8192,
                                             max_shift=0.9, shift_terminal=0.02, use_dynamic_shifting=True)
@@ -124,7 +135,7 @@ def qwen_pipe(device: torch.device, smoke: bool, mode: str = "bf16"):  # noqa: A
 
 
 def section_qwen_image(device: torch.device, smoke: bool) -> list[dict]:
-    size, steps = (64, 2) if smoke else (1024, 4)
+    size, steps = (64, 2) if smoke else (1024, 3)
     rows = []
     for mode in MEMORY_MODES:
         fresh(device)
@@ -183,8 +194,7 @@ def section_deepgen(device: torch.device, smoke: bool) -> list[dict]:
     for mode in (*MEMORY_MODES, "bf16 + taylorseer 4"):
         fresh(device)
         torch.manual_seed(0)
-        with torch.device(device):
-            dit = DeepGenTransformer(**cfg).to(dtype)
+        dit = build(lambda: DeepGenTransformer(**cfg), device, dtype)
         dit = place(dit, mode.split()[0], device, ("transformer_blocks",), "DeepGen",
                     tuple(dit._skip_layerwise_casting_patterns))
         g = torch.Generator().manual_seed(0)
@@ -224,8 +234,7 @@ def section_bagel(device: torch.device, smoke: bool) -> list[dict]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     fresh(device)
     torch.manual_seed(0)
-    with torch.device(device):
-        model, ae = mb.Bagel(cfg).to(dtype), mb.AutoEncoder(cfg.ae).to(dtype)
+    model, ae = build(lambda: mb.Bagel(cfg), device, dtype), build(lambda: mb.AutoEncoder(cfg.ae), device, dtype)
     random_init(model)
     engine = mb.BagelEngine(model.eval(), ae.eval(), tokenizer(), device=device)
     flow = mb.FlowSettings(steps=steps, cfg_text=4.0, cfg_img=1.0, cfg_interval=(0.4, 1.0))
@@ -249,7 +258,7 @@ def section_bagel(device: torch.device, smoke: bool) -> list[dict]:
 
 # ----------------------------------------------------------------------------- Emu3.5
 def section_emu35(device: torch.device, smoke: bool) -> list[dict]:
-    from bench_emu35 import PRESET_34B, PROMPT_TOKENS, build_model
+    from bench_emu35 import PRESET_34B, PROMPT_TOKENS, emu_config
 
     from gentor.modeling.emu35 import tokens as T
     from gentor.modeling.emu35.generate import generate
@@ -257,9 +266,14 @@ def section_emu35(device: torch.device, smoke: bool) -> list[dict]:
     from gentor.modeling.emu35.logits import SamplingParams
 
     shape = dict(hidden=64, layers=2, heads=4, kv_heads=2, inter=128, head_dim=16) if smoke else PRESET_34B
-    grid = (2, 3) if smoke else (32, 32)
+    grid = (2, 3) if smoke else (16, 16)
     fresh(device)
-    model = build_model(argparse.Namespace(**shape), device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    from gentor.modeling.emu35.decoder import build_decoder, qwen3_config
+
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = build(lambda: build_decoder(qwen3_config(emu_config(argparse.Namespace(**shape)))), device, dtype)
+    model = model.eval().requires_grad_(False)
     gen = torch.Generator().manual_seed(1)
     cond = [T.BOS] + torch.randint(0, 150000, (PROMPT_TOKENS,), generator=gen).tolist() + [T.BOI]
     unc = [T.BOS] + torch.randint(0, 150000, (PROMPT_TOKENS // 2,), generator=gen).tolist()
@@ -312,7 +326,8 @@ def table(rows: list[dict]) -> str:
         notes = ", ".join(f"{k}={v}" for k, v in r.items() if k not in
                           {"section", "backend", "mode", "value", "unit", "peak_vram_gib", "peak_rss_gib"} and v != "")
         lines.append(f"| {r['section']} | {r.get('backend', '')} | {r.get('mode', '')} | {r.get('value', '')} | "
-                     f"{r.get('unit', '')} | {dash(r.get('peak_vram_gib'))} | {dash(r.get('peak_rss_gib'))} | {notes} |")
+                     f"{r.get('unit', '')} | {dash(r.get('peak_vram_gib'))} | {dash(r.get('peak_rss_gib'))} | "
+                     f"{notes} |")
     return "\n".join(lines)
 
 
@@ -352,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
                 r["section_s"] = round(time.perf_counter() - t, 1)
             rows.extend(section_rows)
     print(table(rows))
-    print(f"\ntotal {time.perf_counter() - started:.0f} s on {'CPU (smoke)' if a.smoke else torch.cuda.get_device_name()}")
+    where = "CPU (smoke)" if a.smoke else torch.cuda.get_device_name()
+    print(f"\ntotal {time.perf_counter() - started:.0f} s on {where}")
     Path(a.json).write_text(json.dumps({"smoke": a.smoke, "torch": torch.__version__, "rows": rows}, indent=1))
     failed = [r for r in rows if str(r.get("mode", "")).startswith(("failed", "skipped"))]
     return 1 if failed else 0

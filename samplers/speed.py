@@ -165,7 +165,8 @@ def attention_unusable(name: str, device: torch.device) -> str:
         return ""
     if name in CUDA_ONLY and device.type != "cuda":
         return f"it needs a CUDA GPU (this run is on {device.type})"
-    from diffusers.models.attention_dispatch import AttentionBackendName, _check_attention_backend_requirements  # noqa: PLC0415
+    from diffusers.models.attention_dispatch import (AttentionBackendName,  # noqa: PLC0415
+                                                     _check_attention_backend_requirements)
 
     try:
         _check_attention_backend_requirements(AttentionBackendName(name))

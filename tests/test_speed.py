@@ -248,3 +248,11 @@ def test_lora_with_a_cache(model_roots):
     assert torch.equal(run(handle, steps=STEPS, speed=NEVER_SKIP["first_block"]).image, styled.image)
     assert "computed 8 of 16" in run(handle, steps=STEPS, speed=SKIPPING["taylorseer"]).text
     assert torch.equal(run(handle, steps=STEPS).image, styled.image)
+
+
+def test_model_offload_with_a_cache(fresh_cache):
+    memory = MemoryOptions(offload="model")
+    plain = t2i(steps=STEPS, memory=memory).image
+    assert torch.equal(t2i(steps=STEPS, memory=memory, speed=NEVER_SKIP["taylorseer"]).image, plain)
+    assert "computed 6 of 16" in t2i(steps=STEPS, memory=memory, speed=SKIPPING["first_block"]).text
+    assert torch.equal(t2i(steps=STEPS, memory=memory).image, plain)
