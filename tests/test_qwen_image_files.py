@@ -32,6 +32,9 @@ FP8_TOLERANCE = 1e-2  # as tests/test_memory_options.py for fp8_e4m3fn storage
 # Measured on this kit (relative L2 error of the image vs the bf16 folder's; 2 steps, 32 px, fp32 compute, CPU):
 # Q8_0 1.15e-3, Q6_K 2.75e-3, Q5_K_M 7.0e-3, Q4_K_M 1.44e-2, Q4_0 1.64e-2. Bounds: about twice the measured error.
 GGUF_TOLERANCE = {"Q8_0": 2.5e-3, "Q6_K": 6e-3, "Q5_K_M": 1.5e-2, "Q4_K_M": 3e-2, "Q4_0": 3.5e-2}
+# A LoRA (~7 % change of the image) on top of scaled FP8 storage: measured 1.08e-2 once the kit's scaled files
+# scale every Linear layer as ComfyUI 0.3.64 expects (the plain FP8 bound was set before that); bound 1.5x that.
+FP8_LORA_TOLERANCE = 1.6e-2
 FORMAT_FILES = {f: f"qwen_image_{kit._FORMAT_SUFFIX[f]}.safetensors" for f in kit.TRANSFORMER_FORMATS}
 
 
@@ -278,7 +281,7 @@ def _write_lora(folder: Path) -> str:
 
 
 @pytest.mark.parametrize("dm, tolerance", [(FORMAT_FILES["bf16"], 0.0), ("qwen_image-Q8_0.gguf", 2.5e-3),
-                                           (FORMAT_FILES["fp8_scaled"], FP8_TOLERANCE)])
+                                           (FORMAT_FILES["fp8_scaled"], FP8_LORA_TOLERANCE)])
 def test_lora_on_comfy_files_matches_the_folder_with_the_lora(roots, dm, tolerance):
     from gentor.loaders import lora
 
