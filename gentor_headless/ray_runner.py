@@ -223,7 +223,12 @@ class RowWorker:
                 if problem:
                     return attempt.failed(problem), False, ""
             except Cancelled:
-                return attempt.cancel(), False, ""
+                result = attempt.cancel()
+                if result.status == OK:
+                    # The prompt finished before the interrupt landed and its outputs were written: mark the row
+                    # done like any other, or --resume (which decides from the markers) would run it again.
+                    self.ledger.commit(stem, result)
+                return result, False, ""
             except RowError as exc:
                 return attempt.failed(str(exc)), False, ""
             except PromptRejected as exc:

@@ -33,7 +33,7 @@ if str(ROOT) not in sys.path:
 from gentor_headless.cli import main  # noqa: E402
 from tests.comfy_server import ComfyServer, comfy_dir_or_skip, free_port  # noqa: E402
 from tests.headless_helpers import png_bytes, wait_for, write_csv_rows  # noqa: E402
-from tests.test_headless_server import edit_workflow, read_results, successes  # noqa: E402
+from tests.test_headless_server import edit_workflow, history, read_results, successes  # noqa: E402
 
 pytestmark = pytest.mark.server
 MAPS = ["--map", "ref_1=10.image", "--map", "ref_2=11.image"]
@@ -175,13 +175,17 @@ def test_ctrl_c_then_resume_runs_only_missing_rows(ray_head, servers, tmp_path):
     assert 3 <= len(ok_first) < 12, first
     assert wait_for(lambda: all(not s.get_json("/queue")["queue_running"] for s in servers), 30)
     before = sum(successes(s.url, "rayresume") for s in servers)
+    seen = {pid for s in servers for pid in history(s.url)}
     done = subprocess.run(command(wf, data, out, ray_head, *urls, "--resume"), capture_output=True, text=True,
                           timeout=300, env=ray_head.env)
     assert done.returncode == 0, done.stdout + done.stderr
     final = read_results(out / "results.csv")
     assert [(r["row_id"], r["status"]) for r in final] == [(str(i), "ok") for i in range(12)]
     after = sum(successes(s.url, "rayresume") for s in servers)
-    assert after - before == 12 - len(ok_first)  # only the missing rows ran
+    # Which rows' prompts the servers ran after the first run (row i's first reference is a{i}.png).
+    ran = sorted(f'{h["prompt"][2]["10"]["inputs"]["image"].rsplit("_", 1)[-1]}:{h["status"]["status_str"]}'
+                 for s in servers for pid, h in history(s.url).items() if pid not in seen)
+    assert after - before == 12 - len(ok_first), f"ok in the first run: {sorted(ok_first)}; ran since: {ran}"
     assert sorted(p.name for p in out.glob("*.png")) == sorted(f"item-{i}_0.png" for i in range(12))
 
 
