@@ -11,7 +11,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -84,3 +84,9 @@ def active(module: torch.nn.Module) -> set[str]:
         if not layer.disable_adapters:
             out.update(layer.active_adapters)
     return out
+
+
+def has_lora_layers(module: Any) -> bool:
+    """A cached wider copy that carries injected LoRA layers cannot be converted by key (its names gained
+    ``base_layer`` / ``lora_``): read that narrower copy from the files instead."""
+    return module is not None and any("lora_" in name for name, _ in module.named_parameters())

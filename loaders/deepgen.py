@@ -17,8 +17,6 @@ never from names; a mismatch between the parts is an error naming what was found
 from __future__ import annotations
 
 import logging
-import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -30,9 +28,8 @@ from ..errors import InputError, ModelFolderError
 from ..modeling.deepgen import checkpoint as ckpt
 from ..modeling.deepgen.bridge import (NUM_STACKED_LAYERS, QUERIES_KEY, BridgeConfig, ConnectorHeadsUnknown,
                                        DeepGenBridge, selected_layers)
-from ..modeling.deepgen.encode import compute_dtype
 from . import vlm as vlm_loader
-from .adapters import Adapter
+from .adapters import has_lora_layers
 from .cache import ModelHandle, Session
 from .files import list_model_folders, read_json, resolve_model_folder, safe_name_parts
 from .memory import MemoryOptions, Plan, Precision
@@ -54,7 +51,6 @@ DIT_TENSORS = ("pos_embed.proj.weight", "context_embedder.weight", "time_text_em
 DIT_CONFIG_KEYS = ("num_layers", "num_attention_heads", "attention_head_dim", "joint_attention_dim",
                    "pooled_projection_dim", "in_channels", "patch_size")
 VLM_TYPE = "qwen2_5_vl"
-LORA_ADAPTER = "deepgen_lora"
 # Official SFT LoRA: r 64, alpha 128, dropout 0.05 (training only), every Linear/Embedding of the VLM
 # (deepgenteam/deepgen configs/finetune/deepgen_joint_sft_scb.py; the model class's defaults are the same).
 # alpha is not stored in the weights: it is this constant, so scale = alpha / r = 2 at the released rank.
@@ -487,63 +483,13 @@ def load_components(handle: ModelHandle, plan: Plan, session: Session) -> dict[s
     proc_dir = dict(handle.paths).get("processor")
     vskip = tuple(vlm_loader.spec().fp8_skip) if precision.cast else ()
     out["vlm"] = session.get(VLM_TYPE, vlm_dir,
-                             lambda p, s: vlm_loader.load_qwen_vl(vlm_dir, p, None if _has_adapters(s) else s, vskip),
+                             lambda p, s: vlm_loader.load_qwen_vl(vlm_dir, p, None if has_lora_layers(s) else s, vskip),
                              precision, user=f"{DISPLAY} vlm", display=DISPLAY, skip=vskip)
     out["processor"] = session.get("qwen_vl_processor", proc_dir or tok_dir,
                                    lambda _p, _s: vlm_loader.load_processor(tok_dir, proc_dir), None,
                                    user=f"{DISPLAY} tokenizer", display=DISPLAY)
     out["scheduler"] = FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler")  # stateful: fresh per run
     return out
-
-
-def _has_adapters(module: Any) -> bool:
-    """A cached wider copy that carries injected LoRA layers cannot be converted by key (its names gained
-    ``base_layer`` / ``lora_``): read that narrower copy from the files instead."""
-    return module is not None and any("lora_" in name for name, _ in module.named_parameters())
-
-
-def use_lora(handle: ModelHandle, session: Session, vlm_entry: Any, enabled: bool) -> bool:
-    """Switch the checkpoint's LoRA on in the shared VLM for this session (off again afterwards)."""
-    rank = int(handle.info_dict.get("lora_rank", "0"))
-    if not enabled or rank == 0:
-        session.use_adapters(vlm_entry, [])
-        return False
-    file = Path(handle.path(CHECKPOINT_INPUT))
-    st = file.stat()
-    session.use_adapters(vlm_entry, [Adapter(LORA_ADAPTER, (str(file), st.st_size, st.st_mtime_ns),
-                                             lambda module, name: inject_lora(module, name, file, rank))])
-    return True
-
-
-DEFAULT_SEGMENT = re.compile(r"\.default(\.|$)")
-
-
-def inject_lora(module: torch.nn.Module, name: str, file: Path, rank: int) -> None:
-    """Add the checkpoint's PEFT LoRA to the VLM under ``name`` and load its tensors (strict)."""
-    from peft import LoraConfig, inject_adapter_in_model  # noqa: PLC0415
-
-    lora = ckpt.split(ckpt.read_state(file)).lora
-    targets = ckpt.lora_targets(lora)
-    # dropout 0: the official 0.05 acts in training only (identity in eval).
-    config = LoraConfig(r=rank, lora_alpha=LORA_ALPHA, target_modules=targets, lora_dropout=0.0,
-                        init_lora_weights=False)
-    with warnings.catch_warnings():
-        # The official LoRA has separate adapters on the tied embed_tokens and lm_head (as trained); PEFT warns
-        # about adapters on tied layers, which is intended here (the base weights are never merged).
-        warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*", category=UserWarning)
-        inject_adapter_in_model(config, module, adapter_name=name)
-    state = {DEFAULT_SEGMENT.sub(lambda m: f".{name}{m.group(1)}", k): v for k, v in lora.items()}
-    expected = {k for k, _ in module.named_parameters() if f".{name}." in k or k.endswith(f".{name}")}
-    missing, unexpected = ckpt.key_report(expected, state)
-    if missing or unexpected:
-        raise ModelFolderError(f"{DISPLAY} {CHECKPOINT_INPUT}: the LoRA tensors do not fit the VLM (got missing "
-                               f"{missing}, unexpected {unexpected}, expected PEFT LoRA keys of Qwen2.5-VL). "
-                               "Use the VLM the checkpoint was trained with (Qwen2.5-VL-3B-Instruct).")
-    base = compute_dtype(module)  # LoRA layers compute unhooked: keep them in the VLM's compute dtype
-    params = dict(module.named_parameters())
-    with torch.no_grad():
-        for key, value in state.items():
-            params[key].data = value.to(device=params[key].device, dtype=base).clone()
 
 
 def check_empty(value: str, name: str) -> None:

@@ -20,6 +20,7 @@ from PIL import Image
 from .. import glue, registry
 from ..errors import InputError, MemoryEstimateError
 from ..loaders import deepgen as loader
+from ..loaders.deepgen_lora import use_lora
 from ..loaders.cache import CACHE, ModelHandle
 from ..loaders.files import read_json
 from ..loaders.memory import Plan, resolve
@@ -229,7 +230,7 @@ def run(handle: ModelHandle, task: str, request: Request,
     spec = registry.get("deepgen")
     with CACHE.session() as session:
         components = loader.load_components(handle, plan, session)
-        lora = loader.use_lora(handle, session, components["vlm"], job.lora)
+        lora = use_lora(handle, session, components["vlm"], job.lora)
         placement = Placement({r: components[r] for r in ROLES}, dict(spec.blocks), plan, DISPLAY)
         with placement.running() as placed, torch.inference_mode():
             # CFG runs as one batched pass per step: one branch for the cache's step count.
