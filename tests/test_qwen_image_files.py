@@ -23,6 +23,7 @@ from gentor.loaders.memory import MemoryOptions
 from gentor.samplers import qwen_image as sampler
 from gentor.samplers.common import Request
 from tests import tiny_comfy as kit
+from tests import tiny_comfy_bad
 from tests.qwen_helpers import picture, rel_err
 
 SIZE, STEPS = 32, 2
@@ -52,7 +53,7 @@ def comfy(tmp_path_factory: pytest.TempPathFactory) -> dict:
                         text_encoder_formats=("bf16", "fp8_scaled"))
         kit.comfy_files(folders[kit.EDIT_2511], models, ("bf16",), text_encoder_formats=())
         write_qwen25_tokenizer(models / "comfy_text_encoders" / files_loader.TOKENIZER)
-        kit.write_bad_files(folders[kit.T2I], out / "bad")
+        tiny_comfy_bad.write_bad_files(folders[kit.T2I], out / "bad")
         (models / kit.COMPLETE_MARKER).write_text("ok\n")
     return {"folders": folders, "models": models, "bad": out / "bad", "root": out}
 
@@ -305,3 +306,15 @@ def test_diffsynth_engine_on_the_bf16_file_matches_the_folder_and_stored_forms_f
         files_loader.load_handle("qwen_image-Q8_0.gguf", TE_BF16, VAE, None, "diffsynth")
     fallback = files_loader.load_handle("qwen_image-Q8_0.gguf", TE_BF16, VAE, None, "diffsynth-or-diffusers")
     assert fallback.info_dict["engine"] == "diffusers"
+
+
+def test_diffsynth_engine_on_the_plain_fp8_file_stays_within_fp8_tolerance(roots):
+    """DiffSynth computes from the FP8 weights as stored (up-cast per layer by its VRAM management)."""
+    pytest.importorskip("diffsynth", reason="the optional DiffSynth engine is not installed")
+    want = sampler.run(folder_loader.load_handle(kit.T2I, None, "diffsynth"), "t2i", request()).image
+    handle = files_loader.load_handle(FORMAT_FILES["fp8_e4m3fn"], TE_BF16, VAE, None, "diffsynth")
+    result = sampler.run(handle, "t2i", request())
+    assert "engine=diffsynth" in result.text
+    assert rel_err(result.image, want) < FP8_TOLERANCE
+    module = transformer_entry().value
+    assert any(p.dtype == torch.float8_e4m3fn for p in module.parameters())  # it rested in FP8

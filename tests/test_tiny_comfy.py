@@ -20,6 +20,8 @@ torch = pytest.importorskip("torch")
 gguf = pytest.importorskip("gguf", reason="pip install gguf (requirements-test.txt)")
 
 from tests import tiny_comfy as tc  # noqa: E402
+from tests import tiny_comfy21 as tc21  # noqa: E402
+from tests import tiny_comfy_bad  # noqa: E402
 from tests import tiny_comfy_gguf as tg  # noqa: E402
 from tests.tiny_comfy_tokenizer import load_qwen25_tokenizer, qwen_ranks_file, write_qwen25_tokenizer  # noqa: E402
 
@@ -305,7 +307,7 @@ def test_gguf_file(t2i, tmp_path, file_type):
 # --------------------------------------------------------------------------------------------------------------
 
 def test_bad_files(t2i, tmp_path):
-    bad = tc.write_bad_files(t2i, tmp_path)
+    bad = tiny_comfy_bad.write_bad_files(t2i, tmp_path)
     from safetensors import safe_open
 
     with pytest.raises(Exception):  # noqa: B017 - safetensors' own error for a cut file
@@ -376,10 +378,11 @@ def test_qwen_image_21_file_converts_back_with_diffusers(tmp_path, prefix):
                                                      convert_qwen_image21_transformer_checkpoint_to_diffusers)
     from safetensors.torch import load_file
 
-    folder, path = tc.write_transformer21(tmp_path, prefix=prefix)
+    folder, path = tc21.write_transformer21(tmp_path, prefix=prefix)
     names, _ = header(path)
     assert any(k in names for k in CHECKPOINT_KEY_NAMES["qwen-image-2.1"])  # diffusers' detection key
-    assert not [k for k in names if k.endswith((tc.GATE, tc.UP))] and [k for k in names if k.endswith(tc.GATE_UP)]
+    assert not [k for k in names if k.endswith((tc21.GATE, tc21.UP))]
+    assert [k for k in names if k.endswith(tc21.GATE_UP)]
     back = convert_qwen_image21_transformer_checkpoint_to_diffusers(load_file(str(path)))
     ref = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
     assert set(back) == set(ref) and all(torch.equal(back[k], ref[k]) for k in ref)

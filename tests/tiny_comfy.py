@@ -17,7 +17,7 @@ Written (``write_comfy_qwen_image(out_dir)``):
   the hub repositories) — the reference each Comfy-format file must reproduce;
 - ``comfy_files(folder, out_dir)``: the Comfy-Org split files of one folder in ComfyUI's model folders
   (``diffusion_models/``, ``text_encoders/``, ``vae/``, ``unet/`` for GGUF), see ``TRANSFORMER_FORMATS``;
-- bad files (``write_bad_files``).
+- bad files (``tests/tiny_comfy_bad.py``).
 
 The writers read the folder's safetensors with ``safetensors`` only and write the published key layouts (checked
 against header listings quoted in tests/data/comfy_headers.json by tests/test_tiny_comfy.py); nothing here imports
@@ -296,26 +296,35 @@ def _te_key(name: str) -> str:
     return name
 
 
-def text_encoder_file_state_dict(folder: Path | str, fmt: str = "bf16", lm_head: bool = True) -> dict:
-    """Tensors of ``qwen_2.5_vl_7b.safetensors`` (``bf16``) or ``qwen_2.5_vl_7b_fp8_scaled.safetensors``
-    (``fp8_scaled``: every Linear weight of the language model and the vision tower in FP8 with ``scale_weight``,
-    ``scaled_fp8`` marker; embeddings, ``lm_head``, the patch-embedding conv, norms and biases bf16 — the split
-    that reproduces the published file's 9,384,670,680 bytes, see comfy_headers.json)."""
+def text_file_state_dict(sd: dict, key_of, scaled, fmt: str = "bf16", lm_head: bool = True) -> dict:
+    """A text encoder's state dict as a Comfy file: names through ``key_of``; ``bf16``, or ``fp8_scaled`` (the
+    weights ``scaled(file_key, tensor)`` picks in FP8 with ``<layer>.scale_weight``, a ``scaled_fp8`` marker,
+    everything else bf16); ``lm_head`` False leaves the output head out."""
     torch = _torch()
     if fmt not in ("bf16", "fp8_scaled"):
         raise ValueError(f"unknown text-encoder format {fmt!r}; known: bf16, fp8_scaled")
     out: dict = {}
-    for name, t in read_component(folder, "text_encoder").items():
-        key = _te_key(name)
+    for name, t in sd.items():
+        key = key_of(name)
         if key == "lm_head.weight" and not lm_head:
             continue
-        if fmt == "fp8_scaled" and key.startswith(("model.layers.", "visual.")) and _is_linear(key, t):
+        if fmt == "fp8_scaled" and scaled(key, t):
             out[key], out[key[: -len(".weight")] + ".scale_weight"] = _fp8_scaled(t)
         else:
             out[key] = t.to(torch.bfloat16)
     if fmt == "fp8_scaled":
         out["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
     return out
+
+
+def text_encoder_file_state_dict(folder: Path | str, fmt: str = "bf16", lm_head: bool = True) -> dict:
+    """Tensors of ``qwen_2.5_vl_7b.safetensors`` (``bf16``) or ``qwen_2.5_vl_7b_fp8_scaled.safetensors``
+    (``fp8_scaled``: every Linear weight of the language model and the vision tower in FP8 with ``scale_weight``,
+    ``scaled_fp8`` marker; embeddings, ``lm_head``, the patch-embedding conv, norms and biases bf16 — the split
+    that reproduces the published file's 9,384,670,680 bytes, see comfy_headers.json)."""
+    def scaled(key: str, t) -> bool:
+        return key.startswith(("model.layers.", "visual.")) and _is_linear(key, t)
+    return text_file_state_dict(read_component(folder, "text_encoder"), _te_key, scaled, fmt, lm_head)
 
 
 def write_text_encoder_file(folder: Path | str, path: Path | str, fmt: str = "bf16", **kw) -> Path:
@@ -407,88 +416,6 @@ def comfy_files(folder: Path | str, models_dir: Path | str, formats: Iterable[st
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Bad files (each must be refused with a clear error naming the file)
-# ----------------------------------------------------------------------------------------------------------------
-
-def write_truncated(src: Path | str, dst: Path | str, keep_fraction: float = 0.5) -> Path:
-    """A copy of ``src`` cut short (an interrupted download): header intact, data missing."""
-    data = Path(src).read_bytes()
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    dst.write_bytes(data[: max(16, int(len(data) * keep_fraction))])
-    return dst
-
-
-def write_scaled_missing_scales(folder: Path | str, path: Path | str, form: str = "fp8_scaled_old") -> Path:
-    """A scaled-FP8 transformer file whose per-layer scales were dropped (FP8 weights that cannot be rescaled)."""
-    sd, metadata = transformer_file_state_dict(folder, form)
-    sd = {k: v for k, v in sd.items() if not k.endswith((".scale_weight", ".weight_scale"))}
-    return _save(sd, path, metadata)
-
-
-def write_int8_convrot(folder: Path | str, path: Path | str) -> Path:
-    """A transformer in an int8 format the pack does not read (``comfy_quant`` format ``int8_convrot``, int8
-    weights + per-row ``weight_scale``; some community Edit-2511 files)."""
-    torch = _torch()
-    out: dict = {}
-    for name, t in read_component(folder, "transformer").items():
-        if _is_linear(name, t):
-            layer = name[: -len(".weight")]
-            scale = (t.float().abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-12)
-            out[name] = (t.float() / scale).round().clamp(-127, 127).to(torch.int8)
-            out[f"{layer}.weight_scale"] = scale.float()
-            conf = {"format": "int8_convrot"}
-            out[f"{layer}.comfy_quant"] = torch.tensor(list(json.dumps(conf).encode("utf-8")), dtype=torch.uint8)
-        else:
-            out[name] = t.to(torch.bfloat16)
-    return _save(out, path)
-
-
-def write_t5_text_encoder(path: Path | str, layers: int = 1, d_model: int = 64) -> Path:
-    """A tiny T5 encoder file in ComfyUI's ``t5xxl`` layout (``encoder.block.N.layer.*``, ``shared.weight``)."""
-    torch = _torch()
-    from transformers import T5Config, T5EncoderModel
-
-    torch.manual_seed(5)
-    model = T5EncoderModel(T5Config(vocab_size=256, d_model=d_model, d_kv=16, d_ff=128, num_layers=layers,
-                                    num_heads=4, feed_forward_proj="gated-gelu"))
-    return _save({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()
-                  if k != "encoder.embed_tokens.weight"}, path)
-
-
-def write_qwen3_text_encoder(path: Path | str) -> Path:
-    """A tiny Qwen3 text-encoder file (``model.layers.N.self_attn.q_norm``, no k_proj bias), the layout of the
-    Qwen3 files other models use (e.g. Z-Image's ``qwen_3_4b.safetensors``)."""
-    torch = _torch()
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    torch.manual_seed(7)
-    model = Qwen3ForCausalLM(Qwen3Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=1, head_dim=32))
-    return _save({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}, path)
-
-
-def write_bad_files(folder: Path | str, out_dir: Path | str) -> dict[str, Path]:
-    """Every bad input of issue 19 part 5 for ``folder``; returns {kind: path}."""
-    from tests.tiny_comfy_gguf import write_other_arch_gguf
-
-    out_dir = Path(out_dir)
-    good = write_transformer_file(folder, out_dir / "good" / "qwen_image_bf16.safetensors", "bf16")
-    return {
-        "truncated": write_truncated(good, out_dir / "diffusion_models" / "qwen_image_truncated.safetensors"),
-        "gguf_other_arch": write_other_arch_gguf(out_dir / "unet" / "flux1-dev-Q8_0.gguf"),
-        "t5_text_encoder": write_t5_text_encoder(out_dir / "text_encoders" / "t5xxl_fp16.safetensors"),
-        "qwen3_text_encoder": write_qwen3_text_encoder(out_dir / "text_encoders" / "qwen_3_4b.safetensors"),
-        "scaled_missing_scales": write_scaled_missing_scales(
-            folder, out_dir / "diffusion_models" / "qwen_image_fp8_scaled_noscale.safetensors"),
-        "scaled_missing_scales_v2": write_scaled_missing_scales(
-            folder, out_dir / "diffusion_models" / "qwen_image_fp8mixed_noscale.safetensors", "fp8_mixed"),
-        "int8_convrot": write_int8_convrot(
-            folder, out_dir / "diffusion_models" / "qwen_image_edit_2511_int8.safetensors"),
-    }
-
-
 def write(out_dir: Path | str, force: bool = False) -> dict[str, Path]:
     """The kit entry (``python -m tests.tiny_models --out DIR --backend qwen_image_comfy``): every folder under
     ``DIR/qwen_image/``, and under ``DIR/comfyui_models/`` the T2I folder in every format (+ GGUF in ``unet/``,
@@ -510,36 +437,3 @@ def write(out_dir: Path | str, force: bool = False) -> dict[str, Path]:
     result["comfyui_models"] = models
     return result
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# Qwen-Image 2.1 transformer (the Comfy file fuses img_mlp's gate and up projections)
-# ----------------------------------------------------------------------------------------------------------------
-
-# QwenImage21Transformer2DModel's defaults are the released values (head 128, rope (16, 56, 56), patch 1, 64
-# channels, MLP ratio 3, block-causal condition); only depth and widths shrink.
-TRANSFORMER21_CONFIG = {"num_layers": 2, "num_attention_heads": 2, "context_in_dim": 256}
-GATE_UP, GATE, UP = "img_mlp.gate_up.weight", "img_mlp.gate_layer.weight", "img_mlp.proj.weight"
-
-
-def write_transformer21(out_dir: Path | str, prefix: bool = True, seed: int = 31) -> tuple[Path, Path]:
-    """(diffusers ``transformer/`` folder, Comfy file) of a real-config tiny Qwen-Image 2.1 transformer. The Comfy
-    file holds diffusers' names with each block's ``img_mlp.gate_layer`` and ``img_mlp.proj`` fused into
-    ``img_mlp.gate_up`` (gate rows first), the layout diffusers' converter for that file undoes."""
-    torch = _torch()
-    import diffusers
-
-    out_dir = Path(out_dir)
-    torch.manual_seed(seed)
-    model = diffusers.QwenImage21Transformer2DModel(**TRANSFORMER21_CONFIG).eval().to(torch.bfloat16)
-    folder = out_dir / "qwen_image_21_transformer"
-    model.save_pretrained(folder, safe_serialization=True)
-    sd = {k: v.detach() for k, v in model.state_dict().items()}
-    fused: dict = {}
-    for name, t in sd.items():
-        if name.endswith(GATE):
-            fused[name[: -len(GATE)] + GATE_UP] = torch.cat([t, sd[name[: -len(GATE)] + UP]], dim=0)
-        elif not name.endswith(UP):
-            fused[name] = t
-    if prefix:
-        fused = {COMFY_PREFIX + k: v for k, v in fused.items()}
-    return folder, _save(fused, out_dir / "diffusion_models" / "qwen_image_2.1_bf16.safetensors")

@@ -15,6 +15,7 @@ writes ``DIR/<folder key>/tiny-<variant>/``. For Qwen-Image (folder key ``qwen_i
 - ``tiny-qwen-image-2.1``        QwenImage21Pipeline with a tiny Qwen3-VL encoder (tests/tiny_qwen21.py)
 - ``DIR/loras/tiny-qwen-image-lora-<format>.safetensors``  one LoRA in every key layout (tests/tiny_qwen_lora.py)
 - opt-in ``--backend qwen_image_comfy``: real-config folders + the Comfy-format files (tests/tiny_comfy.py)
+- opt-in ``--backend qwen_image_comfy21``: the same for Qwen-Image 2.1 (tests/tiny_comfy21.py)
 
 Each folder is what ``DiffusionPipeline.save_pretrained`` writes (``model_index.json``, ``scheduler/``,
 ``text_encoder/``, ``tokenizer/``, ``transformer/``, ``vae/`` and for edit models ``processor/``). The
@@ -465,7 +466,8 @@ BACKENDS: dict[str, Callable[..., dict[str, Path]]] = {
     "vlm": _kit("tiny_vlm"),
 }
 # Written only when named (--backend ID): larger files. qwen_image_comfy = Comfy-format Qwen-Image (tests/tiny_comfy.py).
-OPT_IN_BACKENDS: dict[str, Callable[..., dict[str, Path]]] = {"qwen_image_comfy": _kit("tiny_comfy")}
+OPT_IN_BACKENDS: dict[str, Callable[..., dict[str, Path]]] = {"qwen_image_comfy": _kit("tiny_comfy"),
+                                                           "qwen_image_comfy21": _kit("tiny_comfy21")}
 
 
 def write_all(out_dir: Path | str, backends: Iterable[str] | None = None, force: bool = False) -> dict[str, Path]:
