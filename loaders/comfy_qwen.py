@@ -28,6 +28,12 @@ WAN_VAE_KEYS = ("encoder.conv1.weight", "decoder.conv1.weight", "conv2.weight")
 DIFFUSERS_VAE_KEYS = ("encoder.conv_in.weight", "decoder.conv_in.weight", "post_quant_conv.weight")
 QWEN_IMAGE_LATENT_CHANNELS = 16
 RGB = 3
+# Qwen-Image 2.1's VAE (64 latent channels, RGBA): ComfyUI's Wan-2.2 layout, or diffusers' AutoencoderKLQwenImage21.
+VAE21_KEYS = {"native": ("decoder.upsamples.0.upsamples.0.residual.2.weight", "encoder.conv1.weight", "conv2.weight"),
+              "diffusers": ("decoder.up_blocks.0.resnets.0.conv1.weight", "encoder.conv_in.weight",
+                            "post_quant_conv.weight")}
+QWEN_IMAGE21_LATENT_CHANNELS = 64
+RGBA = 4
 
 
 def describe(h: FileHeader) -> str:
@@ -38,7 +44,8 @@ def describe(h: FileHeader) -> str:
                 "qwen_image_layered": "a Qwen-Image-Layered transformer", "qwen2_5_vl": "a Qwen2.5-VL text encoder",
                 "qwen3": "a Qwen3 text encoder", "qwen3_vl": "a Qwen3-VL text encoder", "t5": "a T5 text encoder",
                 "clip": "a CLIP text encoder", "llm": "another language model",
-                "qwen_image_vae": "a Qwen-Image / Wan-2.1 VAE", "vae_other": "another VAE"}.get(kind, kind)
+                "qwen_image_vae": "a Qwen-Image / Wan-2.1 VAE", "qwen_image21_vae": "a Qwen-Image 2.1 VAE",
+                "vae_other": "another VAE"}.get(kind, kind)
     arch = h.metadata.get("general.architecture")
     if arch:
         return f"a GGUF file of architecture {arch!r}"
@@ -107,6 +114,13 @@ def is_qwen25vl(path: Path) -> bool:
     return text_kind(read_header(path, "Qwen-Image", "text_encoder")) == "qwen2_5_vl"
 
 
+def is_qwen_text_encoder(path: Path) -> bool:
+    """Qwen-Image 1.x's Qwen2.5-VL or 2.1's Qwen3-VL (the trio check tells which transformer it fits)."""
+    from .comfy_files import read_header  # noqa: PLC0415
+
+    return text_kind(read_header(path, "Qwen-Image", "text_encoder")) in ("qwen2_5_vl", "qwen3_vl")
+
+
 def _embed(h: FileHeader) -> tuple[int, int]:
     key = next(k for k in h.shapes if k.endswith("embed_tokens.weight"))
     return h.shapes[key]
@@ -149,7 +163,19 @@ def has_lm_head(h: FileHeader) -> bool:
 
 
 # ----------------------------------------------------------------------------- VAE
+def vae21_layout(h: FileHeader) -> str | None:
+    """``native`` (ComfyUI's file) / ``diffusers`` for a Qwen-Image 2.1 VAE, else None."""
+    for layout, keys in VAE21_KEYS.items():
+        if h.has(*keys):
+            conv_in, post = h.shapes[keys[1]], h.shapes[keys[2]]
+            if conv_in[1] == RGBA and post[0] == QWEN_IMAGE21_LATENT_CHANNELS:
+                return layout
+    return None
+
+
 def vae_kind(h: FileHeader) -> str | None:
+    if vae21_layout(h):
+        return "qwen_image21_vae"
     keys = WAN_VAE_KEYS if h.has(*WAN_VAE_KEYS) else DIFFUSERS_VAE_KEYS if h.has(*DIFFUSERS_VAE_KEYS) else None
     if keys is None:
         return None
@@ -163,7 +189,7 @@ def vae_kind(h: FileHeader) -> str | None:
 def is_qwen_vae(path: Path) -> bool:
     from .comfy_files import read_header  # noqa: PLC0415
 
-    return vae_kind(read_header(path, "Qwen-Image", "vae")) == "qwen_image_vae"
+    return vae_kind(read_header(path, "Qwen-Image", "vae")) in ("qwen_image_vae", "qwen_image21_vae")
 
 
 def vae_latent_channels(h: FileHeader) -> int:

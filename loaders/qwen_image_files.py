@@ -45,6 +45,7 @@ VARIANTS = {
 }
 VARIANT_CHOICES = (AUTO, *VARIANTS)
 ANY_TASK = "any"
+TASK_21 = "qi21"  # a Qwen-Image 2.1 trio (loaders/qwen_image21_files.py)
 AUTO_VARIANT = "qwen-image-1.x"
 AUTO_EDIT_TASK = "edit_plus"  # Edit-2509's pipeline: one or more references (the common Comfy files' release)
 INPUTS = ("diffusion_model", "text_encoder", "vae")
@@ -70,7 +71,7 @@ def list_transformers() -> list[str]:
 
 
 def list_text_encoders() -> list[str]:
-    return list_files(TEXT_KEYS, cq.is_qwen25vl)
+    return list_files(TEXT_KEYS, cq.is_qwen_text_encoder)
 
 
 def list_vaes() -> list[str]:
@@ -90,10 +91,7 @@ def inspect_files(dm: Path, te: Path, vae: Path, variant: str = AUTO) -> Trio:
     th = read_header(dm, BACKEND, "diffusion_model")
     kind = cq.transformer_kind(th)
     if kind == "qwen_image21":
-        raise ModelFolderError(fmt(BACKEND, "diffusion_model", f"{dm.name} is a Qwen-Image 2.1 transformer, which "
-                                   "this loader does not read yet", "a Qwen-Image 2.1 file",
-                                   "a Qwen-Image / -2512 / Edit / Edit-2509 / Edit-2511 file",
-                                   "Use the Qwen-Image 2.1 diffusers folder with Gentor Load Qwen-Image"))
+        return _inspect21(th, dm, te, vae, variant)
     if kind != "qwen_image":
         raise ModelFolderError(fmt(BACKEND, "diffusion_model", f"{dm.name} is not a Qwen-Image transformer",
                                    cq.describe(th), "a file with txt_norm.weight and img_in.weight (Qwen-Image)",
@@ -129,6 +127,18 @@ def inspect_files(dm: Path, te: Path, vae: Path, variant: str = AUTO) -> Trio:
     return Trio(th, tfmt, eh, efmt, vh, name, task, zero)
 
 
+def _inspect21(th: FileHeader, dm: Path, te: Path, vae: Path, variant: str) -> Trio:
+    from . import qwen_image21_files as files21  # noqa: PLC0415
+
+    if variant != AUTO:
+        raise InputError(fmt(BACKEND, "variant", f"{dm.name} is a Qwen-Image 2.1 transformer", repr(variant),
+                             "auto (the variants name Qwen-Image 1.x releases)", "Set variant to auto"))
+    tfmt = weight_format(th, BACKEND, "diffusion_model")
+    eh, vh = read_header(te, BACKEND, "text_encoder"), read_header(vae, BACKEND, "vae")
+    files21.inspect(th, dm, eh, te, vh, vae)
+    return Trio(th, tfmt, eh, weight_format(eh, BACKEND, "text_encoder"), vh, files21.VARIANT, files21.TASK, False)
+
+
 def load_handle(diffusion_model: str, text_encoder: str, vae: str, memory: MemoryOptions | None,
                 engine: str = "diffusers", variant: str = AUTO) -> ModelHandle:
     """What GentorLoadQwenImageFiles does: resolve the three files, check them, detect; weights load lazily."""
@@ -146,7 +156,12 @@ def load_handle(diffusion_model: str, text_encoder: str, vae: str, memory: Memor
                                  f"{trio.transformer_format.name} / {trio.text_format.name}",
                                  "bf16, fp16 or plain FP8 files", "Set engine to diffusers (or diffsynth-or-diffusers)"))
         engine = "diffusers"  # diffsynth-or-diffusers: the allowed fallback
-    cfg = cq.transformer_config(trio.transformer, trio.zero_cond_t)
+    if trio.task == TASK_21:
+        from .comfy_qwen21 import transformer_config  # noqa: PLC0415
+
+        cfg = transformer_config(trio.transformer)
+    else:
+        cfg = cq.transformer_config(trio.transformer, trio.zero_cond_t)
     return ModelHandle("qwen_image", trio.variant, (("diffusion_model", str(dm)), ("text_encoder", str(te)),
                                                      ("vae", str(va))), memory or MemoryOptions(),
                        (("task", trio.task), ("layout", LAYOUT), ("layers", str(cfg["num_layers"])),
@@ -221,14 +236,19 @@ def precision_for(header: FileHeader, wfmt: WeightFormat, plan: Plan, memory: Me
     return plan.precision, tuple(skip) if plan.precision.cast else ()
 
 
-def _file_loader(build, header: FileHeader, wfmt: WeightFormat, rename, component: str):
-    """``load(precision, source)`` for the cache: stream one file (stored-form layers swapped in first)."""
+def file_loader(build, header: FileHeader, wfmt: WeightFormat, rename, component: str,
+                tensors: Any = None):
+    """``load(precision, source)`` for the cache: stream one file (stored-form layers swapped in first);
+    ``tensors`` reads the file in another layout (loaders/comfy_remap.py)."""
     def load(prec: Precision | None, source: Any, skip: tuple[str, ...]) -> Any:
         if source is not None and not wfmt.keeps_stored_form:
             return streaming.load_module(build, prec, skip, source=lora_files.base_view(source), display=BACKEND,
                                          component=component)
         prepare = stored_form_preparer(header, wfmt, prec.base) if wfmt.keeps_stored_form else None
-        source_kw = {"tensors": GGUFTensors(header)} if wfmt.gguf else {"files": (header.path,)}
+        if tensors is not None:
+            source_kw = {"tensors": tensors}
+        else:
+            source_kw = {"tensors": GGUFTensors(header)} if wfmt.gguf else {"files": (header.path,)}
         return streaming.load_module(build, prec, skip, rename=rename, display=BACKEND, component=component,
                                      prepare=prepare, **source_kw)
     return load
@@ -241,7 +261,7 @@ def load_transformer(path: str | Path, prec: Precision, source: Any, skip: tuple
     wfmt = weight_format(header, BACKEND, "diffusion_model")
     config = cq.transformer_config(header, zero_cond_t)
     build = lambda: QwenImageTransformer2DModel.from_config(config)  # noqa: E731
-    return _file_loader(build, header, wfmt, comfy_rename(header.prefix), "diffusion_model")(prec, source, skip)
+    return file_loader(build, header, wfmt, comfy_rename(header.prefix), "diffusion_model")(prec, source, skip)
 
 
 def load_text_encoder(path: str | Path, prec: Precision | None, source: Any = None, skip: tuple[str, ...] = ()) -> Any:
@@ -255,7 +275,7 @@ def load_text_encoder(path: str | Path, prec: Precision | None, source: Any = No
 
     def build() -> Any:
         return Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype)
-    model = _file_loader(build, header, wfmt, comfy_rename(header.prefix), "text_encoder")(prec, source, skip)
+    model = file_loader(build, header, wfmt, comfy_rename(header.prefix), "text_encoder")(prec, source, skip)
     model.gentor_has_lm_head = cq.has_lm_head(header)
     return model
 
@@ -267,7 +287,7 @@ def load_vae(path: str | Path, prec: Precision, source: Any) -> Any:
     config = cq.vae_config(header)
     build = lambda: StillImageQwenImageVAE.from_config(config)  # noqa: E731
     wfmt = WeightFormat("vae")
-    return _file_loader(build, header, wfmt, cq.wan_vae_rename(header), "vae")(prec, source, ())
+    return file_loader(build, header, wfmt, cq.wan_vae_rename(header), "vae")(prec, source, ())
 
 
 def tokenizer_dir() -> Path:
@@ -301,6 +321,21 @@ def load_processor(folder: Path) -> Any:
                             video_processor=Qwen2VLVideoProcessor(**sizes))
 
 
+def fetch(session: Session, kind: str, role: str, path: str, load: Any, prec: Precision, skip: tuple[str, ...],
+          user: str) -> Any:
+    """One file's component through the shared cache; a file that cannot be read is named in the error."""
+    try:
+        return session.get(kind, path, load, prec, user=user, display=BACKEND, skip=skip)
+    except (OSError, ValueError) as exc:
+        raise ModelFolderError(fmt(BACKEND, role, f"could not be loaded from {Path(path).name}", exc,
+                                   "a readable Comfy-format file", f"Check or re-download {path}")) from exc
+
+
+def vae_precision(plan: Plan) -> Precision:
+    """A VAE rests and computes in the plan's compute dtype (never FP8), as from a pipeline folder."""
+    return Precision(plan.precision.base, plan.precision.base)
+
+
 def load_components(handle: ModelHandle, task: str, plan: Plan, session: Session) -> dict[str, Any]:
     """Fetch the five (six for edits) components through the shared cache (one entry per file identity)."""
     from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: PLC0415
@@ -314,7 +349,7 @@ def load_components(handle: ModelHandle, task: str, plan: Plan, session: Session
         path = handle.path(role)
         header = read_header(path, BACKEND, role)
         if comp == "vae":
-            prec, skip = Precision(plan.precision.base, plan.precision.base), ()
+            prec, skip = vae_precision(plan), ()
             load = lambda p, s, _path=path: load_vae(_path, p, s)  # noqa: E731
         else:
             wfmt = weight_format(header, BACKEND, role)
@@ -323,12 +358,7 @@ def load_components(handle: ModelHandle, task: str, plan: Plan, session: Session
                 load = lambda p, s, _path=path, _k=skip: load_transformer(_path, p, s, _k, zero)  # noqa: E731
             else:
                 load = lambda p, s, _path=path, _k=skip: load_text_encoder(_path, p, s, _k)  # noqa: E731
-        try:
-            out[comp] = session.get(KINDS[comp], path, load, prec, user=f"{BACKEND} {comp}", display=BACKEND,
-                                    skip=skip)
-        except (OSError, ValueError) as exc:
-            raise ModelFolderError(fmt(BACKEND, role, f"could not be loaded from {Path(path).name}", exc,
-                                       "a readable Comfy-format file", f"Check or re-download {path}")) from exc
+        out[comp] = fetch(session, KINDS[comp], role, path, load, prec, skip, f"{BACKEND} {comp}")
     out["tokenizer"] = session.get(KINDS["tokenizer"], str(tok), lambda _p, _s: load_tokenizer(tok), None,
                                    user=f"{BACKEND} tokenizer", display=BACKEND)
     sched = cq.CONFIG_DIR

@@ -173,7 +173,7 @@ def load_module(build: Callable[[], nn.Module], precision: Precision | None, ski
     aliases = alias_groups(slots)
     base = precision.base if precision else None
     reads = (_source_tensors(source) if source is not None else
-             tensors.tensors(plan) if tensors is not None else _file_tensors(headers, plan, label))
+             tensors.tensors(plan) if tensors is not None else file_tensors(headers, plan, label))
     for key, tensor in reads:
         glue.check_interrupt()  # Cancel lands within one tensor's read, also while a big model loads
         if plan[key] is not None:
@@ -279,7 +279,7 @@ def _convert(tensor: torch.Tensor, slot: torch.Tensor, base: torch.dtype | None,
 
 
 # ----------------------------------------------------------------------------- reading and filling
-def _file_tensors(headers: dict[Path, dict], plan: dict[str, str | None], label: Label
+def file_tensors(headers: dict[Path, dict], plan: dict[str, str | None], label: Label
                   ) -> Iterator[tuple[str, torch.Tensor]]:
     """(key, tensor) one file at a time, in file order; the caller copies each tensor and drops it.
 

@@ -67,6 +67,7 @@ IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 # The Qwen chat format all Qwen-VL Instruct models were trained on, used only when a folder ships no chat
 # template (a Qwen-Image pipeline's tokenizer): system/user/assistant turns between <|im_start|> and
 # <|im_end|>, each image as <|vision_start|><|image_pad|><|vision_end|> where it appears in the turn.
+COMFY_KINDS = ("qwen2_5_vl", "qwen3_vl")  # Comfy-format text encoders that can generate (with their lm_head)
 QWEN_CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
@@ -142,30 +143,32 @@ def _generates(path: Path) -> bool:
     from .comfy_files import read_header  # noqa: PLC0415
 
     header = read_header(path, DISPLAY, INPUT)
-    return comfy_qwen.text_kind(header) == "qwen2_5_vl" and comfy_qwen.has_lm_head(header)
+    return comfy_qwen.text_kind(header) in COMFY_KINDS and comfy_qwen.has_lm_head(header)
 
 
 def _comfy_file_handle(path: Path, memory: MemoryOptions | None) -> ModelHandle:
-    """A handle on a Comfy-format Qwen2.5-VL file: ComfyUI's bundled tokenizer, the released image processor."""
-    from . import comfy_qwen, qwen_image_files  # noqa: PLC0415
+    """A handle on a Comfy-format Qwen2.5-VL / Qwen3-VL file: ComfyUI's bundled tokenizer, the released image
+    processor settings."""
+    from . import comfy_qwen, comfy_qwen21, qwen_image_files  # noqa: PLC0415
     from .comfy_files import read_header, weight_format  # noqa: PLC0415
 
     header = read_header(path, DISPLAY, INPUT)
-    if comfy_qwen.text_kind(header) != "qwen2_5_vl" or not comfy_qwen.has_lm_head(header):
+    kind = comfy_qwen.text_kind(header)
+    if kind not in COMFY_KINDS or not comfy_qwen.has_lm_head(header):
         raise ModelFolderError(
             f"{DISPLAY} {INPUT}: {path.name} cannot generate text (got {comfy_qwen.describe(header)}"
-            f"{'' if comfy_qwen.has_lm_head(header) else ' without lm_head'}, expected a Qwen2.5-VL file with its "
-            "lm_head). Pick a Qwen-VL Instruct folder from models/vlm/.")
+            f"{'' if comfy_qwen.has_lm_head(header) else ' without lm_head'}, expected a Qwen2.5-VL or Qwen3-VL file "
+            "with its lm_head). Pick a Qwen-VL Instruct folder from models/vlm/.")
     weight_format(header, DISPLAY, INPUT)
-    config = comfy_qwen.text_config(header)
+    config = (comfy_qwen21 if kind == "qwen3_vl" else comfy_qwen).text_config(header)
     hidden, layers = config.text_config.hidden_size, config.text_config.num_hidden_layers
     params = sum(_numel(s) for s in header.shapes.values())
-    arch = ARCHITECTURES["qwen2_5_vl"]
+    arch = ARCHITECTURES[kind]
     tok = qwen_image_files.tokenizer_dir()
-    return ModelHandle(BACKEND, _variant("qwen2_5_vl", arch, hidden, layers, params),
+    return ModelHandle(BACKEND, _variant(kind, arch, hidden, layers, params),
                        (("model", str(path)), ("tokenizer", str(tok)), ("processor", str(tok))),
                        memory or MemoryOptions(), (
-        ("architecture", "qwen2_5_vl"), ("params", human_count(params)), ("layers", str(layers)),
+        ("architecture", kind), ("params", human_count(params)), ("layers", str(layers)),
         ("hidden", str(hidden)), ("images", "yes"), ("chat_template", "built-in Qwen format"),
         ("layout", COMFY_LAYOUT)))
 
@@ -318,10 +321,13 @@ def load_qwen_vl(folder: str | Path, precision: Precision | None, source: Any = 
     from .streaming import load_transformers  # noqa: PLC0415
 
     folder = Path(folder)
-    if folder.is_file():  # a Comfy-format Qwen2.5-VL file: its own loader (shared with Qwen-Image's file loader)
-        from .qwen_image_files import load_text_encoder  # noqa: PLC0415
+    if folder.is_file():  # a Comfy-format file: its own loader (shared with Qwen-Image's file loaders)
+        from . import qwen_image21_files, qwen_image_files  # noqa: PLC0415
+        from .comfy_files import read_header  # noqa: PLC0415
+        from .comfy_qwen import text_kind  # noqa: PLC0415
 
-        return load_text_encoder(folder, precision, source, skip)
+        qwen3 = text_kind(read_header(folder, DISPLAY, INPUT)) == "qwen3_vl"
+        return (qwen_image21_files if qwen3 else qwen_image_files).load_text_encoder(folder, precision, source, skip)
     model_type = _model_type(folder)
     if model_type not in ARCHITECTURES:
         raise _not_vlm(folder, f"config.json model_type={model_type!r}")
@@ -370,7 +376,14 @@ def load_components(handle: ModelHandle, plan: Plan, session: Session) -> dict[s
         header = read_header(model_dir, DISPLAY, INPUT)
         precision, skip = precision_for(header, weight_format(header, DISPLAY, INPUT), plan, handle.memory, skip,
                                         False)
-        processor = session.get("qwen_vl_processor", tokenizer_dir, lambda _p, _s: comfy_processor(Path(tokenizer_dir)),
+        if handle.info_dict["architecture"] == "qwen3_vl":  # the processor Qwen-Image 2.1's file loader caches
+            from .comfy_qwen21 import PROCESSOR_CONFIG_FILE  # noqa: PLC0415
+            from .qwen_image21_files import load_processor as comfy_processor21  # noqa: PLC0415
+
+            key, make = str(PROCESSOR_CONFIG_FILE), comfy_processor21
+        else:
+            key, make = tokenizer_dir, comfy_processor
+        processor = session.get("qwen_vl_processor", key, lambda _p, _s: make(Path(tokenizer_dir)),
                                 None, user=BACKEND, display=DISPLAY)
         processor.value.chat_template = processor.value.chat_template or QWEN_CHAT_TEMPLATE
         processor.value.tokenizer.chat_template = processor.value.tokenizer.chat_template or QWEN_CHAT_TEMPLATE

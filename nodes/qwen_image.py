@@ -50,17 +50,19 @@ class GentorLoadQwenImageFiles(io.ComfyNode):
         return io.Schema(
             node_id="GentorLoadQwenImageFiles", display_name="Gentor Load Qwen-Image (ComfyUI files)",
             category=SUBCATEGORY,
-            description="Load Qwen-Image / -2512 / Edit / Edit-2509 / Edit-2511 from the single files ComfyUI uses "
-                        "(bf16, FP8, scaled FP8, GGUF transformer + Qwen2.5-VL text encoder + VAE).",
+            description="Load Qwen-Image / -2512 / Edit / Edit-2509 / Edit-2511 / 2.1 from the single files ComfyUI "
+                        "uses (bf16, FP8, scaled FP8, GGUF transformer + Qwen2.5-VL or Qwen3-VL text encoder + VAE).",
             inputs=[
                 io.Combo.Input("diffusion_model", options=files_loader.list_transformers(),
                                tooltip="A Qwen-Image transformer file from models/diffusion_models/ or models/unet/ "
                                        "(safetensors bf16 / fp8 / fp8 scaled / fp8mixed, or GGUF)."),
                 io.Combo.Input("text_encoder", options=files_loader.list_text_encoders(),
-                               tooltip="The Qwen2.5-VL-7B text encoder file from models/text_encoders/ or "
-                                       "models/clip/ (e.g. qwen_2.5_vl_7b_fp8_scaled.safetensors)."),
+                               tooltip="The text encoder file from models/text_encoders/ or models/clip/: Qwen2.5-VL-7B "
+                                       "for Qwen-Image 1.x (e.g. qwen_2.5_vl_7b_fp8_scaled.safetensors), Qwen3-VL-8B "
+                                       "for 2.1 (qwen3vl_8b_bf16.safetensors)."),
                 io.Combo.Input("vae", options=files_loader.list_vaes(),
-                               tooltip="The Qwen-Image VAE file from models/vae/ (qwen_image_vae.safetensors)."),
+                               tooltip="The VAE file from models/vae/: qwen_image_vae.safetensors (1.x) or "
+                                       "qwen_image_2.1_vae_bf16.safetensors (2.1)."),
                 GentorMemory.Input("memory", optional=True,
                                    tooltip="Optional Gentor Memory Options. Scaled-FP8 and GGUF files keep their "
                                            "stored form; compute dtype and offload apply."),
@@ -73,7 +75,8 @@ class GentorLoadQwenImageFiles(io.ComfyNode):
                                tooltip="auto: detected from the weights. Qwen-Image, -2512, Edit and Edit-2509 have "
                                        "identical weights' shapes: auto runs Text to Image with Qwen-Image's pipeline "
                                        "and Edit Image with Edit-2509's; pick qwen-image-edit for the original Edit. "
-                                       "Edit-2511 files are recognised by ComfyUI's marker tensor."),
+                                       "Edit-2511 files are recognised by ComfyUI's marker tensor; 2.1 by its "
+                                       "tensors (keep auto)."),
             ],
             outputs=[GentorModel.Output("model", tooltip="Connect to Gentor Text to Image or Gentor Edit Image.")])
 

@@ -258,6 +258,8 @@ def run(handle: ModelHandle, task: str, request: Request,
     handle.check_exists(DISPLAY)
     if qwen_files.is_files_handle(handle):
         handle, notes = qwen_files.for_task(handle, task)
+        if handle.info_dict["task"] == qwen_loader.TASK_21:
+            return execute(qwen_image21.files_generation(handle, notes), handle, task, request, listener)
         return execute(files_generation(handle, notes), handle, task, request, listener)
     generation = qwen_image21.GENERATION if handle.info_dict["task"] == qwen_loader.TASK_21 else GENERATION
     return execute(generation, handle, task, request, listener)

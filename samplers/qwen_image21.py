@@ -121,9 +121,14 @@ def fit_resolution(resolution: int, processor: Any) -> int:
 
 
 def check_memory(job: Job21, path: Path, plan: Plan) -> list[str]:
-    """Refuse a run that cannot fit before any weight is read; decide the VAE tiling."""
+    """Refuse a run that cannot fit before any weight is read; decide the VAE tiling (folder configs)."""
     tcfg = read_json(path / "transformer" / "config.json", DISPLAY, "transformer config")
     vcfg = read_json(path / "vae" / "config.json", DISPLAY, "vae config")
+    return memory_check(job, tcfg, vcfg, plan)
+
+
+def memory_check(job: Job21, tcfg: dict, vcfg: dict, plan: Plan) -> list[str]:
+    """``check_memory`` on the transformer and VAE configs (from a folder or a Comfy file's headers)."""
     itemsize = torch.finfo(plan.compute).bits // 8
     tokens = (job.width // PATCH_PX) * (job.height // PATCH_PX) + len(job.images) * (job.resolution // PATCH_PX) ** 2
     inner = tcfg.get("num_attention_heads", 32) * tcfg.get("attention_head_dim", 128)
@@ -215,6 +220,22 @@ def finish(out: torch.Tensor, job: Job21, handle: ModelHandle,
     pairs = [*summary_pairs(handle, job), ("references", len(job.images)),
              ("alpha", "yes" if out.shape[1] > ALPHA_CHANNEL else "no"), ("engine", engine)]
     return image, mask, pairs
+
+
+def files_generation(handle: ModelHandle, task_notes: list[str]) -> Generation:
+    """The 2.1 generation on Comfy-Org's files (loaders/qwen_image21_files.py) instead of a pipeline folder: no
+    folder sigma grid (ComfyUI's sampling shift is the scheduler's)."""
+    from ..loaders import qwen_image21_files as files21  # noqa: PLC0415
+
+    def plan(task: str, _handle_task: str, request: Request, _path: Path) -> tuple[Job21, list[str]]:
+        job, notes = plan_job(task, request, None)
+        return job, task_notes + notes
+
+    return Generation(plan=plan, check_memory=lambda job, _path, plan_: memory_check(job, *files21.configs(handle), plan_),
+                      load_components=lambda _path, _task, plan_, session: files21.load_components(handle, plan_,
+                                                                                                   session),
+                      make_engine=make_engine, finish=finish, step_caches=GENERATION.step_caches,
+                      no_cache=GENERATION.no_cache)
 
 
 GENERATION = Generation(plan=plan_folder_job, check_memory=check_memory, load_components=load_components,
