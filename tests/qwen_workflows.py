@@ -118,6 +118,15 @@ GGUF_NOTE = ("Qwen-Image from a GGUF transformer (city96/Qwen-Image-gguf, QuantS
              "Edit-2511; Q8_0 ... Q4_0) in models/unet/ or models/diffusion_models/, with ComfyUI's text encoder and "
              "VAE files. The weights stay quantised in memory (about the file's size) and are dequantised layer by "
              "layer while computing.")
+FILES21_NOTE = ("Qwen-Image 2.1 from Comfy-Org's files (Comfy-Org/Qwen-Image-2.1): models/diffusion_models/"
+                "qwen_image_2.1_bf16.safetensors (or a qwen-image-2.1 GGUF in models/unet/), models/text_encoders/"
+                "qwen3vl_8b_bf16.safetensors (or _fp8_scaled), models/vae/qwen_image_2.1_vae_bf16.safetensors. "
+                "Detected from the tensors; sampled as ComfyUI samples 2.1 (shift 0.69), 40 steps by default, RGBA "
+                "output (IMAGE + MASK).")
+GGUF21_NOTE = ("Qwen-Image 2.1 editing from a GGUF transformer (qwen-image-2.1-Q8_0.gguf ... Q4_K_M in models/unet/) "
+               "with Comfy-Org's Qwen3-VL text encoder and 2.1 VAE: up to 10 reference images; the weights stay "
+               "quantised in memory and are dequantised layer by layer.")
+FILES21 = ("qwen3vl_8b_bf16.safetensors", "qwen_image_2.1_vae_bf16.safetensors", "diffusers", "auto")
 
 
 def write_examples() -> None:
@@ -151,6 +160,16 @@ def write_examples() -> None:
                                                "diffusers", "auto"])
         save_pair(name, build([loader, ("GentorTextToImage", t2i_w), ("SaveImage", [f"gentor/{name}"])],
                               [(0, 0, 1, "model"), (1, 0, 2, "images")], note + TAIL, specs), specs)
+    name = "qwen_image_comfy_files_21_t2i"
+    loader = ("GentorLoadQwenImageFiles", ["qwen_image_2.1_bf16.safetensors", *FILES21])
+    save_pair(name, build([loader, ("GentorTextToImage", t2i_w), ("SaveImage", [f"gentor/{name}"])],
+                          [(0, 0, 1, "model"), (1, 0, 2, "images")], FILES21_NOTE + TAIL, specs), specs)
+    name = "qwen_image_comfy_gguf_21_edit"
+    nodes = [("GentorLoadQwenImageFiles", ["qwen-image-2.1-Q8_0.gguf", *FILES21]), ("LoadImage", [inputs[0], "image"]),
+             ("GentorEditImage", ["Turn the scene into a snowy evening", "", 7, "fixed", 2, 0.0, 32, 32]),
+             ("SaveImage", [f"gentor/{name}"])]
+    save_pair(name, build(nodes, [(0, 0, 2, "model"), (1, 0, 2, "image_1"), (2, 0, 3, "images")],
+                          GGUF21_NOTE + TAIL, specs), specs)
 
 
 def main(argv: list[str]) -> int:

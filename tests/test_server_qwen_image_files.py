@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from tests import tiny_comfy as kit
+from tests import tiny_comfy21 as kit21_files
 from tests import workflow_check as wc
+from tests import workflow_files as wf
 from tests.comfy_server import ComfyServer, comfy_dir_or_skip, describe, status_of
 
 pytestmark = pytest.mark.server
@@ -53,7 +55,9 @@ def server(tmp_path_factory: pytest.TempPathFactory):
                     text_encoder_formats=("bf16", "fp8_scaled"))
     shutil.copytree(folders[kit.T2I], models / "qwen_image" / kit.T2I)
     _write_mid(folders[kit.T2I], models)
-    srv = ComfyServer(comfy_dir, base, models)
+    kit21 = tmp_path_factory.mktemp("comfy21_kit")
+    kit21_files.comfy_files21(kit21_files.write_folder21(kit21), models)  # Qwen-Image 2.1's published file names
+    srv = ComfyServer(comfy_dir, base, models, input_images=sorted(wf.INPUTS_DIR.glob("*.png")))
     srv.start()
     try:
         yield srv
@@ -84,7 +88,8 @@ def files_prompt(dm: str, te: str = TE, name: str = "qwen_image_comfy_files_t2i"
     return prompt
 
 
-@pytest.mark.parametrize("name", ["qwen_image_comfy_files_t2i", "qwen_image_comfy_gguf_t2i"])
+@pytest.mark.parametrize("name", ["qwen_image_comfy_files_t2i", "qwen_image_comfy_gguf_t2i",
+                                  "qwen_image_comfy_files_21_t2i", "qwen_image_comfy_gguf_21_edit"])
 def test_example_workflows_run(server, name):
     from PIL import Image
 
