@@ -103,7 +103,8 @@ def reference_image() -> Image.Image:
 
 
 def test_combos_list_the_21_files(roots):
-    assert {DM, NAMES["transformer:fp8_e4m3fn"], NAMES["gguf:Q8_0"], NAMES["gguf:Q4_K_M"]} <= set(
+    assert {DM, NAMES["transformer:fp8_e4m3fn"], NAMES["transformer:fp8_scaled"], NAMES["gguf:Q8_0"],
+            NAMES["gguf:Q4_K_M"]} <= set(
         files_loader.list_transformers())
     assert {TE, NAMES["text_encoder:fp8_scaled"]} <= set(files_loader.list_text_encoders())
     assert VAE in files_loader.list_vaes()
@@ -130,6 +131,18 @@ def test_fp8_transformer_and_scaled_text_encoder_within_fp8_tolerance(roots):
     reference = folder_run().image
     assert rel_err(files_run(NAMES["transformer:fp8_e4m3fn"]).image, reference) < FP8_TOLERANCE
     assert rel_err(files_run(te=NAMES["text_encoder:fp8_scaled"]).image, reference) < FP8_TOLERANCE
+
+
+def test_scaled_fp8_transformer_keeps_its_stored_form_split_with_one_scale(roots):
+    from gentor.loaders.comfy_quant import ScaledFP8Linear
+
+    reference = folder_run().image
+    assert rel_err(files_run(NAMES["transformer:fp8_scaled"]).image, reference) < FP8_TOLERANCE
+    entry = next(e for e in CACHE.entries("qwen_image21_transformer") if "fp8_scaled" in e.source)
+    mlp = entry.value.transformer_blocks[0].img_mlp
+    gate, up = mlp.gate_layer, mlp.proj
+    assert isinstance(gate, ScaledFP8Linear) and isinstance(up, ScaledFP8Linear)
+    assert gate.weight.dtype == torch.float8_e4m3fn and torch.equal(gate.weight_scale, up.weight_scale)
 
 
 @pytest.mark.parametrize("qtype", kit.GGUF_TYPES)

@@ -31,7 +31,7 @@ import os
 import shutil
 from pathlib import Path
 
-from tests.tiny_comfy import COMFY_PREFIX, _save, read_component, text_file_state_dict
+from tests.tiny_comfy import COMFY_PREFIX, _fp8_scaled, _save, read_component, text_file_state_dict
 from tests.tiny_comfy_tokenizer import QWEN25_TOKEN_IDS, load_qwen25_tokenizer, write_qwen25_tokenizer
 
 FOLDER = "qwen_image"
@@ -73,6 +73,7 @@ CHAT_TEMPLATE = (
 FILES = {
     "transformer:bf16": "diffusion_models/qwen_image_2.1_bf16.safetensors",
     "transformer:fp8_e4m3fn": "diffusion_models/qwen_image_2.1_fp8_e4m3fn.safetensors",
+    "transformer:fp8_scaled": "diffusion_models/qwen_image_2.1_fp8_scaled.safetensors",
     "gguf:Q8_0": "unet/qwen-image-2.1-Q8_0.gguf",
     "gguf:Q4_K_M": "unet/qwen-image-2.1-Q4_K_M.gguf",
     "text_encoder:bf16": "text_encoders/qwen3vl_8b_bf16.safetensors",
@@ -175,15 +176,23 @@ def fuse_gate_up(sd: dict) -> dict:
 
 
 def transformer21_file_state_dict(folder: Path | str, fmt: str = "bf16", prefix: bool = False) -> dict:
-    """Tensors of the Comfy 2.1 transformer file of ``folder``: ``bf16``, or ``fp8_e4m3fn`` (every 2-D weight
-    downcast, no scales; the rest bf16). ``prefix``: ``model.diffusion_model.`` before every name."""
+    """Tensors of the Comfy 2.1 transformer file of ``folder``: ``bf16``; ``fp8_e4m3fn`` (every 2-D weight
+    downcast, no scales; the rest bf16); ``fp8_scaled`` (ComfyUI's newer scaled form: every 2-D weight of the
+    blocks in FP8 with a float32 ``weight_scale`` and a ``comfy_quant`` JSON — the fused ``gate_up`` matrix has
+    one scale for both halves). ``prefix``: ``model.diffusion_model.`` before every name."""
     torch = _torch()
-    if fmt not in ("bf16", "fp8_e4m3fn"):
-        raise ValueError(f"unknown 2.1 transformer format {fmt!r}; known: bf16, fp8_e4m3fn")
+    if fmt not in ("bf16", "fp8_e4m3fn", "fp8_scaled"):
+        raise ValueError(f"unknown 2.1 transformer format {fmt!r}; known: bf16, fp8_e4m3fn, fp8_scaled")
     out = {}
     for name, t in fuse_gate_up(read_component(folder, "transformer")).items():
-        fp8 = fmt == "fp8_e4m3fn" and name.endswith(".weight") and t.ndim == 2
-        out[name] = t.to(torch.float8_e4m3fn if fp8 else torch.bfloat16)
+        linear = name.endswith(".weight") and t.ndim == 2
+        if fmt == "fp8_scaled" and linear and name.startswith("transformer_blocks."):
+            layer = name[: -len(".weight")]
+            out[name], out[f"{layer}.weight_scale"] = _fp8_scaled(t)
+            conf = json.dumps({"format": "float8_e4m3fn"}).encode("utf-8")
+            out[f"{layer}.comfy_quant"] = torch.tensor(list(conf), dtype=torch.uint8)
+        else:
+            out[name] = t.to(torch.float8_e4m3fn if fmt == "fp8_e4m3fn" and linear else torch.bfloat16)
     return {COMFY_PREFIX + k: v for k, v in out.items()} if prefix else out
 
 
@@ -340,7 +349,7 @@ def comfy_files21(folder: Path | str, models_dir: Path | str) -> dict[str, Path]
     """Write every file of ``FILES`` from ``folder`` under ``models_dir``; return {key: path}."""
     models = Path(models_dir)
     out = {f"transformer:{fmt}": write_transformer21_file(folder, models / FILES[f"transformer:{fmt}"], fmt)
-           for fmt in ("bf16", "fp8_e4m3fn")}
+           for fmt in ("bf16", "fp8_e4m3fn", "fp8_scaled")}
     for qtype in GGUF_TYPES:
         out[f"gguf:{qtype}"] = write_transformer21_gguf(folder, models / FILES[f"gguf:{qtype}"], qtype)
     for fmt in ("bf16", "fp8_scaled"):
