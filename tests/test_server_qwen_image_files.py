@@ -25,6 +25,8 @@ MID_LAYERS, MID_HEADS = 12, 4
 # the pipeline object, ComfyUI's own bookkeeping): measured +5 to +53 MB over resting across runs (0.3.64, 0.8.0).
 RUN_ALLOWANCE = 64 * 1024**2
 TE, VAE = "qwen_2.5_vl_7b_fp8_scaled.safetensors", "qwen_image_vae.safetensors"
+MID21 = "qwen_image_2.1_mid_bf16.safetensors"
+FILES21_EXAMPLE = "qwen_image_comfy_files_21_t2i"
 
 
 def _write_mid(folder: Path, out: Path) -> dict[str, Path]:
@@ -45,6 +47,20 @@ def _write_mid(folder: Path, out: Path) -> dict[str, Path]:
     return {"bf16": bf16, "gguf": gguf}
 
 
+def _write_mid21(models: Path) -> Path:
+    """A bigger Qwen-Image 2.1 transformer (twice the blocks, the same width) in Comfy-Org's fused layout."""
+    import diffusers
+    import torch
+
+    from tests.tiny_comfy_sized import random_state_dict
+
+    cfg = dict(kit21_files.TRANSFORMER_CONFIG, num_layers=2 * MID_LAYERS, num_attention_heads=MID_HEADS)
+    with torch.device("meta"):
+        model = diffusers.QwenImage21Transformer2DModel(**cfg)
+    fused = kit21_files.fuse_gate_up(random_state_dict(model, 0, torch.bfloat16))
+    return kit._save(fused, models / "diffusion_models" / MID21)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
     comfy_dir = comfy_dir_or_skip()
@@ -57,6 +73,7 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     _write_mid(folders[kit.T2I], models)
     kit21 = tmp_path_factory.mktemp("comfy21_kit")
     kit21_files.comfy_files21(kit21_files.write_folder21(kit21), models)  # Qwen-Image 2.1's published file names
+    _write_mid21(models)
     srv = ComfyServer(comfy_dir, base, models, input_images=sorted(wf.INPUTS_DIR.glob("*.png")))
     srv.start()
     try:
@@ -106,7 +123,10 @@ def test_dropdowns_list_the_files_by_kind(server):
     assert "qwen_image-Q4_K_M.gguf" in options(info["diffusion_model"])  # models/unet/ too
     assert "qwen_image_bf16.safetensors" in options(info["diffusion_model"])
     assert TE not in options(info["diffusion_model"]) and VAE not in options(info["text_encoder"])
-    assert options(info["vae"]) == [VAE]
+    vae21, te21 = (Path(kit21_files.FILES[k]).name for k in ("vae", "text_encoder:bf16"))
+    assert options(info["vae"]) == sorted([VAE, vae21])  # 1.x and 2.1 VAEs; no other file of vae/
+    assert te21 in options(info["text_encoder"]) and "qwen_image_2.1_bf16.safetensors" in options(
+        info["diffusion_model"])
 
 
 def test_bf16_file_gives_the_folders_image(server):
@@ -137,16 +157,23 @@ def _status(pid: int) -> dict[str, int]:
     return out
 
 
-@pytest.mark.parametrize("dm", ["qwen_image_mid_bf16.safetensors", "qwen_image_mid-Q8_0.gguf"])
+@pytest.mark.parametrize("dm", ["qwen_image_mid_bf16.safetensors", "qwen_image_mid-Q8_0.gguf", MID21])
 def test_load_peak_within_resting_plus_one_window_on_the_executor_thread(server, dm):
     """Host RAM of the server process while a mid-size file loads and runs: peak and what stays after the run <=
-    resting + one read window (+ the run's own allowance): freed read buffers go back to the OS."""
+    resting + one read window (+ the run's own allowance): freed read buffers go back to the OS. The 2.1 file
+    goes through the fused-matrix split (loaders/comfy_remap.py)."""
     pid = server.proc.pid
-    run_ok(server, files_prompt("qwen_image_bf16.safetensors"))  # text encoder, VAE, imports: already there
+    if dm == MID21:
+        warm = files_prompt("qwen_image_2.1_bf16.safetensors", Path(kit21_files.FILES["text_encoder:bf16"]).name,
+                            FILES21_EXAMPLE)
+        prompt = files_prompt(dm, Path(kit21_files.FILES["text_encoder:bf16"]).name, FILES21_EXAMPLE)
+    else:
+        warm, prompt = files_prompt("qwen_image_bf16.safetensors"), files_prompt(dm)
+    run_ok(server, warm)  # text encoder, VAE, imports: already there
     with open(f"/proc/{pid}/clear_refs", "w", encoding="ascii") as f:
         f.write("5")  # reset VmHWM to the current RSS
     before = _status(pid)["VmRSS"]
-    run_ok(server, files_prompt(dm))
+    run_ok(server, prompt)
     now = _status(pid)
     body = server.get_json("/gentor/models")
     entries = body["models"] if isinstance(body, dict) else body
