@@ -180,7 +180,21 @@ def for_task(handle: ModelHandle, task: str) -> tuple[ModelHandle, list[str]]:
 
     family, notes = handle_task(handle, task)
     info = tuple((k, family if k == "task" else v) for k, v in handle.info)
-    return dataclasses.replace(handle, info=info), notes
+    return dataclasses.replace(handle, info=info), notes + stored_form_notes(handle)
+
+
+def stored_form_notes(handle: ModelHandle) -> list[str]:
+    """Say when Memory Options' weight_dtype does not apply to a file (a stored form is kept as stored)."""
+    wanted = handle.memory.weight_dtype
+    if wanted == AUTO:
+        return []
+    kept = [f"{role} {handle.info_dict[key]}" for role, key in (("diffusion_model", "format"),
+                                                                ("text_encoder", "text_format"))
+            if handle.info_dict.get(key, "").startswith(("scaled_fp8", "gguf"))]
+    if not kept:
+        return []
+    return [f"weight_dtype {wanted}: {', '.join(kept)} kept as stored (its own quantised form is not converted; "
+            "compute dtype and offload apply)"]
 
 
 def handle_task(handle: ModelHandle, task: str) -> tuple[str, list[str]]:

@@ -318,3 +318,14 @@ def test_diffsynth_engine_on_the_plain_fp8_file_stays_within_fp8_tolerance(roots
     assert rel_err(result.image, want) < FP8_TOLERANCE
     module = transformer_entry().value
     assert any(p.dtype == torch.float8_e4m3fn for p in module.parameters())  # it rested in FP8
+
+
+def test_another_weight_dtype_keeps_a_stored_form_and_says_so(roots):
+    plain = files_image("qwen_image-Q8_0.gguf")
+    CACHE.unload()
+    fp8 = files_image("qwen_image-Q8_0.gguf", memory=MemoryOptions(weight_dtype="fp8_e4m3fn"))
+    assert rel_err(fp8.image, plain.image) < FP8_TOLERANCE  # the bf16 text encoder file does rest in FP8
+    gguf_weights = [p for p in transformer_entry().value.parameters() if getattr(p, "quant_type", None) is not None]
+    assert gguf_weights and not any(p.dtype == torch.float8_e4m3fn for p in transformer_entry().value.parameters())
+    assert "weight_dtype fp8_e4m3fn: diffusion_model gguf_Q8_0 kept as stored" in fp8.text
+    assert "kept as stored" not in plain.text
