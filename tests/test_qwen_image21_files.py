@@ -228,3 +228,37 @@ def test_example_workflows_run_on_the_kit_files(roots, name):
     task = wf.sampler_of(api)[1]["inputs"]
     assert tuple(run.result.image.shape) == (1, task["height"], task["width"], 3)
     assert run.result.mask is not None and "model=qwen-image-2.1" in run.result.text
+
+
+def _write_lora21(folder: Path) -> str:
+    """A diffusers-layout LoRA (rank 4) on every block's attention and on the SwiGLU's two layers — the ones
+    ComfyUI's file fuses — of the kit's 2.1 transformer."""
+    from safetensors.torch import save_file
+
+    inner = kit.TRANSFORMER_CONFIG["num_attention_heads"] * 128
+    hidden = 3 * inner  # mlp_ratio 3
+    gen = torch.Generator().manual_seed(5)
+    out = {}
+    for block in range(kit.TRANSFORMER_CONFIG["num_layers"]):
+        for target, rows in (("attn.to_q", inner), ("attn.to_v", inner), ("img_mlp.gate_layer", hidden),
+                             ("img_mlp.proj", hidden)):
+            name = f"transformer.transformer_blocks.{block}.{target}"
+            out[f"{name}.lora_A.weight"] = torch.randn(4, inner, generator=gen) * 0.3
+            out[f"{name}.lora_B.weight"] = torch.randn(rows, 4, generator=gen) * 0.3
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(out, str(folder / "comfy21_kit_lora.safetensors"))
+    return "comfy21_kit_lora.safetensors"
+
+
+@pytest.mark.parametrize("dm, tolerance", [(DM, 0.0), (NAMES["gguf:Q8_0"], GGUF_TOLERANCE["Q8_0"])])
+def test_lora_on_21_files_matches_the_folder_with_the_lora(roots, dm, tolerance):
+    from gentor.loaders import lora
+
+    name = _write_lora21(roots["root"] / "loras")
+    glue.set_fallback_roots("loras", [roots["root"] / "loras"])
+    plain = folder_run().image
+    want = sampler.run(lora.with_lora(folder_loader.load_handle(kit.VARIANT, None), name, 1.0), "t2i",
+                       request()).image
+    got = sampler.run(lora.with_lora(files_loader.load_handle(dm, TE, VAE, None), name, 1.0), "t2i", request()).image
+    assert rel_err(want, plain) > 3 * max(tolerance, 1e-4)  # the LoRA changes the image
+    assert rel_err(got, want) <= tolerance
