@@ -45,6 +45,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+
+def stop_process(proc: "subprocess.Popen | None", timeout: float = STOP_TIMEOUT_S) -> None:
+    """SIGTERM a child process, then SIGKILL when it does not exit in time (nothing when it is gone already)."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=timeout)
+
 class OwnServer:
     """``python main.py --listen 127.0.0.1 --port <free> ARGS`` in ``comfy_dir``; log under ``log_dir``."""
 
@@ -99,16 +111,8 @@ class OwnServer:
         return self.proc is not None and self.proc.poll() is None
 
     def stop(self) -> None:
-        """SIGTERM, then SIGKILL when it does not exit in time."""
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=STOP_TIMEOUT_S)
+        stop_process(proc)
 
     def log_tail(self) -> str:
         if self.log_path is None or not self.log_path.exists():

@@ -28,7 +28,7 @@ from .common import Request, Result, check_aspect, check_settings, chw_to_image,
 from .prompt_text import pipeline_texts
 from .qwen_image_job import (DEFAULT_MAX_SEQUENCE_LENGTH, DEFAULT_PREVIEW_EVERY, DISPLAY, Generation, OnStep, Pairs,
                              QwenImageEngine, QwenJob, check_steps, diffusers_callback, execute, make_settings,
-                             negative_of, require_image, summary_pairs, transformer_bytes)
+                             negative_of, require_image, summary_pairs, transformer_bytes, length_notes)
 
 DEFAULT_STEPS = {"t2i": 50, "edit": 50, "edit_plus": 40}
 DEFAULT_TRUE_CFG = 4.0
@@ -198,17 +198,20 @@ class DiffusersEngine:
                 modules["scheduler"].config, **LIGHTNING_SCHEDULER)
         self.pipe = cls(**modules)
         self.pipe.set_progress_bar_config(disable=True)
+        self.length_notes: list[str] = []
 
     def total_steps(self, job: Job1x) -> int:
         return job.steps  # the whole batch goes through each step at once
 
     def notes(self) -> list[str]:
-        return []
+        return self.length_notes
 
     def generate(self, job: Job1x, on_step: OnStep) -> torch.Tensor:
         pipe = self.pipe
         callback = diffusers_callback(job, on_step, lambda _pipe, latents: self._preview(latents, job))
         prompt, negative = pipeline_texts(pipe, job.prompt, job.negative)
+        if job.task == "t2i":  # the edit pipelines do not cut their encoder output
+            self.length_notes = length_notes(pipe.tokenizer, job, prompt, negative)
         args: dict[str, Any] = dict(
             prompt=prompt, negative_prompt=negative, true_cfg_scale=job.true_cfg,
             num_inference_steps=job.steps, width=job.width, height=job.height,

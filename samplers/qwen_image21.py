@@ -231,11 +231,14 @@ def files_generation(handle: ModelHandle, task_notes: list[str]) -> Generation:
         job, notes = plan_job(task, request, None)
         return job, task_notes + notes
 
-    return Generation(plan=plan, check_memory=lambda job, _path, plan_: memory_check(job, *files21.configs(handle), plan_),
-                      load_components=lambda _path, _task, plan_, session: files21.load_components(handle, plan_,
-                                                                                                   session),
-                      make_engine=make_engine, finish=finish, step_caches=GENERATION.step_caches,
-                      no_cache=GENERATION.no_cache)
+    def check(job: Job21, _path: Path, plan_: Plan) -> list[str]:
+        return memory_check(job, *files21.configs(handle), plan_)
+
+    def load(_path: Path, _task: str, plan_: Plan, session: Session) -> dict:
+        return files21.load_components(handle, plan_, session)
+
+    return Generation(plan=plan, check_memory=check, load_components=load, make_engine=make_engine, finish=finish,
+                      step_caches=GENERATION.step_caches, no_cache=GENERATION.no_cache)
 
 
 GENERATION = Generation(plan=plan_folder_job, check_memory=check_memory, load_components=load_components,

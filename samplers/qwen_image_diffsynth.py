@@ -28,7 +28,7 @@ from ..loaders import qwen_image_diffsynth as views
 from ..loaders.memory import Plan
 from .common import chw_to_image, latent_preview
 from .prompt_text import pipeline_texts
-from .qwen_image_job import OnStep, wants_preview
+from .qwen_image_job import OnStep, length_notes, wants_preview
 from .vae_preview import decode_preview
 
 LATENT_CHANNELS = 16
@@ -210,16 +210,19 @@ class DiffSynthEngine:
             pipe.scheduler = FlowMatchScheduler(LIGHTNING_TEMPLATE)
         self.lora_layers = views.copy_loras(transformer, pipe.dit)
         self.pipe = pipe
+        self.length_notes: list[str] = []
 
     def total_steps(self, job: Any) -> int:
         return job.steps * job.batch_size  # DiffSynth's pipeline makes one image per call
 
     def notes(self) -> list[str]:
-        return engine_notes(self.setup, self.lora_layers)
+        return engine_notes(self.setup, self.lora_layers) + self.length_notes
 
     def generate(self, job: Any, on_step: OnStep) -> torch.Tensor:
         noise = draw_noise(job, LATENT_CHANNELS, VAE_SCALE, self.plan.compute)
         args = job_args(self.pipe, job)
+        if job.task == "t2i":  # DiffSynth's edit prompts hold the images' tokens too: only T2I is counted
+            self.length_notes = length_notes(self.pipe.tokenizer, job, args["prompt"], args.get("negative_prompt", ""))
         if job.task != "t2i":
             args.update(edit_image=job.images[0] if job.task == "edit" else list(job.images),
                         edit_image_auto_resize=True, zero_cond_t=self.zero_cond_t)

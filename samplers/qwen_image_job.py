@@ -34,6 +34,9 @@ DISPLAY = "Qwen-Image"
 EMPTY_NEGATIVE = " "  # diffusers only runs true CFG when a negative prompt is passed
 DEFAULT_MAX_SEQUENCE_LENGTH = 512
 MAX_SEQUENCE_LENGTH = 1024
+# Qwen's chat format: the T2I pipelines drop the system turn and "<|im_start|>user\n" from the encoder's output,
+# so what max_sequence_length cuts is the prompt plus the turn's closing tokens.
+USER_OPEN, USER_CLOSE = "<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n"
 DEFAULT_PREVIEW_EVERY = 5
 SCHEDULES = ("model", "lightning")
 MIN_STEPS = 2
@@ -112,6 +115,31 @@ def make_settings(max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
                          f"{', '.join(vae_tiling.VAE_TILING_MODES)}). Pick one from the list.")
     return Settings(BACKEND, (("max_sequence_length", max_sequence_length), ("preview_every", preview_every),
                               ("schedule", schedule), ("vae_tiling", vae_tiling_mode)))
+
+
+def encoded_length(tokenizer: Any, text: str) -> int:
+    """How many encoder outputs a T2I prompt gives after the system turn is dropped (the prompt's tokens and the
+    turn's closing tokens), as max_sequence_length counts them."""
+    turn = tokenizer(USER_OPEN + text + USER_CLOSE, add_special_tokens=False).input_ids
+    return len(turn) - len(tokenizer(USER_OPEN, add_special_tokens=False).input_ids)
+
+
+def truncation_notes(tokenizer: Any, texts: list[tuple[str, str]], limit: int) -> list[str]:
+    """A note for each (input name, text) longer than ``limit`` encoder outputs: its end is cut, not used."""
+    notes = []
+    for name, text in texts:
+        n = encoded_length(tokenizer, text)
+        if n > limit:
+            todo = (f"raise max_sequence_length in Gentor Qwen-Image Settings (up to {MAX_SEQUENCE_LENGTH}) or "
+                    f"shorten the {name}") if limit < MAX_SEQUENCE_LENGTH else f"shorten the {name}"
+            notes.append(f"{name}: {n} tokens, only the first {limit} were used (the rest was cut); {todo}")
+    return notes
+
+
+def length_notes(tokenizer: Any, job: Any, prompt: str, negative: str) -> list[str]:
+    """Say when max_sequence_length cut a 1.x T2I prompt (and the negative one, when true CFG runs it)."""
+    texts = [("prompt", prompt)] + ([("negative", negative)] if job.true_cfg > 1 else [])
+    return truncation_notes(tokenizer, texts, job.max_sequence_length)
 
 
 def negative_of(request: Request) -> str:

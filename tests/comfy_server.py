@@ -296,15 +296,10 @@ class ComfyServer:
             self.proc.wait(timeout=STOP_TIMEOUT_S)
 
     def stop(self) -> None:
-        """SIGTERM, then SIGKILL when it does not exit in time."""
-        proc = self.proc
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            self.kill()
+        """SIGTERM, then SIGKILL when it does not exit in time (the headless runner's own stop)."""
+        from gentor_headless.ray_server import stop_process
+
+        stop_process(self.proc, STOP_TIMEOUT_S)
 
     def __enter__(self) -> "ComfyServer":
         return self.start()

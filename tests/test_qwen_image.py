@@ -77,6 +77,24 @@ def test_t2i_matches_diffusers_pipeline(qwen_roots):
     assert float((ours.image - ref.permute(0, 2, 3, 1).float()).abs().max()) < 1e-5
 
 
+def test_a_prompt_longer_than_max_sequence_length_is_reported_not_cut_silently(qwen_roots):
+    """The count the note uses is the length of diffusers' own encoder output for that prompt."""
+    from diffusers import QwenImagePipeline
+
+    from gentor.samplers.qwen_image_job import encoded_length
+
+    long_prompt = "a red fox sitting in fresh snow, " * 6
+    pipe = QwenImagePipeline.from_pretrained(qwen_roots / T2I, dtype=torch.float32)
+    embeds, _ = pipe._get_qwen_prompt_embeds([long_prompt])
+    assert encoded_length(pipe.tokenizer, long_prompt) == embeds.shape[1]
+    limit = embeds.shape[1] - 5
+    cut = t2i(prompt=long_prompt, negative="", cfg=4.0, settings=sampler.make_settings(max_sequence_length=limit))
+    assert f"prompt: {embeds.shape[1]} tokens, only the first {limit} were used" in cut.text
+    assert "max_sequence_length in Gentor Qwen-Image Settings" in cut.text and "negative:" not in cut.text
+    whole = t2i(prompt=long_prompt, settings=sampler.make_settings(max_sequence_length=embeds.shape[1]))
+    assert "were used" not in whole.text
+
+
 def test_empty_negative_runs_true_cfg():
     """An empty negative becomes " ", so CFG really runs: the result differs from cfg=1 (no CFG)."""
     assert not torch.equal(t2i(negative="", cfg=4.0).image, t2i(negative="", cfg=1.0).image)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import logging
+import re
 
 import pytest
 import torch
@@ -276,4 +277,8 @@ def test_max_sequence_length_cuts_the_prompt_like_the_diffusers_engine():
     cut = sampler.make_settings(max_sequence_length=8)
     ours = run(T2I, "t2i", "diffsynth", cfg=1.0, prompt=long, settings=cut)
     assert not torch.equal(ours.image, run(T2I, "t2i", "diffsynth", cfg=1.0, prompt=long).image)
-    assert rel_err(ours.image, run(T2I, "t2i", "diffusers", cfg=1.0, prompt=long, settings=cut).image) < TOL_NO_CFG
+    theirs = run(T2I, "t2i", "diffusers", cfg=1.0, prompt=long, settings=cut)
+    assert rel_err(ours.image, theirs.image) < TOL_NO_CFG
+    # Both engines say so, with the same count.
+    note = re.search(r"prompt: \d+ tokens, only the first 8 were used", theirs.text)
+    assert note and note.group() in ours.text
