@@ -41,6 +41,7 @@ from .rowjob import RowAttempt, RowJob, output_stem
 from .scheduler import Summary
 
 log = logging.getLogger(__name__)
+TASKS_IN_FLIGHT = 2  # per pool actor (see run_on_ray)
 STATE_POLL_S = 0.25  # how often actors look for a stop (Ctrl-C, invalid workflow)
 PROBE_INTERVAL_S = 0.5
 FLUSH_ROWS, FLUSH_SECONDS = 1000, 60.0  # a Parquet part of results at least this often
@@ -301,7 +302,11 @@ def run_on_ray(job: RowJob, options: RayOptions, on_row: RowCallback | None = No
     batch = max(1, options.per_server) * max(1, options.rows_per_task)
     ds = ray.data.read_datasource(RowsDatasource(files, kind, fs, block_rows=batch))
     ds = ds.map_batches(RowWorker, fn_constructor_args=(WorkerConfig(job, options, len(files) == 1), coordinator),
-                        batch_size=batch, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=n_actors),
+                        batch_size=batch, batch_format="pyarrow",
+                        # One task running and one waiting per actor: an actor that is up first cannot queue up the
+                        # rows an actor still starting would take (Ray's default lets each hold several).
+                        compute=ray.data.ActorPoolStrategy(size=n_actors,
+                                                           max_tasks_in_flight_per_actor=TASKS_IN_FLIGHT),
                         num_gpus=gpus or None, num_cpus=options.cpus_per_actor if options.comfyui else 0.0)
 
     def flush() -> None:
