@@ -35,13 +35,16 @@ from .dataset import Row, safe_name
 from .errors import Cancelled, DatasetError, ExecutionFailed, HeadlessError, PromptRejected, RowError, \
     ServerDown
 from .ray_data import SMALL_RESULTS_ROWS, Ledger, RowsDatasource, dataset_files, new_run_id, row_id
-from .ray_server import OwnServer
+from .ray_server import START_TIMEOUT_S, OwnServer
 from .results import OK, RowResult
 from .rowjob import RowAttempt, RowJob, output_stem
 from .scheduler import Summary
 
 log = logging.getLogger(__name__)
 TASKS_IN_FLIGHT = 2  # per pool actor (see run_on_ray)
+# How long the pool waits for all its actors before the first row (an actor starting its own ComfyUI takes up to
+# ray_server.START_TIMEOUT_S); past that the run stops with Ray's "Timed out while starting actors".
+ATTACHED_ACTOR_START_S = 120
 STATE_POLL_S = 0.25  # how often actors look for a stop (Ctrl-C, invalid workflow)
 PROBE_INTERVAL_S = 0.5
 FLUSH_ROWS, FLUSH_SECONDS = 1000, 60.0  # a Parquet part of results at least this often
@@ -300,6 +303,10 @@ def run_on_ray(job: RowJob, options: RayOptions, on_row: RowCallback | None = No
     # One Ray task carries per_server x rows_per_task rows: more rows per task spread Ray's per-task cost
     # (tens of ms) over more rows, fewer spread the rows more evenly over the actors.
     batch = max(1, options.per_server) * max(1, options.rows_per_task)
+    # Every actor (= server) up before the first row: otherwise the first one ready takes short rows faster than
+    # the others start, and a run on N servers runs on one.
+    ray.data.DataContext.get_current().wait_for_min_actors_s = int(
+        START_TIMEOUT_S + ATTACHED_ACTOR_START_S if options.comfyui else ATTACHED_ACTOR_START_S)
     ds = ray.data.read_datasource(RowsDatasource(files, kind, fs, block_rows=batch))
     ds = ds.map_batches(RowWorker, fn_constructor_args=(WorkerConfig(job, options, len(files) == 1), coordinator),
                         batch_size=batch, batch_format="pyarrow",
