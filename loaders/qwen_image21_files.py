@@ -21,11 +21,12 @@ from . import comfy_qwen as cq
 from . import comfy_qwen21 as cq21
 from .cache import ModelHandle, Session
 from .comfy_files import FileHeader, read_header, weight_format
+from .comfy_loading import fetch, file_loader, load_tokenizer, precision_for, tokenizer_dir, vae_precision
 from .comfy_quant import comfy_rename
 from .comfy_remap import RemappedTensors, split_format, split_header
 from .memory import Plan, Precision
 
-BACKEND = "Qwen-Image"
+BACKEND = "Qwen-Image"  # comfy_loading.BACKEND
 VARIANT = "qwen-image-2.1"
 TASK = "qi21"  # loaders/qwen_image21.TASK: the 2.1 generation
 KINDS = {"transformer": "qwen_image21_transformer", "vae": "autoencoder_kl_qwen_image21", "text_encoder": "qwen3_vl",
@@ -67,8 +68,6 @@ def configs(handle: ModelHandle) -> tuple[dict, dict]:
 def load_transformer(path: str | Path, prec: Precision, source: Any, skip: tuple[str, ...]) -> Any:
     from diffusers import QwenImage21Transformer2DModel  # noqa: PLC0415
 
-    from .qwen_image_files import file_loader  # noqa: PLC0415
-
     header = read_header(path, BACKEND, "diffusion_model")
     wfmt = split_format(weight_format(header, BACKEND, "diffusion_model"), cq21.split_fused)
     config = cq21.transformer_config(header)
@@ -81,8 +80,6 @@ def load_transformer(path: str | Path, prec: Precision, source: Any, skip: tuple
 def load_text_encoder(path: str | Path, prec: Precision | None, source: Any = None, skip: tuple[str, ...] = ()) -> Any:
     """THE loader of a Comfy-format Qwen3-VL file (kind qwen3_vl): Qwen-Image 2.1 and the prompt enhancer share it."""
     from transformers import Qwen3VLForConditionalGeneration  # noqa: PLC0415
-
-    from .qwen_image_files import file_loader  # noqa: PLC0415
 
     header = read_header(path, BACKEND, "text_encoder")
     wfmt = weight_format(header, BACKEND, "text_encoder")
@@ -104,8 +101,6 @@ def load_text_encoder(path: str | Path, prec: Precision | None, source: Any = No
 def load_vae(path: str | Path, prec: Precision, source: Any) -> Any:
     from ..modeling.qwen_image.vae import still_image_vae21  # noqa: PLC0415
     from .comfy_files import WeightFormat  # noqa: PLC0415
-    from .qwen_image_files import file_loader  # noqa: PLC0415
-
     header = read_header(path, BACKEND, "vae")
     config = cq21.vae_config(header)
     build = lambda: still_image_vae21().from_config(config)  # noqa: E731
@@ -118,8 +113,7 @@ def load_processor(tokenizer_dir: Path) -> Any:
     from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor  # noqa: PLC0415
     from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor  # noqa: PLC0415
 
-    from .qwen_image_files import load_tokenizer  # noqa: PLC0415
-    from .vlm import QWEN_CHAT_TEMPLATE  # noqa: PLC0415
+    from .qwen_chat import QWEN_CHAT_TEMPLATE  # noqa: PLC0415
 
     cfg = json.loads(cq21.PROCESSOR_CONFIG_FILE.read_text(encoding="utf-8"))
     cfg.pop("_comment", None)
@@ -139,8 +133,6 @@ def load_scheduler() -> Any:
 # ----------------------------------------------------------------------------- all of them
 def load_components(handle: ModelHandle, plan: Plan, session: Session) -> dict[str, Any]:
     """The 2.1 pipeline's five components through the shared cache (one entry per file identity)."""
-    from .qwen_image_files import fetch, precision_for, tokenizer_dir, vae_precision  # noqa: PLC0415
-
     spec = registry.get("qwen_image")
     tok = tokenizer_dir()
     out: dict[str, Any] = {}

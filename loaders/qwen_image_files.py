@@ -14,30 +14,28 @@ the ``variant`` input names the release where that matters (original Edit's sing
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .. import glue, registry
+from .. import registry
 from ..errors import InputError, ModelFolderError, fmt
 from . import comfy_qwen as cq
-from . import lora as lora_files
-from . import streaming
+from . import qwen_image21_files as files21
 from .cache import CACHE, ModelHandle, Session
 from .comfy_files import FileHeader, WeightFormat, list_files, read_header, resolve_file, weight_format
-from .comfy_quant import GGUFTensors, comfy_rename, stored_form_preparer
-from .memory import DTYPES, MemoryOptions, Plan, Precision
+from .comfy_loading import (AUTO, BACKEND, fetch, file_loader, load_tokenizer, precision_for, tokenizer_dir,
+                            vae_precision)
+from .comfy_loading import TOKENIZER  # noqa: F401 - this loader's folder name of ComfyUI's tokenizer, as before
+from .comfy_quant import comfy_rename
+from .memory import MemoryOptions, Plan, Precision
 
-BACKEND = "Qwen-Image"
 LAYOUT = "comfy_files"
 DIFFUSION_KEYS = ("diffusion_models", "unet")
 TEXT_KEYS = ("text_encoders", "clip")
 VAE_KEYS = ("vae",)
-TOKENIZER = "qwen25_tokenizer"
-AUTO = "auto"
 # variant -> (task family, zero_cond_t); "auto" on an unmarked 1.x file: the task node picks (``handle_task``).
 VARIANTS = {
     "qwen-image": ("t2i", False), "qwen-image-2512": ("t2i", False), "qwen-image-edit": ("edit", False),
@@ -128,8 +126,6 @@ def inspect_files(dm: Path, te: Path, vae: Path, variant: str = AUTO) -> Trio:
 
 
 def _inspect21(th: FileHeader, dm: Path, te: Path, vae: Path, variant: str) -> Trio:
-    from . import qwen_image21_files as files21  # noqa: PLC0415
-
     if variant != AUTO:
         raise InputError(fmt(BACKEND, "variant", f"{dm.name} is a Qwen-Image 2.1 transformer", repr(variant),
                              "auto (the variants name Qwen-Image 1.x releases)", "Set variant to auto"))
@@ -234,40 +230,6 @@ def bytes_to_load(handle: ModelHandle, plan: Plan) -> int:
 
 
 # ----------------------------------------------------------------------------- loading
-def precision_for(header: FileHeader, wfmt: WeightFormat, plan: Plan, memory: MemoryOptions,
-                  skip: tuple[str, ...], identity_names: bool) -> tuple[Precision, tuple[str, ...]]:
-    """How a file's weights rest. Stored forms (scaled FP8, GGUF) stay as stored, computed in the plan's dtype;
-    a plain-FP8 file under weight_dtype = auto rests in its FP8 (layers the file keeps wider stay wider)."""
-    base = plan.precision.base
-    if wfmt.keeps_stored_form:
-        return Precision(base, base), ()
-    if memory.weight_dtype == AUTO and wfmt.name in ("fp8_e4m3fn", "fp8_e5m2"):
-        wider = ()
-        if identity_names:  # module names = file keys: keep exactly the file's non-FP8 layers out of FP8
-            wider = tuple(f"^{re.escape(k[:-len('.weight')])}$" for k, d in header.dtypes.items()
-                          if k.endswith(".weight") and not d.startswith("F8"))
-        return Precision(DTYPES[wfmt.name], base), tuple(skip) + wider
-    return plan.precision, tuple(skip) if plan.precision.cast else ()
-
-
-def file_loader(build, header: FileHeader, wfmt: WeightFormat, rename, component: str,
-                tensors: Any = None):
-    """``load(precision, source)`` for the cache: stream one file (stored-form layers swapped in first);
-    ``tensors`` reads the file in another layout (loaders/comfy_remap.py)."""
-    def load(prec: Precision | None, source: Any, skip: tuple[str, ...]) -> Any:
-        if source is not None and not wfmt.keeps_stored_form:
-            return streaming.load_module(build, prec, skip, source=lora_files.base_view(source), display=BACKEND,
-                                         component=component)
-        prepare = stored_form_preparer(header, wfmt, prec.base) if wfmt.keeps_stored_form else None
-        if tensors is not None:
-            source_kw = {"tensors": tensors}
-        else:
-            source_kw = {"tensors": GGUFTensors(header)} if wfmt.gguf else {"files": (header.path,)}
-        return streaming.load_module(build, prec, skip, rename=rename, display=BACKEND, component=component,
-                                     prepare=prepare, **source_kw)
-    return load
-
-
 def load_transformer(path: str | Path, prec: Precision, source: Any, skip: tuple[str, ...], zero_cond_t: bool) -> Any:
     from diffusers import QwenImageTransformer2DModel  # noqa: PLC0415
 
@@ -304,23 +266,6 @@ def load_vae(path: str | Path, prec: Precision, source: Any) -> Any:
     return file_loader(build, header, wfmt, cq.wan_vae_rename(header), "vae")(prec, source, ())
 
 
-def tokenizer_dir() -> Path:
-    """ComfyUI's bundled Qwen2.5 tokenizer folder (found through glue), or a clear error."""
-    for cand in glue.bundled_tokenizer_dirs(TOKENIZER):
-        if (Path(cand) / "vocab.json").is_file():
-            return Path(cand)
-    raise ModelFolderError(fmt(BACKEND, "text_encoder", "ComfyUI's bundled Qwen2.5 tokenizer was not found",
-                               glue.bundled_tokenizer_dirs(TOKENIZER) or "no ComfyUI",
-                               f"comfy/text_encoders/{TOKENIZER}/ with vocab.json and merges.txt",
-                               "Run inside ComfyUI (it ships the tokenizer), or restore that folder of your ComfyUI"))
-
-
-def load_tokenizer(folder: Path) -> Any:
-    from transformers import AutoTokenizer  # noqa: PLC0415
-
-    return AutoTokenizer.from_pretrained(folder)
-
-
 def load_processor(folder: Path) -> Any:
     """Qwen2-VL processor: ComfyUI's tokenizer + the released image processor settings (shipped JSON)."""
     import json  # noqa: PLC0415
@@ -333,21 +278,6 @@ def load_processor(folder: Path) -> Any:
     sizes = {k: cfg[k] for k in ("min_pixels", "max_pixels", "patch_size", "temporal_patch_size", "merge_size")}
     return Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(**cfg), tokenizer=load_tokenizer(folder),
                             video_processor=Qwen2VLVideoProcessor(**sizes))
-
-
-def fetch(session: Session, kind: str, role: str, path: str, load: Any, prec: Precision, skip: tuple[str, ...],
-          user: str) -> Any:
-    """One file's component through the shared cache; a file that cannot be read is named in the error."""
-    try:
-        return session.get(kind, path, load, prec, user=user, display=BACKEND, skip=skip)
-    except (OSError, ValueError) as exc:
-        raise ModelFolderError(fmt(BACKEND, role, f"could not be loaded from {Path(path).name}", exc,
-                                   "a readable Comfy-format file", f"Check or re-download {path}")) from exc
-
-
-def vae_precision(plan: Plan) -> Precision:
-    """A VAE rests and computes in the plan's compute dtype (never FP8), as from a pipeline folder."""
-    return Precision(plan.precision.base, plan.precision.base)
 
 
 def load_components(handle: ModelHandle, task: str, plan: Plan, session: Session) -> dict[str, Any]:

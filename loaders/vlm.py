@@ -22,6 +22,7 @@ from .estimates import human_count
 from .files import list_model_folders, read_json, resolve_model_folder, tensor_shapes, weight_files
 from .identify import identify as identify_folder, variant_of
 from .memory import MemoryOptions, Plan, Precision
+from .qwen_chat import QWEN_CHAT_TEMPLATE  # one home for the format; vlm.QWEN_CHAT_TEMPLATE stays valid
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +69,6 @@ IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 # template (a Qwen-Image pipeline's tokenizer): system/user/assistant turns between <|im_start|> and
 # <|im_end|>, each image as <|vision_start|><|image_pad|><|vision_end|> where it appears in the turn.
 COMFY_KINDS = ("qwen2_5_vl", "qwen3_vl")  # Comfy-format text encoders that can generate (with their lm_head)
-QWEN_CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 
 @dataclass(frozen=True)
