@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
+import uuid
 from pathlib import Path
 
 from tests import workflow_check as wc
@@ -22,6 +23,11 @@ from tests import workflow_static as wstatic
 NOTE_SIZE = [420, 260]
 NODE_SIZE = [320, 200]
 COLUMN = 380
+# Sizes measured in both frontends (tests/test_frontend_layout.py): widgets inside, no overlaps.
+SIZES = {"GentorLoadQwenImageFiles": [327, 200], "GentorTextToImage": [320, 350], "GentorEditImage": [320, 406],
+         "LoadImage": [320, 314]}
+ROW_Y, GAP = 340, 60
+VIEW_OFFSET = [100, 140]  # the canvas view: right of the sidebar, below the menu (as the other examples)  # the nodes' row below the Note; the space between columns and stacked images
 # Widgets added to a node after workflows were saved -> the value the frontend fills in (the schema default).
 NEW_WIDGET_DEFAULTS = {("GentorQwenImageSettings", "schedule"): "model",
                        ("GentorQwenImageSettings", "vae_tiling"): "auto"}
@@ -69,14 +75,22 @@ def save_pair(name: str, ui: dict, specs: dict) -> None:
 
 def build(nodes: list[tuple], edges: list[tuple], note: str, specs: dict) -> dict:
     """nodes: (type, widgets_values); edges: (src index, src slot, dst index, input name). A Note first."""
-    ui_nodes = [{"id": 1, "type": "Note", "pos": [0, -300], "size": NOTE_SIZE, "flags": {}, "order": 0, "mode": 0,
+    ui_nodes = [{"id": 1, "type": "Note", "pos": [0, 0], "size": NOTE_SIZE, "flags": {}, "order": 0, "mode": 0,
                  "inputs": [], "outputs": [], "properties": {}, "widgets_values": [note]}]
+    x, y, prev = 0, ROW_Y, None
     for i, (ntype, values) in enumerate(nodes):
         spec = specs[ntype]
-        ui_nodes.append({"id": i + 2, "type": ntype, "pos": [i * COLUMN, 0], "size": NODE_SIZE, "flags": {},
+        size = SIZES.get(ntype, NODE_SIZE)
+        if prev is not None:
+            if ntype == "LoadImage" == prev["type"]:  # images stack in one column
+                y = prev["pos"][1] + prev["size"][1] + GAP + 20
+            else:
+                x, y = x + prev["size"][0] + GAP, ROW_Y
+        ui_nodes.append({"id": i + 2, "type": ntype, "pos": [x, y], "size": size, "flags": {},
                          "order": i + 1, "mode": 0, "inputs": [_socket(s) for s in spec.sockets()],
                          "outputs": [{"name": shown, "type": typ, "links": None} for shown, typ in spec.outputs],
                          "properties": {"Node name for S&R": ntype}, "widgets_values": list(values)})
+        prev = ui_nodes[-1]
     links = []
     for lid, (src, slot, dst, name) in enumerate(edges, start=1):
         s_node, d_node = ui_nodes[src + 1], ui_nodes[dst + 1]
@@ -86,9 +100,10 @@ def build(nodes: list[tuple], edges: list[tuple], note: str, specs: dict) -> dic
         out["links"] = (out["links"] or []) + [lid]
         out["slot_index"] = slot
         links.append([lid, s_node["id"], slot, d_node["id"], d_slot, out["type"]])
-    return {"id": "00000000-0000-4000-8000-0000000000" + f"{len(nodes):02d}", "revision": 0,
+    # A workflow's own id (the frontend keys open tabs by it): derived from its note, so stable and distinct.
+    return {"id": str(uuid.uuid5(uuid.NAMESPACE_URL, "gentor-example/" + note)), "revision": 0,
             "last_node_id": len(ui_nodes), "last_link_id": len(links), "nodes": ui_nodes, "links": links,
-            "groups": [], "config": {}, "extra": {"ds": {"scale": 1, "offset": [0, 0]}}, "version": 0.4}
+            "groups": [], "config": {}, "extra": {"ds": {"scale": 1.0, "offset": VIEW_OFFSET}}, "version": 0.4}
 
 
 TAIL = ("\n\nPick your real model and LoRA (the tiny-* names are the test kit's random-weight files). These run a "
