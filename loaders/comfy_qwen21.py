@@ -106,10 +106,6 @@ def text_config(h: FileHeader):
     return Qwen3VLConfig(**data)
 
 
-def deepstack_count(h: FileHeader) -> int:
-    return h.count(f"{_vision_prefix(h)}deepstack_merger_list.")
-
-
 # ----------------------------------------------------------------------------- VAE
 def vae_config(h: FileHeader) -> dict:
     """diffusers' AutoencoderKLQwenImage21 config: widths from shapes, the rest (channel multipliers, temporal
